@@ -1,0 +1,196 @@
+"""Influence factors and pairwise (query × train) influence scores with kronfluence.
+
+    python analyze.py --checkpoint_dir checkpoints/demo                        # the demo, CPU
+    python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
+    python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
+    torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
+
+Data flags default to those the checkpoint was trained with. Factors go to
+`<output_dir>/<checkpoint name>/factors_<name>/` and are reused when present; scores go to
+`<output_dir>/<checkpoint name>/scores_<name>/pairwise_scores.safetensors` with `metadata.json`
+beside them. Score rows are queries, columns training examples, both in dataset order; a positive
+score means upweighting the training example raises the query's margin.
+"""
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+
+from pipeline import (
+    CHECKPOINTS_DIR,
+    SCORES_DIR,
+    WEIGHTS_FILE,
+    UserError,
+    add_data_args,
+    data_args_dict,
+    decode_choices,
+    file_sha256,
+    load_checkpoint,
+    make_collator,
+    prepare_data,
+    read_json,
+    resolve_data_args,
+    setup_logging,
+    write_json,
+)
+from task import MultipleChoiceTask
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+METADATA_FILE = "metadata.json"
+SCORES_FILE = "pairwise_scores.safetensors"
+SCORES_KEY = "all_modules"
+QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINTS_DIR / "swag",
+                        help="A train.py checkpoint (save_pretrained directory).")
+    parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac",
+                        help="Hessian approximation used to precondition the gradients.")
+    parser.add_argument("--query_gradient_rank", type=int, default=-1,
+                        help="Rank of the low-rank query-gradient approximation (-1: full rank).")
+    parser.add_argument("--use_half_precision", action="store_true",
+                        help="bf16 for factors and scores (kronfluence's all_low_precision_* arguments).")
+    parser.add_argument("--use_ddp", action="store_true",
+                        help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
+    parser.add_argument("--factor_batch_size", type=int, default=64, help="Per-device batch size for fitting factors.")
+    parser.add_argument("--query_batch_size", type=int, default=100, help="Per-device batch size for query gradients.")
+    parser.add_argument("--train_batch_size", type=int, default=128, help="Per-device batch size for training gradients.")
+    parser.add_argument("--damping_factor", type=float, default=1e-8,
+                        help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
+                             "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
+    parser.add_argument("--profile", action="store_true", help="Print kronfluence's per-stage timing profile.")
+    parser.add_argument("--output_dir", type=Path, default=SCORES_DIR, help="Where factors and scores go.")
+    parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
+    parser.add_argument("--query_index", type=int, default=0, help="Query whose top influential examples are printed.")
+    parser.add_argument("--top_k", type=int, default=3, help="Proponents and opponents to print.")
+    add_data_args(parser)
+    args = parser.parse_args(argv)
+    if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
+        parser.error("--query_gradient_rank must be -1 (full rank) or a positive rank")
+    if args.use_ddp and "LOCAL_RANK" not in os.environ:
+        raise UserError("--use_ddp needs the processes torchrun starts: "
+                        "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")
+    return args
+
+
+def factors_name(args) -> str:
+    """Factors depend on the strategy, the precision and the training data they were fitted on."""
+    name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
+    return name + ("_bf16" if args.use_half_precision else "")
+
+
+def scores_name(args) -> str:
+    name = f"{factors_name(args)}_q{args.num_queries or 'all'}"
+    if args.query_gradient_rank > 0:
+        name += f"_qlr{args.query_gradient_rank}"
+    if args.damping_factor != 1e-8:
+        name += "_dampheur" if args.damping_factor < 0 else f"_damp{args.damping_factor:g}"
+    return name
+
+
+def factor_arguments(args) -> FactorArguments:
+    if args.use_half_precision:
+        return all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
+    return FactorArguments(strategy=args.factor_strategy)
+
+
+def score_arguments(args) -> ScoreArguments:
+    damping = None if args.damping_factor < 0 else args.damping_factor
+    score_args = (all_low_precision_score_arguments(dtype=torch.bfloat16, damping_factor=damping)
+                  if args.use_half_precision else ScoreArguments(damping_factor=damping))
+    if args.query_gradient_rank > 0:
+        score_args.query_gradient_low_rank = args.query_gradient_rank
+        score_args.query_gradient_accumulation_steps = QUERY_GRADIENT_ACCUMULATION
+    return score_args
+
+
+def check_provenance(output_dir: Path, weights_sha: str, overwrite: bool) -> None:
+    """Factors and scores belong to one set of weights: refuse to reuse them for another."""
+    record = output_dir / METADATA_FILE
+    if record.exists() and not overwrite and read_json(record, "metadata")["weights_sha256"] != weights_sha:
+        raise UserError(f"{output_dir} was computed from other weights than this checkpoint's; "
+                        f"pass --overwrite to recompute it")
+
+
+def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
+    """The query and its strongest proponents and opponents as text."""
+    if not 0 <= query_index < scores.size(0):
+        raise UserError(f"--query_index {query_index} is outside the {scores.size(0)} queries")
+    row = scores[query_index].float()
+
+    def show(title, example):
+        label = example["labels"]
+        texts = decode_choices(tokenizer, example)
+        print(f"{title}\n    {texts[label] if label >= 0 else texts[0] + '  (unlabelled)'}")
+
+    print("=" * 100)
+    show(f"QUERY #{query_index} (correct choice)", data.queries[query_index])
+    order = torch.argsort(row, descending=True)
+    print("-" * 100 + "\nTop proponents (training examples that most raise this query's margin):")
+    for i in order[:top_k].tolist():
+        show(f"  + train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("-" * 100 + "\nTop opponents (training examples that most lower it):")
+    for i in order.flip(0)[:top_k].tolist():
+        show(f"  - train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("=" * 100)
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse_args(argv)
+    args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
+    model, tokenizer = load_checkpoint(args.checkpoint_dir)
+    data = prepare_data(args, tokenizer)
+
+    task = MultipleChoiceTask()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
+                        profile=args.profile, output_dir=str(args.output_dir))
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=make_collator(tokenizer, args.pad_to_max_length,
+                                                                             args.max_length)))
+    is_main = analyzer.state.is_main_process
+
+    weights_sha = file_sha256(args.checkpoint_dir / WEIGHTS_FILE)
+    f_name, s_name = factors_name(args), scores_name(args)
+    factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
+    check_provenance(factors_dir, weights_sha, args.overwrite)
+    check_provenance(scores_dir, weights_sha, args.overwrite)
+    provenance = {"checkpoint": str(args.checkpoint_dir.resolve()), "weights_sha256": weights_sha}
+    analyzer.fit_all_factors(factors_name=f_name, dataset=data.train, per_device_batch_size=args.factor_batch_size,
+                             factor_args=factor_arguments(args), overwrite_output_dir=args.overwrite)
+    if is_main:
+        write_json(factors_dir / METADATA_FILE, provenance)
+    analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
+                                     train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
+                                     per_device_train_batch_size=args.train_batch_size,
+                                     score_args=score_arguments(args), overwrite_output_dir=args.overwrite)
+    scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
+    if is_main:
+        write_json(scores_dir / METADATA_FILE, {
+            **provenance,
+            "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
+            "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
+            "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
+            "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
+            "damping_factor": args.damping_factor, "num_processes": analyzer.state.num_processes,
+            "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
+                            "train": args.train_batch_size}})
+        logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
+        print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
+    return scores_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Data and model for SWAG influence analysis.
+
+Everything the other scripts share lives here: loading SWAG (from the hub, from local SWAG-schema
+files, or the embedded demo), tokenization, dynamic padding, model construction and checkpoints.
+
+    python pipeline.py --dataset demo                  # print sizes and one decoded demo example
+    python pipeline.py --train_file ../shared/data/anetcap/train.csv.gz \\
+        --validation_file ../shared/data/anetcap/validation.csv.gz --max_train_samples 4000
+
+Data flags (`add_data_args`) are shared by train.py, analyze.py and evaluate_lds.py; a checkpoint
+records them, so later scripts reuse the exact data the model was trained on.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import (
+    AutoModelForMultipleChoice,
+    AutoTokenizer,
+    DataCollatorForMultipleChoice,
+    PreTrainedTokenizerBase,
+    RobertaConfig,
+    RobertaTokenizerFast,
+)
+
+logger = logging.getLogger(__name__)
+
+NUM_CHOICES = 4
+MAX_LENGTH = 128
+CONTEXT_COLUMN = "sent1"
+HEADER_COLUMN = "sent2"
+ENDING_COLUMNS = [f"ending{i}" for i in range(NUM_CHOICES)]
+LABEL_COLUMN = "label"
+REQUIRED_COLUMNS = [CONTEXT_COLUMN, HEADER_COLUMN, *ENDING_COLUMNS]
+GROUP_COLUMN = "video-id"  # SWAG's scene id; the demo stores its latent script here
+
+TRAIN_SPLIT = "train"
+QUERY_SPLIT = "validation"
+HUB_DATASET = ("allenai/swag", "regular")
+DATASETS = ["swag", "demo", "files"]
+DEFAULT_MODEL = "FacebookAI/roberta-base"
+DEMO_MODEL = "tiny-roberta"  # built from a config; see `build_demo_model`
+REFERENCE_NUM_TRAIN = 73_536  # kronfluence's examples/swag sizes
+REFERENCE_NUM_QUERIES = 2_000
+
+CHECKPOINTS_DIR = Path("checkpoints")
+SCORES_DIR = Path("scores")
+LDS_DIR = Path("lds")
+TRAINING_ARGS_FILE = "training_args.json"
+METRICS_FILE = "metrics.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class UserError(SystemExit):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Data flags shared by every script. Unset flags stay None: `resolve_data_args` fills them from
+    a checkpoint's training arguments, then from the defaults."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASETS, default=None,
+                       help="swag: allenai/swag from the hub (default); demo: the embedded generated dataset; "
+                            "files: --train_file/--validation_file (implied when they are given).")
+    group.add_argument("--train_file", default=None,
+                       help="Local SWAG-schema training file (csv, json, jsonl or parquet; .gz allowed).")
+    group.add_argument("--validation_file", default=None,
+                       help="Local SWAG-schema file whose first rows are the queries.")
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help=f"Use the first N training rows (default: {REFERENCE_NUM_TRAIN:,} for swag as in "
+                            "kronfluence's example, all rows otherwise; 0 = all).")
+    group.add_argument("--num_queries", type=int, default=None,
+                       help=f"Use the first N validation rows as queries (default: {REFERENCE_NUM_QUERIES:,} for "
+                            "swag, all rows otherwise; 0 = all).")
+    group.add_argument("--max_length", type=int, default=None,
+                       help=f"Truncate each context/ending pair to this many tokens (default {MAX_LENGTH}).")
+    group.add_argument("--pad_to_max_length", action="store_true", default=None,
+                       help="Pad every sequence to --max_length like the original example, "
+                            "instead of padding each batch to its longest sequence.")
+
+
+DATA_ARG_NAMES = ["dataset", "train_file", "validation_file", "max_train_samples", "num_queries",
+                  "max_length", "pad_to_max_length"]
+
+
+def data_args_dict(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in DATA_ARG_NAMES}
+
+
+def resolve_data_args(args: argparse.Namespace, checkpoint_dir: Optional[Path] = None) -> argparse.Namespace:
+    """Fill unset data flags from the checkpoint's `training_args.json`, then from the defaults."""
+    saved = {}
+    if checkpoint_dir is not None:
+        saved = read_json(Path(checkpoint_dir) / TRAINING_ARGS_FILE, what="training arguments").get("data", {})
+    for name in DATA_ARG_NAMES:
+        if getattr(args, name, None) is None:
+            setattr(args, name, saved.get(name))
+    if args.train_file or args.validation_file:
+        args.dataset = "files"
+    args.dataset = args.dataset or "swag"
+    reference = args.dataset == "swag"
+    if args.max_train_samples is None:
+        args.max_train_samples = REFERENCE_NUM_TRAIN if reference else 0
+    if args.num_queries is None:
+        args.num_queries = REFERENCE_NUM_QUERIES if reference else 0
+    args.max_length = args.max_length or MAX_LENGTH
+    args.pad_to_max_length = bool(args.pad_to_max_length)
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Raw data
+# --------------------------------------------------------------------------------------------
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _builder_for(path: str) -> str:
+    suffixes = [s for s in Path(path).suffixes if s != ".gz"]
+    builder = _FILE_BUILDERS.get(suffixes[-1] if suffixes else "")
+    if builder is None:
+        raise UserError(f"cannot read {path}: expected a .csv, .json, .jsonl or .parquet file (optionally .gz)")
+    return builder
+
+
+def check_columns(split: Dataset, where: str) -> Dataset:
+    """Raise a one-line error listing missing SWAG columns; add label -1 to an unlabeled split."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in split.column_names]
+    if missing:
+        raise UserError(f"{where} is missing the SWAG column(s) {', '.join(missing)}; "
+                        f"it needs {', '.join(REQUIRED_COLUMNS)} and optionally {LABEL_COLUMN}")
+    if LABEL_COLUMN not in split.column_names:
+        split = split.add_column(LABEL_COLUMN, [-1] * len(split))
+    return split
+
+
+def load_local_files(train_file: Optional[str], validation_file: Optional[str]) -> DatasetDict:
+    splits = {}
+    for name, path in ((TRAIN_SPLIT, train_file), (QUERY_SPLIT, validation_file)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise UserError(f"{name} file {path} does not exist")
+        try:
+            split = load_dataset(_builder_for(path), data_files={name: path}, split=name)
+        except UserError:
+            raise
+        except Exception as exc:  # pyarrow/pandas parse errors are long; keep the first line
+            raise UserError(f"cannot parse {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                            f"is the file truncated or not in the SWAG schema?") from None
+        splits[name] = check_columns(split, where=path)
+    return DatasetDict(splits)
+
+
+def load_raw(args: argparse.Namespace) -> DatasetDict:
+    """The raw train and validation splits named by the data flags."""
+    if args.dataset == "files":
+        if not (args.train_file and args.validation_file):
+            raise UserError("local data needs both --train_file and --validation_file")
+        return load_local_files(args.train_file, args.validation_file)
+    if args.dataset == "demo":
+        return make_demo_dataset()
+    raw = load_dataset(*HUB_DATASET)
+    return DatasetDict({name: check_columns(raw[name], where=f"{HUB_DATASET[0]}:{name}")
+                        for name in (TRAIN_SPLIT, QUERY_SPLIT)})
+
+
+def take_first(split: Dataset, n: Optional[int], what: str, flag: str) -> Dataset:
+    if not n:
+        return split
+    if n > len(split):
+        raise UserError(f"{flag} {n} asks for more {what} than the split holds ({len(split)}); "
+                        f"pass {flag} {len(split)} or less")
+    return split.select(range(n))
+
+
+def raw_fingerprint(split: Dataset) -> str:
+    """sha256 of the text and labels of a raw split, in order."""
+    import pandas as pd
+
+    frame = split.select_columns([*REQUIRED_COLUMNS, LABEL_COLUMN]).to_pandas()
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded demo: short scene scripts with their own vocabulary
+# --------------------------------------------------------------------------------------------
+DEMO_SCRIPTS = {
+    "kitchen": (["chops the onions", "heats the pan", "cracks two eggs", "stirs the soup", "washes the knife"],
+                ["in the kitchen", "at the stove", "by the sink", "near the oven"],
+                ["adds salt to", "flips", "tastes", "serves", "slices"],
+                ["the omelette", "the hot soup", "the fresh bread", "the pasta"]),
+    "beach": (["spreads a towel", "waxes the surfboard", "applies sunscreen", "digs in the sand", "opens an umbrella"],
+              ["on the beach", "by the waves", "near the pier", "under the palm"],
+              ["paddles out to", "rides", "swims toward", "dives under", "floats past"],
+              ["the big wave", "the buoy", "the coral reef", "the sandbar"]),
+    "gym": (["tightens the belt", "chalks both hands", "loads the barbell", "stretches the hamstrings", "sets the timer"],
+            ["in the gym", "on the mat", "by the rack", "at the bench"],
+            ["lifts", "squats with", "presses", "curls", "deadlifts"],
+            ["the heavy weights", "the kettlebell", "the dumbbells", "the iron plates"]),
+    "garden": (["kneels in the dirt", "fills the watering can", "pulls the weeds", "opens the seed packet", "grabs a shovel"],
+               ["in the garden", "by the fence", "near the greenhouse", "on the lawn"],
+               ["plants", "waters", "prunes", "fertilizes", "harvests"],
+               ["the tomato vines", "the rose bushes", "the tulip bulbs", "the herb bed"]),
+    "concert": (["tunes the guitar", "adjusts the microphone", "counts in the band", "plugs in the amplifier", "taps the drum"],
+                ["on the stage", "under the spotlight", "before the crowd", "at the venue"],
+                ["strums", "sings", "plays", "drums along to", "bows after"],
+                ["the loud chorus", "the slow ballad", "the guitar solo", "the encore song"]),
+    "workshop": (["measures the plank", "clamps the board", "sharpens the chisel", "marks a pencil line", "puts on goggles"],
+                 ["in the workshop", "at the workbench", "by the lathe", "in the garage"],
+                 ["saws", "sands", "drills into", "glues", "hammers"],
+                 ["the oak board", "the wooden frame", "the table leg", "the pine shelf"]),
+    "ski": (["buckles the boots", "grabs the poles", "lowers the goggles", "rides the chairlift", "waxes the skis"],
+            ["on the slope", "at the summit", "in the snow", "near the lodge"],
+            ["carves down", "jumps over", "slaloms through", "races down", "glides across"],
+            ["the steep run", "the icy mogul", "the powder field", "the gates"]),
+    "market": (["picks up a basket", "counts the coins", "greets the vendor", "checks the list", "smells the melons"],
+               ["at the market", "by the stall", "in the bazaar", "near the fruit stand"],
+               ["buys", "haggles over", "weighs", "bags", "pays for"],
+               ["the ripe apples", "the fresh fish", "the spice jars", "the cheese wheel"]),
+}
+DEMO_NAMES = ["Anna", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas",
+              "Kemal", "Lena", "Marco", "Nadia", "Oscar", "Priya"]
+DEMO_SIZES = {TRAIN_SPLIT: 1200, QUERY_SPLIT: 400}
+DEMO_SEED = 2024
+
+
+def _demo_ending(rng: random.Random, script: str) -> str:
+    _, _, actions, objects = DEMO_SCRIPTS[script]
+    return f"{rng.choice(actions)} {rng.choice(objects)}."
+
+
+def make_demo_dataset(sizes: dict = DEMO_SIZES, seed: int = DEMO_SEED) -> DatasetDict:
+    """A deterministic SWAG-schema dataset. Each row belongs to a latent scene script (stored in
+    `video-id`): the context comes from the script, the gold ending continues it, and the three
+    distractors continue other scripts. A tiny model can learn it, and a query's most influential
+    training rows should come from its own script."""
+    rng = random.Random(seed)
+    names = list(DEMO_SCRIPTS)
+    splits = {}
+    for split, n in sizes.items():
+        rows = {c: [] for c in ["video-id", "fold-ind", "startphrase", "gold-source", *REQUIRED_COLUMNS, LABEL_COLUMN]}
+        for i in range(n):
+            script = names[rng.randrange(len(names))]
+            setups, places, _, _ = DEMO_SCRIPTS[script]
+            person = rng.choice(DEMO_NAMES)
+            context = f"{person} {rng.choice(setups)} {rng.choice(places)}."
+            others = rng.sample([s for s in names if s != script], NUM_CHOICES - 1)
+            label = rng.randrange(NUM_CHOICES)
+            endings = [_demo_ending(rng, s) for s in others]
+            endings.insert(label, _demo_ending(rng, script))
+            header = rng.choice([person, "Then " + person, "Next, " + person])
+            for key, value in [("video-id", script), ("fold-ind", str(i)), ("gold-source", "gen"),
+                               ("startphrase", f"{context} {header}"), (CONTEXT_COLUMN, context),
+                               (HEADER_COLUMN, header), (LABEL_COLUMN, label)]:
+                rows[key].append(value)
+            for column, ending in zip(ENDING_COLUMNS, endings):
+                rows[column].append(ending)
+        splits[split] = Dataset.from_dict(rows)
+    return DatasetDict(splits)
+
+
+def demo_corpus(raw: DatasetDict):
+    for split in raw.values():
+        for column in REQUIRED_COLUMNS:
+            yield from split[column]
+
+
+def build_demo_tokenizer(raw: DatasetDict) -> RobertaTokenizerFast:
+    """A byte-level BPE tokenizer trained on the demo text with `tokenizers` (nothing downloaded)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(demo_corpus(raw), vocab_size=600, min_frequency=1, special_tokens=specials,
+                            show_progress=False)
+    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                                mask_token="<mask>", model_max_length=MAX_LENGTH)
+
+
+def build_demo_model(tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """A two-layer RoBERTa small enough to train and analyse on a laptop CPU."""
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=MAX_LENGTH + 4,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, type_vocab_size=1)
+    return AutoModelForMultipleChoice.from_config(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization and batching
+# --------------------------------------------------------------------------------------------
+def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH,
+             pad_to_max_length: bool = False) -> Dataset:
+    """Pair the context (×4) with "{sent2} {ending_i}"; nested lists of 4 choices per row."""
+
+    def encode(rows):
+        first = list(chain.from_iterable([context] * NUM_CHOICES for context in rows[CONTEXT_COLUMN]))
+        second = [f"{header} {rows[end][i]}" for i, header in enumerate(rows[HEADER_COLUMN]) for end in ENDING_COLUMNS]
+        encoded = tokenizer(first, second, truncation=True, max_length=max_length,
+                            padding="max_length" if pad_to_max_length else False)
+        out = {k: [v[i:i + NUM_CHOICES] for i in range(0, len(v), NUM_CHOICES)] for k, v in encoded.items()}
+        out["labels"] = rows[LABEL_COLUMN]
+        return out
+
+    return split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing")
+
+
+def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_max_length: bool = False,
+                  max_length: int = MAX_LENGTH) -> DataCollatorForMultipleChoice:
+    return DataCollatorForMultipleChoice(tokenizer=tokenizer,
+                                         padding="max_length" if pad_to_max_length else True,
+                                         max_length=max_length if pad_to_max_length else None)
+
+
+@dataclass
+class Data:
+    """Raw and tokenized train/query splits plus what identifies them."""
+
+    raw_train: Dataset
+    raw_queries: Dataset
+    train: Dataset
+    queries: Dataset
+    fingerprint: dict
+
+
+def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, raw: Optional[DatasetDict] = None) -> Data:
+    raw = raw if raw is not None else load_raw(args)
+    raw_train = take_first(raw[TRAIN_SPLIT], args.max_train_samples, "training rows", "--max_train_samples")
+    raw_queries = take_first(raw[QUERY_SPLIT], args.num_queries, "queries", "--num_queries")
+    kwargs = dict(tokenizer=tokenizer, max_length=args.max_length, pad_to_max_length=args.pad_to_max_length)
+    fingerprint = {"train": raw_fingerprint(raw_train), "queries": raw_fingerprint(raw_queries),
+                   "num_train": len(raw_train), "num_queries": len(raw_queries),
+                   "tokenizer": tokenizer.name_or_path, "vocab_size": len(tokenizer), "max_length": args.max_length}
+    return Data(raw_train, raw_queries, tokenize(raw_train, **kwargs), tokenize(raw_queries, **kwargs), fingerprint)
+
+
+# --------------------------------------------------------------------------------------------
+# Models and checkpoints
+# --------------------------------------------------------------------------------------------
+def load_pretrained(model_name_or_path: str, raw: Optional[DatasetDict] = None, seed: int = 0):
+    """Model and tokenizer to fine-tune. The classifier head is initialised under `seed`, so every
+    run with the same seed (the full model and all LDS retrains) starts from identical weights."""
+    torch.manual_seed(seed)
+    if model_name_or_path == DEMO_MODEL:
+        tokenizer = build_demo_tokenizer(raw if raw is not None else make_demo_dataset())
+        return build_demo_model(tokenizer), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    model = AutoModelForMultipleChoice.from_pretrained(model_name_or_path, dtype=torch.float32)
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer, output_dir: Path, training_args: dict, metrics: dict) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    write_json(output_dir / TRAINING_ARGS_FILE, training_args)
+    write_json(output_dir / METRICS_FILE, metrics)
+
+
+def load_checkpoint(checkpoint_dir: Path):
+    """Model and tokenizer of a `train.py` checkpoint, with a clear error when it is missing."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "config.json").is_file() or not (checkpoint_dir / WEIGHTS_FILE).is_file():
+        raise UserError(f"no checkpoint in {checkpoint_dir} (config.json and {WEIGHTS_FILE} expected); "
+                        f"train one with: python train.py --output_dir {checkpoint_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    model = AutoModelForMultipleChoice.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    return model, tokenizer
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Small shared helpers
+# --------------------------------------------------------------------------------------------
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} file {path} is not valid JSON ({exc}); is it truncated? delete it and rerun") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def decode_choices(tokenizer: PreTrainedTokenizerBase, row: dict) -> list:
+    """The choices of a tokenized row as "context | ending" text, without padding or special tokens."""
+    texts = []
+    for ids in row["input_ids"]:
+        text = tokenizer.decode([i for i in ids if i != tokenizer.pad_token_id])
+        text = text.replace(tokenizer.cls_token or "\0", "")
+        texts.append(" | ".join(part.strip() for part in text.split(tokenizer.sep_token) if part.strip()))
+    return texts
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    parser.add_argument("--model_name_or_path", default=None,
+                        help=f"Tokenizer to use (default: {DEMO_MODEL} for the demo, else {DEFAULT_MODEL}).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    setup_logging()
+    args = resolve_data_args(parse_args(argv))
+    raw = load_raw(args)
+    name = args.model_name_or_path or (DEMO_MODEL if args.dataset == "demo" else DEFAULT_MODEL)
+    _, tokenizer = load_pretrained(name, raw)
+    data = prepare_data(args, tokenizer, raw)
+    logger.info("train %d rows, queries %d rows", len(data.train), len(data.queries))
+    row = data.queries[0]
+    for i, text in enumerate(decode_choices(tokenizer, row)):
+        print(f"{'*' if i == row['labels'] else ' '} {i}: {text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The kronfluence `Task` for 4-way multiple choice (SWAG).
+
+    from task import MultipleChoiceTask
+    task = MultipleChoiceTask(num_choices=4)
+
+- training loss: summed cross-entropy over the batch; with `sample=True` the labels are drawn
+  from the model's predictive distribution (true Fisher);
+- measurement: the negative margin −(correct logit − logsumexp of the other logits), the query
+  quantity whose change the scores predict (and that the LDS retraining runs record);
+- attention mask: the (batch, choices, tokens) mask, so padded tokens never enter the factors;
+- per-sample gradients: the model flattens the choices into the batch, so kronfluence sees one
+  gradient per choice; they are summed into one gradient per example.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from kronfluence.task import Task
+from torch import nn
+
+from pipeline import NUM_CHOICES
+
+Batch = Dict[str, torch.Tensor]
+LABELS = "labels"
+
+
+def model_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(batch, choices) logits; every key but the labels goes to the model (RoBERTa has no
+    token_type_ids, BERT-style encoders such as MiniLM do)."""
+    return model(**{k: v for k, v in batch.items() if k != LABELS}).logits
+
+
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example margin: correct logit − logsumexp of the other logits."""
+    correct = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.size(1)).bool(), float("-inf"))
+    return correct - others.logsumexp(dim=-1)
+
+
+class MultipleChoiceTask(Task):
+    enable_post_process_per_sample_gradient = True
+
+    def __init__(self, num_choices: int = NUM_CHOICES):
+        super().__init__()
+        self.num_choices = num_choices
+
+    def compute_train_loss(self, batch: Batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        logits = model_logits(model, batch)
+        if not sample:
+            return F.cross_entropy(logits, batch[LABELS], reduction="sum")
+        with torch.no_grad():
+            sampled = torch.multinomial(logits.float().softmax(dim=-1), num_samples=1).flatten()
+        return F.cross_entropy(logits, sampled, reduction="sum")
+
+    def compute_measurement(self, batch: Batch, model: nn.Module) -> torch.Tensor:
+        return -margins(model_logits(model, batch), batch[LABELS]).sum()
+
+    def get_attention_mask(self, batch: Batch) -> Optional[torch.Tensor]:
+        return batch["attention_mask"]
+
+    def post_process_per_sample_gradient(self, module_name: str, gradient: torch.Tensor) -> torch.Tensor:
+        del module_name
+        rows = gradient.size(0)
+        if rows % self.num_choices:
+            raise ValueError(f"per-choice gradient batch of {rows} is not a multiple of {self.num_choices} choices")
+        return gradient.view(rows // self.num_choices, self.num_choices, *gradient.shape[1:]).sum(dim=1)

@@ -1,0 +1,318 @@
+"""Fine-tune a multiple-choice model on SWAG, and run the LDS retraining runs.
+
+Fine-tune (kronfluence's recipe: AdamW, lr 1e-5, weight decay 0.001, batch 16, 3 epochs, seed 1004):
+
+    python train.py --output_dir checkpoints/swag                       # roberta-base on SWAG (hub)
+    python train.py --dataset demo                                     # tiny model, offline, CPU
+    python train.py --model_name_or_path ../shared/models/all-MiniLM-L6-v2-fp16 \\
+        --train_file ../shared/data/anetcap/train.csv.gz --validation_file ../shared/data/anetcap/validation.csv.gz \\
+        --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 \\
+        --output_dir checkpoints/anetcap
+    torchrun --standalone --nproc-per-node=2 train.py ...               # DDP (or: accelerate launch train.py ...)
+
+LDS ground truth: models retrained from the same initial weights on random halves of the training
+set. Give the same data and recipe flags as the full model, plus:
+
+    python train.py --dataset demo --lds_num_masks 100 --lds_repeats 1 --lds_subset_fraction 0.5 \\
+        --lds_output_dir lds/demo
+    torchrun --standalone --nproc-per-node=2 train.py ... --lds_num_masks 100   # runs split over ranks
+    sbatch --array=0-99 --wrap "python train.py ... --lds_run_index \\$SLURM_ARRAY_TASK_ID"
+
+Each run writes one file, atomically; finished runs are skipped when the command is rerun.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline import (
+    CHECKPOINTS_DIR,
+    DEFAULT_MODEL,
+    DEMO_MODEL,
+    LDS_DIR,
+    UserError,
+    add_data_args,
+    data_args_dict,
+    load_pretrained,
+    load_raw,
+    make_collator,
+    prepare_data,
+    resolve_data_args,
+    save_checkpoint,
+    seed_everything,
+    setup_logging,
+)
+from task import margins, model_logits
+
+logger = logging.getLogger(__name__)
+
+DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 8, "per_device_train_batch_size": 16}
+RECIPE_NAMES = ["model_name_or_path", "learning_rate", "weight_decay", "per_device_train_batch_size",
+                "num_train_epochs", "seed", "lr_scheduler"]
+RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    parser.add_argument("--model_name_or_path", default=None,
+                        help=f"Hub id or local directory (default {DEFAULT_MODEL}; {DEMO_MODEL} for --dataset demo).")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help=f"Where the checkpoint goes (default {CHECKPOINTS_DIR}/<dataset>).")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help=f"AdamW learning rate (default 1e-5; {DEMO_RECIPE['learning_rate']} for the demo).")
+    parser.add_argument("--weight_decay", type=float, default=0.001, help="AdamW weight decay.")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=None,
+                        help="Examples per optimizer step on each device (default 16).")
+    parser.add_argument("--num_train_epochs", type=int, default=None,
+                        help=f"Epochs (default 3; {DEMO_RECIPE['num_train_epochs']} for the demo).")
+    parser.add_argument("--lr_scheduler", choices=["constant", "linear"], default="constant",
+                        help="constant (kronfluence's recipe) or linear decay to 0.")
+    parser.add_argument("--eval_batch_size", type=int, default=64, help="Examples per evaluation batch.")
+    parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
+    lds = parser.add_argument_group("LDS retraining runs")
+    lds.add_argument("--lds_num_masks", type=int, default=0,
+                     help="Number of random training subsets; > 0 runs retraining instead of fine-tuning.")
+    lds.add_argument("--lds_repeats", type=int, default=1, help="Retraining seeds per subset.")
+    lds.add_argument("--lds_subset_fraction", type=float, default=0.5, help="Fraction of the training set per subset.")
+    lds.add_argument("--lds_output_dir", type=Path, default=None, help=f"Run files (default {LDS_DIR}/<dataset>).")
+    lds.add_argument("--lds_run_index", type=int, default=None,
+                     help="Do only this run (mask-major: index = mask * repeats + repeat); "
+                          "defaults to $SLURM_ARRAY_TASK_ID when set.")
+    args = parser.parse_args(argv)
+    args = resolve_data_args(args)
+    demo = args.dataset == "demo"
+    args.model_name_or_path = args.model_name_or_path or (DEMO_MODEL if demo else DEFAULT_MODEL)
+    for name, default in (("learning_rate", 1e-5), ("num_train_epochs", 3), ("per_device_train_batch_size", 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, DEMO_RECIPE[name] if demo else default)
+    args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
+    args.lds_output_dir = args.lds_output_dir or LDS_DIR / args.dataset
+    if args.lds_run_index is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        args.lds_run_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    if not 0 < args.lds_subset_fraction < 1:
+        raise UserError(f"--lds_subset_fraction must lie in (0, 1), got {args.lds_subset_fraction}")
+    return args
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only: on CPU it is slower than fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_model(model, dataset, collator, args, seed: int, device: torch.device, accelerator=None,
+                quiet: bool = False, evaluate_each_epoch=None):
+    """The fine-tuning loop. With an `accelerate.Accelerator` the model and data are sharded over
+    its processes (DDP); without one the model trains on `device` alone (LDS runs)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collator, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    total = args.num_train_epochs * len(loader)
+    if total == 0:
+        raise UserError(f"{len(dataset)} training rows make no batch of {args.per_device_train_batch_size}; "
+                        f"lower --per_device_train_batch_size")
+    lr_lambda = (lambda step: 1.0) if args.lr_scheduler == "constant" else (lambda step: 1 - step / total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    if accelerator is not None:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        device = accelerator.device
+    else:
+        model.to(device)
+    history = []
+    for epoch in range(args.num_train_epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=quiet, leave=False):
+            batch = to_device(batch, device)
+            with autocast(device):
+                logits = model_logits(model, batch)
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            (accelerator.backward(loss) if accelerator is not None else loss.backward())
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() * len(logits)
+            correct += (logits.argmax(-1) == batch["labels"]).sum()
+            seen += len(logits)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen}
+        if evaluate_each_epoch is not None:
+            record.update(evaluate_each_epoch(model))
+        history.append(record)
+        if not quiet:
+            logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
+    return (accelerator.unwrap_model(model) if accelerator is not None else model), history
+
+
+@torch.no_grad()
+def evaluate(model, dataset, collator, batch_size: int, device: torch.device) -> dict:
+    """Loss, accuracy and per-query margins (the measurement of task.py) on a labelled split."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    all_margins, losses, hits = [], [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device):
+            logits = model_logits(model, batch).float()
+        labels = batch["labels"]
+        if (labels < 0).any():
+            raise UserError("the query split has unlabelled rows (label -1), so margins cannot be measured; "
+                            "use a labelled split such as validation")
+        all_margins.append(margins(logits, labels).cpu())
+        losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
+        hits.append((logits.argmax(-1) == labels).cpu())
+    model.train()
+    return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(hits).float().mean().item(),
+            "margins": torch.cat(all_margins)}
+
+
+def settings_hash(args, fingerprint: dict) -> str:
+    """Identifies data, recipe and subset size: runs with equal hashes belong to one experiment."""
+    settings = {"data": fingerprint, "recipe": {n: str(getattr(args, n)) for n in RECIPE_NAMES},
+                "subset_fraction": args.lds_subset_fraction}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def lds_mask(num_train: int, fraction: float, seed: int, mask: int) -> torch.Tensor:
+    """The boolean training subset of mask `mask`, identical for all its repeats."""
+    rng = np.random.default_rng([seed, mask])
+    chosen = rng.choice(num_train, size=round(fraction * num_train), replace=False)
+    out = torch.zeros(num_train, dtype=torch.bool)
+    out[torch.from_numpy(chosen)] = True
+    return out
+
+
+def read_run(path: Path):
+    """Tensors and metadata of one run file, or None when it is unreadable (then it is redone)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        logger.warning("unreadable run file %s (%s); it will be redone", path, exc)
+        return None
+
+
+def process_rank():
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def run_lds(args) -> list:
+    """Train the LDS runs assigned to this process; returns the paths of the runs it wrote."""
+    rank, world, local_rank = process_rank()
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    raw = load_raw(args)
+    model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = prepare_data(args, tokenizer, raw)
+    collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
+    expected = settings_hash(args, data.fingerprint)
+    runs = [(m, r) for m in range(args.lds_num_masks) for r in range(args.lds_repeats)]
+    if args.lds_run_index is not None:
+        if not 0 <= args.lds_run_index < len(runs):
+            raise UserError(f"--lds_run_index {args.lds_run_index} is outside the {len(runs)} runs "
+                            f"(--lds_num_masks {args.lds_num_masks} × --lds_repeats {args.lds_repeats})")
+        mine = [runs[args.lds_run_index]]
+    else:
+        mine = runs[rank::world]
+    out_dir = Path(args.lds_output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    progress = tqdm(mine, desc=f"LDS runs (rank {rank}/{world})", position=rank)
+    for mask_id, repeat in progress:
+        path = out_dir / RUN_FILE.format(mask=mask_id, repeat=repeat)
+        if path.exists():
+            existing = read_run(path)
+            if existing is not None:
+                if existing[1].get("settings_hash") != expected:
+                    raise UserError(f"{path} was made with other data or training settings; "
+                                    f"use another --lds_output_dir or delete the old runs")
+                continue
+        start = time.time()
+        mask = lds_mask(len(data.train), args.lds_subset_fraction, args.seed, mask_id)
+        model.load_state_dict(initial_state)
+        subset = data.train.select(torch.nonzero(mask).flatten().tolist())
+        run_seed = int(np.random.default_rng([args.seed, mask_id, repeat]).integers(2**31))
+        seed_everything(run_seed)
+        model, _ = train_model(model, subset, collator, args, seed=run_seed, device=device, quiet=True)
+        result = evaluate(model, data.queries, collator, args.eval_batch_size, device)
+        meta = {"settings_hash": expected, "data": json.dumps(data.fingerprint), "mask": str(mask_id),
+                "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
+                "seconds": f"{time.time() - start:.2f}"}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({"mask": mask.to(torch.uint8), "margins": result["margins"].float()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        written.append(path)
+        progress.set_postfix(accuracy=f"{result['accuracy']:.3f}", seconds=meta["seconds"])
+    logger.info("rank %d wrote %d runs, skipped %d finished ones, in %s", rank, len(written),
+                len(mine) - len(written), out_dir)
+    return written
+
+
+def run_finetune(args):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    device = accelerator.device
+    raw = load_raw(args)
+    model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
+    data = prepare_data(args, tokenizer, raw)
+    collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
+    seed_everything(args.seed)
+    world = accelerator.num_processes
+    logger.info("fine-tuning %s on %d rows: %d process(es) × batch %d = effective batch %d, %d epochs, lr %g",
+                args.model_name_or_path, len(data.train), world, args.per_device_train_batch_size,
+                world * args.per_device_train_batch_size, args.num_train_epochs, args.learning_rate)
+
+    def validate(m):
+        if not accelerator.is_main_process:
+            return {}
+        result = evaluate(accelerator.unwrap_model(m), data.queries, collator, args.eval_batch_size, device)
+        return {"validation_loss": result["loss"], "validation_accuracy": result["accuracy"]}
+
+    start = time.time()
+    model, history = train_model(model, data.train, collator, args, seed=args.seed, device=device,
+                                 accelerator=accelerator, quiet=not accelerator.is_main_process,
+                                 evaluate_each_epoch=validate)
+    if accelerator.is_main_process:
+        metrics = {**history[-1], "history": history, "train_seconds": time.time() - start,
+                   "num_processes": world, "effective_batch_size": world * args.per_device_train_batch_size,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        training_args = {"data": data_args_dict(args), "data_fingerprint": data.fingerprint,
+                         **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        save_checkpoint(model.to("cpu"), tokenizer, Path(args.output_dir), training_args, metrics)
+        logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return history[-1]
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse_args(argv)
+    if args.lds_num_masks > 0:
+        return run_lds(args)
+    return run_finetune(args)
+
+
+if __name__ == "__main__":
+    main()

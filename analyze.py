@@ -116,11 +116,15 @@ def score_arguments(args) -> ScoreArguments:
     return score_args
 
 
-def check_provenance(output_dir: Path, weights_sha: str, overwrite: bool) -> None:
-    """Factors and scores belong to one set of weights: refuse to reuse them for another."""
+def check_provenance(output_dir: Path, expected: dict, overwrite: bool) -> None:
+    """Factors and scores belong to one set of weights and data: refuse to reuse them for others."""
     record = output_dir / METADATA_FILE
-    if record.exists() and not overwrite and read_json(record, "metadata")["weights_sha256"] != weights_sha:
-        raise UserError(f"{output_dir} was computed from other weights than this checkpoint's; "
+    if overwrite or not record.exists():
+        return
+    saved = read_json(record, "metadata")
+    differs = [key for key, value in expected.items() if saved.get(key) != value]
+    if differs:
+        raise UserError(f"{output_dir} was computed from other {' and '.join(differs)} than this run's; "
                         f"pass --overwrite to recompute it")
 
 
@@ -165,13 +169,14 @@ def main(argv=None):
     weights_sha = file_sha256(args.checkpoint_dir / WEIGHTS_FILE)
     f_name, s_name = factors_name(args), scores_name(args)
     factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
-    check_provenance(factors_dir, weights_sha, args.overwrite)
-    check_provenance(scores_dir, weights_sha, args.overwrite)
-    provenance = {"checkpoint": str(args.checkpoint_dir.resolve()), "weights_sha256": weights_sha}
+    factor_provenance = {"weights_sha256": weights_sha, "train_fingerprint": data.fingerprint["train"]}
+    provenance = {**factor_provenance, "query_fingerprint": data.fingerprint["queries"]}
+    check_provenance(factors_dir, factor_provenance, args.overwrite)
+    check_provenance(scores_dir, provenance, args.overwrite)
     analyzer.fit_all_factors(factors_name=f_name, dataset=data.train, per_device_batch_size=args.factor_batch_size,
                              factor_args=factor_arguments(args), overwrite_output_dir=args.overwrite)
     if is_main:
-        write_json(factors_dir / METADATA_FILE, provenance)
+        write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
     analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
                                      train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
                                      per_device_train_batch_size=args.train_batch_size,
@@ -179,7 +184,7 @@ def main(argv=None):
     scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
     if is_main:
         write_json(scores_dir / METADATA_FILE, {
-            **provenance,
+            "checkpoint": str(args.checkpoint_dir.resolve()), **provenance,
             "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
             "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,

@@ -1,0 +1,33 @@
+"""Shared fixtures: offline, CPU, and two demo checkpoints trained once per session."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+import train  # noqa: E402
+
+TINY = ["--dataset", "demo", "--max_train_samples", "48", "--num_queries", "12"]
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """The README's demo model: the full demo recipe."""
+    out = tmp_path_factory.mktemp("ckpt") / "demo"
+    train.main(["--dataset", "demo", "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A barely trained demo model on 48 rows, for fast end-to-end runs."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(out)])
+    return out

@@ -1,0 +1,97 @@
+"""End to end: train.py → analyze.py through main([...]), the demo's properties, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from kronfluence.analyzer import Analyzer
+
+import analyze
+import pipeline
+from analyze import STRATEGIES
+from pipeline import UserError
+
+
+def test_checkpoint_is_save_pretrained_directory(tiny_checkpoint):
+    names = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_args.json", "metrics.json"} <= names
+    metrics = json.loads((tiny_checkpoint / "metrics.json").read_text())
+    assert {"train_loss", "train_accuracy", "validation_loss", "validation_accuracy"} <= set(metrics)
+    model, tokenizer = pipeline.load_checkpoint(tiny_checkpoint)
+    assert model.config.num_hidden_layers == 2 and len(tokenizer) == model.config.vocab_size
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_train_then_analyze_each_strategy(tiny_checkpoint, tmp_path, strategy, capsys):
+    scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", strategy,
+                               "--output_dir", str(tmp_path), "--query_index", "2"])
+    scores = Analyzer.load_file(scores_dir / analyze.SCORES_FILE)[analyze.SCORES_KEY]
+    assert scores.shape == (12, 48) and torch.isfinite(scores).all()
+    meta = json.loads((scores_dir / analyze.METADATA_FILE).read_text())
+    assert meta["factor_strategy"] == strategy and meta["shape"] == [12, 48]
+    assert meta["data_fingerprint"]["num_train"] == 48
+    out = capsys.readouterr().out
+    assert "QUERY #2" in out and "Top proponents" in out and "Top opponents" in out
+    assert "<pad>" not in out and "<s>" not in out
+
+
+def test_factors_are_reused_and_guarded(tiny_checkpoint, tmp_path):
+    args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "kfac", "--output_dir", str(tmp_path)]
+    scores_dir = analyze.main(args)
+    factors_dir = scores_dir.parent / f"factors_{analyze.factors_name(pipeline.resolve_data_args(analyze.parse_args(args), tiny_checkpoint))}"
+    stamp = {p: p.stat().st_mtime_ns for p in factors_dir.glob("*.safetensors")}
+    analyze.main(args + ["--query_gradient_rank", "4"])  # new scores name, same factors
+    assert stamp and stamp == {p: p.stat().st_mtime_ns for p in factors_dir.glob("*.safetensors")}
+    meta = json.loads((factors_dir / analyze.METADATA_FILE).read_text())
+    meta["weights_sha256"] = "0" * 64
+    (factors_dir / analyze.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="other weights_sha256 than this run's; pass --overwrite"):
+        analyze.main(args)
+
+
+def test_names_encode_settings():
+    base = ["--max_train_samples", "10", "--num_queries", "5"]
+    names = {analyze.scores_name(pipeline.resolve_data_args(analyze.parse_args(base + extra)))
+             for extra in ([], ["--use_half_precision"], ["--query_gradient_rank", "32"], ["--factor_strategy", "kfac"],
+                           ["--damping_factor", "-1"], ["--num_queries", "6"])}
+    assert len(names) == 6
+
+
+def test_demo_model_learns_and_influence_finds_its_group(demo_checkpoint, tmp_path):
+    metrics = json.loads((demo_checkpoint / "metrics.json").read_text())
+    assert metrics["validation_accuracy"] >= 0.6  # chance is 0.25
+    scores_dir = analyze.main(["--checkpoint_dir", str(demo_checkpoint), "--output_dir", str(tmp_path)])
+    scores = Analyzer.load_file(scores_dir / analyze.SCORES_FILE)[analyze.SCORES_KEY].float()
+    raw = pipeline.make_demo_dataset()
+    train_groups = np.array(raw["train"]["video-id"])
+    query_groups = np.array(raw["validation"]["video-id"])
+    top = torch.topk(scores, 10, dim=1).indices.numpy()
+    precision = (train_groups[top] == query_groups[:, None]).mean()
+    chance = np.mean([(train_groups == g).mean() for g in query_groups])
+    print(f"demo: validation accuracy {metrics['validation_accuracy']:.3f}, "
+          f"EKFAC precision@10 {precision:.3f}, chance {chance:.3f}")
+    assert precision >= 3 * chance
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint in .*python train.py --output_dir"):
+        analyze.main(["--checkpoint_dir", str(tmp_path / "nothing"), "--dataset", "demo"])
+
+
+def test_unknown_strategy(capsys):
+    with pytest.raises(SystemExit) as exc:
+        analyze.parse_args(["--factor_strategy", "newton"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'newton'" in capsys.readouterr().err
+
+
+def test_more_queries_than_split(tiny_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="--num_queries 5000 asks for more queries than the split holds"):
+        analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--num_queries", "5000", "--output_dir", str(tmp_path)])
+
+
+def test_use_ddp_outside_torchrun(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(UserError, match="torchrun"):
+        analyze.parse_args(["--use_ddp"])

@@ -1,0 +1,95 @@
+"""Loading SWAG-schema files, the demo data, and clear errors on bad input."""
+
+import gzip
+import shutil
+
+import pandas as pd
+import pytest
+
+import pipeline
+from pipeline import UserError, load_local_files, make_demo_dataset, resolve_data_args, tokenize
+
+
+def swag_frame(n, labelled=True):
+    frame = pd.DataFrame({
+        "video-id": [f"v{i}" for i in range(n)], "fold-ind": list(range(n)), "startphrase": ["x"] * n,
+        "sent1": [f"Someone opens door {i}." for i in range(n)], "sent2": ["Someone"] * n, "gold-source": ["gold"] * n,
+        **{f"ending{j}": [f"walks through door {i + j}." for i in range(n)] for j in range(4)},
+    })
+    if labelled:
+        frame["label"] = [i % 4 for i in range(n)]
+    return frame
+
+
+def test_local_csv_json_parquet_and_gzip_load(tmp_path):
+    frame = swag_frame(6)
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    with open(tmp_path / "train.csv", "rb") as src, gzip.open(tmp_path / "train.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    frame.to_json(tmp_path / "val.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "val.parquet")
+    for train_file, val_file in [("train.csv", "val.jsonl"), ("train.csv.gz", "val.parquet")]:
+        raw = load_local_files(str(tmp_path / train_file), str(tmp_path / val_file))
+        assert len(raw["train"]) == len(raw["validation"]) == 6
+        assert list(raw["train"]["label"]) == [0, 1, 2, 3, 0, 1]
+
+
+def test_unlabelled_test_split_loads_with_label_minus_one(tmp_path):
+    swag_frame(3).to_csv(tmp_path / "train.csv", index=False)
+    swag_frame(5, labelled=False).to_csv(tmp_path / "test.csv", index=False)
+    raw = load_local_files(str(tmp_path / "train.csv"), str(tmp_path / "test.csv"))
+    assert list(raw["validation"]["label"]) == [-1] * 5
+
+
+def test_missing_columns_are_listed(tmp_path):
+    swag_frame(3).drop(columns=["sent2", "ending3"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(UserError, match=r"missing the SWAG column\(s\) sent2, ending3"):
+        load_local_files(str(tmp_path / "bad.csv"), str(tmp_path / "bad.csv"))
+
+
+def test_truncated_and_missing_files_give_one_line_errors(tmp_path):
+    swag_frame(50).to_csv(tmp_path / "train.csv", index=False)
+    with open(tmp_path / "train.csv", "rb") as src, gzip.open(tmp_path / "full.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    data = (tmp_path / "full.csv.gz").read_bytes()
+    (tmp_path / "cut.csv.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated") as err:
+        load_local_files(str(tmp_path / "cut.csv.gz"), str(tmp_path / "train.csv"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="does not exist"):
+        load_local_files(str(tmp_path / "nope.csv"), str(tmp_path / "train.csv"))
+    (tmp_path / "train.txt").write_text("x")
+    with pytest.raises(UserError, match="expected a .csv"):
+        load_local_files(str(tmp_path / "train.csv"), str(tmp_path / "train.txt"))
+
+
+def test_demo_is_deterministic_and_has_latent_groups():
+    a, b = make_demo_dataset(), make_demo_dataset()
+    assert a["train"][:20] == b["train"][:20]
+    groups = set(a["train"]["video-id"])
+    assert groups == set(pipeline.DEMO_SCRIPTS)
+    row = a["train"][0]
+    assert set(pipeline.REQUIRED_COLUMNS + [pipeline.LABEL_COLUMN]) <= set(row)
+
+
+def test_tokenization_pairs_context_with_each_ending():
+    raw = make_demo_dataset(sizes={"train": 4})["train"]
+    tokenizer = pipeline.build_demo_tokenizer({"train": raw})
+    tokenized = tokenize(raw, tokenizer)
+    row = tokenized[0]
+    assert len(row["input_ids"]) == pipeline.NUM_CHOICES
+    texts = pipeline.decode_choices(tokenizer, row)
+    for text, ending in zip(texts, pipeline.ENDING_COLUMNS):
+        context, second = text.split(" | ")
+        assert context == raw[0]["sent1"]
+        assert second == f"{raw[0]['sent2']} {raw[0][ending]}"
+    long = tokenize(raw, tokenizer, max_length=12)
+    assert max(len(ids) for choices in long["input_ids"] for ids in choices) == 12
+
+
+def test_more_queries_than_the_split_holds():
+    args = resolve_data_args(pipeline.parse_args(["--dataset", "demo", "--num_queries", "100000"]))
+    with pytest.raises(UserError, match=r"--num_queries 100000 asks for more queries than the split holds \(400\)"):
+        pipeline.main(["--dataset", "demo", "--num_queries", "100000"])
+    assert args.max_train_samples == 0  # demo default: all rows
+    assert resolve_data_args(pipeline.parse_args([])).max_train_samples == pipeline.REFERENCE_NUM_TRAIN

@@ -58,7 +58,7 @@ from task import margins, model_logits
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 8, "per_device_train_batch_size": 16}
+DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
 RECIPE_NAMES = ["model_name_or_path", "learning_rate", "weight_decay", "per_device_train_batch_size",
                 "num_train_epochs", "seed", "lr_scheduler"]
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"

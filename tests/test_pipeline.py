@@ -89,7 +89,7 @@ def test_tokenization_pairs_context_with_each_ending():
 
 def test_more_queries_than_the_split_holds():
     args = resolve_data_args(pipeline.parse_args(["--dataset", "demo", "--num_queries", "100000"]))
-    with pytest.raises(UserError, match=r"--num_queries 100000 asks for more queries than the split holds \(400\)"):
+    with pytest.raises(UserError, match=r"--num_queries 100000 asks for more queries than the split holds \(200\)"):
         pipeline.main(["--dataset", "demo", "--num_queries", "100000"])
     assert args.max_train_samples == 0  # demo default: all rows
     assert resolve_data_args(pipeline.parse_args([])).max_train_samples == pipeline.REFERENCE_NUM_TRAIN

@@ -1,0 +1,236 @@
+"""Linear datamodeling score (LDS) of influence scores against retraining runs.
+
+    python evaluate_lds.py --scores scores/demo/scores_ekfac_nall_qall --lds_dir lds/demo
+    python evaluate_lds.py --scores scores/swag/scores_ekfac_n73536_q2000/pairwise_scores.safetensors \\
+        --kronfluence_masks files/masks.pt --kronfluence_margins files/margins.pt   # kronfluence's ground truth
+
+LDS = mean over queries of Spearman(masks @ scores[q], margins[:, q]): how well the summed scores
+of each random training subset rank the query margins of the models retrained on those subsets.
+Margins are averaged over the repeats of a mask. Queries whose margins (or predictions) are
+constant over the masks have no rank correlation: they are listed and left out of the mean.
+
+Writes `lds.json` (the LDS, a 95% bootstrap interval over queries, per-query values), a histogram
+of per-query LDS and a predicted-vs-actual scatter for the median query, next to the scores unless
+--output_dir is given, and prints the top influential training examples of --query_index.
+"""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from pipeline import UserError, load_checkpoint, prepare_data, read_json, resolve_data_args, setup_logging, write_json
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "lds.json"
+HISTOGRAM_FILE = "lds_histogram.png"
+SCATTER_FILE = "lds_median_query.png"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scores", type=Path, required=True,
+                        help="A scores directory written by analyze.py, or its pairwise_scores.safetensors.")
+    parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by train.py --lds_num_masks.")
+    parser.add_argument("--kronfluence_masks", type=Path, default=None,
+                        help="kronfluence's masks.pt (num_masks × num_train) instead of --lds_dir.")
+    parser.add_argument("--kronfluence_margins", type=Path, default=None,
+                        help="kronfluence's margins.pt (num_masks × num_queries), with --kronfluence_masks.")
+    parser.add_argument("--output_dir", type=Path, default=None, help="Where results and plots go (default: the scores directory).")
+    parser.add_argument("--num_bootstrap", type=int, default=1000, help="Bootstrap resamples of the queries for the 95%% interval.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+    parser.add_argument("--query_index", type=int, default=None,
+                        help="Query whose top influential examples are printed (default: the median-LDS query).")
+    parser.add_argument("--top_k", type=int, default=3, help="Proponents and opponents to print.")
+    parser.add_argument("--no_plots", action="store_true", help="Skip the plots.")
+    args = parser.parse_args(argv)
+    if (args.lds_dir is None) == (args.kronfluence_masks is None):
+        parser.error("give either --lds_dir or --kronfluence_masks/--kronfluence_margins")
+    if (args.kronfluence_masks is None) != (args.kronfluence_margins is None):
+        parser.error("--kronfluence_masks and --kronfluence_margins go together")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# The score itself
+# --------------------------------------------------------------------------------------------
+def lds_per_query(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Spearman correlation, for each query, between predicted (masks @ scores.T) and actual margins
+    over the masks. NaN where either side is constant over the masks."""
+    predictions = masks.astype(np.float64) @ scores.astype(np.float64).T  # (masks, queries)
+    a, b = rankdata(predictions, axis=0), rankdata(margins, axis=0)
+    a, b = a - a.mean(0), b - b.mean(0)
+    denominator = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (a * b).sum(0) / denominator, np.nan)
+
+
+def summarize(per_query: np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Mean LDS over the queries with a defined correlation, and a 95% bootstrap interval over queries."""
+    valid = per_query[~np.isnan(per_query)]
+    if valid.size == 0:
+        raise UserError("every query has constant margins or predictions over the masks; no LDS can be computed")
+    rng = np.random.default_rng(seed)
+    means = valid[rng.integers(0, valid.size, size=(num_bootstrap, valid.size))].mean(1)
+    return {"lds": float(valid.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "sem": float(valid.std(ddof=1) / np.sqrt(valid.size)) if valid.size > 1 else None,
+            "num_queries": int(valid.size), "constant_queries": np.flatnonzero(np.isnan(per_query)).tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+def load_scores(path: Path):
+    """Scores (queries × train) and the metadata analyze.py wrote beside them (None if absent)."""
+    from analyze import METADATA_FILE, SCORES_FILE, SCORES_KEY
+    from safetensors.torch import load_file
+
+    file = path / SCORES_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no scores at {path}; run analyze.py first, or pass the scores directory it printed")
+    try:
+        scores = load_file(str(file))[SCORES_KEY].float().numpy()
+    except Exception as exc:
+        raise UserError(f"cannot read scores {file} ({type(exc).__name__}); is it truncated? rerun analyze.py") from None
+    meta_file = file.parent / METADATA_FILE
+    return scores, (read_json(meta_file, "scores metadata") if meta_file.exists() else None)
+
+
+def load_runs(lds_dir: Path):
+    """Masks (num_masks × num_train), margins averaged over repeats (num_masks × num_queries), and
+    what the runs say about their data and settings."""
+    from train import read_run
+
+    files = sorted(lds_dir.glob("run_m*_r*.safetensors"))
+    if not files:
+        raise UserError(f"no run files in {lds_dir}; make them with train.py --lds_num_masks N --lds_output_dir {lds_dir}")
+    by_mask, settings, data = {}, set(), set()
+    for f in files:
+        run = read_run(f)
+        if run is None:
+            raise UserError(f"run file {f} is unreadable (truncated?); delete it and rerun train.py to redo it")
+        tensors, meta = run
+        settings.add(meta["settings_hash"])
+        data.add(meta["data"])
+        by_mask.setdefault(int(meta["mask"]), []).append(tensors)
+    if len(settings) > 1:
+        raise UserError(f"{lds_dir} mixes runs made with {len(settings)} different data/training settings; "
+                        f"keep one experiment per directory")
+    masks = np.stack([runs[0]["mask"].numpy().astype(bool) for _, runs in sorted(by_mask.items())])
+    margins = np.stack([torch.stack([r["margins"] for r in runs]).mean(0).numpy() for _, runs in sorted(by_mask.items())])
+    repeats = sorted({len(runs) for runs in by_mask.values()})
+    return masks, margins, {"fingerprint": json.loads(data.pop()), "num_masks": len(by_mask), "repeats": repeats,
+                            "num_runs": len(files)}
+
+
+def load_kronfluence_files(masks_path: Path, margins_path: Path):
+    def read(path):
+        if not path.is_file():
+            raise UserError(f"{path} does not exist")
+        value = torch.load(path, map_location="cpu", weights_only=False)  # kronfluence pickles numpy arrays
+        return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+    masks, margins = read(masks_path), read(margins_path)
+    if masks.shape[0] != margins.shape[0]:
+        raise UserError(f"{masks_path} has {masks.shape[0]} masks but {margins_path} has {margins.shape[0]} rows")
+    return masks.astype(bool), margins.astype(np.float64), {"num_masks": masks.shape[0], "repeats": [1]}
+
+
+def check_match(scores: np.ndarray, meta, masks: np.ndarray, margins: np.ndarray, runs: dict) -> None:
+    """The scores and the runs must describe the same training set (in order) and the same queries."""
+    if meta is not None and "fingerprint" in runs:
+        ours, theirs = meta["data_fingerprint"], runs["fingerprint"]
+        differs = [f"{key} ({ours.get(key)} in the scores, {theirs.get(key)} in the runs)"
+                   for key in ("num_train", "num_queries") if ours.get(key) != theirs.get(key)]
+        differs += [f"{key} rows (hash {ours[key][:8]} in the scores, {theirs[key][:8]} in the runs)"
+                    for key in ("train", "queries") if ours.get(key) != theirs.get(key)]
+        if differs:
+            raise UserError("the scores and the LDS runs do not belong together: they differ in "
+                            + "; ".join(differs) + ". Compute both with the same data flags")
+    if scores.shape != (margins.shape[1], masks.shape[1]):
+        raise UserError(f"scores are {scores.shape[0]} queries × {scores.shape[1]} train examples but the runs have "
+                        f"{margins.shape[1]} queries × {masks.shape[1]} train examples; compute both with the same data flags")
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+def plot(per_query: np.ndarray, masks, margins, scores, query: int, summary: dict, out_dir: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(per_query[~np.isnan(per_query)], bins=30, color="tab:blue", alpha=0.8)
+    ax.axvline(summary["lds"], color="k", linestyle="--", label=f"mean {summary['lds']:.3f}")
+    ax.set(xlabel="per-query Spearman correlation", ylabel="queries", title=f"LDS: {title}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / HISTOGRAM_FILE, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter(masks.astype(np.float64) @ scores[query].astype(np.float64), margins[:, query], s=12)
+    ax.set(xlabel="predicted: sum of scores over the subset", ylabel="margin after retraining",
+           title=f"median query #{query} (Spearman {per_query[query]:.3f})")
+    fig.tight_layout()
+    fig.savefig(out_dir / SCATTER_FILE, dpi=120)
+    plt.close(fig)
+
+
+def median_query(per_query: np.ndarray) -> int:
+    valid = np.flatnonzero(~np.isnan(per_query))
+    return int(valid[np.argsort(per_query[valid])[len(valid) // 2]])
+
+
+def show_examples(meta, scores: np.ndarray, query: int, top_k: int) -> None:
+    """Decode the query and its top proponents and opponents, when the checkpoint is at hand."""
+    from analyze import print_top_examples
+
+    if meta is None or not Path(meta["checkpoint"]).is_dir():
+        logger.info("checkpoint not available; skipping the top influential examples")
+        return
+    args = resolve_data_args(argparse.Namespace(**meta["data"]))
+    _, tokenizer = load_checkpoint(Path(meta["checkpoint"]))
+    print_top_examples(torch.from_numpy(scores), prepare_data(args, tokenizer), tokenizer, query, top_k)
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse_args(argv)
+    scores, meta = load_scores(args.scores)
+    if args.lds_dir is not None:
+        masks, margins, runs = load_runs(args.lds_dir)
+    else:
+        masks, margins, runs = load_kronfluence_files(args.kronfluence_masks, args.kronfluence_margins)
+    check_match(scores, meta, masks, margins, runs)
+
+    per_query = lds_per_query(masks, margins, scores)
+    summary = summarize(per_query, args.num_bootstrap, args.seed)
+    if summary["constant_queries"]:
+        logger.warning("%d queries have constant margins or predictions over the masks and are left out: %s",
+                       len(summary["constant_queries"]), summary["constant_queries"][:20])
+    query = median_query(per_query) if args.query_index is None else args.query_index
+    out_dir = args.output_dir or (args.scores if args.scores.is_dir() else args.scores.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = meta["scores_name"] if meta else args.scores.name
+    results = {**summary, "scores": str(args.scores), "runs": str(args.lds_dir or args.kronfluence_masks),
+               "num_masks": runs["num_masks"], "repeats": runs["repeats"], "median_query": median_query(per_query),
+               "per_query": [None if np.isnan(v) else float(v) for v in per_query]}
+    write_json(out_dir / RESULTS_FILE, results)
+    if not args.no_plots:
+        plot(per_query, masks, margins, scores, results["median_query"], summary, out_dir, title)
+    print(f"LDS {summary['lds']:.4f}  95% CI [{summary['ci95'][0]:.4f}, {summary['ci95'][1]:.4f}]  "
+          f"over {summary['num_queries']} queries and {runs['num_masks']} masks  ({title}); results in {out_dir}")
+    show_examples(meta, scores, query, args.top_k)
+    return results
+
+
+if __name__ == "__main__":
+    main()

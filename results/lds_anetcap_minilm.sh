@@ -9,16 +9,17 @@ D="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file
    --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 --num_train_epochs 3"
 mkdir -p logs
 t0=$(date +%s)
-python train.py $D --output_dir checkpoints/anetcap > logs/train.log 2>&1
+[ -f checkpoints/anetcap/model.safetensors ] || python train.py $D --output_dir checkpoints/anetcap > logs/train.log 2>&1
 t1=$(date +%s)
 # several retraining runs share the GPU: torchrun starts PROCS processes, each takes every PROCS-th run
 torchrun --standalone --nproc-per-node="$PROCS" train.py $D --lds_num_masks 100 --lds_output_dir lds/anetcap > logs/lds.log 2>&1
 t2=$(date +%s)
-echo "{\"train_seconds\": $((t1 - t0)), \"lds_seconds\": $((t2 - t1)), \"lds_processes\": $PROCS}" > logs/timing.json
-A="--checkpoint_dir checkpoints/anetcap --factor_batch_size 128 --train_batch_size 256 --query_batch_size 100"
-for variant in "identity" "diagonal" "kfac" "ekfac" "ekfac --use_half_precision" "ekfac --query_gradient_rank 32"; do
+[ -f logs/timing.json ] || echo "{\"train_seconds\": $((t1 - t0)), \"lds_seconds\": $((t2 - t1)), \"lds_processes\": $PROCS}" > logs/timing.json
+A="--checkpoint_dir checkpoints/anetcap --factor_batch_size 128 --train_batch_size 256 --query_batch_size 500"
+for variant in "identity" "diagonal" "kfac" "ekfac" "ekfac --use_half_precision" "ekfac --query_gradient_rank 32 --query_batch_size 50"; do
   s=$(date +%s)
   dir=$(python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" $A --factor_strategy $variant 2>>logs/analyze.err | tail -1)
-  python evaluate_lds.py --scores "$dir" --lds_dir lds/anetcap | head -1
+  python evaluate_lds.py --scores "$dir" --lds_dir lds/anetcap > "$dir/evaluate.log" 2>&1
+  grep "^LDS" "$dir/evaluate.log"
   echo "{\"variant\": \"$variant\", \"seconds\": $(( $(date +%s) - s ))}" > "$dir/timing.json"
 done

@@ -28,7 +28,7 @@ import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
 from scipy.stats import rankdata
-from transformers import AutoModelForMultipleChoice, RobertaConfig, RobertaTokenizerFast
+from transformers import AutoModelForMultipleChoice, AutoTokenizer, RobertaConfig, RobertaTokenizerFast
 
 from analyze import QUERY_GRADIENT_ACCUMULATION, SCORES_KEY, factor_arguments, score_arguments
 from pipeline import (
@@ -56,7 +56,8 @@ SWAG_HALF = REFERENCE_NUM_TRAIN // 2
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer_dir", required=True, help="Directory with the roberta-base vocab.json and merges.txt.")
+    parser.add_argument("--tokenizer_dir", required=True,
+                        help="Directory with the roberta-base vocab.json and merges.txt (or any saved tokenizer).")
     parser.add_argument("--train_file", required=True, help="SWAG-schema file for the training rows.")
     parser.add_argument("--validation_file", required=True, help="SWAG-schema file for the queries.")
     parser.add_argument("--num_train", type=int, default=2048, help="Training rows in the timed subset.")
@@ -123,6 +124,10 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
                         output_dir=str(args.work_dir), disable_tqdm=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=make_collator(tokenizer, pad)))
     factor_args, score_args = factor_arguments(options), score_arguments(options)
+    per_pass = query_bs * (QUERY_GRADIENT_ACCUMULATION if rank > 0 else 1)  # queries per pass over the train set
+    if len(queries) < per_pass:
+        logger.warning("%s: %d queries fill only part of a %d-query pass; the query side is under-measured",
+                       name, len(queries), per_pass)
     query_bs = min(query_bs, len(queries))
     stages = {
         "covariance": lambda: analyzer.fit_covariance_matrices("f", train, factor_args=factor_args,
@@ -136,7 +141,6 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
                                                            per_device_train_batch_size=train_bs, score_args=score_args,
                                                            overwrite_output_dir=True),
     }
-    per_pass = query_bs * (QUERY_GRADIENT_ACCUMULATION if rank > 0 else 1)
     result = {"settings": {"use_half_precision": half, "pad_to_max_length": pad, "query_gradient_rank": rank,
                            "factor_batch_size": factor_bs, "query_batch_size": query_bs, "train_batch_size": train_bs,
                            "queries_per_train_pass": per_pass, "sorted_by_length": sort,
@@ -190,8 +194,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    tokenizer = RobertaTokenizerFast(vocab_file=f"{args.tokenizer_dir}/vocab.json",
-                                     merges_file=f"{args.tokenizer_dir}/merges.txt", model_max_length=128)
+    tok = Path(args.tokenizer_dir)
+    tokenizer = (RobertaTokenizerFast(vocab_file=str(tok / "vocab.json"), merges_file=str(tok / "merges.txt"),
+                                      model_max_length=128)
+                 if (tok / "merges.txt").is_file() and not (tok / "tokenizer.json").is_file()
+                 else AutoTokenizer.from_pretrained(tok))
     raw = load_local_files(args.train_file, args.validation_file)
     raw_train = raw["train"].select(range(args.num_train))
     raw_queries = raw["validation"].select(range(args.num_queries))

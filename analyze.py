@@ -27,6 +27,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from pipeline import (
     CHECKPOINTS_DIR,
     SCORES_DIR,
+    TRAINING_ARGS_FILE,
     WEIGHTS_FILE,
     UserError,
     add_data_args,
@@ -119,8 +120,10 @@ def score_arguments(args) -> ScoreArguments:
 def check_provenance(output_dir: Path, expected: dict, overwrite: bool) -> None:
     """Factors and scores belong to one set of weights and data: refuse to reuse them for others."""
     record = output_dir / METADATA_FILE
-    if overwrite or not record.exists():
+    if overwrite or not output_dir.exists():
         return
+    if not record.exists():
+        raise UserError(f"{output_dir} has no {METADATA_FILE} (an interrupted run?); pass --overwrite to recompute it")
     saved = read_json(record, "metadata")
     differs = [key for key, value in expected.items() if saved.get(key) != value]
     if differs:
@@ -169,14 +172,19 @@ def main(argv=None):
     weights_sha = file_sha256(args.checkpoint_dir / WEIGHTS_FILE)
     f_name, s_name = factors_name(args), scores_name(args)
     factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
-    factor_provenance = {"weights_sha256": weights_sha, "train_fingerprint": data.fingerprint["train"]}
+    factor_provenance = {"weights_sha256": weights_sha, "train_fingerprint": data.fingerprint["train"],
+                         "max_length": args.max_length}
     provenance = {**factor_provenance, "query_fingerprint": data.fingerprint["queries"]}
     check_provenance(factors_dir, factor_provenance, args.overwrite)
     check_provenance(scores_dir, provenance, args.overwrite)
+    trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
+    if trained.get("data_fingerprint", {}).get("train") not in (None, data.fingerprint["train"]):
+        logger.warning("these training rows differ from the ones the checkpoint was trained on; "
+                       "the scores attribute to the rows given, not to the model's training set")
+    if is_main:  # provenance first: a directory without it was interrupted and is never trusted
+        write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
     analyzer.fit_all_factors(factors_name=f_name, dataset=data.train, per_device_batch_size=args.factor_batch_size,
                              factor_args=factor_arguments(args), overwrite_output_dir=args.overwrite)
-    if is_main:
-        write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
     analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
                                      train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
                                      per_device_train_batch_size=args.train_batch_size,
@@ -184,7 +192,7 @@ def main(argv=None):
     scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
     if is_main:
         write_json(scores_dir / METADATA_FILE, {
-            "checkpoint": str(args.checkpoint_dir.resolve()), **provenance,
+            "checkpoint": str(args.checkpoint_dir.resolve()), **provenance, "recipe": trained.get("recipe"),
             "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
             "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.lds_dir is None) == (args.kronfluence_masks is None):
         parser.error("give either --lds_dir or --kronfluence_masks/--kronfluence_margins")
+    if args.num_bootstrap < 1:
+        parser.error("--num_bootstrap must be at least 1")
     if (args.kronfluence_masks is None) != (args.kronfluence_margins is None):
         parser.error("--kronfluence_masks and --kronfluence_margins go together")
     return args
@@ -62,6 +64,10 @@ def parse_args(argv=None):
 def lds_per_query(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Spearman correlation, for each query, between predicted (masks @ scores.T) and actual margins
     over the masks. NaN where either side is constant over the masks."""
+    for name, value in (("scores", scores), ("margins", margins)):
+        if not np.isfinite(value).all():
+            raise UserError(f"the {name} contain NaN or infinite values (a bf16 overflow or a diverged run?); "
+                            f"recompute them before evaluating")
     predictions = masks.astype(np.float64) @ scores.astype(np.float64).T  # (masks, queries)
     a, b = rankdata(predictions, axis=0), rankdata(margins, axis=0)
     a, b = a - a.mean(0), b - b.mean(0)
@@ -115,8 +121,10 @@ def load_runs(lds_dir: Path):
         if run is None:
             raise UserError(f"run file {f} is unreadable (truncated?); delete it and rerun train.py to redo it")
         tensors, meta = run
+        if not meta or "settings_hash" not in meta or "mask" not in meta:
+            raise UserError(f"{f} is not a train.py run file (no run metadata)")
         settings.add(meta["settings_hash"])
-        data.add(meta["data"])
+        data.add((meta["data"], meta.get("recipe", "null")))
         by_mask.setdefault(int(meta["mask"]), []).append(tensors)
     if len(settings) > 1:
         raise UserError(f"{lds_dir} mixes runs made with {len(settings)} different data/training settings; "
@@ -124,8 +132,9 @@ def load_runs(lds_dir: Path):
     masks = np.stack([runs[0]["mask"].numpy().astype(bool) for _, runs in sorted(by_mask.items())])
     margins = np.stack([torch.stack([r["margins"] for r in runs]).mean(0).numpy() for _, runs in sorted(by_mask.items())])
     repeats = sorted({len(runs) for runs in by_mask.values()})
-    return masks, margins, {"fingerprint": json.loads(data.pop()), "num_masks": len(by_mask), "repeats": repeats,
-                            "num_runs": len(files)}
+    fingerprint, recipe = data.pop()
+    return masks, margins, {"fingerprint": json.loads(fingerprint), "recipe": json.loads(recipe),
+                            "num_masks": len(by_mask), "repeats": repeats, "num_runs": len(files)}
 
 
 def load_kronfluence_files(masks_path: Path, margins_path: Path):
@@ -144,11 +153,15 @@ def load_kronfluence_files(masks_path: Path, margins_path: Path):
 def check_match(scores: np.ndarray, meta, masks: np.ndarray, margins: np.ndarray, runs: dict) -> None:
     """The scores and the runs must describe the same training set (in order) and the same queries."""
     if meta is not None and "fingerprint" in runs:
-        ours, theirs = meta["data_fingerprint"], runs["fingerprint"]
+        ours, theirs = meta.get("data_fingerprint", {}), runs["fingerprint"]
         differs = [f"{key} ({ours.get(key)} in the scores, {theirs.get(key)} in the runs)"
                    for key in ("num_train", "num_queries") if ours.get(key) != theirs.get(key)]
-        differs += [f"{key} rows (hash {ours[key][:8]} in the scores, {theirs[key][:8]} in the runs)"
+        differs += [f"{key} rows (hash {str(ours.get(key))[:8]} in the scores, {str(theirs.get(key))[:8]} in the runs)"
                     for key in ("train", "queries") if ours.get(key) != theirs.get(key)]
+        ours_recipe, their_recipe = meta.get("recipe"), runs.get("recipe")
+        if ours_recipe and their_recipe:
+            differs += [f"{key} ({ours_recipe.get(key)} for the scored model, {their_recipe.get(key)} in the runs)"
+                        for key in sorted(set(ours_recipe) | set(their_recipe)) if ours_recipe.get(key) != their_recipe.get(key)]
         if differs:
             raise UserError("the scores and the LDS runs do not belong together: they differ in "
                             + "; ".join(differs) + ". Compute both with the same data flags")

@@ -63,7 +63,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class UserError(SystemExit):
-    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+    """A problem with the user's input: printed as one line, exit status 1, no traceback."""
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
@@ -182,6 +182,8 @@ def load_raw(args: argparse.Namespace) -> DatasetDict:
 
 
 def take_first(split: Dataset, n: Optional[int], what: str, flag: str) -> Dataset:
+    if n is not None and n < 0:
+        raise UserError(f"{flag} must be 0 (all rows) or positive, got {n}")
     if not n:
         return split
     if n > len(split):
@@ -332,7 +334,8 @@ def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, r
     kwargs = dict(tokenizer=tokenizer, max_length=args.max_length, pad_to_max_length=args.pad_to_max_length)
     fingerprint = {"train": raw_fingerprint(raw_train), "queries": raw_fingerprint(raw_queries),
                    "num_train": len(raw_train), "num_queries": len(raw_queries),
-                   "tokenizer": tokenizer.name_or_path, "vocab_size": len(tokenizer), "max_length": args.max_length}
+                   "tokenizer": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
+                   "max_length": args.max_length}
     return Data(raw_train, raw_queries, tokenize(raw_train, **kwargs), tokenize(raw_queries, **kwargs), fingerprint)
 
 
@@ -352,11 +355,18 @@ def load_pretrained(model_name_or_path: str, raw: Optional[DatasetDict] = None, 
 
 
 def save_checkpoint(model, tokenizer, output_dir: Path, training_args: dict, metrics: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    write_json(output_dir / TRAINING_ARGS_FILE, training_args)
-    write_json(output_dir / METRICS_FILE, metrics)
+    """Write into a temporary directory, then swap it in: a crash never leaves a half-written checkpoint."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / TRAINING_ARGS_FILE, training_args)
+    write_json(tmp / METRICS_FILE, metrics)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
 
 
 def load_checkpoint(checkpoint_dir: Path):

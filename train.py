@@ -59,8 +59,7 @@ from task import margins, model_logits
 logger = logging.getLogger(__name__)
 
 DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
-RECIPE_NAMES = ["model_name_or_path", "learning_rate", "weight_decay", "per_device_train_batch_size",
-                "num_train_epochs", "seed", "lr_scheduler"]
+RECIPE_NAMES = ["learning_rate", "weight_decay", "num_train_epochs", "seed", "lr_scheduler"]
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
 
 
@@ -170,8 +169,7 @@ def evaluate(model, dataset, collator, batch_size: int, device: torch.device) ->
     all_margins, losses, hits = [], [], []
     for batch in loader:
         batch = to_device(batch, device)
-        with autocast(device):
-            logits = model_logits(model, batch).float()
+        logits = model_logits(model, batch).float()  # fp32: bf16 would quantise the margins
         labels = batch["labels"]
         if (labels < 0).any():
             raise UserError("the query split has unlabelled rows (label -1), so margins cannot be measured; "
@@ -184,9 +182,15 @@ def evaluate(model, dataset, collator, batch_size: int, device: torch.device) ->
             "margins": torch.cat(all_margins)}
 
 
+def recipe(args, effective_batch_size: int) -> dict:
+    """What must agree between the full model and its retraining runs (the model by its folder name)."""
+    return {"model": Path(os.path.normpath(str(args.model_name_or_path))).name,
+            "effective_batch_size": effective_batch_size, **{n: str(getattr(args, n)) for n in RECIPE_NAMES}}
+
+
 def settings_hash(args, fingerprint: dict) -> str:
     """Identifies data, recipe and subset size: runs with equal hashes belong to one experiment."""
-    settings = {"data": fingerprint, "recipe": {n: str(getattr(args, n)) for n in RECIPE_NAMES},
+    settings = {"data": fingerprint, "recipe": recipe(args, args.per_device_train_batch_size),
                 "subset_fraction": args.lds_subset_fraction}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -255,7 +259,8 @@ def run_lds(args) -> list:
         seed_everything(run_seed)
         model, _ = train_model(model, subset, collator, args, seed=run_seed, device=device, quiet=True)
         result = evaluate(model, data.queries, collator, args.eval_batch_size, device)
-        meta = {"settings_hash": expected, "data": json.dumps(data.fingerprint), "mask": str(mask_id),
+        meta = {"settings_hash": expected, "data": json.dumps(data.fingerprint),
+                "recipe": json.dumps(recipe(args, args.per_device_train_batch_size)), "mask": str(mask_id),
                 "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
                 "seconds": f"{time.time() - start:.2f}"}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -298,6 +303,7 @@ def run_finetune(args):
                    "num_processes": world, "effective_batch_size": world * args.per_device_train_batch_size,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         training_args = {"data": data_args_dict(args), "data_fingerprint": data.fingerprint,
+                         "recipe": recipe(args, world * args.per_device_train_batch_size),
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         save_checkpoint(model.to("cpu"), tokenizer, Path(args.output_dir), training_args, metrics)
         logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)

@@ -42,6 +42,9 @@ def test_constant_queries_are_reported_not_averaged():
     assert summary["lds"] == pytest.approx(1.0) and summary["ci95"][0] <= 1.0 + 1e-12
     with pytest.raises(UserError, match="constant"):
         summarize(np.full(3, np.nan))
+    margins[0, 0] = np.nan  # a diverged run is an error, not a "constant" query
+    with pytest.raises(UserError, match="margins contain NaN"):
+        lds_per_query(masks, margins, scores)
 
 
 def test_runs_resume_after_interruption(tmp_path, monkeypatch):
@@ -96,6 +99,14 @@ def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):
         evaluate_lds.main(["--scores", str(other), "--lds_dir", str(lds_dir), "--no_plots"])
     with pytest.raises(UserError, match="no run files"):
         evaluate_lds.main(["--scores", str(other), "--lds_dir", str(tmp_path / "empty"), "--no_plots"])
+    # runs of another recipe are refused, naming what differs
+    other_lr = tmp_path / "lds_lr"
+    train.main([*LDS_TINY, "--lds_num_masks", "2", "--lds_repeats", "1", "--learning_rate", "0.002",
+                "--lds_output_dir", str(other_lr)])
+    same_queries = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
+                                 "--output_dir", str(tmp_path / "s")])
+    with pytest.raises(UserError, match=r"learning_rate \(0.001 for the scored model, 0.002 in the runs\)"):
+        evaluate_lds.main(["--scores", str(same_queries), "--lds_dir", str(other_lr), "--no_plots"])
     # other training settings in the same directory are refused by train.py
     with pytest.raises(UserError, match="other data or training settings"):
         train.main([*LDS_TINY, "--lds_repeats", "1", "--learning_rate", "0.5", "--lds_output_dir", str(lds_dir)])

@@ -92,4 +92,6 @@ def test_more_queries_than_the_split_holds():
     with pytest.raises(UserError, match=r"--num_queries 100000 asks for more queries than the split holds \(200\)"):
         pipeline.main(["--dataset", "demo", "--num_queries", "100000"])
     assert args.max_train_samples == 0  # demo default: all rows
+    with pytest.raises(UserError, match="--max_train_samples must be 0 .* got -3"):
+        pipeline.main(["--dataset", "demo", "--max_train_samples", "-3"])
     assert resolve_data_args(pipeline.parse_args([])).max_train_samples == pipeline.REFERENCE_NUM_TRAIN

@@ -3,6 +3,7 @@
     python analyze.py --checkpoint_dir checkpoints/demo                        # the demo, CPU
     python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
+    python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
 
 Data flags default to those the checkpoint was trained with. Factors go to
@@ -10,9 +11,15 @@ Data flags default to those the checkpoint was trained with. Factors go to
 `<output_dir>/<checkpoint name>/scores_<name>/pairwise_scores.safetensors` with `metadata.json`
 beside them. Score rows are queries, columns training examples, both in dataset order; a positive
 score means upweighting the training example raises the query's margin.
+
+`--combine` averages the scores of several models (e.g. fine-tuned with different `train.py --seed`)
+on the same data into `<output_dir>/ensembles/scores_<name>_ens<K><std|mean>_<id>/`: by default each
+model's rows are first divided by their per-query standard deviation (`--combine_mode standardized`).
+evaluate_lds.py evaluates the result like any single model's scores.
 """
 
 import argparse
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -23,6 +30,7 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 from kronfluence.utils.dataset import DataLoaderKwargs
+from safetensors.torch import load_file, save_file
 
 from pipeline import (
     CHECKPOINTS_DIR,
@@ -76,6 +84,11 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
     parser.add_argument("--query_index", type=int, default=0, help="Query whose top influential examples are printed.")
     parser.add_argument("--top_k", type=int, default=3, help="Proponents and opponents to print.")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="SCORES_DIR",
+                        help="Instead of analysing: combine these scores directories (one per model) into one.")
+    parser.add_argument("--combine_mode", choices=["standardized", "mean"], default="standardized",
+                        help="standardized: divide each model's rows by their per-query standard deviation, "
+                             "then average; mean: plain average.")
     add_data_args(parser)
     args = parser.parse_args(argv)
     if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
@@ -131,6 +144,56 @@ def check_provenance(output_dir: Path, expected: dict, overwrite: bool) -> None:
                         f"pass --overwrite to recompute it")
 
 
+def load_scores(path: Path):
+    """Scores (queries × train, float32) and the metadata analyze.py wrote beside them (None if absent)."""
+    file = path / SCORES_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no scores at {path}; run analyze.py first, or pass the scores directory it printed")
+    try:
+        scores = load_file(str(file))[SCORES_KEY].float()
+    except Exception as exc:
+        raise UserError(f"cannot read scores {file} ({type(exc).__name__}); is it truncated? rerun analyze.py") from None
+    meta_file = file.parent / METADATA_FILE
+    return scores, (read_json(meta_file, "scores metadata") if meta_file.exists() else None)
+
+
+def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
+    """Average several models' scores on the same training rows and queries (an ensemble)."""
+    members = [load_scores(Path(d)) for d in dirs]
+    first_scores, first_meta = members[0]
+    for d, (scores, meta) in zip(dirs, members):
+        if meta is None:
+            raise UserError(f"{d} has no {METADATA_FILE}; combine only scores written by analyze.py")
+        if scores.shape != first_scores.shape:
+            raise UserError(f"{d} has {tuple(scores.shape)} scores but {dirs[0]} has {tuple(first_scores.shape)}")
+        for key in ("train", "queries"):
+            if meta["data_fingerprint"][key] != first_meta["data_fingerprint"][key]:
+                raise UserError(f"{d} scores other {key} rows than {dirs[0]}; combine scores of the same data only")
+    if mode == "standardized":
+        stds = [s.std(dim=1, keepdim=True) for s, _ in members]
+        if any((std == 0).any() for std in stds):
+            raise UserError("a model has a query whose scores are all equal; use --combine_mode mean")
+        combined = torch.stack([s / std for (s, _), std in zip(members, stds)]).mean(0)
+    else:
+        combined = torch.stack([s for s, _ in members]).mean(0)
+    ident = hashlib.sha256("\n".join(str(Path(d).resolve()) for d in dirs).encode()).hexdigest()[:8]
+    name = f"{first_meta['scores_name']}_ens{len(dirs)}{'std' if mode == 'standardized' else 'mean'}_{ident}"
+    out = Path(output_dir) / "ensembles" / f"scores_{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{SCORES_FILE}.tmp"
+    save_file({SCORES_KEY: combined.contiguous()}, str(tmp))
+    os.replace(tmp, out / SCORES_FILE)
+    recipes = [m.get("recipe") or {} for _, m in members]
+    shared_recipe = {k: v for k, v in recipes[0].items() if all(r.get(k) == v for r in recipes)}  # seeds differ
+    write_json(out / METADATA_FILE, {
+        "scores_name": name, "combine_mode": mode, "members": [str(Path(d).resolve()) for d in dirs],
+        "checkpoint": first_meta.get("checkpoint"), "data": first_meta.get("data"),
+        "data_fingerprint": first_meta["data_fingerprint"], "recipe": shared_recipe or None,
+        "shape": list(combined.shape)})
+    logger.info("combined %d models (%s) into %s", len(dirs), mode, out)
+    return out
+
+
 def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
     """The query and its strongest proponents and opponents as text."""
     if not 0 <= query_index < scores.size(0):
@@ -157,6 +220,8 @@ def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, 
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
+    if args.combine:
+        return combine_scores(args.combine, args.combine_mode, args.output_dir)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)

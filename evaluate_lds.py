@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from pipeline import UserError, load_checkpoint, prepare_data, read_json, resolve_data_args, setup_logging, write_json
+from analyze import load_scores
+from pipeline import UserError, load_checkpoint, prepare_data, resolve_data_args, setup_logging, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -91,22 +92,6 @@ def summarize(per_query: np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-def load_scores(path: Path):
-    """Scores (queries × train) and the metadata analyze.py wrote beside them (None if absent)."""
-    from analyze import METADATA_FILE, SCORES_FILE, SCORES_KEY
-    from safetensors.torch import load_file
-
-    file = path / SCORES_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"no scores at {path}; run analyze.py first, or pass the scores directory it printed")
-    try:
-        scores = load_file(str(file))[SCORES_KEY].float().numpy()
-    except Exception as exc:
-        raise UserError(f"cannot read scores {file} ({type(exc).__name__}); is it truncated? rerun analyze.py") from None
-    meta_file = file.parent / METADATA_FILE
-    return scores, (read_json(meta_file, "scores metadata") if meta_file.exists() else None)
-
-
 def load_runs(lds_dir: Path):
     """Masks (num_masks × num_train), margins averaged over repeats (num_masks × num_queries), and
     what the runs say about their data and settings."""
@@ -161,7 +146,8 @@ def check_match(scores: np.ndarray, meta, masks: np.ndarray, margins: np.ndarray
         ours_recipe, their_recipe = meta.get("recipe"), runs.get("recipe")
         if ours_recipe and their_recipe:
             differs += [f"{key} ({ours_recipe.get(key)} for the scored model, {their_recipe.get(key)} in the runs)"
-                        for key in sorted(set(ours_recipe) | set(their_recipe)) if ours_recipe.get(key) != their_recipe.get(key)]
+                        for key in sorted(set(ours_recipe) | set(their_recipe))
+                        if key != "seed" and ours_recipe.get(key) != their_recipe.get(key)]  # any seed may be scored
         if differs:
             raise UserError("the scores and the LDS runs do not belong together: they differ in "
                             + "; ".join(differs) + ". Compute both with the same data flags")
@@ -206,7 +192,7 @@ def show_examples(meta, scores: np.ndarray, query: int, top_k: int) -> None:
     """Decode the query and its top proponents and opponents, when the checkpoint is at hand."""
     from analyze import print_top_examples
 
-    if meta is None or not Path(meta["checkpoint"]).is_dir():
+    if meta is None or meta.get("checkpoint") is None or not Path(meta["checkpoint"]).is_dir():
         logger.info("checkpoint not available; skipping the top influential examples")
         return
     args = resolve_data_args(argparse.Namespace(**meta["data"]))
@@ -218,6 +204,7 @@ def main(argv=None):
     setup_logging()
     args = parse_args(argv)
     scores, meta = load_scores(args.scores)
+    scores = scores.numpy()
     if args.lds_dir is not None:
         masks, margins, runs = load_runs(args.lds_dir)
     else:

@@ -3,6 +3,7 @@
     python analyze.py --checkpoint_dir checkpoints/demo                        # the demo, CPU
     python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
+    python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --scoring fused   # the fast path
     python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
 
@@ -11,6 +12,10 @@ Data flags default to those the checkpoint was trained with. Factors go to
 `<output_dir>/<checkpoint name>/scores_<name>/pairwise_scores.safetensors` with `metadata.json`
 beside them. Score rows are queries, columns training examples, both in dataset order; a positive
 score means upweighting the training example raises the query's margin.
+
+`--scoring fused` computes the same scores from the same kronfluence factors with fused_scores.py
+(one pass over the training set per chunk of queries, length-sorted batches); `--scoring kronfluence`
+(the default) is kronfluence's own loop.
 
 `--combine` averages the scores of several models (e.g. fine-tuned with different `train.py --seed`)
 on the same data into `<output_dir>/ensembles/scores_<name>_ens<K><std|mean>_<id>/`: by default each
@@ -25,6 +30,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
@@ -32,6 +38,7 @@ from kronfluence.utils.common.score_arguments import all_low_precision_score_arg
 from kronfluence.utils.dataset import DataLoaderKwargs
 from safetensors.torch import load_file, save_file
 
+from fused_scores import fused_pairwise_scores, length_order
 from pipeline import (
     CHECKPOINTS_DIR,
     SCORES_DIR,
@@ -55,6 +62,7 @@ from task import MultipleChoiceTask
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+SCORING = ["kronfluence", "fused"]
 METADATA_FILE = "metadata.json"
 SCORES_FILE = "pairwise_scores.safetensors"
 SCORES_KEY = "all_modules"
@@ -71,6 +79,9 @@ def parse_args(argv=None):
                         help="Rank of the low-rank query-gradient approximation (-1: full rank).")
     parser.add_argument("--use_half_precision", action="store_true",
                         help="bf16 for factors and scores (kronfluence's all_low_precision_* arguments).")
+    parser.add_argument("--scoring", choices=SCORING, default="kronfluence",
+                        help="kronfluence: its own pairwise-score loop (the reference); fused: the same scores from "
+                             "the same factors, one training pass per chunk of queries (fused_scores.py).")
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
     parser.add_argument("--factor_batch_size", type=int, default=64, help="Per-device batch size for fitting factors.")
@@ -79,6 +90,10 @@ def parse_args(argv=None):
     parser.add_argument("--damping_factor", type=float, default=1e-8,
                         help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
                              "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
+    parser.add_argument("--use_empirical_fisher", action="store_true",
+                        help="Fit the factors with the dataset labels instead of labels sampled from the model "
+                             "(deterministic: used to compare runs, e.g. 1 GPU against several).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the sampled (true-Fisher) labels.")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's per-stage timing profile.")
     parser.add_argument("--output_dir", type=Path, default=SCORES_DIR, help="Where factors and scores go.")
     parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
@@ -96,13 +111,17 @@ def parse_args(argv=None):
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
         raise UserError("--use_ddp needs the processes torchrun starts: "
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")
+    if args.scoring == "fused" and args.query_gradient_rank > 0:
+        parser.error("--scoring fused uses full-rank query gradients; drop --query_gradient_rank")
+    if args.use_ddp and not torch.cuda.is_available() and args.scoring != "fused":
+        raise UserError("kronfluence's DDP needs CUDA; on CPU use --use_ddp with --scoring fused (gloo)")
     return args
 
 
 def factors_name(args) -> str:
     """Factors depend on the strategy, the precision and the training data they were fitted on."""
     name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
-    return name + ("_bf16" if args.use_half_precision else "")
+    return name + ("_bf16" if args.use_half_precision else "") + ("_empfisher" if args.use_empirical_fisher else "")
 
 
 def scores_name(args) -> str:
@@ -111,13 +130,14 @@ def scores_name(args) -> str:
         name += f"_qlr{args.query_gradient_rank}"
     if args.damping_factor != 1e-8:
         name += "_dampheur" if args.damping_factor < 0 else f"_damp{args.damping_factor:g}"
-    return name
+    return name + ("_fused" if args.scoring == "fused" else "")
 
 
 def factor_arguments(args) -> FactorArguments:
-    if args.use_half_precision:
-        return all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
-    return FactorArguments(strategy=args.factor_strategy)
+    factor_args = (all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
+                   if args.use_half_precision else FactorArguments(strategy=args.factor_strategy))
+    factor_args.use_empirical_fisher = getattr(args, "use_empirical_fisher", False)
+    return factor_args
 
 
 def score_arguments(args) -> ScoreArguments:
@@ -179,10 +199,7 @@ def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
     ident = hashlib.sha256("\n".join(str(Path(d).resolve()) for d in dirs).encode()).hexdigest()[:8]
     name = f"{first_meta['scores_name']}_ens{len(dirs)}{'std' if mode == 'standardized' else 'mean'}_{ident}"
     out = Path(output_dir) / "ensembles" / f"scores_{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SCORES_FILE}.tmp"
-    save_file({SCORES_KEY: combined.contiguous()}, str(tmp))
-    os.replace(tmp, out / SCORES_FILE)
+    save_scores(out, combined)
     recipes = [m.get("recipe") or {} for _, m in members]
     shared_recipe = {k: v for k, v in recipes[0].items() if all(r.get(k) == v for r in recipes)}  # seeds differ
     write_json(out / METADATA_FILE, {
@@ -192,6 +209,30 @@ def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
         "shape": list(combined.shape)})
     logger.info("combined %d models (%s) into %s", len(dirs), mode, out)
     return out
+
+
+def save_scores(directory: Path, scores: torch.Tensor) -> None:
+    """Scores in kronfluence's file layout, written atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{SCORES_FILE}.tmp"
+    save_file({SCORES_KEY: scores.contiguous()}, str(tmp))
+    os.replace(tmp, directory / SCORES_FILE)
+
+
+def fused_scores_cached(analyzer, model, args, f_name: str, scores_dir: Path, data, collator, is_main: bool):
+    """--scoring fused: the scores file kronfluence's loop would write, reused when present. `model` is
+    the prepared model before kronfluence's DDP wrapper (every rank scores its share of the rows)."""
+    file = scores_dir / SCORES_FILE
+    if file.is_file() and not args.overwrite:
+        logger.info("reusing %s", file)
+        return load_scores(file)[0]
+    factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
+    scores = fused_pairwise_scores(model.to(analyzer.state.device), analyzer.task, factors, args.factor_strategy, score_arguments(args),
+                                   data.queries, data.train, collator, args.query_batch_size, args.train_batch_size,
+                                   device=analyzer.state.device)
+    if is_main:
+        save_scores(scores_dir, scores)
+    return scores
 
 
 def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
@@ -226,13 +267,17 @@ def main(argv=None):
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)
 
+    if args.use_ddp and not torch.cuda.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo")  # CPU: kronfluence stays single-process, the fused scores are split
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
                         profile=args.profile, output_dir=str(args.output_dir))
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=make_collator(tokenizer, args.pad_to_max_length,
-                                                                             args.max_length)))
-    is_main = analyzer.state.is_main_process
+    collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    kronfluence_ddp = analyzer.state.use_distributed
+    is_main = rank == 0
 
     weights_sha = file_sha256(args.checkpoint_dir / WEIGHTS_FILE)
     f_name, s_name = factors_name(args), scores_name(args)
@@ -248,13 +293,24 @@ def main(argv=None):
                        "the scores attribute to the rows given, not to the model's training set")
     if is_main:  # provenance first: a directory without it was interrupted and is never trusted
         write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
-    analyzer.fit_all_factors(factors_name=f_name, dataset=data.train, per_device_batch_size=args.factor_batch_size,
-                             factor_args=factor_arguments(args), overwrite_output_dir=args.overwrite)
-    analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
-                                     train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
-                                     per_device_train_batch_size=args.train_batch_size,
-                                     score_args=score_arguments(args), overwrite_output_dir=args.overwrite)
-    scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
+    # Factors are sums over rows, so their order is free: length-sorted rows pad little.
+    sorted_train = data.train.select(length_order(data.train))
+    single_fitter = dist.is_initialized() and not kronfluence_ddp  # CPU/gloo: rank 0 fits, the others load
+    if single_fitter and rank != 0:
+        dist.barrier()
+    torch.manual_seed(args.seed + rank)  # the sampled labels: reproducible, and different on every rank
+    analyzer.fit_all_factors(factors_name=f_name, dataset=sorted_train, per_device_batch_size=args.factor_batch_size,
+                             factor_args=factor_arguments(args), overwrite_output_dir=args.overwrite and rank == 0)
+    if single_fitter and rank == 0:
+        dist.barrier()
+    if args.scoring == "fused":
+        scores = fused_scores_cached(analyzer, model, args, f_name, scores_dir, data, collator, is_main)
+    else:
+        analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
+                                         train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
+                                         per_device_train_batch_size=args.train_batch_size,
+                                         score_args=score_arguments(args), overwrite_output_dir=args.overwrite)
+        scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
     if is_main:
         write_json(scores_dir / METADATA_FILE, {
             "checkpoint": str(args.checkpoint_dir.resolve()), **provenance, "recipe": trained.get("recipe"),
@@ -262,7 +318,8 @@ def main(argv=None):
             "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
-            "damping_factor": args.damping_factor, "num_processes": analyzer.state.num_processes,
+            "damping_factor": args.damping_factor, "scoring": args.scoring,
+            "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
                             "train": args.train_batch_size}})
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)

@@ -1,0 +1,81 @@
+"""The fused scoring path (fused_scores.py) equals kronfluence's pairwise scores for the same factors."""
+
+import copy
+
+import pytest
+import torch
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+
+from fused_scores import PerExampleGradients, fused_pairwise_scores, tracked_linears
+from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
+from task import MultipleChoiceTask
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    raw = make_demo_dataset(sizes={"train": 14, "validation": 5})
+    tokenizer = build_demo_tokenizer(raw)
+    torch.manual_seed(0)
+    model = build_demo_model(tokenizer).double().eval()
+    # varied lengths, so that length sorting really reorders rows and columns
+    return model, tokenize(raw["train"], tokenizer), tokenize(raw["validation"], tokenizer), make_collator(tokenizer), \
+        tmp_path_factory.mktemp("fused")
+
+
+def fit(model, train, collator, strategy, out, dtype=torch.float64):
+    task = MultipleChoiceTask()
+    analyzer = Analyzer(analysis_name=strategy, model=prepare_model(copy.deepcopy(model), task), task=task,
+                        output_dir=str(out), disable_tqdm=True, cpu=True)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
+    torch.manual_seed(0)
+    analyzer.fit_all_factors("f", dataset=train, per_device_batch_size=4, factor_args=FactorArguments(
+        strategy=strategy, activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
+        eigendecomposition_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype))
+    return analyzer
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
+@pytest.mark.parametrize("damping", [1e-8, None])
+def test_fused_scores_equal_kronfluence(setup, strategy, damping):
+    model, train, queries, collator, out = setup
+    analyzer = fit(model, train, collator, strategy, out)
+    dtype = torch.float64
+    score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
+                                score_dtype=dtype)
+    analyzer.compute_pairwise_scores("s", factors_name="f", query_dataset=queries, train_dataset=train,
+                                     per_device_query_batch_size=2, per_device_train_batch_size=3,
+                                     score_args=score_args, overwrite_output_dir=True)
+    reference = analyzer.load_pairwise_scores("s")["all_modules"].double()
+    # a fresh, unprepared copy, 2 queries per pass (3 passes), odd batch sizes: the loops must not matter
+    fused = fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), analyzer.load_all_factors("f"), strategy,
+                                  score_args, queries, train, collator, query_batch_size=3, train_batch_size=5,
+                                  device=torch.device("cpu"), max_queries_per_pass=2, disable_tqdm=True)
+    assert fused.shape == reference.shape == (5, 14)
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+
+
+def test_per_example_gradient_is_the_summed_choice_gradient(setup):
+    """The hook's per-example gradient equals autograd's gradient of that example's loss."""
+    model, train, _, collator, _ = setup
+    batch = collator([train[i] for i in range(3)])
+    task = MultipleChoiceTask()
+    modules = tracked_linears(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+    name, linear = next(iter(modules.items()))
+    captured = {}
+    with PerExampleGradients({name: linear}, torch.float64) as hooks:
+        hooks.num_examples, hooks.callback = 3, lambda n, g: captured.setdefault(n, g)
+        task.compute_train_loss(batch, model).backward()
+    for i in range(3):
+        model.zero_grad()
+        task.compute_train_loss({k: v[i:i + 1] for k, v in batch.items()}, model).backward()
+        expected = torch.cat([linear.weight.grad, linear.bias.grad[:, None]], dim=1)
+        torch.testing.assert_close(captured[name][i], expected)
+
+
+def test_fused_rejects_modules_it_cannot_score(setup):
+    model = setup[0]
+    with pytest.raises(UserError, match="nn.Linear modules only"):
+        tracked_linears(model, ["roberta.embeddings.word_embeddings"])

@@ -3,7 +3,7 @@
     python analyze.py --checkpoint_dir checkpoints/demo                        # the demo, CPU
     python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
-    python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --scoring fused   # the fast path
+    python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --fp32_accumulation --scoring fused  # fast
     python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
 
@@ -29,6 +29,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from kronfluence.analyzer import Analyzer, prepare_model
@@ -79,6 +80,12 @@ def parse_args(argv=None):
                         help="Rank of the low-rank query-gradient approximation (-1: full rank).")
     parser.add_argument("--use_half_precision", action="store_true",
                         help="bf16 for factors and scores (kronfluence's all_low_precision_* arguments).")
+    parser.add_argument("--fp32_accumulation", action="store_true",
+                        help="With --use_half_precision: keep bf16 compute but accumulate the covariance and lambda "
+                             "factors in fp32 (kronfluence's all-bf16 sums lose precision over many batches).")
+    parser.add_argument("--lambda_max_examples", type=int, default=None,
+                        help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
+                             "(default: all rows; the covariance always uses all).")
     parser.add_argument("--scoring", choices=SCORING, default="kronfluence",
                         help="kronfluence: its own pairwise-score loop (the reference); fused: the same scores from "
                              "the same factors, one training pass per chunk of queries (fused_scores.py).")
@@ -111,6 +118,8 @@ def parse_args(argv=None):
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
         raise UserError("--use_ddp needs the processes torchrun starts: "
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")
+    if args.fp32_accumulation and not args.use_half_precision:
+        parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
     if args.scoring == "fused" and args.query_gradient_rank > 0:
         parser.error("--scoring fused uses full-rank query gradients; drop --query_gradient_rank")
     if args.use_ddp and not torch.cuda.is_available() and args.scoring != "fused":
@@ -121,7 +130,9 @@ def parse_args(argv=None):
 def factors_name(args) -> str:
     """Factors depend on the strategy, the precision and the training data they were fitted on."""
     name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
-    return name + ("_bf16" if args.use_half_precision else "") + ("_empfisher" if args.use_empirical_fisher else "")
+    precision = ("_bf16acc32" if getattr(args, "fp32_accumulation", False) else "_bf16") if args.use_half_precision else ""
+    lam = f"_lam{args.lambda_max_examples}" if getattr(args, "lambda_max_examples", None) else ""
+    return name + precision + lam + ("_empfisher" if getattr(args, "use_empirical_fisher", False) else "")
 
 
 def scores_name(args) -> str:
@@ -136,8 +147,21 @@ def scores_name(args) -> str:
 def factor_arguments(args) -> FactorArguments:
     factor_args = (all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
                    if args.use_half_precision else FactorArguments(strategy=args.factor_strategy))
+    if args.use_half_precision and getattr(args, "fp32_accumulation", False):
+        factor_args.activation_covariance_dtype = factor_args.gradient_covariance_dtype = torch.float32
+        factor_args.lambda_dtype = torch.float32
     factor_args.use_empirical_fisher = getattr(args, "use_empirical_fisher", False)
     return factor_args
+
+
+def factor_rows(train, lambda_max_examples=None, seed: int = 0):
+    """(covariance rows, lambda rows): all rows, and N random ones, each in length order. Factors are sums
+    over rows, so their order is free, and length-sorted batches pad little."""
+    lambda_rows = train
+    if lambda_max_examples and lambda_max_examples < len(train):
+        pick = np.sort(np.random.default_rng(seed).choice(len(train), lambda_max_examples, replace=False))
+        lambda_rows = train.select(pick)
+    return train.select(length_order(train)), lambda_rows.select(length_order(lambda_rows))
 
 
 def score_arguments(args) -> ScoreArguments:
@@ -293,14 +317,17 @@ def main(argv=None):
                        "the scores attribute to the rows given, not to the model's training set")
     if is_main:  # provenance first: a directory without it was interrupted and is never trusted
         write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
-    # Factors are sums over rows, so their order is free: length-sorted rows pad little.
-    sorted_train = data.train.select(length_order(data.train))
+    covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
     single_fitter = dist.is_initialized() and not kronfluence_ddp  # CPU/gloo: rank 0 fits, the others load
     if single_fitter and rank != 0:
         dist.barrier()
     torch.manual_seed(args.seed + rank)  # the sampled labels: reproducible, and different on every rank
-    analyzer.fit_all_factors(factors_name=f_name, dataset=sorted_train, per_device_batch_size=args.factor_batch_size,
-                             factor_args=factor_arguments(args), overwrite_output_dir=args.overwrite and rank == 0)
+    factor_args, overwrite = factor_arguments(args), args.overwrite and rank == 0
+    analyzer.fit_covariance_matrices(f_name, covariance_rows, per_device_batch_size=args.factor_batch_size,
+                                     factor_args=factor_args, overwrite_output_dir=overwrite)
+    analyzer.perform_eigendecomposition(f_name, factor_args=factor_args, overwrite_output_dir=overwrite)
+    analyzer.fit_lambda_matrices(f_name, lambda_rows, per_device_batch_size=args.factor_batch_size,
+                                 factor_args=factor_args, overwrite_output_dir=overwrite)
     if single_fitter and rank == 0:
         dist.barrier()
     if args.scoring == "fused":

@@ -20,6 +20,7 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from pipeline import NUM_CHOICES, UserError
 
 logger = logging.getLogger(__name__)
 
-FREE_MEMORY_FRACTION = 0.5  # of free GPU memory for the preconditioned query gradients
+FREE_MEMORY_FRACTION = 0.6  # of free GPU memory for the preconditioned query gradients
 
 
 def length_order(dataset) -> np.ndarray:
@@ -57,12 +58,15 @@ def tracked_linears(model: nn.Module, names) -> dict:
 
 
 class PerExampleGradients:
-    """Hooks that hand `callback(name, gradient)` each module's per-example gradient,
-    (examples, d_out, d_in + bias) summed over the choices, during the backward pass."""
+    """Hooks that hand `callback(name, weight_grad, bias_grad)` each module's per-example gradient
+    during the backward pass: (examples, d_out, d_in) and (examples, d_out) (None without a bias),
+    summed over the choices. Weight and bias stay apart so that every matmul keeps aligned shapes
+    (a d_in + 1 column falls back to slow GPU kernels)."""
 
     def __init__(self, modules: dict, dtype: torch.dtype):
         self.modules, self.dtype = modules, dtype
         self.num_examples, self.callback, self.handles = 0, None, []
+        self.block = None  # the (queries × batch) slice of the score matrix being filled
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -77,21 +81,25 @@ class PerExampleGradients:
     def _forward_hook(self, name: str, has_bias: bool):
         def hook(module, inputs, output):
             activation = inputs[0].detach()
+
             def on_grad(grad):
-                self.callback(name, self.gradient(activation, grad, has_bias))  # returns None: grad unchanged
+                self.callback(name, *self.gradient(activation, grad, has_bias))  # returns None: grad unchanged
 
             if output.requires_grad:
                 output.register_hook(on_grad)
         return hook
 
-    def gradient(self, activation, output_grad, has_bias: bool) -> torch.Tensor:
+    def gradient(self, activation, output_grad, has_bias: bool):
         n = self.num_examples
-        activation, output_grad = activation.to(self.dtype), output_grad.detach().to(self.dtype)
-        if has_bias:
-            activation = torch.cat([activation, activation.new_ones(*activation.shape[:-1], 1)], dim=-1)
-        activation = activation.reshape(n, -1, activation.size(-1))  # choices × tokens flattened per example
-        output_grad = output_grad.reshape(n, -1, output_grad.size(-1))
-        return torch.bmm(output_grad.transpose(1, 2), activation)
+        activation = activation.to(self.dtype).reshape(n, -1, activation.size(-1))  # choices × tokens per example
+        output_grad = output_grad.detach().to(self.dtype).reshape(n, -1, output_grad.size(-1))
+        weight = torch.bmm(output_grad.transpose(1, 2), activation)
+        return weight, (output_grad.sum(dim=1) if has_bias else None)
+
+
+def with_bias_column(weight: torch.Tensor, bias) -> torch.Tensor:
+    """kronfluence's layout: the bias gradient as the last input column."""
+    return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
 
 
 def prepared_storages(factors: dict, strategy: str, names, score_args, device) -> dict:
@@ -126,10 +134,40 @@ def _activation_grads_only(model: nn.Module):
     return undo
 
 
+def queries_per_pass(modules: dict, dtype: torch.dtype, device: torch.device, num_queries: int) -> int:
+    """How many preconditioned query gradients (one full copy of the tracked weights each) fit in
+    FREE_MEMORY_FRACTION of the free GPU memory; on CPU, all of them."""
+    if device.type != "cuda":
+        return num_queries
+    torch.cuda.empty_cache()
+    per_query = sum(m.out_features * (m.in_features + (m.bias is not None)) for m in modules.values()) * dtype.itemsize
+    return max(1, min(num_queries, int(FREE_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0] // per_query)))
+
+
+class _Clock:
+    """Seconds between laps, synchronising the GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
-                          device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False):
-    """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring)."""
+                          device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
+                          timings: dict = None):
+    """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring).
+    `timings`, if given, receives the seconds spent on query gradients and on training passes."""
     names = sorted(next(iter(factors.values())) if factors else  # identity: no factors, every Linear
                    {n.removesuffix(".original_module") for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     modules = tracked_linears(model, names)
@@ -142,37 +180,49 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
 
     q_order, t_order = length_order(query_dataset), length_order(train_dataset)
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
-    params_per_query = sum(m.out_features * (m.in_features + (m.bias is not None)) for m in modules.values())
-    per_pass = max_queries_per_pass or len(queries)
-    if device.type == "cuda" and not max_queries_per_pass:
-        free = torch.cuda.mem_get_info(device)[0]
-        per_pass = max(1, int(FREE_MEMORY_FRACTION * free // (params_per_query * score_dtype.itemsize)))
-    per_pass = min(per_pass, len(queries))
+    per_pass = min(max_queries_per_pass or queries_per_pass(modules, score_dtype, device, len(queries)), len(queries))
     passes = math.ceil(len(queries) / per_pass)
     logger.info("fused scoring: %d queries × %d train rows, %d queries per pass (%d pass(es)), rank %d of %d",
                 len(queries), len(train), per_pass, passes, rank, world)
 
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
-    preconditioned = {}
+    query_grads, filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current chunk
 
-    def keep_query(name, gradient):
-        gradient = config.precondition_gradient(gradient=gradient.to(score_args.precondition_dtype),
-                                                storage=storages[name])
-        preconditioned[name].append(gradient.to(score_dtype).flatten(1))
+    def keep_query(name, weight, bias):
+        gradient = config.precondition_gradient(gradient=with_bias_column(weight, bias).to(score_args.precondition_dtype),
+                                                storage=storages[name]).to(score_dtype)
+        w, b = query_grads[name]
+        rows = slice(filled[name], filled[name] + gradient.size(0))
+        w[rows] = gradient[..., :weight.size(-1)].flatten(1)
+        if b is not None:
+            b[rows] = gradient[..., -1]
+        filled[name] = rows.stop
+
+    def add_scores(name, weight, bias):
+        w, b = query_grads[name]
+        block = (w @ weight.flatten(1).T).float()
+        if b is not None:
+            block += (b @ bias.T).float()
+        hooks.block.add_(block)
 
     hooks = PerExampleGradients(modules, grad_dtype)
     try:
         with hooks:
             for start in range(0, len(queries), per_pass):
                 chunk = queries.select(range(start, min(start + per_pass, len(queries))))
-                preconditioned.clear()
-                preconditioned.update({name: [] for name in names})
+                query_grads.clear()
+                for name, m in modules.items():
+                    query_grads[name] = (
+                        torch.empty(len(chunk), m.out_features * m.in_features, dtype=score_dtype, device=device),
+                        torch.empty(len(chunk), m.out_features, dtype=score_dtype, device=device)
+                        if m.bias is not None else None)
+                    filled[name] = 0
                 hooks.callback = keep_query
+                clock = _Clock(device)
                 for batch in DataLoader(chunk, batch_size=query_batch_size, collate_fn=collator):
                     hooks.num_examples = batch["labels"].size(0)
                     _backward(model, task, batch, device, score_args.amp_dtype, measurement=True)
-                query_grads = {name: torch.cat(parts) for name, parts in preconditioned.items()}
-                preconditioned.clear()
+                query_seconds = clock.lap()
                 rows = slice(start, start + len(chunk))
                 loader = DataLoader(train, batch_size=train_batch_size, collate_fn=collator)
                 column = 0
@@ -180,14 +230,15 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                                   disable=disable_tqdm or rank != 0)):
                     size = batch["labels"].size(0)
                     if step % world == rank:
-                        block = scores[rows, column:column + size]
-
-                        def add_scores(name, gradient, block=block):
-                            block.add_((query_grads[name] @ gradient.flatten(1).T).float())
+                        hooks.block = scores[rows, column:column + size]
                         hooks.callback, hooks.num_examples = add_scores, size
                         _backward(model, task, batch, device, score_args.amp_dtype, measurement=False)
                     column += size
-                del query_grads
+                query_grads.clear()
+                if timings is not None:
+                    timings["query_seconds"] = timings.get("query_seconds", 0.0) + query_seconds
+                    timings["train_seconds"] = timings.get("train_seconds", 0.0) + clock.lap()
+                    timings["passes"], timings["queries_per_pass"] = passes, per_pass
     finally:
         undo()
     if world > 1:

@@ -1,7 +1,7 @@
 """benchmark.py end to end on a tiny architecture (CPU), and its length sorting keeps score order."""
 
 import json
-import numpy as np
+
 import pytest
 
 import benchmark
@@ -34,11 +34,14 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     expected = (fp32["covariance"]["seconds"] + fp32["lambda"]["seconds"]) * scale + fp32["eigendecomposition"]["seconds"] \
         + fp32["scores"]["seconds"] * scale * 20  # 2,000 queries in passes of 100, 4 queries in one pass here
     assert fp32["full_scale_seconds"] == pytest.approx(expected, rel=0.01, abs=0.2)
-    assert saved["configs"]["fastest"]["settings"]["queries_per_train_pass"] == 1000
-    assert saved["training"]["retrain_50pct_swag_steps"] == 3 * (36_768 // 16)
-
-
-def test_length_order_sorts_by_longest_choice():
-    rows = {"input_ids": [[[1] * 5, [1] * 2], [[1] * 3, [1]], [[1] * 9, [1]]]}
-    assert list(benchmark.length_order(rows)) == [1, 0, 2]
-    assert np.array_equal(np.argsort(benchmark.length_order(rows)), [1, 0, 2])
+    fast = saved["configs"]["fastest"]
+    assert fast["settings"]["scoring"] == "fused" and fast["fused"]["passes"] == 1  # CPU: all 8 queries in one pass
+    f = fast["fused"]
+    pass_s = (f["pass_fixed_s"] + f["pass_per_query_s"] * 2_000) * scale  # CPU: all 2,000 queries fit one pass
+    assert f["full_scale_passes"] == 1 and f["full_scale_train_pass_s"] == pytest.approx(pass_s, rel=0.02, abs=0.5)
+    expected = (fast["covariance"]["seconds"] + fast["lambda"]["seconds"]) * scale + fast["eigendecomposition"]["seconds"] \
+        + f["query_seconds"] * 2_000 / 8 + pass_s
+    assert fast["full_scale_seconds"] == pytest.approx(expected, rel=0.02, abs=1.0)
+    assert saved["mean_query_pearson_vs_fp32"] is not None
+    assert saved["training"]["eager"]["retrain_50pct_swag_steps"] == 3 * (36_768 // 16)
+    assert saved["retrain_50pct_swag_s"] == saved["training"]["eager"]["retrain_50pct_swag_seconds"]

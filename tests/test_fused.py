@@ -8,7 +8,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from fused_scores import PerExampleGradients, fused_pairwise_scores, tracked_linears
+from fused_scores import PerExampleGradients, length_order, fused_pairwise_scores, tracked_linears, with_bias_column
 from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
 from task import MultipleChoiceTask
 
@@ -66,7 +66,7 @@ def test_per_example_gradient_is_the_summed_choice_gradient(setup):
     name, linear = next(iter(modules.items()))
     captured = {}
     with PerExampleGradients({name: linear}, torch.float64) as hooks:
-        hooks.num_examples, hooks.callback = 3, lambda n, g: captured.setdefault(n, g)
+        hooks.num_examples, hooks.callback = 3, lambda n, w, b: captured.setdefault(n, with_bias_column(w, b))
         task.compute_train_loss(batch, model).backward()
     for i in range(3):
         model.zero_grad()
@@ -79,3 +79,8 @@ def test_fused_rejects_modules_it_cannot_score(setup):
     model = setup[0]
     with pytest.raises(UserError, match="nn.Linear modules only"):
         tracked_linears(model, ["roberta.embeddings.word_embeddings"])
+
+
+def test_length_order_sorts_by_longest_choice():
+    rows = {"input_ids": [[[1] * 5, [1] * 2], [[1] * 3, [1]], [[1] * 9, [1]]]}
+    assert list(length_order(rows)) == [1, 0, 2]

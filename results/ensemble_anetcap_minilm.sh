@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 6, compact: K seeds of MiniLM on the issue-3 setup, trained and analysed (fast EKFAC) all at once on
+# one H200, kronfluence's fp32 EKFAC on the first seed beside them, then ensembles of the first 1, 2, 4, ... seeds
+# evaluated against the 100 committed ground-truth runs.
+# Usage: bash results/ensemble_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR [K]
+set -euo pipefail
+MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}; K=${4:-4}
+export OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+RUNS=results/lds_anetcap_minilm_runs
+D="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
+   --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 --num_train_epochs 3"
+A="--factor_batch_size 128 --train_batch_size 256 --query_batch_size 100"
+FAST="--use_half_precision --fp32_accumulation --scoring fused"
+SEEDS=$(seq 1004 $((1003 + K)))
+mkdir -p logs "$OUT"
+since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
+analyze() { python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" "$@" 2>>logs/analyze.err | tail -1; }
+lds() { python evaluate_lds.py --scores "$1" --lds_dir $RUNS --no_plots > "$1/evaluate.log" 2>&1 || true; grep "^LDS\|rror" "$1/evaluate.log" || true; }
+t=$(date +%s.%N)
+for s in $SEEDS; do python train.py $D --seed $s --output_dir checkpoints/s$s > logs/train_s$s.log 2>&1 & done; wait
+echo "train $K seeds at once: $(since $t) s"; t=$(date +%s.%N)
+analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac > logs/ref.txt &
+for s in $SEEDS; do analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST > logs/an_$s.txt & done; wait
+echo "analyze $K seeds (fast ekfac) + 1 fp32 reference at once: $(since $t) s"
+name=scores_ekfac_n4000_bf16acc32_q500_fused
+k=1; while [ $k -le $K ]; do
+  dir=$(python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" --combine $(for s in $(seq 1004 $((1003 + k))); do echo scores/s$s/$name; done) 2>>logs/analyze.err | tail -1)
+  echo "ensemble K=$k -> $dir"; lds "$dir" & k=$((k * 2)); done; wait
+python - "$OUT" <<'PY'
+import glob, json, sys
+from analyze import load_scores
+from benchmark import per_query_correlations
+out = {"lds": {f.split("/")[-2]: {k: v for k, v in json.load(open(f)).items() if k in ("lds", "ci95")}
+               for f in sorted(glob.glob("scores/**/lds.json", recursive=True))}}
+try:
+    out["fast_vs_kronfluence_fp32_seed1004"] = per_query_correlations(
+        load_scores("scores/s1004/scores_ekfac_n4000_bf16acc32_q500_fused")[0], load_scores("scores/s1004/scores_ekfac_n4000_q500")[0])
+except SystemExit as exc:
+    out["fast_vs_kronfluence_fp32_seed1004"] = str(exc)
+json.dump(out, open(sys.argv[1] + "/ensemble.json", "w"), indent=1)
+print(json.dumps(out, indent=1))
+PY

@@ -24,7 +24,7 @@ import torch
 from scipy.stats import rankdata
 
 from analyze import load_scores
-from pipeline import UserError, load_checkpoint, prepare_data, resolve_data_args, setup_logging, write_json
+from pipeline import UserError, load_checkpoint, prepare_data, read_json, resolve_data_args, setup_logging, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ SCATTER_FILE = "lds_median_query.png"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scores", type=Path, required=True,
+    parser.add_argument("--scores", type=Path, default=None,
                         help="A scores directory written by analyze.py, or its pairwise_scores.safetensors.")
     parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by train.py --lds_num_masks.")
     parser.add_argument("--kronfluence_masks", type=Path, default=None,
@@ -49,7 +49,14 @@ def parse_args(argv=None):
                         help="Query whose top influential examples are printed (default: the median-LDS query).")
     parser.add_argument("--top_k", type=int, default=3, help="Proponents and opponents to print.")
     parser.add_argument("--no_plots", action="store_true", help="Skip the plots.")
+    parser.add_argument("--cost_plot", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="Instead of evaluating: plot LDS against GPU-minutes for every entry of a results file "
+                             "(e.g. results/lds_anetcap_minilm.json) that has 'lds' and 'gpu_minutes'.")
     args = parser.parse_args(argv)
+    if args.cost_plot:
+        return args
+    if args.scores is None:
+        parser.error("--scores is required (or --cost_plot)")
     if (args.lds_dir is None) == (args.kronfluence_masks is None):
         parser.error("give either --lds_dir or --kronfluence_masks/--kronfluence_margins")
     if args.num_bootstrap < 1:
@@ -183,6 +190,44 @@ def plot(per_query: np.ndarray, masks, margins, scores, query: int, summary: dic
     plt.close(fig)
 
 
+def cost_entries(results: dict, prefix: str = "") -> dict:
+    """name -> (gpu_minutes, lds, ci95) for every nested entry that has both figures."""
+    found = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            if "lds" in value and "gpu_minutes" in value:
+                found[prefix + key] = (value["gpu_minutes"], value["lds"], value.get("ci95"))
+            else:
+                found.update(cost_entries(value, prefix=f"{key}/" if not key.startswith("_") else prefix))
+    return found
+
+
+def plot_cost(results_file: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = cost_entries(read_json(results_file, "results"))
+    if not entries:
+        raise UserError(f"{results_file} has no entries with both 'lds' and 'gpu_minutes'")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colors, markers = plt.get_cmap("tab20").colors, "os^vD<>p*h"
+    for i, (name, (minutes, lds, ci)) in enumerate(sorted(entries.items(), key=lambda kv: kv[1][0])):
+        err = None if ci is None else [[lds - ci[0]], [ci[1] - lds]]
+        ax.errorbar(minutes, lds, yerr=err, fmt=markers[i % len(markers)], capsize=3, color=colors[i % len(colors)],
+                    label=f"{name} ({lds:.3f})")
+    ax.set(xscale="log", xlabel="GPU-minutes (fine-tune + analyze, one H200)", ylabel="LDS (95% CI)",
+           title="attribution quality against cost")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    out = results_file.with_name(results_file.stem + "_cost.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"{len(entries)} entries plotted in {out}")
+    return out
+
+
 def median_query(per_query: np.ndarray) -> int:
     valid = np.flatnonzero(~np.isnan(per_query))
     return int(valid[np.argsort(per_query[valid])[len(valid) // 2]])
@@ -203,6 +248,8 @@ def show_examples(meta, scores: np.ndarray, query: int, top_k: int) -> None:
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
+    if args.cost_plot:
+        return plot_cost(args.cost_plot)
     scores, meta = load_scores(args.scores)
     scores = scores.numpy()
     if args.lds_dir is not None:

@@ -28,13 +28,15 @@ k=1; while [ $k -le $K ]; do
   echo "ensemble K=$k -> $dir"; lds "$dir" & k=$((k * 2)); done; wait
 python - "$OUT" <<'PY'
 import glob, json, sys
+from pathlib import Path
 from analyze import load_scores
 from benchmark import per_query_correlations
 out = {"lds": {f.split("/")[-2]: {k: v for k, v in json.load(open(f)).items() if k in ("lds", "ci95")}
                for f in sorted(glob.glob("scores/**/lds.json", recursive=True))}}
 try:
     out["fast_vs_kronfluence_fp32_seed1004"] = per_query_correlations(
-        load_scores("scores/s1004/scores_ekfac_n4000_bf16acc32_q500_fused")[0], load_scores("scores/s1004/scores_ekfac_n4000_q500")[0])
+        load_scores(Path("scores/s1004/scores_ekfac_n4000_bf16acc32_q500_fused"))[0],
+        load_scores(Path("scores/s1004/scores_ekfac_n4000_q500"))[0])
 except SystemExit as exc:
     out["fast_vs_kronfluence_fp32_seed1004"] = str(exc)
 json.dump(out, open(sys.argv[1] + "/ensemble.json", "w"), indent=1)

@@ -43,16 +43,17 @@ for strategy in ekfac kfac; do
   echo "ensemble $strategy K=8 mean -> $dir"; lds "$dir"
 done
 python - "$OUT" <<'PY'
-import json, sys, glob, torch
+import json, sys, glob
+from pathlib import Path
 from analyze import load_scores
 from benchmark import per_query_correlations
-ref = load_scores("scores/s1004/scores_ekfac_n4000_q500")[0]
+ref = load_scores(Path("scores/s1004/scores_ekfac_n4000_q500"))[0]
 out = {"lds": {}, "agreement_vs_kronfluence_fp32_ekfac": {}}
 for f in sorted(glob.glob("scores/**/lds.json", recursive=True)):
     d = json.load(open(f)); out["lds"][f.split("/")[-2]] = {k: d[k] for k in ("lds", "ci95") if k in d}
 for name in ("scores_ekfac_n4000_bf16acc32_q500_fused", "scores_ekfac_n4000_bf16acc32_lam1000_q500_fused",
              "scores_ekfac_n4000_bf16_q500"):
-    out["agreement_vs_kronfluence_fp32_ekfac"][name] = per_query_correlations(load_scores(f"scores/s1004/{name}")[0], ref)
+    out["agreement_vs_kronfluence_fp32_ekfac"][name] = per_query_correlations(load_scores(Path(f"scores/s1004/{name}"))[0], ref)
 json.dump(out, open(sys.argv[1] + "/quality.json", "w"), indent=1)
 print(json.dumps(out["agreement_vs_kronfluence_fp32_ekfac"], indent=1))
 PY

@@ -144,3 +144,16 @@ def test_demo_lds_ekfac_beats_identity(tmp_path, capsys):
                                "--kronfluence_margins", str(tmp_path / "margins.pt"),
                                "--output_dir", str(tmp_path / "kf")])
     assert again["lds"] == pytest.approx(results["ekfac"]["lds"])
+
+
+def test_cost_plot_reads_nested_entries_and_rejects_files_without_any(tmp_path):
+    results = {"ekfac": {"lds": 0.19, "gpu_minutes": 1.9, "ci95": [0.18, 0.2]}, "identity": {"lds": 0.09},
+               "ensembles": {"ekfac_K4": {"lds": 0.25, "gpu_minutes": 6.2}, "_note": "text"}}
+    assert evaluate_lds.cost_entries(results) == {"ekfac": (1.9, 0.19, [0.18, 0.2]),
+                                                  "ensembles/ekfac_K4": (6.2, 0.25, None)}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    assert evaluate_lds.main(["--cost_plot", str(tmp_path / "r.json")]) == tmp_path / "r_cost.png"
+    assert (tmp_path / "r_cost.png").stat().st_size > 0
+    (tmp_path / "empty.json").write_text(json.dumps({"identity": {"lds": 0.09}}))
+    with pytest.raises(UserError, match="no entries with both"):
+        evaluate_lds.main(["--cost_plot", str(tmp_path / "empty.json")])

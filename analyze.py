@@ -24,6 +24,7 @@ evaluate_lds.py evaluates the result like any single model's scores.
 """
 
 import argparse
+import datetime
 import hashlib
 import logging
 import os
@@ -81,8 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--use_half_precision", action="store_true",
                         help="bf16 for factors and scores (kronfluence's all_low_precision_* arguments).")
     parser.add_argument("--fp32_accumulation", action="store_true",
-                        help="With --use_half_precision: keep bf16 compute but accumulate the covariance and lambda "
-                             "factors in fp32 (kronfluence's all-bf16 sums lose precision over many batches).")
+                        help="With --use_half_precision: bf16 forward/backward and per-example gradients, but the "
+                             "covariance and lambda factors in fp32 (their matmuls and sums; kronfluence's all-bf16 "
+                             "sums lose precision over many batches).")
     parser.add_argument("--lambda_max_examples", type=int, default=None,
                         help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
                              "(default: all rows; the covariance always uses all).")
@@ -131,8 +133,10 @@ def factors_name(args) -> str:
     """Factors depend on the strategy, the precision and the training data they were fitted on."""
     name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
     precision = ("_bf16acc32" if getattr(args, "fp32_accumulation", False) else "_bf16") if args.use_half_precision else ""
-    lam = f"_lam{args.lambda_max_examples}" if getattr(args, "lambda_max_examples", None) else ""
-    return name + precision + lam + ("_empfisher" if getattr(args, "use_empirical_fisher", False) else "")
+    lam = (f"_lam{args.lambda_max_examples}" if getattr(args, "lambda_max_examples", None)
+           and args.factor_strategy in ("diagonal", "ekfac") else "")  # the strategies that fit lambda
+    seed = f"_s{args.seed}" if getattr(args, "seed", 0) else ""  # sampled labels and the lambda rows
+    return name + precision + lam + ("_empfisher" if getattr(args, "use_empirical_fisher", False) else "") + seed
 
 
 def scores_name(args) -> str:
@@ -292,7 +296,8 @@ def main(argv=None):
     data = prepare_data(args, tokenizer)
 
     if args.use_ddp and not torch.cuda.is_available() and not dist.is_initialized():
-        dist.init_process_group("gloo")  # CPU: kronfluence stays single-process, the fused scores are split
+        # CPU: kronfluence stays single-process (rank 0 fits while the others wait), the fused scores are split
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
@@ -322,7 +327,8 @@ def main(argv=None):
     if single_fitter and rank != 0:
         dist.barrier()
     torch.manual_seed(args.seed + rank)  # the sampled labels: reproducible, and different on every rank
-    factor_args, overwrite = factor_arguments(args), args.overwrite and rank == 0
+    # kronfluence's DDP: every rank refits together; gloo/CPU: rank 0 alone fits, the others load
+    factor_args, overwrite = factor_arguments(args), args.overwrite and (kronfluence_ddp or rank == 0)
     analyzer.fit_covariance_matrices(f_name, covariance_rows, per_device_batch_size=args.factor_batch_size,
                                      factor_args=factor_args, overwrite_output_dir=overwrite)
     analyzer.perform_eigendecomposition(f_name, factor_args=factor_args, overwrite_output_dir=overwrite)

@@ -182,14 +182,15 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
         per_pass_here = queries_per_pass(tracked_linears(prepared, _linear_names(prepared)), score_args.score_dtype,
                                          device, len(queries))
 
-        def fused(rows=queries, timings=fused_timings):
-            holder["scores"] = fused_pairwise_scores(
+        def fused(rows=queries, timings=fused_timings, key="scores"):
+            holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
                 c["query_bs"], c["train_bs"], device, max_queries_per_pass=per_pass_here, disable_tqdm=True,
                 timings=timings)
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
-        stages["scores_quarter_pass"] = lambda: fused(queries.select(range(max(1, per_pass_here // 4))), small_timings)
         stages["scores"] = fused
+        stages["scores_quarter_pass"] = lambda: fused(queries.select(range(max(1, per_pass_here // 4))), small_timings,
+                                                      "quarter")
     else:
         per_pass = c["query_bs"] * (QUERY_GRADIENT_ACCUMULATION if c["rank"] > 0 else 1)
         stages["scores"] = lambda: analyzer.compute_pairwise_scores(
@@ -207,13 +208,14 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
         per_pass_full = queries_per_pass(tracked_linears(prepared, _linear_names(prepared)), score_args.score_dtype,
                                          device, REFERENCE_NUM_QUERIES)
         passes_full = math.ceil(REFERENCE_NUM_QUERIES / per_pass_full)
-        # pass time = fixed + per_query × queries, fitted on the quarter and the full pass
-        q_small, q_big = small_timings["queries_per_pass"], fused_timings["queries_per_pass"]
+        # pass time = fixed + per_query × queries, fitted on the quarter pass and the mean full pass
+        q_small, q_big = small_timings["queries_per_pass"], len(queries) / fused_timings["passes"]
         t_small, t_big = small_timings["train_seconds"], fused_timings["train_seconds"] / fused_timings["passes"]
         per_query = max(0.0, (t_big - t_small) / (q_big - q_small)) if q_big > q_small else 0.0
         fixed = t_big - per_query * q_big
         train_pass_full = (fixed + per_query * min(per_pass_full, REFERENCE_NUM_QUERIES)) * scale_train
-        scores_full = fused_timings["query_seconds"] * REFERENCE_NUM_QUERIES / len(queries) + passes_full * train_pass_full
+        scores_full = fused_timings["query_seconds"] * REFERENCE_NUM_QUERIES / len(queries) \
+            + (passes_full * fixed + per_query * REFERENCE_NUM_QUERIES) * scale_train
         result["fused"] = {**{k: round(v, 2) if isinstance(v, float) else v for k, v in fused_timings.items()},
                            "pass_fixed_s": round(fixed, 3), "pass_per_query_s": round(per_query, 5),
                            "full_scale_queries_per_pass": per_pass_full, "full_scale_passes": passes_full,

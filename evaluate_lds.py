@@ -195,10 +195,10 @@ def cost_entries(results: dict, prefix: str = "") -> dict:
     found = {}
     for key, value in results.items():
         if isinstance(value, dict):
-            if "lds" in value and "gpu_minutes" in value:
+            if value.get("lds") is not None and value.get("gpu_minutes") is not None:
                 found[prefix + key] = (value["gpu_minutes"], value["lds"], value.get("ci95"))
             else:
-                found.update(cost_entries(value, prefix=f"{key}/" if not key.startswith("_") else prefix))
+                found.update(cost_entries(value, prefix=prefix + (f"{key}/" if not key.startswith("_") else "")))
     return found
 
 

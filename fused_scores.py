@@ -106,7 +106,7 @@ def prepared_storages(factors: dict, strategy: str, names, score_args, device) -
     """Per module, the factors after kronfluence's own `prepare` (damping, inverse eigenvalues)."""
     storages = {}
     for name in names:
-        storage = {factor: per_module[name] for factor, per_module in factors.items() if name in per_module}
+        storage = {factor: per_module[name].clone() for factor, per_module in factors.items() if name in per_module}
         FactorConfig.CONFIGS[strategy].prepare(storage=storage, score_args=score_args, device=device)
         storages[name] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in storage.items()}
     return storages
@@ -176,7 +176,6 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     grad_dtype, score_dtype = score_args.per_sample_gradient_dtype, score_args.score_dtype
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
-    undo = _activation_grads_only(model)
 
     q_order, t_order = length_order(query_dataset), length_order(train_dataset)
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
@@ -205,8 +204,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
             block += (b @ bias.T).float()
         hooks.block.add_(block)
 
-    hooks = PerExampleGradients(modules, grad_dtype)
+    hooks, undo = PerExampleGradients(modules, grad_dtype), None
     try:
+        undo = _activation_grads_only(model)
         with hooks:
             for start in range(0, len(queries), per_pass):
                 chunk = queries.select(range(start, min(start + per_pass, len(queries))))
@@ -217,12 +217,15 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                         torch.empty(len(chunk), m.out_features, dtype=score_dtype, device=device)
                         if m.bias is not None else None)
                     filled[name] = 0
-                hooks.callback = keep_query
+                hooks.callback, hooks.dtype = keep_query, grad_dtype  # kronfluence: query side in this dtype,
                 clock = _Clock(device)
                 for batch in DataLoader(chunk, batch_size=query_batch_size, collate_fn=collator):
                     hooks.num_examples = batch["labels"].size(0)
                     _backward(model, task, batch, device, score_args.amp_dtype, measurement=True)
+                if any(count != len(chunk) for count in filled.values()):
+                    raise RuntimeError(f"query gradients reached {sorted(set(filled.values()))} of {len(chunk)} rows")
                 query_seconds = clock.lap()
+                hooks.dtype = score_dtype  # ... training side in the score dtype
                 rows = slice(start, start + len(chunk))
                 loader = DataLoader(train, batch_size=train_batch_size, collate_fn=collator)
                 column = 0
@@ -240,7 +243,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                     timings["train_seconds"] = timings.get("train_seconds", 0.0) + clock.lap()
                     timings["passes"], timings["queries_per_pass"] = passes, per_pass
     finally:
-        undo()
+        if undo:
+            undo()
     if world > 1:
         dist.all_reduce(scores)
     out = torch.empty_like(scores, device="cpu")

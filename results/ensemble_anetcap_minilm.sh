@@ -5,17 +5,8 @@
 # Usage: bash results/ensemble_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR [K]
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}; K=${4:-4}
-export OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-RUNS=results/lds_anetcap_minilm_runs
-D="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-   --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 --num_train_epochs 3"
-A="--factor_batch_size 128 --train_batch_size 256 --query_batch_size 100"
-FAST="--use_half_precision --fp32_accumulation --scoring fused"
+source results/anetcap_minilm_common.sh
 SEEDS=$(seq 1004 $((1003 + K)))
-mkdir -p logs "$OUT"
-since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
-analyze() { python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" "$@" 2>>logs/analyze.err | tail -1; }
-lds() { python evaluate_lds.py --scores "$1" --lds_dir $RUNS --no_plots > "$1/evaluate.log" 2>&1 || true; grep "^LDS\|rror" "$1/evaluate.log" || true; }
 t=$(date +%s.%N)
 for s in $SEEDS; do python train.py $D --seed $s --output_dir checkpoints/s$s > logs/train_s$s.log 2>&1 & done; wait
 echo "train $K seeds at once: $(since $t) s"; t=$(date +%s.%N)

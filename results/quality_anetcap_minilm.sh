@@ -2,19 +2,10 @@
 # Issues 4 and 6 on one H200: the issue-3 setup (MiniLM, 4,000 anetcap rows, 500 queries) and its 100
 # committed ground-truth runs. (1) The fast path's LDS and score agreement against kronfluence's fp32 EKFAC
 # on the same model; (2) seed ensembles K = 1, 2, 4, 8 of fast EKFAC and fast KFAC scores.
-# Usage: bash results/quality_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR   (resumable: finished steps are kept)
+# Usage: bash results/quality_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR   (finished analyses are reused)
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}
-export OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-RUNS=results/lds_anetcap_minilm_runs
-D="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-   --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 --num_train_epochs 3"
-A="--factor_batch_size 128 --train_batch_size 256 --query_batch_size 100"
-FAST="--use_half_precision --fp32_accumulation --scoring fused"
-mkdir -p logs "$OUT"
-since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
-analyze() { python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" "$@" 2>>logs/analyze.err | tail -1; }
-lds() { python evaluate_lds.py --scores "$1" --lds_dir $RUNS --no_plots > "$1/evaluate.log" 2>&1 || true; grep "^LDS\|rror" "$1/evaluate.log" || true; }
+source results/anetcap_minilm_common.sh
 
 # (1) seed 1004 alone: standalone cost of one model, then the reference and the fast path on it
 t=$(date +%s.%N); python train.py $D --seed 1004 --output_dir checkpoints/s1004 > logs/train_s1004.log 2>&1

@@ -54,8 +54,13 @@ def test_names_encode_settings():
     base = ["--max_train_samples", "10", "--num_queries", "5"]
     names = {analyze.scores_name(pipeline.resolve_data_args(analyze.parse_args(base + extra)))
              for extra in ([], ["--use_half_precision"], ["--query_gradient_rank", "32"], ["--factor_strategy", "kfac"],
-                           ["--damping_factor", "-1"], ["--num_queries", "6"])}
-    assert len(names) == 6
+                           ["--damping_factor", "-1"], ["--num_queries", "6"], ["--scoring", "fused"], ["--seed", "3"],
+                           ["--use_half_precision", "--fp32_accumulation"], ["--lambda_max_examples", "5"],
+                           ["--use_empirical_fisher"])}
+    assert len(names) == 11
+    kfac = ["--factor_strategy", "kfac"]  # fits no lambda: a lambda subset does not make other factors
+    assert analyze.factors_name(analyze.parse_args(base + kfac)) == \
+        analyze.factors_name(analyze.parse_args(base + kfac + ["--lambda_max_examples", "5"]))
 
 
 def test_demo_model_learns_and_influence_finds_its_group(demo_checkpoint, tmp_path):

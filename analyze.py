@@ -133,11 +133,11 @@ def parse_args(argv=None):
 def factors_name(args) -> str:
     """Factors depend on the strategy, the precision and the training data they were fitted on."""
     name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
-    precision = ("_bf16acc32" if getattr(args, "fp32_accumulation", False) else "_bf16") if args.use_half_precision else ""
-    lam = (f"_lam{args.lambda_max_examples}" if getattr(args, "lambda_max_examples", None)
+    precision = ("_bf16acc32" if args.fp32_accumulation else "_bf16") if args.use_half_precision else ""
+    lam = (f"_lam{args.lambda_max_examples}" if args.lambda_max_examples
            and args.factor_strategy in ("diagonal", "ekfac") else "")  # the strategies that fit lambda
-    seed = f"_s{args.seed}" if getattr(args, "seed", 0) else ""  # sampled labels and the lambda rows
-    return name + precision + lam + ("_empfisher" if getattr(args, "use_empirical_fisher", False) else "") + seed
+    seed = f"_s{args.seed}" if args.seed else ""  # sampled labels and the lambda rows
+    return name + precision + lam + ("_empfisher" if args.use_empirical_fisher else "") + seed
 
 
 def scores_name(args) -> str:
@@ -152,10 +152,10 @@ def scores_name(args) -> str:
 def factor_arguments(args) -> FactorArguments:
     factor_args = (all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
                    if args.use_half_precision else FactorArguments(strategy=args.factor_strategy))
-    if args.use_half_precision and getattr(args, "fp32_accumulation", False):
+    if args.use_half_precision and args.fp32_accumulation:
         factor_args.activation_covariance_dtype = factor_args.gradient_covariance_dtype = torch.float32
         factor_args.lambda_dtype = torch.float32
-    factor_args.use_empirical_fisher = getattr(args, "use_empirical_fisher", False)
+    factor_args.use_empirical_fisher = args.use_empirical_fisher
     return factor_args
 
 
@@ -167,6 +167,20 @@ def factor_rows(train, lambda_max_examples=None, seed: int = 0):
         pick = np.sort(np.random.default_rng(seed).choice(len(train), lambda_max_examples, replace=False))
         lambda_rows = train.select(pick)
     return train.select(length_order(train)), lambda_rows.select(length_order(lambda_rows))
+
+
+def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, batch_size: int,
+                  overwrite: bool) -> dict:
+    """kronfluence's three factor stages, in order, as callables (benchmark.py times them one by one)."""
+    return {
+        "covariance": lambda: analyzer.fit_covariance_matrices(f_name, covariance_rows, factor_args=factor_args,
+                                                              per_device_batch_size=batch_size,
+                                                              overwrite_output_dir=overwrite),
+        "eigendecomposition": lambda: analyzer.perform_eigendecomposition(f_name, factor_args=factor_args,
+                                                                          overwrite_output_dir=overwrite),
+        "lambda": lambda: analyzer.fit_lambda_matrices(f_name, lambda_rows, factor_args=factor_args,
+                                                       per_device_batch_size=batch_size, overwrite_output_dir=overwrite),
+    }
 
 
 def score_arguments(args) -> ScoreArguments:
@@ -256,9 +270,10 @@ def fused_scores_cached(analyzer, model, args, f_name: str, scores_dir: Path, da
         logger.info("reusing %s", file)
         return load_scores(file)[0]
     factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
-    scores = fused_pairwise_scores(model.to(analyzer.state.device), analyzer.task, factors, args.factor_strategy, score_arguments(args),
-                                   data.queries, data.train, collator, args.query_batch_size, args.train_batch_size,
-                                   device=analyzer.state.device)
+    device = analyzer.state.device
+    scores = fused_pairwise_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
+                                   score_arguments(args), data.queries, data.train, collator, args.query_batch_size,
+                                   args.train_batch_size, device=device)
     if is_main:
         save_scores(scores_dir, scores)
     return scores
@@ -331,11 +346,9 @@ def main(argv=None):
     # kronfluence's DDP: every rank refits together; gloo/CPU: rank 0 alone fits, the others load
     factor_args, overwrite = factor_arguments(args), args.overwrite and (kronfluence_ddp or rank == 0)
     started = time.perf_counter()
-    analyzer.fit_covariance_matrices(f_name, covariance_rows, per_device_batch_size=args.factor_batch_size,
-                                     factor_args=factor_args, overwrite_output_dir=overwrite)
-    analyzer.perform_eigendecomposition(f_name, factor_args=factor_args, overwrite_output_dir=overwrite)
-    analyzer.fit_lambda_matrices(f_name, lambda_rows, per_device_batch_size=args.factor_batch_size,
-                                 factor_args=factor_args, overwrite_output_dir=overwrite)
+    for stage in factor_stages(analyzer, f_name, covariance_rows, lambda_rows, factor_args, args.factor_batch_size,
+                               overwrite).values():
+        stage()
     if single_fitter and rank == 0:
         dist.barrier()
     factors_seconds = time.perf_counter() - started

@@ -42,8 +42,16 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from scipy.stats import rankdata
 from transformers import AutoModelForMultipleChoice, AutoTokenizer, RobertaConfig, RobertaTokenizerFast
 
-from analyze import QUERY_GRADIENT_ACCUMULATION, SCORES_KEY, factor_arguments, factor_rows, score_arguments
-from fused_scores import fused_pairwise_scores, queries_per_pass, tracked_linears
+from analyze import (
+    QUERY_GRADIENT_ACCUMULATION,
+    SCORES_KEY,
+    factor_arguments,
+    factor_rows,
+    factor_stages,
+    score_arguments,
+)
+from analyze import parse_args as analyze_args
+from fused_scores import fused_pairwise_scores, linear_module_names, queries_per_pass, tracked_linears
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
@@ -159,28 +167,20 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     collator = make_collator(tokenizer, c["pad"])
     lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else None
     cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
-    options = argparse.Namespace(factor_strategy="ekfac", use_half_precision=c["half"], query_gradient_rank=c["rank"],
-                                 fp32_accumulation=c.get("acc32", False), damping_factor=1e-8)
+    options = analyze_args(["--factor_strategy", "ekfac", "--query_gradient_rank", str(c["rank"])]
+                           + ["--use_half_precision"] * c["half"] + ["--fp32_accumulation"] * c.get("acc32", False))
     factor_args, score_args = factor_arguments(options), score_arguments(options)
     task = MultipleChoiceTask()
     prepared = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(analysis_name=name, model=prepared, task=task, output_dir=str(args.work_dir), disable_tqdm=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     result = {"settings": {**c, "num_queries_timed": len(queries)}}
-    stages = {
-        "covariance": lambda: analyzer.fit_covariance_matrices("f", cov_rows, factor_args=factor_args,
-                                                              per_device_batch_size=c["factor_bs"],
-                                                              overwrite_output_dir=True),
-        "eigendecomposition": lambda: analyzer.perform_eigendecomposition("f", factor_args=factor_args,
-                                                                          overwrite_output_dir=True),
-        "lambda": lambda: analyzer.fit_lambda_matrices("f", lambda_rows, factor_args=factor_args,
-                                                       per_device_batch_size=c["factor_bs"], overwrite_output_dir=True),
-    }
+    stages = factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, c["factor_bs"], overwrite=True)
     holder, fused_timings = {}, {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    linears = tracked_linears(prepared, linear_module_names(prepared))
     if c["scoring"] == "fused":
-        per_pass_here = queries_per_pass(tracked_linears(prepared, _linear_names(prepared)), score_args.score_dtype,
-                                         device, len(queries))
+        per_pass_here = queries_per_pass(linears, score_args.score_dtype, device, len(queries))
 
         def fused(rows=queries, timings=fused_timings, key="scores"):
             holder[key] = fused_pairwise_scores(
@@ -205,8 +205,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     factors_full = (result["covariance"]["seconds"] + result["lambda"]["seconds"]) * scale_train \
         + result["eigendecomposition"]["seconds"]
     if c["scoring"] == "fused":
-        per_pass_full = queries_per_pass(tracked_linears(prepared, _linear_names(prepared)), score_args.score_dtype,
-                                         device, REFERENCE_NUM_QUERIES)
+        per_pass_full = queries_per_pass(linears, score_args.score_dtype, device, REFERENCE_NUM_QUERIES)
         passes_full = math.ceil(REFERENCE_NUM_QUERIES / per_pass_full)
         # pass time = fixed + per_query × queries, fitted on the quarter pass and the mean full pass
         q_small, q_big = small_timings["queries_per_pass"], len(queries) / fused_timings["passes"]
@@ -228,11 +227,6 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     result["full_scale_seconds"] = round(factors_full + scores_full, 1)
     result["full_scale_breakdown_s"] = {"factors": round(factors_full, 1), "scores": round(scores_full, 1)}
     return result, scores  # rows and columns in dataset order
-
-
-def _linear_names(model):
-    return [n.removesuffix(".original_module") for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)]
 
 
 def time_training(model, tokenizer, raw_train, steps: int, variant: str) -> tuple:

@@ -42,6 +42,11 @@ def length_order(dataset) -> np.ndarray:
     return np.argsort([max(len(ids) for ids in row) for row in dataset["input_ids"]], kind="stable")
 
 
+def linear_module_names(model: nn.Module) -> list:
+    """Every nn.Linear by kronfluence's module name: what it tracks by default (identity has no factors to name them)."""
+    return sorted({n.removesuffix(".original_module") for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
 def tracked_linears(model: nn.Module, names) -> dict:
     """The nn.Linear modules that have factors, by kronfluence's module name (a prepared model's
     wrappers hold the original module as `.original_module`)."""
@@ -168,8 +173,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           timings: dict = None):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring).
     `timings`, if given, receives the seconds spent on query gradients and on training passes."""
-    names = sorted(next(iter(factors.values())) if factors else  # identity: no factors, every Linear
-                   {n.removesuffix(".original_module") for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
     modules = tracked_linears(model, names)
     storages = prepared_storages(factors, strategy, names, score_args, device)
     config = FactorConfig.CONFIGS[strategy]

@@ -17,6 +17,11 @@ Configurations: `reference_fp32` and `reference_bf16` are the original example's
 factors with kronfluence on length-sorted, dynamically padded rows and scores with fused_scores.py
 (`analyze.py --use_half_precision --scoring fused`).
 
+Training: `--train_variants` times train.py's own loop (`train_model`) under each variant's flags and
+extrapolates one 50%-SWAG retraining run (36,768 rows × 3 epochs). Several retraining runs sharing one GPU:
+
+    CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 benchmark.py ... --configs --train_variants cudagraphs
+
 Scaling used: covariance and lambda are linear in the training rows; the eigendecomposition does not
 depend on them. kronfluence's scores are linear in training rows × query batches (one pass over the
 training set per batch). The fused path's query side is linear in the queries; its training side is
@@ -31,6 +36,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,13 +61,17 @@ from fused_scores import fused_pairwise_scores, linear_module_names, queries_per
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
+    UserError,
     load_local_files,
     make_collator,
     setup_logging,
+    take_first,
     tokenize,
     write_json,
 )
 from task import MultipleChoiceTask
+from train import parse_args as train_args
+from train import process_rank, train_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +92,12 @@ CONFIGS = {  # scoring, bf16 (acc32: fp32 factor sums), pad to 128, query rank, 
 DEFAULT_CONFIGS = ["reference_fp32", "reference_bf16", "fastest", "fused_all_lambda"]
 SWAG_HALF = REFERENCE_NUM_TRAIN // 2
 RECIPE_BATCH = 16
+TRAIN_VARIANTS = {  # train.py flags of each timed training variant
+    "eager": [],
+    "workers2": ["--dataloader_num_workers", "2"],
+    "compiled": ["--torch_compile", "dynamic"],
+    "cudagraphs": ["--torch_compile", "cudagraphs", "--dataloader_num_workers", "2"],
+}
 
 
 def parse_args(argv=None):
@@ -95,17 +111,26 @@ def parse_args(argv=None):
     parser.add_argument("--num_fast_queries", type=int, default=1000,
                         help="Queries for the configurations that score many per pass (fused; query rank); "
                              "their first --num_queries rows are compared with the reference.")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
-                        help="Configurations to run.")
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
+                        help="Configurations to run (none: time training only).")
+    parser.add_argument("--train_variants", nargs="*", choices=list(TRAIN_VARIANTS), default=None,
+                        help="Training variants to time (default: all on GPU, eager on CPU); the first one trains "
+                             "the weights that the configurations score.")
     parser.add_argument("--train_steps", type=int, default=100,
-                        help="Fine-tuning steps timed per training variant, and run before the configurations so "
-                             "that the weights are not at their random initialisation (0: skip).")
+                        help="Fine-tuning steps (batch 16) timed per training variant after an untimed warm-up pass "
+                             "over the same batches; they also move the weights that the configurations score away "
+                             "from their random initialisation (0: skip).")
     parser.add_argument("--architecture", choices=["roberta-base", "tiny"], default="roberta-base",
                         help="roberta-base or a 2-layer model for smoke tests on CPU.")
     parser.add_argument("--profile", action="store_true", help="Record each stage's top GPU operations.")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark.json"), help="Results JSON.")
     parser.add_argument("--work_dir", type=Path, default=Path("scores/benchmark"), help="Factors and scores go here.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.train_variants is None:
+        args.train_variants = list(TRAIN_VARIANTS) if torch.cuda.is_available() else ["eager"]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.configs:
+        raise UserError("under torchrun the benchmark times concurrent training only; pass --configs with no names")
+    return args
 
 
 def sync():
@@ -229,37 +254,42 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     return result, scores  # rows and columns in dataset order
 
 
-def time_training(model, tokenizer, raw_train, steps: int, variant: str) -> tuple:
-    """Seconds per fine-tuning step of the recipe (batch 16, AdamW, bf16 autocast on GPU, dynamic padding)
-    and one 50%-SWAG run (36,768 rows × 3 epochs) extrapolated; returns (result, trained model).
-    Variants: `eager` is train.py today; `fused_adamw` adds the fused AdamW kernel; `compiled` adds
-    torch.compile (dynamic shapes) on top."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def time_training(model, tokenizer, raw_train, variant: str) -> tuple:
+    """Seconds per step of train.py's own loop (`train.train_model`: batch 16, AdamW, bf16 autocast on GPU,
+    dynamic padding, collation included) under one variant's flags, and one 50%-SWAG run (36,768 rows ×
+    3 epochs) extrapolated; returns (result, trained model). The loop runs twice over the same rows in the
+    same order: the first pass compiles and records CUDA graphs for every padded length, the second is timed.
+    Under torchrun every process trains its own copy at the same time (several retraining runs sharing a
+    GPU, as `torchrun --nproc-per-node=P train.py --lds_num_masks ...` does with CUDA_VISIBLE_DEVICES set)."""
+    rank, world, local_rank = process_rank()
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     model = copy.deepcopy(model).to(device).train()
     data = tokenize(raw_train, tokenizer)
-    loader = torch.utils.data.DataLoader(data, batch_size=RECIPE_BATCH, shuffle=True, drop_last=True,
-                                         collate_fn=make_collator(tokenizer), generator=torch.Generator().manual_seed(0))
-    fused = variant != "eager" and device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.001, fused=fused or None)
-    forward = torch.compile(model, dynamic=True) if variant == "compiled" else model
-    warmup = 10 if variant == "compiled" else 3
-    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
-    batches = [batches[i % len(batches)] for i in range(warmup + steps)]  # small files: batches repeat
+    recipe = train_args(["--per_device_train_batch_size", str(RECIPE_BATCH), "--num_train_epochs", "1",
+                               "--learning_rate", "2e-5", *TRAIN_VARIANTS[variant]])
+    collator = make_collator(tokenizer)
 
-    def step(batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = forward(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        torch.nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def one_pass():
+        train_model(model, data, collator, recipe, seed=0, device=device, quiet=True)
 
-    compile_time = timed(lambda: [step(b) for b in batches[:warmup]])["seconds"]
-    measured = timed(lambda: [step(b) for b in batches[warmup:warmup + steps]])
-    per_step = measured["seconds"] / len(batches[warmup:warmup + steps])
+    warmup = timed(one_pass)["seconds"]
+    if world > 1:
+        torch.distributed.barrier()  # every process is compiled and warm before any is timed
+    measured = timed(one_pass)
+    steps = len(data) // RECIPE_BATCH
+    per_step = measured["seconds"] / steps
     full_steps = 3 * (SWAG_HALF // RECIPE_BATCH)
-    return ({"seconds_per_step": round(per_step, 4), "batch_size": RECIPE_BATCH, "peak_gib": measured["peak_gib"],
-             "warmup_seconds": compile_time, "retrain_50pct_swag_steps": full_steps,
-             "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}, model.eval())
+    result = {"flags": " ".join(TRAIN_VARIANTS[variant]), "seconds_per_step": round(per_step, 4),
+              "batch_size": RECIPE_BATCH, "steps_timed": steps, "peak_gib": measured["peak_gib"],
+              "warmup_pass_seconds": warmup, "retrain_50pct_swag_steps": full_steps,
+              "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, per_step)
+        result.update(processes_per_gpu=world // max(torch.cuda.device_count(), 1) or 1,
+                      seconds_per_step_each_process=[round(x, 4) for x in gathered],
+                      retrain_50pct_swag_seconds=round(max(gathered) * full_steps / world, 1))
+    return result, model.eval()
 
 
 def load_tokenizer(path: Path):
@@ -276,9 +306,10 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
     tokenizer = load_tokenizer(Path(args.tokenizer_dir))
     raw = load_local_files(args.train_file, args.validation_file)
-    raw_train = raw["train"].select(range(args.num_train))
-    raw_queries = raw["validation"].select(range(args.num_queries))
-    raw_queries_fast = raw["validation"].select(range(max(args.num_queries, args.num_fast_queries)))
+    raw_train = take_first(raw["train"], args.num_train, "training rows", "--num_train")
+    raw_queries = take_first(raw["validation"], args.num_queries, "queries", "--num_queries")
+    raw_queries_fast = take_first(raw["validation"], max(args.num_queries, args.num_fast_queries), "queries",
+                                  "--num_fast_queries")
     torch.manual_seed(0)
     size = {} if args.architecture == "roberta-base" else dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                                 intermediate_size=64)
@@ -289,15 +320,23 @@ def main(argv=None):
            "subset": {"num_train": args.num_train, "num_queries": args.num_queries},
            "full_scale": {"num_train": REFERENCE_NUM_TRAIN, "num_queries": REFERENCE_NUM_QUERIES},
            "command": "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    rank, world, _ = process_rank()
+    if world > 1:
+        torch.distributed.init_process_group("gloo")  # barrier and gather only; each process trains alone
+        out["processes"] = world
     if args.train_steps:
-        rows = raw["train"].select(range(min(len(raw["train"]), RECIPE_BATCH * (args.train_steps + 10))))
+        rows = raw["train"].select(range(min(len(raw["train"]), RECIPE_BATCH * args.train_steps)))
         out["training"] = {}
-        for variant in ("eager", "fused_adamw", "compiled") if torch.cuda.is_available() else ("eager",):
-            out["training"][variant], trained = time_training(model, tokenizer, rows, args.train_steps, variant)
+        for i, variant in enumerate(args.train_variants):
+            out["training"][variant], trained = time_training(model, tokenizer, rows, variant)
             logger.info("training %s: %s", variant, out["training"][variant])
-            if variant == "eager":
+            if i == 0:
                 model = trained  # the configurations score these (no longer random) weights
+            if rank == 0:
+                write_json(args.output, out)
         out["retrain_50pct_swag_s"] = min(v["retrain_50pct_swag_seconds"] for v in out["training"].values())
+    if rank > 0:
+        return out
     results, scores = {}, {}
     out["configs"] = results
     for name in args.configs:

@@ -1,49 +1,109 @@
 #!/usr/bin/env bash
-# Issue 5 on one host with 2 GPUs (not run yet: written for the next session's nvidia-h200-x2 call).
-# MiniLM on 16,000 anetcap rows and 1,000 queries: fine-tuning, analysis (kronfluence fp32 EKFAC with the
-# empirical Fisher, so both runs fit the same factors, and the fast path) and a batch of 32 LDS retraining
-# runs, each on 1 GPU and on 2; writes OUT/ddp_h200x2.json.
-# Usage: bash results/ddp_h200x2.sh MODEL_DIR DATA_DIR OUT_DIR
+# Issue 5 on one host with 2 GPUs, in two device calls of under 10 minutes each (one stage per call):
+#   bash results/ddp_h200x2.sh train_analyze MODEL_DIR DATA_DIR OUT_DIR
+#   bash results/ddp_h200x2.sh retrain       MODEL_DIR DATA_DIR OUT_DIR
+# MODEL_DIR: MiniLM (../shared/models/all-MiniLM-L6-v2-fp16); DATA_DIR: ../shared/data/anetcap.
+# train_analyze: fine-tuning on 8,000 rows on 1 GPU (batch 32) and on 2 (2 × 32, the usual DDP setting,
+#   and 2 × 16, the same effective batch); analysis of the 1-GPU model (1,000 queries) with kronfluence fp32
+#   EKFAC and with the fast path, each on 1 GPU and on 2 (--use_empirical_fisher, so that both fit the same
+#   factors), plus the fast path with lambda on 25% of the rows against fp32 (issue 4).
+# retrain: 96 LDS retraining runs (2,000-row halves of 4,000 rows, 8 processes per GPU) on 1 GPU and on 2.
+# Each stage adds its figures to results/ddp_h200x2.json and writes the result to OUT_DIR/ddp_h200x2.json.
 set -euo pipefail
-MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2
-D="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-   --max_train_samples 16000 --num_queries 1000 --learning_rate 5e-5 --num_train_epochs 3"
+STAGE=${1:?stage}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 \
+       TOKENIZERS_PARALLELISM=false
+F="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
+   --learning_rate 5e-5 --num_train_epochs 3"
+D="$F --max_train_samples 8000 --num_queries 1000 --dataloader_num_workers 2"
 A="--factor_batch_size 128 --train_batch_size 256 --query_batch_size 250 --use_empirical_fisher"
 FAST="--use_half_precision --fp32_accumulation --scoring fused"
-R="--lds_num_masks 32 --lds_repeats 1 --max_train_samples 4000 --num_queries 500 --per_device_train_batch_size 32"
-run2() { torchrun --standalone --nproc-per-node="$1" "${@:2}"; }
+R="$F --max_train_samples 4000 --num_queries 500 --per_device_train_batch_size 32 --lds_num_masks 96 --lds_repeats 1"
 mkdir -p logs "$OUT"
-CUDA_VISIBLE_DEVICES=0 python train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/one > logs/t1.log 2>&1
-run2 2 train.py $D --per_device_train_batch_size 16 --output_dir checkpoints/two > logs/t2.log 2>&1   # effective 32
-for v in "" "$FAST"; do
-  CUDA_VISIBLE_DEVICES=0 python analyze.py --checkpoint_dir checkpoints/one $A $v --output_dir scores/one > logs/a1.log 2>&1
-  run2 2 analyze.py --checkpoint_dir checkpoints/one $A $v --use_ddp --output_dir scores/two > logs/a2.log 2>&1
-done
-t=$(date +%s.%N); CUDA_VISIBLE_DEVICES=0 run2 8 train.py $D $R --lds_output_dir lds/one > logs/r1.log 2>&1
-r1=$(python3 -c "import time; print(round(time.time() - $t, 1))")
-t=$(date +%s.%N); run2 16 train.py $D $R --lds_output_dir lds/two > logs/r2.log 2>&1     # 8 processes per GPU
-r2=$(python3 -c "import time; print(round(time.time() - $t, 1))")
-python - "$OUT" "$r1" "$r2" <<'PY'
+: > logs/wall.txt
+timed() {  # timed NAME COMMAND...: runs it with its log in logs/NAME.log and appends "NAME seconds" to logs/wall.txt
+  local name=$1 t; shift; t=$(date +%s.%N)
+  "$@" > "logs/$name.log" 2>&1 || { tail -30 "logs/$name.log"; exit 1; }
+  echo "$name $(python3 -c "print(round($(date +%s.%N) - $t, 1))")" | tee -a logs/wall.txt
+}
+run2() { torchrun --standalone --nproc-per-node="$1" "${@:2}"; }
+one() { CUDA_VISIBLE_DEVICES=0 "$@"; }
+
+if [ "$STAGE" = train_analyze ]; then
+  timed train_1x32 one python train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/one
+  timed train_2x32 run2 2 train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/two_2x32
+  timed train_2x16 run2 2 train.py $D --per_device_train_batch_size 16 --output_dir checkpoints/two_2x16
+  timed analyze_fp32_1 one python analyze.py --checkpoint_dir checkpoints/one $A --output_dir scores/one
+  timed analyze_fp32_2 run2 2 analyze.py --checkpoint_dir checkpoints/one $A --use_ddp --output_dir scores/two
+  timed analyze_fast_1 one python analyze.py --checkpoint_dir checkpoints/one $A $FAST --output_dir scores/one
+  timed analyze_fast_2 run2 2 analyze.py --checkpoint_dir checkpoints/one $A $FAST --use_ddp --output_dir scores/two
+  timed analyze_fast_lam25_1 one python analyze.py --checkpoint_dir checkpoints/one $A $FAST \
+    --lambda_max_examples 2000 --output_dir scores/lam
+elif [ "$STAGE" = retrain ]; then
+  timed retrain_1gpu_8proc one run2 8 train.py $R --lds_output_dir lds/one
+  timed retrain_2gpu_16proc run2 16 train.py $R --lds_output_dir lds/two
+else
+  echo "unknown stage $STAGE (train_analyze or retrain)"; exit 2
+fi
+
+python - "$STAGE" "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
 from analyze import load_scores
 from benchmark import per_query_correlations
-out, r1, r2 = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-m1, m2 = (json.loads(Path(f"checkpoints/{n}/metrics.json").read_text()) for n in ("one", "two"))
-result = {"gpus": 2, "command": "bash results/ddp_h200x2.sh MODEL DATA OUT",
-          "train_seconds_1_vs_2": [m1["train_seconds"], m2["train_seconds"]],
-          "train_speedup": m1["train_seconds"] / m2["train_seconds"],
-          "train_validation_accuracy_1_vs_2": [m1["validation_accuracy"], m2["validation_accuracy"]],
-          "retrain_32_runs_seconds_1_vs_2": [r1, r2], "retrain_speedup": r1 / r2}
-for one in sorted(Path("scores/one/one").glob("scores_*")):
-    two = Path("scores/two/one") / one.name
-    (a, ma), (b, mb) = load_scores(one), load_scores(two)
-    t1, t2 = (sum(m["seconds"].values()) for m in (ma, mb))
-    key = "fused" if one.name.endswith("_fused") else "kronfluence_fp32"
-    result[key] = {"seconds_1_vs_2": [t1, t2], "speedup": t1 / t2, "vs_single_gpu": per_query_correlations(b, a)}
-result["analyze_speedup"] = result["kronfluence_fp32"]["speedup"]
-result["score_pearson_vs_single_gpu"] = result["kronfluence_fp32"]["vs_single_gpu"]["pearson"]
+
+stage, out = sys.argv[1], Path(sys.argv[2])
+wall = dict((line.split()[0], float(line.split()[1])) for line in Path("logs/wall.txt").read_text().splitlines())
+path = Path("results/ddp_h200x2.json")
+result = json.loads(path.read_text()) if path.exists() else {}
+result = {k: v for k, v in result.items() if k in ("train_analyze", "retrain")}  # the other stage, if measured
+s = result[stage] = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+                     "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
+if stage == "train_analyze":
+    for name in ("one", "two_2x32", "two_2x16"):
+        m = json.loads(Path(f"checkpoints/{name}/metrics.json").read_text())
+        s[f"train_{name}"] = {k: m[k] for k in ("train_seconds", "validation_accuracy", "num_processes",
+                                                "effective_batch_size")}
+    t1 = s["train_one"]["train_seconds"]
+    s["train_speedup_2x32"] = t1 / s["train_two_2x32"]["train_seconds"]
+    s["train_speedup_2x16"] = t1 / s["train_two_2x16"]["train_seconds"]
+    for one in sorted(Path("scores/one/one").glob("scores_*")):
+        two = Path("scores/two/one") / one.name
+        (a, ma), (b, mb) = load_scores(one), load_scores(two)
+        t1, t2 = (sum(m["seconds"].values()) for m in (ma, mb))
+        key, log = ("fast", "fast") if one.name.endswith("_fused") else ("kronfluence_fp32", "fp32")
+        s[key] = {"scores": one.name, "stage_seconds_1_vs_2": [ma["seconds"], mb["seconds"]],
+                  "speedup": t1 / t2, "wall_speedup": wall[f"analyze_{log}_1"] / wall[f"analyze_{log}_2"],
+                  "vs_single_gpu": per_query_correlations(b, a)}
+    fp32 = load_scores(next(Path("scores/one/one").glob("scores_*[0-9]")))[0]
+    fast = load_scores(next(Path("scores/one/one").glob("scores_*_fused")))[0]
+    lam = load_scores(next(Path("scores/lam/one").glob("scores_*_fused")))[0]
+    s["issue4_fast_vs_fp32"] = per_query_correlations(fast, fp32)
+    s["issue4_fast_lambda25_vs_fp32"] = per_query_correlations(lam, fp32)
+else:
+    for name in ("one", "two"):
+        runs = sorted(Path(f"lds/{name}").glob("run_*.safetensors"))
+        seconds = []
+        for r in runs:
+            with safe_open(str(r), "pt") as f:
+                seconds.append(float(f.metadata()["seconds"]))
+        s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds)}
+    s["retrain_speedup"] = wall["retrain_1gpu_8proc"] / wall["retrain_2gpu_16proc"]
+    # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing)
+    s["retrain_steady_state_speedup"] = (2 * 8 / s["runs_two"]["mean_run_seconds"]) / (8 / s["runs_one"]["mean_run_seconds"])
+ta, rt = result.get("train_analyze", {}), result.get("retrain", {})
+summary = {"gpus": "2x NVIDIA H200 (one host)", "train_speedup": ta.get("train_speedup_2x32"),
+           "train_speedup_same_effective_batch": ta.get("train_speedup_2x16"),
+           "analyze_speedup": ta.get("kronfluence_fp32", {}).get("speedup"),
+           "analyze_speedup_fast_path": ta.get("fast", {}).get("speedup"),
+           "score_pearson_vs_single_gpu": ta.get("kronfluence_fp32", {}).get("vs_single_gpu", {}).get("pearson"),
+           "retrain_speedup": rt.get("retrain_speedup"),
+           "command": "bash results/ddp_h200x2.sh {train_analyze,retrain} MODEL DATA OUT"}
+result = {**summary, **result}
 (out / "ddp_h200x2.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result, indent=1))
 PY

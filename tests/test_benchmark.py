@@ -45,3 +45,24 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     assert saved["mean_query_pearson_vs_fp32"] is not None
     assert saved["training"]["eager"]["retrain_50pct_swag_steps"] == 3 * (36_768 // 16)
     assert saved["retrain_50pct_swag_s"] == saved["training"]["eager"]["retrain_50pct_swag_seconds"]
+
+
+def test_benchmark_times_concurrent_training_under_torchrun(tmp_path, swag_files, monkeypatch):
+    """Two processes train at once (as several retraining runs sharing one GPU); rank 0 reports both and
+    charges one run the slowest process's time divided by the number of processes."""
+    from test_distributed import torchrun
+
+    tok = tmp_path / "tokenizer"
+    build_demo_tokenizer(make_demo_dataset()).save_pretrained(tok)
+    out = tmp_path / "bench.json"
+    torchrun("benchmark.py", "--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files,
+             "--num_train", "16", "--num_queries", "4", "--num_fast_queries", "4", "--train_steps", "1",
+             "--architecture", "tiny", "--configs", "--train_variants", "eager",
+             "--output", str(out))
+    eager = json.loads(out.read_text())["training"]["eager"]
+    per_process = eager["seconds_per_step_each_process"]
+    assert len(per_process) == 2 and eager["steps_timed"] == 1
+    assert eager["retrain_50pct_swag_seconds"] == pytest.approx(max(per_process) * 3 * (36_768 // 16) / 2, rel=0.01)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--configs with no names"):
+        benchmark.parse_args(["--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files])

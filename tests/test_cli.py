@@ -104,17 +104,44 @@ def test_use_ddp_outside_torchrun(monkeypatch):
         analyze.parse_args(["--use_ddp"])
 
 
-def test_torch_compile_trains_and_saves_plain_weights(tmp_path):
-    """--torch_compile trains through the compiled module but saves the plain model (no `_orig_mod.` keys)."""
+@pytest.mark.parametrize("mode", [[], ["cudagraphs"]], ids=["dynamic", "cudagraphs"])
+def test_torch_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, mode):
+    """--torch_compile trains through the compiled module but saves the plain model (no `_orig_mod.` keys);
+    with cudagraphs every training batch is padded to a multiple of LENGTH_BUCKET tokens (on CPU the CUDA
+    graphs themselves are skipped by torch)."""
     from safetensors import safe_open
 
     from conftest import TINY
 
+    lengths, real = [], train.model_logits
+    def recording(model, batch):  # training batches go through the compiled module, evaluation batches do not
+        if hasattr(model, "_orig_mod"):
+            lengths.append(batch["input_ids"].size(-1))
+        return real(model, batch)
+
+    monkeypatch.setattr(train, "model_logits", recording)
     out = tmp_path / "compiled"
-    result = train.main([*TINY, "--num_train_epochs", "1", "--torch_compile", "--output_dir", str(out)])
+    result = train.main([*TINY, "--num_train_epochs", "1", "--torch_compile", *mode, "--output_dir", str(out)])
+    bucketed = [n % train.LENGTH_BUCKET == 0 for n in lengths]
+    assert lengths and all(bucketed) == bool(mode), lengths  # the demo's own lengths are not all multiples
     assert np.isfinite(result["train_loss"]) and 0 <= result["validation_accuracy"] <= 1
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and not any("_orig_mod" in k for k in keys)
     model, _ = pipeline.load_checkpoint(out)
     assert model.config.num_hidden_layers == 2
+
+
+def test_dataloader_workers_train_identical_weights(tmp_path):
+    """Collating in worker processes changes nothing: same batches, same dropout draws, same weights."""
+    from safetensors.torch import load_file
+
+    from conftest import TINY
+
+    weights = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        train.main([*TINY, "--num_train_epochs", "1", "--dataloader_num_workers", workers, "--output_dir", str(out)])
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

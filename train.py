@@ -157,6 +157,7 @@ def train_model(model, dataset, collator, args, seed: int, device: torch.device,
         forward = torch.compile(model, mode="reduce-overhead")
     history = []
     for epoch in range(args.num_train_epochs):
+        epoch_start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -173,7 +174,8 @@ def train_model(model, dataset, collator, args, seed: int, device: torch.device,
             loss_sum += loss.detach() * len(logits)
             correct += (logits.argmax(-1) == batch["labels"]).sum()
             seen += len(logits)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen}
+        record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+                  "epoch_seconds": time.perf_counter() - epoch_start}  # .item() waited for the GPU; before evaluation
         if evaluate_each_epoch is not None:
             record.update(evaluate_each_epoch(model))
         history.append(record)
@@ -321,6 +323,7 @@ def run_finetune(args):
                                  evaluate_each_epoch=validate)
     if accelerator.is_main_process:
         metrics = {**history[-1], "history": history, "train_seconds": time.time() - start,
+                   "train_loop_seconds": sum(h["epoch_seconds"] for h in history),  # without the evaluations
                    "num_processes": world, "effective_batch_size": world * args.per_device_train_batch_size,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         training_args = {"data": data_args_dict(args), "data_fingerprint": data.fingerprint,

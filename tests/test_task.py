@@ -105,3 +105,19 @@ def test_dynamic_padding_matches_max_length_padding(tiny, tmp_path, strategy):
     assert max_len == 128 and dyn_len < 40
     assert torch.allclose(dyn_logits, max_logits, atol=1e-10)
     np.testing.assert_allclose(dyn_scores.numpy(), max_scores.numpy(), rtol=1e-6, atol=1e-8 * max_scores.abs().max().item())
+
+
+def test_length_buckets_leave_logits_unchanged(tiny):
+    """`train.py --torch_compile cudagraphs` pads batches to a multiple of LENGTH_BUCKET: masked, so the
+    logits (and hence training) are those of plain dynamic padding."""
+    from train import LENGTH_BUCKET
+
+    raw, tokenizer, model = tiny
+    queries = tokenize(raw["validation"], tokenizer)
+    rows = [queries[i] for i in range(len(queries))]
+    plain = make_collator(tokenizer)(rows)
+    bucketed = make_collator(tokenizer, pad_to_multiple_of=LENGTH_BUCKET)(rows)
+    assert bucketed["input_ids"].shape[-1] % LENGTH_BUCKET == 0
+    assert bucketed["input_ids"].shape[-1] > plain["input_ids"].shape[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(model_logits(model, bucketed), model_logits(model, plain), rtol=0, atol=1e-10)

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 5: steady-state DDP training speed on one host with 2 GPUs (run once on nvidia-h200-x2, 2026-11-30;
+# result: results/ddp_training_steady_state.json). Every run trains 2 epochs; epoch 1 holds the warm-up
+# (CUDA graphs, per-length kernel set-up), epoch 2 is the steady state. roberta-base is the architecture
+# with random weights (speed only; its accuracy is chance), MiniLM is the pretrained model of issue 3.
+# Usage: bash results/ddp_steady_state_h200x2.sh MINILM_DIR ANETCAP_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
+set -u
+MINILM=${1:?MiniLM dir}; DATA=${2:?anetcap dir}; TOK=${3:?roberta-base tokenizer dir}; export OUT=${4:?output dir}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false TOK
+python - <<'PY'
+import os
+from pathlib import Path
+import torch
+from transformers import AutoModelForMultipleChoice, RobertaConfig
+from benchmark import load_tokenizer
+tok = load_tokenizer(Path(os.environ["TOK"])); torch.manual_seed(0)
+m = AutoModelForMultipleChoice.from_config(RobertaConfig(vocab_size=len(tok), max_position_embeddings=514, type_vocab_size=1, pad_token_id=tok.pad_token_id))
+m.save_pretrained("/tmp/rb"); tok.save_pretrained("/tmp/rb")
+PY
+F="--train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz --num_queries 200 --num_train_epochs 2 --dataloader_num_workers 2"
+RB="--model_name_or_path /tmp/rb $F --max_train_samples 4800"
+ML="--model_name_or_path $MINILM $F --max_train_samples 8000 --learning_rate 5e-5 --per_device_train_batch_size 32"
+r() { local name=$1; shift; "$@" --output_dir ck/$name > $OUT/$name.log 2>&1; echo "$name rc $?"; }
+one() { CUDA_VISIBLE_DEVICES=0 timeout 150 "$@"; }
+t2() { timeout 150 torchrun --standalone --nproc-per-node=2 "$@"; }
+r rb_1x16 one python train.py $RB --per_device_train_batch_size 16
+r rb_2x16 t2 train.py $RB --per_device_train_batch_size 16
+r rb_2x8 t2 train.py $RB --per_device_train_batch_size 8
+r rb_1x16_cg one python train.py $RB --per_device_train_batch_size 16 --torch_compile cudagraphs
+r rb_2x16_cg t2 train.py $RB --per_device_train_batch_size 16 --torch_compile cudagraphs
+r ml_1x32 one python train.py $ML
+r ml_2x32 t2 train.py $ML
+python - <<'PY'
+import json, os
+from pathlib import Path
+out = {}
+for d in sorted(Path("ck").iterdir()):
+    m = json.loads((d / "metrics.json").read_text())
+    out[d.name] = {"epoch_seconds": [h["epoch_seconds"] for h in m["history"]], "train_seconds": m["train_seconds"],
+                   "effective_batch_size": m["effective_batch_size"], "num_processes": m["num_processes"],
+                   "validation_accuracy": m["validation_accuracy"]}
+Path(os.environ["OUT"], "ddp_training_steady_state.json").write_text(json.dumps(out, indent=1))
+print(json.dumps(out))
+PY

@@ -9,7 +9,7 @@ Fine-tune (kronfluence's recipe: AdamW, lr 1e-5, weight decay 0.001, batch 16, 3
         --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 \\
         --output_dir checkpoints/anetcap
     torchrun --standalone --nproc-per-node=2 train.py ...               # DDP (or: accelerate launch train.py ...)
-    python train.py ... --torch_compile                                 # compiled training steps (GPU)
+    python train.py ... --torch_compile cudagraphs --dataloader_num_workers 2   # CUDA graphs per length bucket (GPU)
 
 LDS ground truth: models retrained from the same initial weights on random halves of the training
 set. Give the same data and recipe flags as the full model, plus:
@@ -17,6 +17,8 @@ set. Give the same data and recipe flags as the full model, plus:
     python train.py --dataset demo --lds_num_masks 100 --lds_repeats 1 --lds_subset_fraction 0.5 \\
         --lds_output_dir lds/demo
     torchrun --standalone --nproc-per-node=2 train.py ... --lds_num_masks 100   # runs split over ranks
+    CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 train.py ... --lds_num_masks 100 \
+        --torch_compile cudagraphs                                      # 4 runs sharing one GPU
     sbatch --array=0-99 --wrap "python train.py ... --lds_run_index \\$SLURM_ARRAY_TASK_ID"
 
 Each run writes one file, atomically; finished runs are skipped when the command is rerun.

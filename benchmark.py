@@ -36,7 +36,7 @@ import gc
 import json
 import logging
 import math
-import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -71,7 +71,7 @@ from pipeline import (
 )
 from task import MultipleChoiceTask
 from train import parse_args as train_args
-from train import process_rank, train_model
+from train import process_device, process_rank, train_model
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def parse_args(argv=None):
                              "their first --num_queries rows are compared with the reference.")
     parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
                         help="Configurations to run (none: time training only).")
-    parser.add_argument("--train_variants", nargs="*", choices=list(TRAIN_VARIANTS), default=None,
+    parser.add_argument("--train_variants", nargs="+", choices=list(TRAIN_VARIANTS), default=None,
                         help="Training variants to time (default: all on GPU, eager on CPU); the first one trains "
                              "the weights that the configurations score.")
     parser.add_argument("--train_steps", type=int, default=100,
@@ -128,7 +128,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.train_variants is None:
         args.train_variants = list(TRAIN_VARIANTS) if torch.cuda.is_available() else ["eager"]
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.configs:
+    if min(args.num_train, args.num_queries, args.num_fast_queries) <= 0:
+        parser.error("--num_train, --num_queries and --num_fast_queries must be positive")
+    if process_rank()[1] > 1 and args.configs:
         raise UserError("under torchrun the benchmark times concurrent training only; pass --configs with no names")
     return args
 
@@ -161,10 +163,13 @@ def timed(fn, profile: bool = False):
 
 
 def top_operations(profiler, k: int = 10) -> list:
-    """The k operations with the most self device time (CPU time on CPU), with their share."""
+    """The k operators or kernels with the most self device time (CPU time on CPU), with their share of the
+    stage's device time. An operator's self device time is that of the kernels it launched, which are listed
+    too, so the share's total counts the device-side events (kernels, copies) alone."""
     attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     events = [e for e in profiler.key_averages() if getattr(e, attr, 0) > 0]
-    total = sum(getattr(e, attr) for e in events) or 1
+    device_side = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU] or events
+    total = sum(getattr(e, attr) for e in device_side) or 1
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     return [{"op": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 1), "share": round(getattr(e, attr) / total, 3),
              "calls": e.count} for e in events[:k]]
@@ -261,16 +266,16 @@ def time_training(model, tokenizer, raw_train, variant: str) -> tuple:
     same order: the first pass compiles and records CUDA graphs for every padded length, the second is timed.
     Under torchrun every process trains its own copy at the same time (several retraining runs sharing a
     GPU, as `torchrun --nproc-per-node=P train.py --lds_num_masks ...` does with CUDA_VISIBLE_DEVICES set)."""
-    rank, world, local_rank = process_rank()
-    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    _, world, _ = process_rank()
+    device = process_device()
     model = copy.deepcopy(model).to(device).train()
     data = tokenize(raw_train, tokenizer)
-    recipe = train_args(["--per_device_train_batch_size", str(RECIPE_BATCH), "--num_train_epochs", "1",
-                               "--learning_rate", "2e-5", *TRAIN_VARIANTS[variant]])
+    flags = train_args(["--per_device_train_batch_size", str(RECIPE_BATCH), "--num_train_epochs", "1",
+                        "--learning_rate", "2e-5", *TRAIN_VARIANTS[variant]])
     collator = make_collator(tokenizer)
 
     def one_pass():
-        train_model(model, data, collator, recipe, seed=0, device=device, quiet=True)
+        train_model(model, data, collator, flags, seed=0, device=device, quiet=True)
 
     warmup = timed(one_pass)["seconds"]
     if world > 1:
@@ -283,12 +288,14 @@ def time_training(model, tokenizer, raw_train, variant: str) -> tuple:
               "batch_size": RECIPE_BATCH, "steps_timed": steps, "peak_gib": measured["peak_gib"],
               "warmup_pass_seconds": warmup, "retrain_50pct_swag_steps": full_steps,
               "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}
-    if world > 1:
+    if world > 1:  # P processes on G devices finish P runs in the slowest one's time: G × that / P device-seconds a run
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, per_step)
-        result.update(processes_per_gpu=world // max(torch.cuda.device_count(), 1) or 1,
-                      seconds_per_step_each_process=[round(x, 4) for x in gathered],
-                      retrain_50pct_swag_seconds=round(max(gathered) * full_steps / world, 1))
+        torch.distributed.all_gather_object(gathered, (per_step, socket.gethostname(), str(device)))
+        devices = len({(host, dev) for _, host, dev in gathered})
+        slowest = max(s for s, _, _ in gathered)
+        result.update(devices=devices, processes_per_device=math.ceil(world / devices),
+                      seconds_per_step_each_process=[round(s, 4) for s, _, _ in gathered],
+                      retrain_50pct_swag_seconds=round(slowest * full_steps * devices / world, 1))
     return result, model.eval()
 
 
@@ -335,6 +342,8 @@ def main(argv=None):
             if rank == 0:
                 write_json(args.output, out)
         out["retrain_50pct_swag_s"] = min(v["retrain_50pct_swag_seconds"] for v in out["training"].values())
+    if world > 1:
+        torch.distributed.destroy_process_group()
     if rank > 0:
         return out
     results, scores = {}, {}

@@ -310,12 +310,10 @@ def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_max_length: bool = False,
-                  max_length: int = MAX_LENGTH, pad_to_multiple_of: Optional[int] = None) -> DataCollatorForMultipleChoice:
-    """Pads each batch to its longest sequence (or to `max_length`), rounded up to `pad_to_multiple_of`."""
+                  max_length: int = MAX_LENGTH) -> DataCollatorForMultipleChoice:
     return DataCollatorForMultipleChoice(tokenizer=tokenizer,
                                          padding="max_length" if pad_to_max_length else True,
-                                         max_length=max_length if pad_to_max_length else None,
-                                         pad_to_multiple_of=pad_to_multiple_of)
+                                         max_length=max_length if pad_to_max_length else None)
 
 
 @dataclass

@@ -17,8 +17,8 @@ set. Give the same data and recipe flags as the full model, plus:
     python train.py --dataset demo --lds_num_masks 100 --lds_repeats 1 --lds_subset_fraction 0.5 \\
         --lds_output_dir lds/demo
     torchrun --standalone --nproc-per-node=2 train.py ... --lds_num_masks 100   # runs split over ranks
-    CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 train.py ... --lds_num_masks 100 \
-        --torch_compile cudagraphs                                      # 4 runs sharing one GPU
+    CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 train.py ... --lds_num_masks 100 \\
+        --torch_compile cudagraphs --dataloader_num_workers 2           # 4 runs sharing one GPU
     sbatch --array=0-99 --wrap "python train.py ... --lds_run_index \\$SLURM_ARRAY_TASK_ID"
 
 Each run writes one file, atomically; finished runs are skipped when the command is rerun.
@@ -92,7 +92,8 @@ def parse_args(argv=None):
                              f"padded length, training batches padded to a multiple of {LENGTH_BUCKET} tokens). "
                              "GPU only in effect; see the README for measured step times.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
-                        help="Worker processes that collate training batches (the batches are the same for any value).")
+                        help="Worker processes that collate training batches (the batches and their order are the "
+                             "same for any value).")
     parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
     lds = parser.add_argument_group("LDS retraining runs")
     lds.add_argument("--lds_num_masks", type=int, default=0,
@@ -114,6 +115,8 @@ def parse_args(argv=None):
     args.lds_output_dir = args.lds_output_dir or LDS_DIR / args.dataset
     if args.lds_run_index is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
         args.lds_run_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    if args.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if not 0 < args.lds_subset_fraction < 1:
         raise UserError(f"--lds_subset_fraction must lie in (0, 1), got {args.lds_subset_fraction}")
     return args
@@ -135,11 +138,12 @@ def train_model(model, dataset, collator, args, seed: int, device: torch.device,
     generator = torch.Generator().manual_seed(seed)
     compile_mode = args.torch_compile
     if compile_mode == "cudagraphs":
-        collator = dataclasses.replace(collator, pad_to_multiple_of=LENGTH_BUCKET)
-    workers = args.dataloader_num_workers
+        collator = bucketed(collator)
+    # workers are restarted every epoch: persistent ones would skip the generator draw that a new epoch's
+    # iterator makes, and so change the shuffle order from epoch 2 on
     loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collator, generator=generator, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda")
+                        collate_fn=collator, generator=generator, num_workers=args.dataloader_num_workers,
+                        pin_memory=device.type == "cuda" and accelerator is None)  # accelerate moves batches itself
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     total = args.num_train_epochs * len(loader)
     if total == 0:
@@ -245,10 +249,25 @@ def process_rank():
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def process_device() -> torch.device:
+    """This process's device for independent runs: local ranks share the visible GPUs round-robin (so several
+    processes may share one GPU), made current so that pinned memory and CUDA state land on it."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{process_rank()[2] % torch.cuda.device_count()}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def bucketed(collator):
+    """The collator with lengths rounded up to a multiple of LENGTH_BUCKET (one CUDA graph per length)."""
+    return dataclasses.replace(collator, pad_to_multiple_of=LENGTH_BUCKET)
+
+
 def run_lds(args) -> list:
     """Train the LDS runs assigned to this process; returns the paths of the runs it wrote."""
-    rank, world, local_rank = process_rank()
-    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    rank, world, _ = process_rank()
+    device = process_device()
     raw = load_raw(args)
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -30,6 +30,7 @@ run2() { torchrun --standalone --nproc-per-node="$1" "${@:2}"; }
 one() { CUDA_VISIBLE_DEVICES=0 "$@"; }
 
 if [ "$STAGE" = train_analyze ]; then
+  rm -rf checkpoints/one checkpoints/two_2x32 checkpoints/two_2x16 scores/one scores/two scores/lam  # time from scratch
   timed train_1x32 one python train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/one
   timed train_2x32 run2 2 train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/two_2x32
   timed train_2x16 run2 2 train.py $D --per_device_train_batch_size 16 --output_dir checkpoints/two_2x16
@@ -40,6 +41,7 @@ if [ "$STAGE" = train_analyze ]; then
   timed analyze_fast_lam25_1 one python analyze.py --checkpoint_dir checkpoints/one $A $FAST \
     --lambda_max_examples 2000 --output_dir scores/lam
 elif [ "$STAGE" = retrain ]; then
+  rm -rf lds/one lds/two  # finished runs would be skipped
   timed retrain_1gpu_8proc one run2 8 train.py $R --lds_output_dir lds/one
   timed retrain_2gpu_16proc run2 16 train.py $R --lds_output_dir lds/two
 else
@@ -93,8 +95,9 @@ else:
                 seconds.append(float(f.metadata()["seconds"]))
         s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds)}
     s["retrain_speedup"] = wall["retrain_1gpu_8proc"] / wall["retrain_2gpu_16proc"]
-    # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing)
-    s["retrain_steady_state_speedup"] = (2 * 8 / s["runs_two"]["mean_run_seconds"]) / (8 / s["runs_one"]["mean_run_seconds"])
+    # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing);
+    # both sides run 8 processes per GPU, so twice the processes at the 2-GPU run time
+    s["retrain_steady_state_speedup"] = s["runs_one"]["mean_run_seconds"] / s["runs_two"]["mean_run_seconds"] * 2
 ta, rt = result.get("train_analyze", {}), result.get("retrain", {})
 summary = {"gpus": "2x NVIDIA H200 (one host)", "train_speedup": ta.get("train_speedup_2x32"),
            "train_speedup_same_effective_batch": ta.get("train_speedup_2x16"),

@@ -6,7 +6,7 @@
 # Usage: bash results/ddp_steady_state_h200x2.sh MINILM_DIR ANETCAP_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
 set -u
 MINILM=${1:?MiniLM dir}; DATA=${2:?anetcap dir}; TOK=${3:?roberta-base tokenizer dir}; export OUT=${4:?output dir}
-mkdir -p "$OUT"
+mkdir -p "$OUT"; rm -rf ck
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false TOK
 python - <<'PY'
 import os
@@ -36,6 +36,9 @@ import json, os
 from pathlib import Path
 out = {}
 for d in sorted(Path("ck").iterdir()):
+    if not (d / "metrics.json").is_file():
+        out[d.name] = "failed: see its log"
+        continue
     m = json.loads((d / "metrics.json").read_text())
     out[d.name] = {"epoch_seconds": [h["epoch_seconds"] for h in m["history"]], "train_seconds": m["train_seconds"],
                    "effective_batch_size": m["effective_batch_size"], "num_processes": m["num_processes"],

@@ -62,6 +62,7 @@ def test_benchmark_times_concurrent_training_under_torchrun(tmp_path, swag_files
     eager = json.loads(out.read_text())["training"]["eager"]
     per_process = eager["seconds_per_step_each_process"]
     assert len(per_process) == 2 and eager["steps_timed"] == 1
+    assert eager["devices"] == 1 and eager["processes_per_device"] == 2  # both on this host's CPU
     assert eager["retrain_50pct_swag_seconds"] == pytest.approx(max(per_process) * 3 * (36_768 // 16) / 2, rel=0.01)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--configs with no names"):

@@ -27,7 +27,9 @@ depend on them. kronfluence's scores are linear in training rows × query batche
 training set per batch). The fused path's query side is linear in the queries; its training side is
 linear in the training rows × passes, a pass holding as many queries as fit in GPU memory; a pass is
 timed with a full chunk of queries (--num_fast_queries, capped at what fits). `--profile` records the
-ten most expensive GPU operations of each stage (torch.profiler) instead of timing alone.
+ten most expensive GPU operations of each stage (torch.profiler) instead of timing alone, and for each
+training variant a third, profiled pass with the GPU's busy time (a step far longer than it is
+overhead-bound).
 """
 
 import argparse
@@ -122,7 +124,8 @@ def parse_args(argv=None):
                              "from their random initialisation (0: skip).")
     parser.add_argument("--architecture", choices=["roberta-base", "tiny"], default="roberta-base",
                         help="roberta-base or a 2-layer model for smoke tests on CPU.")
-    parser.add_argument("--profile", action="store_true", help="Record each stage's top GPU operations.")
+    parser.add_argument("--profile", action="store_true",
+                        help="Record each stage's and each training variant's top GPU operations and device-busy time.")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark.json"), help="Results JSON.")
     parser.add_argument("--work_dir", type=Path, default=Path("scores/benchmark"), help="Factors and scores go here.")
     args = parser.parse_args(argv)
@@ -158,11 +161,12 @@ def timed(fn, profile: bool = False):
     result = {"seconds": round(time.perf_counter() - start, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0, 2)}
     if profiler:
-        result["top_ops"] = top_operations(profiler)
+        result["top_ops"], busy = top_operations(profiler)
+        result["device_busy_seconds"] = round(busy, 3)  # device-side time; far below "seconds": the GPU waits
     return result
 
 
-def top_operations(profiler, k: int = 10) -> list:
+def top_operations(profiler, k: int = 10) -> tuple:
     """The k operators or kernels with the most self device time (CPU time on CPU), with their share of the
     stage's device time. An operator's self device time is that of the kernels it launched, which are listed
     too, so the share's total counts the device-side events (kernels, copies) alone."""
@@ -171,8 +175,8 @@ def top_operations(profiler, k: int = 10) -> list:
     device_side = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU] or events
     total = sum(getattr(e, attr) for e in device_side) or 1
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"op": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 1), "share": round(getattr(e, attr) / total, 3),
-             "calls": e.count} for e in events[:k]]
+    return ([{"op": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 1), "share": round(getattr(e, attr) / total, 3),
+              "calls": e.count} for e in events[:k]], total / 1e6)
 
 
 def per_query_correlations(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -259,7 +263,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     return result, scores  # rows and columns in dataset order
 
 
-def time_training(model, tokenizer, raw_train, variant: str) -> tuple:
+def time_training(model, tokenizer, raw_train, variant: str, profile: bool = False) -> tuple:
     """Seconds per step of train.py's own loop (`train.train_model`: batch 16, AdamW, bf16 autocast on GPU,
     dynamic padding, collation included) under one variant's flags, and one 50%-SWAG run (36,768 rows ×
     3 epochs) extrapolated; returns (result, trained model). The loop runs twice over the same rows in the
@@ -284,10 +288,15 @@ def time_training(model, tokenizer, raw_train, variant: str) -> tuple:
     steps = len(data) // RECIPE_BATCH
     per_step = measured["seconds"] / steps
     full_steps = 3 * (SWAG_HALF // RECIPE_BATCH)
+    if profile:  # a third, profiled pass: where a step's time goes, and how much of it the GPU is busy
+        profiled = timed(one_pass, profile=True)
+        profiled["steps"] = steps
     result = {"flags": " ".join(TRAIN_VARIANTS[variant]), "seconds_per_step": round(per_step, 4),
               "batch_size": RECIPE_BATCH, "steps_timed": steps, "peak_gib": measured["peak_gib"],
               "warmup_pass_seconds": warmup, "retrain_50pct_swag_steps": full_steps,
               "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}
+    if profile:
+        result["profile"] = profiled
     if world > 1:  # P processes on G devices finish P runs in the slowest one's time: G × that / P device-seconds a run
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (per_step, socket.gethostname(), str(device)))
@@ -335,7 +344,7 @@ def main(argv=None):
         rows = raw["train"].select(range(min(len(raw["train"]), RECIPE_BATCH * args.train_steps)))
         out["training"] = {}
         for i, variant in enumerate(args.train_variants):
-            out["training"][variant], trained = time_training(model, tokenizer, rows, variant)
+            out["training"][variant], trained = time_training(model, tokenizer, rows, variant, args.profile)
             logger.info("training %s: %s", variant, out["training"][variant])
             if i == 0:
                 model = trained  # the configurations score these (no longer random) weights

@@ -67,3 +67,16 @@ def test_benchmark_times_concurrent_training_under_torchrun(tmp_path, swag_files
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--configs with no names"):
         benchmark.parse_args(["--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files])
+
+
+def test_benchmark_profiles_training(tmp_path, swag_files):
+    """--profile adds a profiled training pass: its top operations and the device's busy time."""
+    tok = tmp_path / "tokenizer"
+    build_demo_tokenizer(make_demo_dataset()).save_pretrained(tok)
+    out = benchmark.main(["--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files,
+                          "--num_train", "16", "--num_queries", "4", "--num_fast_queries", "4", "--train_steps", "1",
+                          "--architecture", "tiny", "--configs", "--train_variants", "eager", "--profile",
+                          "--output", str(tmp_path / "bench.json")])
+    profile = out["training"]["eager"]["profile"]
+    assert profile["steps"] == 1 and profile["top_ops"] and profile["device_busy_seconds"] > 0
+    assert 0 < sum(op["share"] for op in profile["top_ops"]) <= 1 + 1e-3  # shares of one total

@@ -211,7 +211,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     result = {"settings": {**c, "num_queries_timed": len(queries)}}
     stages = factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, c["factor_bs"], overwrite=True)
     holder, fused_timings = {}, {}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = process_device()
     linears = tracked_linears(prepared, linear_module_names(prepared))
     if c["scoring"] == "fused":
         per_pass_here = queries_per_pass(linears, score_args.score_dtype, device, len(queries))
@@ -263,17 +263,16 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     return result, scores  # rows and columns in dataset order
 
 
-def time_training(model, tokenizer, raw_train, variant: str, profile: bool = False) -> tuple:
+def time_training(model, tokenizer, data, variant: str, profile: bool = False) -> tuple:
     """Seconds per step of train.py's own loop (`train.train_model`: batch 16, AdamW, bf16 autocast on GPU,
-    dynamic padding, collation included) under one variant's flags, and one 50%-SWAG run (36,768 rows ×
-    3 epochs) extrapolated; returns (result, trained model). The loop runs twice over the same rows in the
-    same order: the first pass compiles and records CUDA graphs for every padded length, the second is timed.
+    dynamic padding, collation included) on the tokenized rows `data` under one variant's flags, and one
+    50%-SWAG run (36,768 rows × 3 epochs) extrapolated; returns (result, trained model). The loop runs twice
+    over the same rows in the same order: the first pass compiles and records CUDA graphs for every padded length, the second is timed.
     Under torchrun every process trains its own copy at the same time (several retraining runs sharing a
     GPU, as `torchrun --nproc-per-node=P train.py --lds_num_masks ...` does with CUDA_VISIBLE_DEVICES set)."""
     _, world, _ = process_rank()
     device = process_device()
     model = copy.deepcopy(model).to(device).train()
-    data = tokenize(raw_train, tokenizer)
     flags = train_args(["--per_device_train_batch_size", str(RECIPE_BATCH), "--num_train_epochs", "1",
                         "--learning_rate", "2e-5", *TRAIN_VARIANTS[variant]])
     collator = make_collator(tokenizer)
@@ -341,7 +340,7 @@ def main(argv=None):
         torch.distributed.init_process_group("gloo")  # barrier and gather only; each process trains alone
         out["processes"] = world
     if args.train_steps:
-        rows = raw["train"].select(range(min(len(raw["train"]), RECIPE_BATCH * args.train_steps)))
+        rows = tokenize(raw["train"].select(range(min(len(raw["train"]), RECIPE_BATCH * args.train_steps))), tokenizer)
         out["training"] = {}
         for i, variant in enumerate(args.train_variants):
             out["training"][variant], trained = time_training(model, tokenizer, rows, variant, args.profile)

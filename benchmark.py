@@ -266,10 +266,11 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
 def time_training(model, tokenizer, data, variant: str, profile: bool = False) -> tuple:
     """Seconds per step of train.py's own loop (`train.train_model`: batch 16, AdamW, bf16 autocast on GPU,
     dynamic padding, collation included) on the tokenized rows `data` under one variant's flags, and one
-    50%-SWAG run (36,768 rows × 3 epochs) extrapolated; returns (result, trained model). The loop runs twice
-    over the same rows in the same order: the first pass compiles and records CUDA graphs for every padded length, the second is timed.
-    Under torchrun every process trains its own copy at the same time (several retraining runs sharing a
-    GPU, as `torchrun --nproc-per-node=P train.py --lds_num_masks ...` does with CUDA_VISIBLE_DEVICES set)."""
+    50%-SWAG run (36,768 rows × 3 epochs) extrapolated; returns (result, trained model). The loop runs
+    twice over the same rows in the same order: the first pass compiles and records CUDA graphs for every
+    padded length, the second is timed. Under torchrun every process trains its own copy at the same time
+    (several retraining runs sharing a GPU, as `torchrun --nproc-per-node=P train.py --lds_num_masks ...`
+    does with CUDA_VISIBLE_DEVICES set)."""
     _, world, _ = process_rank()
     device = process_device()
     model = copy.deepcopy(model).to(device).train()

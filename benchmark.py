@@ -315,6 +315,14 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def random_roberta(tokenizer, **size):
+    """The roberta-base architecture (or `size` overrides) with random weights, seeded."""
+    torch.manual_seed(0)
+    return AutoModelForMultipleChoice.from_config(RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=514,
+                                                                type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+                                                                **size))
+
+
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
@@ -326,12 +334,9 @@ def main(argv=None):
     raw_queries = take_first(raw["validation"], args.num_queries, "queries", "--num_queries")
     raw_queries_fast = take_first(raw["validation"], max(args.num_queries, args.num_fast_queries), "queries",
                                   "--num_fast_queries")
-    torch.manual_seed(0)
     size = {} if args.architecture == "roberta-base" else dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                                 intermediate_size=64)
-    model = AutoModelForMultipleChoice.from_config(RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=514,
-                                                                 type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
-                                                                 **size)).eval()
+    model = random_roberta(tokenizer, **size).eval()
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "subset": {"num_train": args.num_train, "num_queries": args.num_queries},
            "full_scale": {"num_train": REFERENCE_NUM_TRAIN, "num_queries": REFERENCE_NUM_QUERIES},

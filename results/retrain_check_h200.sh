@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 4, what is left (written for the next GPU session; NOT RUN YET), about 7 minutes on one H200:
+# Issue 4, what was left after session 3, about 8 minutes on one H200:
+# (0) what a new (batch, padded length) shape costs a training step (results/attention_probe.py);
 # (1) where a training step's time goes, eager and with CUDA graphs (benchmark.py --profile: top GPU
 #     operations and the GPU's busy time per pass);
 # (2) whether retraining with `--torch_compile cudagraphs` keeps the ground truth: 100 retraining runs of the
@@ -10,6 +11,10 @@ set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; TOK=${3:?roberta-base tokenizer dir}; OUT=${4:?output dir}
 source results/anetcap_minilm_common.sh
 rm -rf lds/cudagraphs
+
+python results/attention_probe.py "$MODEL" --roberta_tokenizer "$TOK" --output "$OUT/attention_probe_h200.json" \
+  > logs/attention_probe.log 2>&1 || tail -20 logs/attention_probe.log
+echo "attention probe written"
 
 python benchmark.py --tokenizer_dir "$TOK" --train_file "$DATA/train.csv.gz" --validation_file "$DATA/validation.csv.gz" \
   --configs --train_variants eager cudagraphs --train_steps 100 --profile \

@@ -29,7 +29,7 @@ def step(model, length: int, batch: int = 32):
     mask = torch.ones_like(ids)
     mask[::2, :, length - 5:] = 0  # padded rows: the model passes an attention mask
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).logits
     logits.float().sum().backward()
 
 

@@ -2,6 +2,8 @@
 # Issue 5 on one host with 2 GPUs, in two device calls of under 10 minutes each (one stage per call):
 #   bash results/ddp_h200x2.sh train_analyze MODEL_DIR DATA_DIR OUT_DIR
 #   bash results/ddp_h200x2.sh retrain       MODEL_DIR DATA_DIR OUT_DIR
+#   bash results/ddp_h200x2.sh train         MODEL_DIR DATA_DIR OUT_DIR   (the training half of train_analyze,
+#                                                                       replacing its training figures)
 # MODEL_DIR: MiniLM (../shared/models/all-MiniLM-L6-v2-fp16); DATA_DIR: ../shared/data/anetcap.
 # train_analyze: fine-tuning on 8,000 rows on 1 GPU (batch 32) and on 2 (2 × 32, the usual DDP setting,
 #   and 2 × 16, the same effective batch); analysis of the 1-GPU model (1,000 queries) with kronfluence fp32
@@ -29,11 +31,15 @@ timed() {  # timed NAME COMMAND...: runs it with its log in logs/NAME.log and ap
 run2() { torchrun --standalone --nproc-per-node="$1" "${@:2}"; }
 one() { CUDA_VISIBLE_DEVICES=0 "$@"; }
 
-if [ "$STAGE" = train_analyze ]; then
+if [ "$STAGE" = train_analyze ] || [ "$STAGE" = train ]; then
   rm -rf checkpoints/one checkpoints/two_2x32 checkpoints/two_2x16 scores/one scores/two scores/lam  # time from scratch
   timed train_1x32 one python train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/one
   timed train_2x32 run2 2 train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/two_2x32
   timed train_2x16 run2 2 train.py $D --per_device_train_batch_size 16 --output_dir checkpoints/two_2x16
+fi
+if [ "$STAGE" = train ]; then
+  :
+elif [ "$STAGE" = train_analyze ]; then
   timed analyze_fp32_1 one python analyze.py --checkpoint_dir checkpoints/one $A --output_dir scores/one
   timed analyze_fp32_2 run2 2 analyze.py --checkpoint_dir checkpoints/one $A --use_ddp --output_dir scores/two
   timed analyze_fast_1 one python analyze.py --checkpoint_dir checkpoints/one $A $FAST --output_dir scores/one
@@ -45,7 +51,7 @@ elif [ "$STAGE" = retrain ]; then
   timed retrain_1gpu_8proc one run2 8 train.py $R --lds_output_dir lds/one
   timed retrain_2gpu_16proc run2 16 train.py $R --lds_output_dir lds/two
 else
-  echo "unknown stage $STAGE (train_analyze or retrain)"; exit 2
+  echo "unknown stage $STAGE (train_analyze, train or retrain)"; exit 2
 fi
 
 python - "$STAGE" "$OUT" <<'PY'
@@ -63,16 +69,24 @@ wall = dict((line.split()[0], float(line.split()[1])) for line in Path("logs/wal
 path = Path("results/ddp_h200x2.json")
 result = json.loads(path.read_text()) if path.exists() else {}
 result = {k: v for k, v in result.items() if k in ("train_analyze", "retrain")}  # the other stage, if measured
-s = result[stage] = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-                     "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
-if stage == "train_analyze":
+run = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+       "torch": torch.__version__, "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
+if stage == "train":  # new training figures beside the earlier analysis ones
+    s = result.setdefault("train_analyze", {})
+    s["wall_seconds"] = {**s.get("wall_seconds", {}), **wall}
+    s["train_command"] = run["command"]
+else:
+    s = result[stage] = run
+if stage in ("train_analyze", "train"):
     for name in ("one", "two_2x32", "two_2x16"):
         m = json.loads(Path(f"checkpoints/{name}/metrics.json").read_text())
-        s[f"train_{name}"] = {k: m[k] for k in ("train_seconds", "validation_accuracy", "num_processes",
-                                                "effective_batch_size")}
+        s[f"train_{name}"] = {k: m[k] for k in ("train_seconds", "train_loop_seconds", "validation_accuracy",
+                                                "num_processes", "effective_batch_size")}
+        s[f"train_{name}"]["epoch_seconds"] = [h["epoch_seconds"] for h in m["history"]]
     t1 = s["train_one"]["train_seconds"]
     s["train_speedup_2x32"] = t1 / s["train_two_2x32"]["train_seconds"]
     s["train_speedup_2x16"] = t1 / s["train_two_2x16"]["train_seconds"]
+if stage == "train_analyze":
     for one in sorted(Path("scores/one/one").glob("scores_*")):
         two = Path("scores/two/one") / one.name
         (a, ma), (b, mb) = load_scores(one), load_scores(two)

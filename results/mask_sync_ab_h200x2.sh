@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issues 4 and 5: does transformers' per-forward `padding_mask.all()` (a host-GPU sync every step) explain the
+# host-bound training steps and the DDP step overhead? The same runs with and without it
+# (results/without_mask_sync.py). MiniLM, 8,000 rows, batch 32, 2 epochs, on 1 GPU and on 2 (DDP); and
+# benchmark.py's training variants (roberta-base architecture, batch 16).
+# Usage: bash results/mask_sync_ab_h200x2.sh MINILM_DIR ANETCAP_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
+set -u
+MINILM=${1:?}; DATA=${2:?}; TOK=${3:?}; OUT=${4:?}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+ML="--model_name_or_path $MINILM --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
+    --max_train_samples 8000 --num_queries 200 --learning_rate 5e-5 --per_device_train_batch_size 32
+    --num_train_epochs 2 --dataloader_num_workers 2"
+P=results/without_mask_sync.py
+r() { local name=$1; shift; timeout 120 "$@" --output_dir ck/$name > $OUT/$name.log 2>&1; echo "$name rc $?"; }
+r ml_1x32_patched env CUDA_VISIBLE_DEVICES=0 python $P train $ML
+r ml_2x32_patched torchrun --standalone --nproc-per-node=2 $P train $ML
+CUDA_VISIBLE_DEVICES=0 timeout 150 python $P benchmark --tokenizer_dir "$TOK" --train_file "$DATA/train.csv.gz" \
+  --validation_file "$DATA/validation.csv.gz" --configs --train_variants eager cudagraphs --train_steps 100 \
+  --output "$OUT/benchmark_training_patched_h200.json" > $OUT/bench_patched.log 2>&1; echo "bench rc $?"
+grep -h "__main__: epoch" $OUT/ml_*.log | cut -c1-160
+python3 -c "import json; d=json.load(open('$OUT/benchmark_training_patched_h200.json'))['training']; print({k: (v['seconds_per_step'], v['retrain_50pct_swag_seconds']) for k, v in d.items()})"

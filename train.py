@@ -49,6 +49,7 @@ from pipeline import (
     UserError,
     add_data_args,
     data_args_dict,
+    disable_cudnn_attention,
     load_pretrained,
     load_raw,
     make_collator,
@@ -362,6 +363,7 @@ def run_finetune(args):
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
+    disable_cudnn_attention()
     if args.lds_num_masks > 0:
         return run_lds(args)
     return run_finetune(args)

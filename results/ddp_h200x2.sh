@@ -100,7 +100,7 @@ if stage == "train_analyze":
     lam = load_scores(next(Path("scores/lam/one").glob("scores_*_fused")))[0]
     s["issue4_fast_vs_fp32"] = per_query_correlations(fast, fp32)
     s["issue4_fast_lambda25_vs_fp32"] = per_query_correlations(lam, fp32)
-else:
+elif stage == "retrain":
     for name in ("one", "two"):
         runs = sorted(Path(f"lds/{name}").glob("run_*.safetensors"))
         seconds = []

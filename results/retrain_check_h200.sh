@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 4, what was left after session 3, about 8 minutes on one H200:
-# (0) what a new (batch, padded length) shape costs a training step (results/attention_probe.py);
+# Issue 4, what was left after session 3; run once in session 4 (2026-11-30, 529 s on one H200; result:
+# results/retrain_check_h200.json, results/benchmark_training_profile_h200.json). A first step, a probe of the
+# per-shape cost of a training step, crashed on the GPU and has been removed (results/ddp_profile_h200x2.sh
+# answered that question instead).
 # (1) where a training step's time goes, eager and with CUDA graphs (benchmark.py --profile: top GPU
 #     operations and the GPU's busy time per pass);
 # (2) whether retraining with `--torch_compile cudagraphs` keeps the ground truth: 100 retraining runs of the
@@ -12,9 +14,6 @@ MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; TOK=${3:?roberta-base tokenizer d
 source results/anetcap_minilm_common.sh
 rm -rf lds/cudagraphs
 
-python results/attention_probe.py "$MODEL" --roberta_tokenizer "$TOK" --output "$OUT/attention_probe_h200.json" \
-  > logs/attention_probe.log 2>&1 || tail -20 logs/attention_probe.log
-echo "attention probe written"
 
 python benchmark.py --tokenizer_dir "$TOK" --train_file "$DATA/train.csv.gz" --validation_file "$DATA/validation.csv.gz" \
   --configs --train_variants eager cudagraphs --train_steps 100 --profile \

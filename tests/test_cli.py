@@ -11,6 +11,7 @@ import analyze
 import pipeline
 import train
 from analyze import STRATEGIES
+from conftest import TINY
 from pipeline import UserError
 
 
@@ -111,7 +112,6 @@ def test_torch_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, mod
     graphs themselves are skipped by torch)."""
     from safetensors import safe_open
 
-    from conftest import TINY
 
     lengths, real = [], train.model_logits
     def recording(model, batch):  # training batches go through the compiled module, evaluation batches do not
@@ -137,7 +137,6 @@ def test_dataloader_workers_train_identical_weights(tmp_path):
     dropout draws, same weights."""
     from safetensors.torch import load_file
 
-    from conftest import TINY
 
     weights = []
     for workers in ("0", "2"):
@@ -146,3 +145,16 @@ def test_dataloader_workers_train_identical_weights(tmp_path):
         weights.append(load_file(str(out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("script", ["train", "analyze"])
+def test_scripts_take_cudnn_out_of_attention(script, tiny_checkpoint, tmp_path):
+    """cuDNN attention sets up a plan per padded length (see pipeline.disable_cudnn_attention): every entry
+    point that runs the model turns it off before the first batch."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    if script == "train":
+        train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "ckpt")])
+    else:
+        analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
+                      "--output_dir", str(tmp_path / "scores")])
+    assert not torch.backends.cuda.cudnn_sdp_enabled()

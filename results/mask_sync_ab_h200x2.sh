@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issues 4 and 5: does transformers' per-forward `padding_mask.all()` (a host-GPU sync every step) explain the
 # host-bound training steps and the DDP step overhead? The same runs with and without it
-# (results/without_mask_sync.py). MiniLM, 8,000 rows, batch 32, 2 epochs, on 1 GPU and on 2 (DDP); and
+# (results/run_variant.py --mask_sync off; run once in session 4, 2026-11-30, as results/without_mask_sync.py,
+# since merged into run_variant.py; cuDNN attention was then on, as here). MiniLM, 8,000 rows, batch 32,
+# 2 epochs, on 1 GPU and on 2 (DDP); and
 # benchmark.py's training variants (roberta-base architecture, batch 16).
 # Usage: bash results/mask_sync_ab_h200x2.sh MINILM_DIR ANETCAP_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
 set -u
@@ -11,7 +13,7 @@ mkdir -p "$OUT"
 ML="--model_name_or_path $MINILM --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
     --max_train_samples 8000 --num_queries 200 --learning_rate 5e-5 --per_device_train_batch_size 32
     --num_train_epochs 2 --dataloader_num_workers 2"
-P=results/without_mask_sync.py
+P="results/run_variant.py --mask_sync off --cudnn_attention on"
 r() { local name=$1; shift; timeout 120 "$@" --output_dir ck/$name > $OUT/$name.log 2>&1; echo "$name rc $?"; }
 r ml_1x32_patched env CUDA_VISIBLE_DEVICES=0 python $P train $ML
 r ml_2x32_patched torchrun --standalone --nproc-per-node=2 $P train $ML

@@ -419,7 +419,7 @@ def disable_cudnn_attention() -> None:
     """Take cuDNN out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an execution
     plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is one: profiled
     on one H200, its attention calls took 15.1 s of host time in a 17.3-s first epoch of MiniLM training
-    (results/ddp_profile_h200x2/), and under DDP one rank's plan building stalls the other."""
+    (results/ddp_profile_h200x2/), and under DDP one rank's plan building can stall the other."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

@@ -112,7 +112,6 @@ def test_torch_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, mod
     graphs themselves are skipped by torch)."""
     from safetensors import safe_open
 
-
     lengths, real = [], train.model_logits
     def recording(model, batch):  # training batches go through the compiled module, evaluation batches do not
         if hasattr(model, "_orig_mod"):
@@ -136,7 +135,6 @@ def test_dataloader_workers_train_identical_weights(tmp_path):
     """Collating in worker processes changes nothing: same batches in the same order in every epoch, same
     dropout draws, same weights."""
     from safetensors.torch import load_file
-
 
     weights = []
     for workers in ("0", "2"):

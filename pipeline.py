@@ -418,8 +418,8 @@ def seed_everything(seed: int) -> None:
 def disable_cudnn_attention() -> None:
     """Take cuDNN out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an execution
     plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is one: profiled
-    on one H200, its attention calls took 15.1 s of host time in a 17.3-s first epoch of MiniLM training
-    (results/ddp_profile_h200x2/), and under DDP one rank's plan building can stall the other."""
+    on one H200, its attention calls took 15.1 s of host time in a MiniLM training run whose epochs took 17.3 s
+    and 3.6 s (results/ddp_profile_h200x2/), and under DDP one rank's plan building can stall the other."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

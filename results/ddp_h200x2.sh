@@ -3,7 +3,7 @@
 #   bash results/ddp_h200x2.sh train_analyze MODEL_DIR DATA_DIR OUT_DIR
 #   bash results/ddp_h200x2.sh retrain       MODEL_DIR DATA_DIR OUT_DIR
 #   bash results/ddp_h200x2.sh train         MODEL_DIR DATA_DIR OUT_DIR   (the training half of train_analyze,
-#                                                                       replacing its training figures)
+#                                                                       kept apart; its speedups take precedence)
 # MODEL_DIR: MiniLM (../shared/models/all-MiniLM-L6-v2-fp16); DATA_DIR: ../shared/data/anetcap.
 # train_analyze: fine-tuning on 8,000 rows on 1 GPU (batch 32) and on 2 (2 × 32, the usual DDP setting,
 #   and 2 × 16, the same effective batch); analysis of the 1-GPU model (1,000 queries) with kronfluence fp32
@@ -68,15 +68,9 @@ stage, out = sys.argv[1], Path(sys.argv[2])
 wall = dict((line.split()[0], float(line.split()[1])) for line in Path("logs/wall.txt").read_text().splitlines())
 path = Path("results/ddp_h200x2.json")
 result = json.loads(path.read_text()) if path.exists() else {}
-result = {k: v for k, v in result.items() if k in ("train_analyze", "retrain")}  # the other stage, if measured
-run = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-       "torch": torch.__version__, "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
-if stage == "train":  # new training figures beside the earlier analysis ones
-    s = result.setdefault("train_analyze", {})
-    s["wall_seconds"] = {**s.get("wall_seconds", {}), **wall}
-    s["train_command"] = run["command"]
-else:
-    s = result[stage] = run
+result = {k: v for k, v in result.items() if k in ("train_analyze", "train", "retrain")}  # the other stages
+s = result[stage] = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__, "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
 if stage in ("train_analyze", "train"):
     for name in ("one", "two_2x32", "two_2x16"):
         m = json.loads(Path(f"checkpoints/{name}/metrics.json").read_text())
@@ -113,13 +107,14 @@ elif stage == "retrain":
     # both sides run 8 processes per GPU, so twice the processes at the 2-GPU run time
     s["retrain_steady_state_speedup"] = s["runs_one"]["mean_run_seconds"] / s["runs_two"]["mean_run_seconds"] * 2
 ta, rt = result.get("train_analyze", {}), result.get("retrain", {})
-summary = {"gpus": "2x NVIDIA H200 (one host)", "train_speedup": ta.get("train_speedup_2x32"),
-           "train_speedup_same_effective_batch": ta.get("train_speedup_2x16"),
+tr = result.get("train", ta)  # the newest training figures
+summary = {"gpus": "2x NVIDIA H200 (one host)", "train_speedup": tr.get("train_speedup_2x32"),
+           "train_speedup_same_effective_batch": tr.get("train_speedup_2x16"),
            "analyze_speedup": ta.get("kronfluence_fp32", {}).get("speedup"),
            "analyze_speedup_fast_path": ta.get("fast", {}).get("speedup"),
            "score_pearson_vs_single_gpu": ta.get("kronfluence_fp32", {}).get("vs_single_gpu", {}).get("pearson"),
            "retrain_speedup": rt.get("retrain_speedup"),
-           "command": "bash results/ddp_h200x2.sh {train_analyze,retrain} MODEL DATA OUT"}
+           "command": "bash results/ddp_h200x2.sh {train_analyze,train,retrain} MODEL DATA OUT"}
 result = {**summary, **result}
 (out / "ddp_h200x2.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result, indent=1))

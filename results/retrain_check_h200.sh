@@ -25,18 +25,21 @@ dir=$(analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $FAS
 t=$(date +%s.%N)
 torchrun --standalone --nproc-per-node=8 train.py $D --lds_num_masks 100 --lds_repeats 1 --torch_compile cudagraphs \
   --lds_output_dir lds/cudagraphs > logs/retrain_cudagraphs.log 2>&1
-echo "100 CUDA-graph retraining runs, 8 processes on one GPU: $(since $t) s"
+wall=$(since $t)
+echo "100 CUDA-graph retraining runs, 8 processes on one GPU: $wall s"
 python evaluate_lds.py --scores "$dir" --lds_dir lds/cudagraphs --output_dir "$OUT/lds_cudagraphs" --no_plots \
   > logs/eval_cudagraphs.log 2>&1
 python evaluate_lds.py --scores "$dir" --lds_dir $RUNS --output_dir "$OUT/lds_eager" --no_plots > logs/eval_eager.log 2>&1
 grep -h "^LDS" logs/eval_cudagraphs.log logs/eval_eager.log
 
-python - "$OUT" <<'PY'
+python - "$OUT" "$wall" "$dir" <<'PY'
 import json, sys
 from pathlib import Path
 from safetensors import safe_open
 
-out = Path(sys.argv[1])
+import torch
+
+out, wall, scores = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3]).name
 
 def runs(folder):
     meta = []
@@ -46,10 +49,12 @@ def runs(folder):
     return {"count": len(meta), "mean_accuracy": sum(float(m["accuracy"]) for m in meta) / len(meta),
             "mean_run_seconds": sum(float(m["seconds"]) for m in meta) / len(meta)}
 
-result = {"command": "bash results/retrain_check_h200.sh MODEL DATA TOKENIZER OUT",
+lds = {name: json.loads((out / f"lds_{name}/lds.json").read_text()) for name in ("cudagraphs", "eager")}
+result = {"command": "bash results/retrain_check_h200.sh MODEL DATA TOKENIZER OUT", "gpu": torch.cuda.get_device_name(),
+          "scores": scores, "cudagraph_retrains_wall_seconds": wall,
           "runs_cudagraphs": runs("lds/cudagraphs"), "runs_eager_committed": runs("results/lds_anetcap_minilm_runs"),
-          "lds_cudagraph_runs": json.loads((out / "lds_cudagraphs/lds.json").read_text())["lds"],
-          "lds_eager_runs": json.loads((out / "lds_eager/lds.json").read_text())["lds"]}
+          "lds_cudagraph_runs": lds["cudagraphs"]["lds"], "lds_eager_runs": lds["eager"]["lds"],
+          "lds_ci95": {"cudagraph_runs": lds["cudagraphs"]["ci95"], "eager_runs": lds["eager"]["ci95"]}}
 (out / "retrain_check_h200.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result, indent=1))
 PY

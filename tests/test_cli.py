@@ -148,11 +148,15 @@ def test_dataloader_workers_train_identical_weights(tmp_path):
 @pytest.mark.parametrize("script", ["train", "analyze"])
 def test_scripts_take_cudnn_out_of_attention(script, tiny_checkpoint, tmp_path):
     """cuDNN attention sets up a plan per padded length (see pipeline.disable_cudnn_attention): every entry
-    point that runs the model turns it off before the first batch."""
+    point that runs the model turns it off."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
-    if script == "train":
-        train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "ckpt")])
-    else:
-        analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
-                      "--output_dir", str(tmp_path / "scores")])
-    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        if script == "train":
+            train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "ckpt")])
+        else:
+            analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
+                          "--output_dir", str(tmp_path / "scores")])
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -10,11 +10,7 @@
 # Usage: bash results/attention_ab_h200x2.sh MINILM_DIR ANETCAP_DIR ROBERTA_TOKENIZER_DIR OUT_DIR {on|off}
 set -u
 MINILM=${1:?}; DATA=${2:?}; TOK=${3:?}; OUT=${4:?}; MODE=${5:?on or off}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-ML="--model_name_or_path $MINILM --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-    --max_train_samples 8000 --num_queries 200 --learning_rate 5e-5 --per_device_train_batch_size 32
-    --num_train_epochs 2 --dataloader_num_workers 2"
+source results/minilm_2gpu_common.sh
 for cudnn in $MODE; do
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cudnn_$cudnn
   P="results/run_variant.py --cudnn_attention $cudnn"

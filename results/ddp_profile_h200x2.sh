@@ -4,11 +4,8 @@
 # Usage: bash results/ddp_profile_h200x2.sh MINILM_DIR ANETCAP_DIR OUT_DIR
 set -u
 MINILM=${1:?}; DATA=${2:?}; OUT=${3:?}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-ML="--model_name_or_path $MINILM --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-    --max_train_samples 2000 --num_queries 100 --learning_rate 5e-5 --per_device_train_batch_size 32
-    --num_train_epochs 2 --dataloader_num_workers 2"
+ROWS=2000 QUERIES=100
+source results/minilm_2gpu_common.sh
 PROFILE_OUT=$OUT/one CUDA_VISIBLE_DEVICES=0 timeout 100 python results/profile_run.py train $ML --output_dir ck/p1 \
   > $OUT/one.log 2>&1; echo "one rc $?"
 PROFILE_OUT=$OUT/two timeout 100 torchrun --standalone --nproc-per-node=2 results/profile_run.py train $ML \

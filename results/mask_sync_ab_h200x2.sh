@@ -8,11 +8,7 @@
 # Usage: bash results/mask_sync_ab_h200x2.sh MINILM_DIR ANETCAP_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
 set -u
 MINILM=${1:?}; DATA=${2:?}; TOK=${3:?}; OUT=${4:?}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-ML="--model_name_or_path $MINILM --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-    --max_train_samples 8000 --num_queries 200 --learning_rate 5e-5 --per_device_train_batch_size 32
-    --num_train_epochs 2 --dataloader_num_workers 2"
+source results/minilm_2gpu_common.sh
 P="results/run_variant.py --mask_sync off --cudnn_attention on"
 r() { local name=$1; shift; timeout 120 "$@" --output_dir ck/$name > $OUT/$name.log 2>&1; echo "$name rc $?"; }
 r ml_1x32_patched env CUDA_VISIBLE_DEVICES=0 python $P train $ML

@@ -289,15 +289,12 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
     steps = len(data) // RECIPE_BATCH
     per_step = measured["seconds"] / steps
     full_steps = 3 * (SWAG_HALF // RECIPE_BATCH)
-    if profile:  # a third, profiled pass: where a step's time goes, and how much of it the GPU is busy
-        profiled = timed(one_pass, profile=True)
-        profiled["steps"] = steps
     result = {"flags": " ".join(TRAIN_VARIANTS[variant]), "seconds_per_step": round(per_step, 4),
               "batch_size": RECIPE_BATCH, "steps_timed": steps, "peak_gib": measured["peak_gib"],
               "warmup_pass_seconds": warmup, "retrain_50pct_swag_steps": full_steps,
               "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}
-    if profile:
-        result["profile"] = profiled
+    if profile:  # a third, profiled pass: where a step's time goes, and how much of it the GPU is busy
+        result["profile"] = {**timed(one_pass, profile=True), "steps": steps}
     if world > 1:  # P processes on G devices finish P runs in the slowest one's time: G × that / P device-seconds a run
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (per_step, socket.gethostname(), str(device)))

@@ -11,12 +11,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 python - <<'PY'
 import os
 from pathlib import Path
-import torch
-from transformers import AutoModelForMultipleChoice, RobertaConfig
-from benchmark import load_tokenizer
-tok = load_tokenizer(Path(os.environ["TOK"])); torch.manual_seed(0)
-m = AutoModelForMultipleChoice.from_config(RobertaConfig(vocab_size=len(tok), max_position_embeddings=514, type_vocab_size=1, pad_token_id=tok.pad_token_id))
-m.save_pretrained("/tmp/rb"); tok.save_pretrained("/tmp/rb")
+from benchmark import load_tokenizer, random_roberta
+tok = load_tokenizer(Path(os.environ["TOK"]))
+random_roberta(tok).save_pretrained("/tmp/rb"); tok.save_pretrained("/tmp/rb")
 PY
 F="--train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz --num_queries 200 --num_train_epochs 2 --dataloader_num_workers 2"
 RB="--model_name_or_path /tmp/rb $F --max_train_samples 4800"

@@ -49,9 +49,9 @@ from pipeline import (
     WEIGHTS_FILE,
     UserError,
     add_data_args,
+    configure_attention,
     data_args_dict,
     decode_choices,
-    disable_cudnn_attention,
     file_sha256,
     load_checkpoint,
     make_collator,
@@ -305,7 +305,7 @@ def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, 
 
 def main(argv=None):
     setup_logging()
-    disable_cudnn_attention()
+    configure_attention()
     args = parse_args(argv)
     if args.combine:
         return combine_scores(args.combine, args.combine_mode, args.output_dir)

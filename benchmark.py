@@ -64,7 +64,7 @@ from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
     UserError,
-    disable_cudnn_attention,
+    configure_attention,
     load_local_files,
     make_collator,
     setup_logging,
@@ -323,7 +323,7 @@ def random_roberta(tokenizer, **size):
 
 def main(argv=None):
     setup_logging()
-    disable_cudnn_attention()
+    configure_attention()
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -415,12 +415,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def disable_cudnn_attention() -> None:
-    """Take cuDNN out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an execution
-    plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is one: profiled
-    on one H200, its attention calls took 15.1 s of host time in a MiniLM training run whose epochs took 17.3 s
-    and 3.6 s (results/ddp_profile_h200x2/), and under DDP one rank's plan building can stall the other."""
+def configure_attention() -> None:
+    """Process-wide attention settings for speed; the attention computed is the same. Called by every script
+    that runs the model.
+
+    - cuDNN is taken out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an
+      execution plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is
+      one: profiled on one H200, its attention calls took 15.1 s of host time in a MiniLM training run whose
+      epochs took 17.3 s and 3.6 s (results/ddp_profile_h200x2/).
+    - The padding mask is always built, never checked. transformers skips building it when nothing is padded,
+      and to know that it evaluates `padding_mask.all()` in a Python `if`: the host waits for the GPU in every
+      forward, so it cannot queue the next step while the GPU works, and under DDP the ranks run in lockstep.
+      An all-true mask gives the same attention, so the check is dropped through transformers' public
+      `AttentionMaskInterface` (registered under "sdpa", for this process only; checkpoints are unchanged).
+    """
+    from transformers import AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    def sdpa_mask_always_built(*args, **kwargs):
+        return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
+
     torch.backends.cuda.enable_cudnn_sdp(False)
+    AttentionMaskInterface.register("sdpa", sdpa_mask_always_built)
 
 
 def setup_logging() -> None:

@@ -48,8 +48,8 @@ from pipeline import (
     LDS_DIR,
     UserError,
     add_data_args,
+    configure_attention,
     data_args_dict,
-    disable_cudnn_attention,
     load_pretrained,
     load_raw,
     make_collator,
@@ -309,7 +309,7 @@ def run_lds(args) -> list:
         meta = {"settings_hash": expected, "data": json.dumps(data.fingerprint),
                 "recipe": json.dumps(recipe(args, args.per_device_train_batch_size)), "mask": str(mask_id),
                 "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
-                "seconds": f"{time.time() - start:.2f}"}
+                "seconds": f"{time.time() - start:.2f}", "started": f"{start:.2f}"}  # started: Unix time
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file({"mask": mask.to(torch.uint8), "margins": result["margins"].float()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -323,7 +323,9 @@ def run_lds(args) -> list:
 def run_finetune(args):
     from accelerate import Accelerator, DataLoaderConfiguration
 
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(non_blocking=True))  # see train_model
+    # cpu: without it accelerate ignores torchrun on a CPU-only machine, and every process trains alone
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))  # see train_model
     device = accelerator.device
     raw = load_raw(args)
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
@@ -336,11 +338,16 @@ def run_finetune(args):
                 world * args.per_device_train_batch_size, args.num_train_epochs, args.learning_rate)
 
     def validate(m):
-        if not accelerator.is_main_process:
-            return {}
-        result = evaluate(accelerator.unwrap_model(m), data.queries, collator, args.eval_batch_size, device)
-        return {"validation_loss": result["loss"], "validation_accuracy": result["accuracy"]}
+        """Loss and accuracy on the queries, each rank evaluating its own contiguous share."""
+        share = data.queries.shard(world, accelerator.process_index, contiguous=True)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        if len(share):
+            result = evaluate(accelerator.unwrap_model(m), share, collator, args.eval_batch_size, device)
+            totals += torch.tensor([result["loss"], result["accuracy"], 1.0], device=device) * len(share)
+        loss, correct, count = accelerator.reduce(totals, reduction="sum").tolist()
+        return {"validation_loss": loss / count, "validation_accuracy": correct / count}
 
+    accelerator.wait_for_everyone()  # start the clock together: a rank may still be loading (and NCCL sets up here)
     start = time.time()
     model, history = train_model(model, data.train, collator, args, seed=args.seed, device=device,
                                  accelerator=accelerator, quiet=not accelerator.is_main_process,
@@ -363,7 +370,7 @@ def run_finetune(args):
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
-    disable_cudnn_attention()
+    configure_attention()
     if args.lds_num_masks > 0:
         return run_lds(args)
     return run_finetune(args)

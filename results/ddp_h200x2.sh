@@ -2,17 +2,21 @@
 # Issue 5 on one host with 2 GPUs, in two device calls of under 10 minutes each (one stage per call):
 #   bash results/ddp_h200x2.sh train_analyze MODEL_DIR DATA_DIR OUT_DIR
 #   bash results/ddp_h200x2.sh retrain       MODEL_DIR DATA_DIR OUT_DIR
-#   bash results/ddp_h200x2.sh train         MODEL_DIR DATA_DIR OUT_DIR   (the training half of train_analyze,
-#                                                                       kept apart; its speedups take precedence)
-# MODEL_DIR: MiniLM (../shared/models/all-MiniLM-L6-v2-fp16); DATA_DIR: ../shared/data/anetcap.
+#   bash results/ddp_h200x2.sh train         MODEL_DIR DATA_DIR OUT_DIR TOKENIZER_DIR   (the training half of
+#        train_analyze, kept apart, its speedups taking precedence; plus the roberta-base architecture)
+# MODEL_DIR: MiniLM (../shared/models/all-MiniLM-L6-v2-fp16); DATA_DIR: ../shared/data/anetcap;
+# TOKENIZER_DIR: ../shared/tokenizers/roberta-base (the train stage builds a randomly initialised roberta-base:
+#   the project's default model, timed with kronfluence's recipe, batch 16 per GPU; its accuracy is chance).
 # train_analyze: fine-tuning on 8,000 rows on 1 GPU (batch 32) and on 2 (2 × 32, the usual DDP setting,
 #   and 2 × 16, the same effective batch); analysis of the 1-GPU model (1,000 queries) with kronfluence fp32
 #   EKFAC and with the fast path, each on 1 GPU and on 2 (--use_empirical_fisher, so that both fit the same
 #   factors), plus the fast path with lambda on 25% of the rows against fp32 (issue 4).
-# retrain: 96 LDS retraining runs (2,000-row halves of 4,000 rows, 8 processes per GPU) on 1 GPU and on 2.
+# retrain: LDS_RUNS (default 160) retraining runs (2,000-row halves of 4,000 rows, 8 processes per GPU) on 1 GPU
+#   and on 2; each process's start-up (launch to its first run) comes from the run files' start times.
 # Each stage adds its figures to results/ddp_h200x2.json and writes the result to OUT_DIR/ddp_h200x2.json.
 set -euo pipefail
-STAGE=${1:?stage}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}
+STAGE=${1:?stage}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; TOK=${5:-}
+LDS_RUNS=${LDS_RUNS:-160}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 \
        TOKENIZERS_PARALLELISM=false
 F="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
@@ -20,13 +24,15 @@ F="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file
 D="$F --max_train_samples 8000 --num_queries 1000 --dataloader_num_workers 2"
 A="--factor_batch_size 128 --train_batch_size 256 --query_batch_size 250 --use_empirical_fisher"
 FAST="--use_half_precision --fp32_accumulation --scoring fused"
-R="$F --max_train_samples 4000 --num_queries 500 --per_device_train_batch_size 32 --lds_num_masks 96 --lds_repeats 1"
+R="$F --max_train_samples 4000 --num_queries 500 --per_device_train_batch_size 32 --lds_num_masks $LDS_RUNS --lds_repeats 1"
+RB="--model_name_or_path /tmp/rb --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
+    --max_train_samples 4800 --num_queries 1000 --dataloader_num_workers 2 --per_device_train_batch_size 16"
 mkdir -p logs "$OUT"
 : > logs/wall.txt
-timed() {  # timed NAME COMMAND...: runs it with its log in logs/NAME.log and appends "NAME seconds" to logs/wall.txt
+timed() {  # timed NAME COMMAND...: runs it with its log in logs/NAME.log; appends "NAME seconds start" to logs/wall.txt
   local name=$1 t; shift; t=$(date +%s.%N)
   "$@" > "logs/$name.log" 2>&1 || { tail -30 "logs/$name.log"; exit 1; }
-  echo "$name $(python3 -c "print(round($(date +%s.%N) - $t, 1))")" | tee -a logs/wall.txt
+  echo "$name $(python3 -c "print(round($(date +%s.%N) - $t, 1))") $t" | tee -a logs/wall.txt
 }
 run2() { torchrun --standalone --nproc-per-node="$1" "${@:2}"; }
 one() { CUDA_VISIBLE_DEVICES=0 "$@"; }
@@ -38,7 +44,12 @@ if [ "$STAGE" = train_analyze ] || [ "$STAGE" = train ]; then
   timed train_2x16 run2 2 train.py $D --per_device_train_batch_size 16 --output_dir checkpoints/two_2x16
 fi
 if [ "$STAGE" = train ]; then
-  :
+  rm -rf checkpoints/rb_one checkpoints/rb_two
+  python -c "import sys; from pathlib import Path; from benchmark import load_tokenizer, random_roberta
+tok = load_tokenizer(Path(sys.argv[1])); random_roberta(tok).save_pretrained('/tmp/rb'); tok.save_pretrained('/tmp/rb')" \
+    "${TOK:?the train stage needs TOKENIZER_DIR}"
+  timed train_rb_1x16 one python train.py $RB --output_dir checkpoints/rb_one
+  timed train_rb_2x16 run2 2 train.py $RB --output_dir checkpoints/rb_two
 elif [ "$STAGE" = train_analyze ]; then
   timed analyze_fp32_1 one python analyze.py --checkpoint_dir checkpoints/one $A --output_dir scores/one
   timed analyze_fp32_2 run2 2 analyze.py --checkpoint_dir checkpoints/one $A --use_ddp --output_dir scores/two
@@ -65,14 +76,16 @@ from analyze import load_scores
 from benchmark import per_query_correlations
 
 stage, out = sys.argv[1], Path(sys.argv[2])
-wall = dict((line.split()[0], float(line.split()[1])) for line in Path("logs/wall.txt").read_text().splitlines())
+lines = [line.split() for line in Path("logs/wall.txt").read_text().splitlines()]
+wall = {name: float(seconds) for name, seconds, _ in lines}
+launched = {name: float(start) for name, _, start in lines}
 path = Path("results/ddp_h200x2.json")
 result = json.loads(path.read_text()) if path.exists() else {}
 result = {k: v for k, v in result.items() if k in ("train_analyze", "train", "retrain")}  # the other stages
 s = result[stage] = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "torch": torch.__version__, "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
 if stage in ("train_analyze", "train"):
-    for name in ("one", "two_2x32", "two_2x16"):
+    for name in ("one", "two_2x32", "two_2x16", *(("rb_one", "rb_two") if stage == "train" else ())):
         m = json.loads(Path(f"checkpoints/{name}/metrics.json").read_text())
         s[f"train_{name}"] = {k: m[k] for k in ("train_seconds", "train_loop_seconds", "validation_accuracy",
                                                 "num_processes", "effective_batch_size")}
@@ -80,6 +93,8 @@ if stage in ("train_analyze", "train"):
     t1 = s["train_one"]["train_seconds"]
     s["train_speedup_2x32"] = t1 / s["train_two_2x32"]["train_seconds"]
     s["train_speedup_2x16"] = t1 / s["train_two_2x16"]["train_seconds"]
+    if stage == "train":
+        s["train_speedup_roberta_base_2x16"] = s["train_rb_one"]["train_seconds"] / s["train_rb_two"]["train_seconds"]
 if stage == "train_analyze":
     for one in sorted(Path("scores/one/one").glob("scores_*")):
         two = Path("scores/two/one") / one.name
@@ -95,13 +110,17 @@ if stage == "train_analyze":
     s["issue4_fast_vs_fp32"] = per_query_correlations(fast, fp32)
     s["issue4_fast_lambda25_vs_fp32"] = per_query_correlations(lam, fp32)
 elif stage == "retrain":
-    for name in ("one", "two"):
+    for name, procs, log in (("one", 8, "retrain_1gpu_8proc"), ("two", 16, "retrain_2gpu_16proc")):
         runs = sorted(Path(f"lds/{name}").glob("run_*.safetensors"))
-        seconds = []
-        for r in runs:
+        seconds, first_start = [], {}
+        for i, r in enumerate(runs):  # run i belongs to process i % procs (train.py splits runs rank::world)
             with safe_open(str(r), "pt") as f:
-                seconds.append(float(f.metadata()["seconds"]))
-        s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds)}
+                meta = f.metadata()
+            seconds.append(float(meta["seconds"]))
+            first_start[i % procs] = min(first_start.get(i % procs, float("inf")), float(meta["started"]))
+        startup = [t - launched[log] for t in first_start.values()]
+        s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds),
+                             "startup_seconds_mean": sum(startup) / len(startup), "startup_seconds_max": max(startup)}
     s["retrain_speedup"] = wall["retrain_1gpu_8proc"] / wall["retrain_2gpu_16proc"]
     # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing);
     # both sides run 8 processes per GPU, so twice the processes at the 2-GPU run time
@@ -110,6 +129,7 @@ ta, rt = result.get("train_analyze", {}), result.get("retrain", {})
 tr = result.get("train", ta)  # the newest training figures
 summary = {"gpus": "2x NVIDIA H200 (one host)", "train_speedup": tr.get("train_speedup_2x32"),
            "train_speedup_same_effective_batch": tr.get("train_speedup_2x16"),
+           "train_speedup_roberta_base": tr.get("train_speedup_roberta_base_2x16"),
            "analyze_speedup": ta.get("kronfluence_fp32", {}).get("speedup"),
            "analyze_speedup_fast_path": ta.get("fast", {}).get("speedup"),
            "score_pearson_vs_single_gpu": ta.get("kronfluence_fp32", {}).get("vs_single_gpu", {}).get("pearson"),

@@ -1,5 +1,6 @@
 """Two processes on CPU (torchrun, gloo): analysis and LDS runs split over ranks and agree with one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import torch
 from safetensors import safe_open
 
 import analyze
+import train
 from conftest import TINY
+from pipeline import load_checkpoint, load_raw, make_collator, prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,21 @@ def test_lds_runs_split_over_torchrun_ranks(tmp_path):
     assert len({m.tobytes() for m in masks}) == 3 and all(m.sum() == 24 for m in masks)
     logs = result.stderr
     assert "rank 0 wrote" in logs and "rank 1 wrote" in logs, logs[-2000:]
+
+
+def test_finetuning_under_torchrun_validates_on_every_query_once(tmp_path):
+    """DDP fine-tuning through accelerate: the effective batch is stated, and the per-epoch validation, split
+    over the ranks (7 and 6 of 13 queries), gives the figures of one process evaluating the saved model (a query
+    dropped or counted twice would move the accuracy by about 1/13)."""
+    out = tmp_path / "ckpt"
+    args = [*TINY, "--num_queries", "13", "--num_train_epochs", "1", "--output_dir", str(out)]
+    torchrun("train.py", *args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 2 * 16
+    model, tokenizer = load_checkpoint(out)
+    parsed = train.parse_args(args)
+    data = prepare_data(parsed, tokenizer, load_raw(parsed))
+    full = train.evaluate(model, data.queries, make_collator(tokenizer), 64, torch.device("cpu"))
+    assert len(data.queries) == 13
+    assert abs(metrics["validation_accuracy"] - full["accuracy"]) < 1e-6
+    assert abs(metrics["validation_loss"] - full["loss"]) < 1e-6

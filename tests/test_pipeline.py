@@ -95,3 +95,44 @@ def test_more_queries_than_the_split_holds():
     with pytest.raises(UserError, match="--max_train_samples must be 0 .* got -3"):
         pipeline.main(["--dataset", "demo", "--max_train_samples", "-3"])
     assert resolve_data_args(pipeline.parse_args([])).max_train_samples == pipeline.REFERENCE_NUM_TRAIN
+
+
+@pytest.fixture
+def default_attention():
+    """transformers' own sdpa mask and cuDNN setting, restored afterwards (configure_attention is process-wide)."""
+    import torch
+    from transformers import AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    AttentionMaskInterface.register("sdpa", sdpa_mask)
+    yield
+    AttentionMaskInterface.register("sdpa", sdpa_mask)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def test_configure_attention_never_reads_the_padding_mask(default_attention, monkeypatch):
+    """After configure_attention the forward never evaluates the padding mask on the host (the GPU sync that
+    transformers' skip check costs), and the logits are those of transformers' default, padded or not."""
+    import torch
+    import transformers.masking_utils as masking_utils
+
+    tokenizer = pipeline.build_demo_tokenizer(make_demo_dataset())
+    torch.manual_seed(0)
+    model = pipeline.build_demo_model(tokenizer).eval()
+    ids = torch.randint(5, len(tokenizer), (2, 4, 12))
+    padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    padded["attention_mask"][:, :, 9:] = 0
+    unpadded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    checks = []
+    check = masking_utils._ignore_bidirectional_mask_sdpa
+    monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa", lambda *a, **k: checks.append(1) or check(*a, **k))
+    with torch.no_grad():
+        before = [model(**batch).logits for batch in (padded, unpadded)]
+        assert len(checks) == 2  # transformers' default reads the mask once per forward
+        pipeline.configure_attention()
+        after = [model(**batch).logits for batch in (padded, unpadded)]
+    assert len(checks) == 2
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.equal(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1], rtol=0, atol=1e-6)

@@ -81,7 +81,7 @@ wall = {name: float(seconds) for name, seconds, _ in lines}
 launched = {name: float(start) for name, _, start in lines}
 path = Path("results/ddp_h200x2.json")
 result = json.loads(path.read_text()) if path.exists() else {}
-result = {k: v for k, v in result.items() if k in ("train_analyze", "train", "retrain")}  # the other stages
+result = {k: v for k, v in result.items() if isinstance(v, dict)}  # every stage's figures; the summary is redone
 s = result[stage] = {"wall_seconds": wall, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "torch": torch.__version__, "command": f"bash results/ddp_h200x2.sh {stage} MODEL DATA OUT"}
 if stage in ("train_analyze", "train"):

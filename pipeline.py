@@ -416,8 +416,8 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_attention() -> None:
-    """Process-wide attention settings for speed; the attention computed is the same. Called by every script
-    that runs the model.
+    """Process-wide attention settings for speed; the attention is mathematically the same (on a GPU an unpadded
+    batch may now run another kernel, with rounding differences). Called by every script that runs the model.
 
     - cuDNN is taken out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an
       execution plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is

@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
 RECIPE_NAMES = ["learning_rate", "weight_decay", "num_train_epochs", "seed", "lr_scheduler"]
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
+UNLABELLED = ("the query split has unlabelled rows (label -1), so margins cannot be measured; "
+              "use a labelled split such as validation")
 COMPILE_MODES = ["dynamic", "cudagraphs"]
 LENGTH_BUCKET = 16  # with CUDA graphs, one graph per padded length: lengths are rounded up to a multiple of this
 
@@ -204,14 +206,20 @@ def evaluate(model, dataset, collator, batch_size: int, device: torch.device) ->
         logits = model_logits(model, batch).float()  # fp32: bf16 would quantise the margins
         labels = batch["labels"]
         if (labels < 0).any():
-            raise UserError("the query split has unlabelled rows (label -1), so margins cannot be measured; "
-                            "use a labelled split such as validation")
+            raise UserError(UNLABELLED)
         all_margins.append(margins(logits, labels).cpu())
         losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
         hits.append((logits.argmax(-1) == labels).cpu())
     model.train()
     return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(hits).float().mean().item(),
             "margins": torch.cat(all_margins)}
+
+
+def require_labels(queries) -> None:
+    """Fail before any training when the queries have no labels (margins need them). Every rank checks, so none
+    is left waiting for one that failed at its first evaluation."""
+    if any(label < 0 for label in queries["labels"]):
+        raise UserError(UNLABELLED)
 
 
 def recipe(args, effective_batch_size: int) -> dict:
@@ -275,6 +283,7 @@ def run_lds(args) -> list:
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = prepare_data(args, tokenizer, raw)
+    require_labels(data.queries)
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     expected = settings_hash(args, data.fingerprint)
     runs = [(m, r) for m in range(args.lds_num_masks) for r in range(args.lds_repeats)]
@@ -309,7 +318,8 @@ def run_lds(args) -> list:
         meta = {"settings_hash": expected, "data": json.dumps(data.fingerprint),
                 "recipe": json.dumps(recipe(args, args.per_device_train_batch_size)), "mask": str(mask_id),
                 "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
-                "seconds": f"{time.time() - start:.2f}", "started": f"{start:.2f}"}  # started: Unix time
+                "seconds": f"{time.time() - start:.2f}", "started": f"{start:.2f}",  # started: Unix time
+                "process": f"{rank}/{world}"}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file({"mask": mask.to(torch.uint8), "margins": result["margins"].float()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -337,13 +347,18 @@ def run_finetune(args):
                 args.model_name_or_path, len(data.train), world, args.per_device_train_batch_size,
                 world * args.per_device_train_batch_size, args.num_train_epochs, args.learning_rate)
 
+    require_labels(data.queries)
+    rank, n = accelerator.process_index, len(data.queries)
+    share = data.queries.select(range(rank * n // world, (rank + 1) * n // world))  # contiguous, maybe empty
+    logger.info("rank %d validates %d of %d queries", rank, len(share), n)
+
     def validate(m):
-        """Loss and accuracy on the queries, each rank evaluating its own contiguous share."""
-        share = data.queries.shard(world, accelerator.process_index, contiguous=True)
+        """Loss and accuracy on the queries, each rank evaluating its own share."""
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         if len(share):
             result = evaluate(accelerator.unwrap_model(m), share, collator, args.eval_batch_size, device)
-            totals += torch.tensor([result["loss"], result["accuracy"], 1.0], device=device) * len(share)
+            totals += torch.tensor([result["loss"], result["accuracy"], 1.0], dtype=torch.float64,
+                                   device=device) * len(share)
         loss, correct, count = accelerator.reduce(totals, reduction="sum").tolist()
         return {"validation_loss": loss / count, "validation_accuracy": correct / count}
 

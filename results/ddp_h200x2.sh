@@ -110,17 +110,18 @@ if stage == "train_analyze":
     s["issue4_fast_vs_fp32"] = per_query_correlations(fast, fp32)
     s["issue4_fast_lambda25_vs_fp32"] = per_query_correlations(lam, fp32)
 elif stage == "retrain":
-    for name, procs, log in (("one", 8, "retrain_1gpu_8proc"), ("two", 16, "retrain_2gpu_16proc")):
+    for name, log in (("one", "retrain_1gpu_8proc"), ("two", "retrain_2gpu_16proc")):
         runs = sorted(Path(f"lds/{name}").glob("run_*.safetensors"))
         seconds, first_start = [], {}
-        for i, r in enumerate(runs):  # run i belongs to process i % procs (train.py splits runs rank::world)
+        for r in runs:
             with safe_open(str(r), "pt") as f:
                 meta = f.metadata()
             seconds.append(float(meta["seconds"]))
-            first_start[i % procs] = min(first_start.get(i % procs, float("inf")), float(meta["started"]))
+            first_start[meta["process"]] = min(first_start.get(meta["process"], float("inf")), float(meta["started"]))
         startup = [t - launched[log] for t in first_start.values()]
         s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds),
-                             "startup_seconds_mean": sum(startup) / len(startup), "startup_seconds_max": max(startup)}
+                             "startup_seconds_mean": sum(startup) / len(startup), "startup_seconds_min": min(startup),
+                             "startup_seconds_max": max(startup)}
     s["retrain_speedup"] = wall["retrain_1gpu_8proc"] / wall["retrain_2gpu_16proc"]
     # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing);
     # both sides run 8 processes per GPU, so twice the processes at the 2-GPU run time

@@ -16,8 +16,9 @@ Every flag after --probe_out is train.py's. The probe measures, on one machine:
    - mask_check: transformers' per-forward padding_mask.all() check back on (pipeline.configure_attention
      removes it), alone and under DDP;
    - cudnn: cuDNN attention back on, two passes (the first pays its per-shape plans).
-Each variant runs two passes over the batches from the same weights and reports the second (the first holds
-DDP's bucket rebuild and any per-shape set-up), except cudnn, which reports both.
+Each variant starts from the same weights and runs two passes over the batches (the second continues from the
+first's weights, with a fresh optimizer) and reports the second (the first holds DDP's bucket rebuild and any
+per-shape set-up), except cudnn, which reports both.
 """
 
 import argparse

@@ -99,6 +99,21 @@ def test_more_queries_than_split(tiny_checkpoint, tmp_path):
         analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--num_queries", "5000", "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("lds", [False, True], ids=["fine-tune", "lds"])
+def test_unlabelled_queries_stop_training_before_it_starts(lds, tmp_path, monkeypatch):
+    """Margins need labels: an unlabelled query split fails at once (under DDP, one rank failing alone at its first
+    validation would leave the others waiting)."""
+    demo = pipeline.make_demo_dataset()
+    demo["train"].select(range(32)).to_csv(tmp_path / "train.csv")
+    demo["validation"].select(range(8)).remove_columns("label").to_csv(tmp_path / "validation.csv")
+    args = ["--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "validation.csv"),
+            "--model_name_or_path", pipeline.DEMO_MODEL, "--output_dir", str(tmp_path / "ckpt"),
+            "--lds_output_dir", str(tmp_path / "lds"), *(["--lds_num_masks", "1"] if lds else [])]
+    monkeypatch.setattr(train, "train_model", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(UserError, match=r"unlabelled rows \(label -1\), so margins cannot be measured"):
+        train.main(args)
+
+
 def test_use_ddp_outside_torchrun(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(UserError, match="torchrun"):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -52,19 +53,22 @@ def test_lds_runs_split_over_torchrun_ranks(tmp_path):
     assert "rank 0 wrote" in logs and "rank 1 wrote" in logs, logs[-2000:]
 
 
-def test_finetuning_under_torchrun_validates_on_every_query_once(tmp_path):
-    """DDP fine-tuning through accelerate: the effective batch is stated, and the per-epoch validation, split
-    over the ranks (7 and 6 of 13 queries), gives the figures of one process evaluating the saved model (a query
-    dropped or counted twice would move the accuracy by about 1/13)."""
+@pytest.mark.parametrize("num_queries", [13, 1])
+def test_finetuning_under_torchrun_validates_on_every_query_once(num_queries, tmp_path):
+    """DDP fine-tuning through accelerate: the effective batch is stated; the per-epoch validation is split over
+    the ranks (6 and 7 of 13 queries; 0 and 1 of 1) and gives the figures of one process evaluating the saved
+    model (a query dropped or counted twice would move the accuracy)."""
     out = tmp_path / "ckpt"
-    args = [*TINY, "--num_queries", "13", "--num_train_epochs", "1", "--output_dir", str(out)]
-    torchrun("train.py", *args)
+    args = [*TINY, "--num_queries", str(num_queries), "--num_train_epochs", "1", "--output_dir", str(out)]
+    logs = torchrun("train.py", *args).stderr
+    first = num_queries // 2
+    assert f"rank 0 validates {first} of {num_queries} queries" in logs
+    assert f"rank 1 validates {num_queries - first} of {num_queries} queries" in logs
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 2 * 16
     model, tokenizer = load_checkpoint(out)
     parsed = train.parse_args(args)
     data = prepare_data(parsed, tokenizer, load_raw(parsed))
     full = train.evaluate(model, data.queries, make_collator(tokenizer), 64, torch.device("cpu"))
-    assert len(data.queries) == 13
     assert abs(metrics["validation_accuracy"] - full["accuracy"]) < 1e-6
     assert abs(metrics["validation_loss"] - full["loss"]) < 1e-6

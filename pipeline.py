@@ -415,9 +415,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure_attention() -> None:
+def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
     """Process-wide attention settings for speed; the attention is mathematically the same (on a GPU an unpadded
-    batch may now run another kernel, with rounding differences). Called by every script that runs the model.
+    batch may now run another kernel, with rounding differences). Called by every script that runs the model;
+    `cudnn=True, mask_check=True` restores PyTorch's and transformers' defaults (for A/B timing and tests).
 
     - cuDNN is taken out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an
       execution plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is
@@ -435,8 +436,8 @@ def configure_attention() -> None:
     def sdpa_mask_always_built(*args, **kwargs):
         return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
 
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    AttentionMaskInterface.register("sdpa", sdpa_mask_always_built)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    AttentionMaskInterface.register("sdpa", sdpa_mask if mask_check else sdpa_mask_always_built)
 
 
 def setup_logging() -> None:

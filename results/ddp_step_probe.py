@@ -37,8 +37,6 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from transformers import AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's scripts
 
@@ -96,13 +94,6 @@ def train_pass(net, model, batches, device, phases):
     return time.perf_counter() - start
 
 
-def set_mask_check(on: bool):
-    if on:
-        AttentionMaskInterface.register("sdpa", sdpa_mask)  # transformers' own, with the check
-    else:
-        configure_attention()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probe_out", type=Path, required=True, help="JSON file for the results (rank 0 writes).")
@@ -126,11 +117,14 @@ def main():
     batches = [{k: v.pin_memory() if cuda else v for k, v in b.items()} for b in loader][rank::world]
     result["steps_per_pass"] = len(batches)
 
-    def variant(name, ddp=None, hook=None, mask_check=False, cudnn=False, ranks=(0, 1), passes=2, report=(1,)):
-        set_mask_check(mask_check)
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    def fresh(ddp, mask_check=False, cudnn=False):
+        """A copy of the initial model with these attention settings, wrapped in DDP when `ddp` gives its options."""
+        configure_attention(cudnn=cudnn, mask_check=mask_check)
         model = copy.deepcopy(template).to(device).train()
-        net = DDP(model, device_ids=[local] if cuda else None, **ddp) if ddp is not None else model
+        return model, (DDP(model, device_ids=[local] if cuda else None, **ddp) if ddp is not None else model)
+
+    def variant(name, ddp=None, hook=None, mask_check=False, cudnn=False, ranks=(0, 1), passes=2, report=(1,)):
+        model, net = fresh(ddp, mask_check, cudnn)
         if hook is not None:
             net.register_comm_hook(None, hook)
         dist.barrier()
@@ -154,9 +148,7 @@ def main():
 
     def syncs(name, ddp=None, mask_check=False, steps=3):
         """Every synchronising CUDA call in `steps` training steps, by the Python stack that made it."""
-        set_mask_check(mask_check)
-        model = copy.deepcopy(template).to(device).train()
-        net = DDP(model, device_ids=[local] if cuda else None, **ddp) if ddp is not None else model
+        model, net = fresh(ddp, mask_check)
         stacks = {}
 
         def show(message, category, filename, lineno, file=None, line=None):

@@ -14,15 +14,14 @@ token-type ids) never change.
 """
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's scripts
+
+import pipeline  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,14 +45,6 @@ if __name__ == "__main__":
 
         accelerate.Accelerator.__init__ = without_buffer_broadcast
     script = importlib.import_module(args.script)
-    configure_attention = script.configure_attention
-
-    def configure_variant():
-        configure_attention()
-        if args.mask_sync == "on":
-            AttentionMaskInterface.register("sdpa", sdpa_mask)  # transformers' own
-        if args.cudnn_attention == "on":
-            torch.backends.cuda.enable_cudnn_sdp(True)
-
-    script.configure_attention = configure_variant
+    script.configure_attention = functools.partial(pipeline.configure_attention, cudnn=args.cudnn_attention == "on",
+                                                   mask_check=args.mask_sync == "on")
     script.main(args.script_args)

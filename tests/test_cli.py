@@ -164,12 +164,10 @@ def test_dataloader_workers_train_identical_weights(tmp_path):
 def test_scripts_configure_attention(script, tiny_checkpoint, tmp_path):
     """Every entry point that runs the model applies pipeline.configure_attention: cuDNN out of attention (a plan
     per padded length) and a padding mask that is never read on the host (a GPU sync per forward)."""
-    from transformers import AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    AttentionMaskInterface.register("sdpa", sdpa_mask)
+    pipeline.configure_attention(cudnn=True, mask_check=True)  # PyTorch's and transformers' defaults
     try:
         if script == "train":
             train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "ckpt")])
@@ -179,5 +177,4 @@ def test_scripts_configure_attention(script, tiny_checkpoint, tmp_path):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_mask
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
-        AttentionMaskInterface.register("sdpa", sdpa_mask)
+        pipeline.configure_attention(cudnn=before, mask_check=True)

@@ -101,14 +101,11 @@ def test_more_queries_than_the_split_holds():
 def default_attention():
     """transformers' own sdpa mask and cuDNN setting, restored afterwards (configure_attention is process-wide)."""
     import torch
-    from transformers import AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
-    AttentionMaskInterface.register("sdpa", sdpa_mask)
+    pipeline.configure_attention(cudnn=cudnn, mask_check=True)
     yield
-    AttentionMaskInterface.register("sdpa", sdpa_mask)
-    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    pipeline.configure_attention(cudnn=cudnn, mask_check=True)
 
 
 def test_configure_attention_never_reads_the_padding_mask(default_attention, monkeypatch):

@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForMultipleChoice,
@@ -42,6 +43,7 @@ CONTEXT_COLUMN = "sent1"
 HEADER_COLUMN = "sent2"
 ENDING_COLUMNS = [f"ending{i}" for i in range(NUM_CHOICES)]
 LABEL_COLUMN = "label"
+LABELS = "labels"  # the tokenized batches' label key (the model's inputs are all the others)
 REQUIRED_COLUMNS = [CONTEXT_COLUMN, HEADER_COLUMN, *ENDING_COLUMNS]
 GROUP_COLUMN = "video-id"  # SWAG's scene id; the demo stores its latent script here
 
@@ -303,7 +305,7 @@ def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
         encoded = tokenizer(first, second, truncation=True, max_length=max_length,
                             padding="max_length" if pad_to_max_length else False)
         out = {k: [v[i:i + NUM_CHOICES] for i in range(0, len(v), NUM_CHOICES)] for k, v in encoded.items()}
-        out["labels"] = rows[LABEL_COLUMN]
+        out[LABELS] = rows[LABEL_COLUMN]
         return out
 
     return split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing")
@@ -342,6 +344,20 @@ def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, r
 # --------------------------------------------------------------------------------------------
 # Models and checkpoints
 # --------------------------------------------------------------------------------------------
+def model_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(batch, choices) logits; every key but the labels goes to the model (RoBERTa has no
+    token_type_ids, BERT-style encoders such as MiniLM do)."""
+    return model(**{k: v for k, v in batch.items() if k != LABELS}).logits
+
+
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example margin: correct logit − logsumexp of the other logits (task.py's measurement, and what
+    the retraining runs record)."""
+    correct = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.size(1)).bool(), float("-inf"))
+    return correct - others.logsumexp(dim=-1)
+
+
 def load_pretrained(model_name_or_path: str, raw: Optional[DatasetDict] = None, seed: int = 0):
     """Model and tokenizer to fine-tune. The classifier head is initialised under `seed`, so every
     run with the same seed (the full model and all LDS retrains) starts from identical weights."""

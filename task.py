@@ -19,23 +19,9 @@ import torch.nn.functional as F
 from kronfluence.task import Task
 from torch import nn
 
-from pipeline import NUM_CHOICES
+from pipeline import LABELS, NUM_CHOICES, margins, model_logits
 
 Batch = Dict[str, torch.Tensor]
-LABELS = "labels"
-
-
-def model_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """(batch, choices) logits; every key but the labels goes to the model (RoBERTa has no
-    token_type_ids, BERT-style encoders such as MiniLM do)."""
-    return model(**{k: v for k, v in batch.items() if k != LABELS}).logits
-
-
-def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example margin: correct logit − logsumexp of the other logits."""
-    correct = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.size(1)).bool(), float("-inf"))
-    return correct - others.logsumexp(dim=-1)
 
 
 class MultipleChoiceTask(Task):

@@ -29,9 +29,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -40,12 +44,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import DataCollatorForMultipleChoice
 
 from pipeline import (
     CHECKPOINTS_DIR,
     DEFAULT_MODEL,
     DEMO_MODEL,
     LDS_DIR,
+    Data,
     UserError,
     add_data_args,
     configure_attention,
@@ -53,13 +59,14 @@ from pipeline import (
     load_pretrained,
     load_raw,
     make_collator,
+    margins,
+    model_logits,
     prepare_data,
     resolve_data_args,
     save_checkpoint,
     seed_everything,
     setup_logging,
 )
-from task import margins, model_logits
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +111,11 @@ def parse_args(argv=None):
     lds.add_argument("--lds_repeats", type=int, default=1, help="Retraining seeds per subset.")
     lds.add_argument("--lds_subset_fraction", type=float, default=0.5, help="Fraction of the training set per subset.")
     lds.add_argument("--lds_output_dir", type=Path, default=None, help=f"Run files (default {LDS_DIR}/<dataset>).")
+    lds.add_argument("--lds_processes", type=int, default=1,
+                     help="Worker processes this command forks once it has loaded the model and data; they split "
+                          "its runs and share the visible GPUs round-robin. Several runs per GPU without each "
+                          "process paying the imports and tokenizing (use instead of torchrun's --nproc-per-node "
+                          "on one host; combined with torchrun, each rank forks its own).")
     lds.add_argument("--lds_run_index", type=int, default=None,
                      help="Do only this run (mask-major: index = mask * repeats + repeat); "
                           "defaults to $SLURM_ARRAY_TASK_ID when set.")
@@ -120,6 +132,8 @@ def parse_args(argv=None):
         args.lds_run_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
     if args.dataloader_num_workers < 0:
         raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
+    if args.lds_processes < 1:
+        raise UserError(f"--lds_processes must be 1 or more, got {args.lds_processes}")
     if not 0 < args.lds_subset_fraction < 1:
         raise UserError(f"--lds_subset_fraction must lie in (0, 1), got {args.lds_subset_fraction}")
     return args
@@ -260,12 +274,14 @@ def process_rank():
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def process_device() -> torch.device:
-    """This process's device for independent runs: local ranks share the visible GPUs round-robin (so several
-    processes may share one GPU), made current so that pinned memory and CUDA state land on it."""
+def process_device(local_rank: Optional[int] = None) -> torch.device:
+    """This process's device for independent runs: local ranks (torchrun's, or a forked worker's) share the visible
+    GPUs round-robin (so several processes may share one GPU), made current so that pinned memory and CUDA state
+    land on it."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device(f"cuda:{process_rank()[2] % torch.cuda.device_count()}")
+    local_rank = process_rank()[2] if local_rank is None else local_rank
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     torch.cuda.set_device(device)
     return device
 
@@ -275,25 +291,69 @@ def bucketed(collator):
     return dataclasses.replace(collator, pad_to_multiple_of=LENGTH_BUCKET)
 
 
+@dataclasses.dataclass
+class LdsJob:
+    """What every retraining run of one command shares: loaded once, before any worker is forked."""
+
+    args: argparse.Namespace
+    data: Data
+    model: torch.nn.Module  # on the CPU until a run moves it
+    initial_state: dict  # the weights every run starts from
+    collator: DataCollatorForMultipleChoice
+    settings_hash: str
+    runs: list  # (mask, repeat) pairs this command may do
+
+
+_FORKED_JOB: Optional[LdsJob] = None  # set before --lds_processes forks its workers, which inherit it
+
+
 def run_lds(args) -> list:
-    """Train the LDS runs assigned to this process; returns the paths of the runs it wrote."""
-    rank, world, _ = process_rank()
-    device = process_device()
+    """Train the LDS runs assigned to this process, itself or (--lds_processes N) in N forked workers that split
+    them; returns the paths of the runs written."""
+    rank, world, local = process_rank()
     raw = load_raw(args)
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
-    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = prepare_data(args, tokenizer, raw)
     require_labels(data.queries)
-    collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
-    expected = settings_hash(args, data.fingerprint)
     runs = [(m, r) for m in range(args.lds_num_masks) for r in range(args.lds_repeats)]
     if args.lds_run_index is not None:
         if not 0 <= args.lds_run_index < len(runs):
             raise UserError(f"--lds_run_index {args.lds_run_index} is outside the {len(runs)} runs "
                             f"(--lds_num_masks {args.lds_num_masks} × --lds_repeats {args.lds_repeats})")
-        mine = [runs[args.lds_run_index]]
-    else:
-        mine = runs[rank::world]
+        runs = [runs[args.lds_run_index]]
+    job = LdsJob(args, data, model, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                 make_collator(tokenizer, args.pad_to_max_length, args.max_length),
+                 settings_hash(args, data.fingerprint), runs)
+    n = args.lds_processes
+    if n == 1:
+        return train_runs(job, rank, world, local)
+    # Forked workers start from this process's imports, model and tokenized data instead of loading their own
+    # (most of a process's start-up). Nothing here has touched CUDA, so each worker can set it up for itself.
+    global _FORKED_JOB
+    _FORKED_JOB = job
+    logger.info("forking %d workers for this process's runs", n)
+    try:
+        # n shares for n workers: a share waits only while every worker is busy (shares go by argument, not worker)
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+            shares = [pool.submit(_forked_worker, rank * n + j, world * n, local * n + j) for j in range(n)]
+            return [path for share in shares for path in share.result()]
+    except BrokenProcessPool as exc:
+        raise UserError(f"an LDS worker process died ({exc}); finished runs are kept, rerun the command "
+                        f"to do the rest (with fewer --lds_processes if memory ran out)") from None
+    finally:
+        _FORKED_JOB = None
+
+
+def _forked_worker(rank: int, world: int, local: int) -> list:
+    torch.set_num_threads(1)  # as DataLoader workers do: the parent's CPU thread pool does not survive a fork
+    return train_runs(_FORKED_JOB, rank, world, local)
+
+
+def train_runs(job: LdsJob, rank: int, world: int, local: int) -> list:
+    """Train every world-th of the job's runs from the rank-th on, skipping finished ones."""
+    args, data, model = job.args, job.data, job.model
+    device = process_device(local)
+    mine = job.runs[rank::world]
     out_dir = Path(args.lds_output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -303,19 +363,19 @@ def run_lds(args) -> list:
         if path.exists():
             existing = read_run(path)
             if existing is not None:
-                if existing[1].get("settings_hash") != expected:
+                if existing[1].get("settings_hash") != job.settings_hash:
                     raise UserError(f"{path} was made with other data or training settings; "
                                     f"use another --lds_output_dir or delete the old runs")
                 continue
         start = time.time()
         mask = lds_mask(len(data.train), args.lds_subset_fraction, args.seed, mask_id)
-        model.load_state_dict(initial_state)
+        model.load_state_dict(job.initial_state)
         subset = data.train.select(torch.nonzero(mask).flatten().tolist())
         run_seed = int(np.random.default_rng([args.seed, mask_id, repeat]).integers(2**31))
         seed_everything(run_seed)
-        model, _ = train_model(model, subset, collator, args, seed=run_seed, device=device, quiet=True)
-        result = evaluate(model, data.queries, collator, args.eval_batch_size, device)
-        meta = {"settings_hash": expected, "data": json.dumps(data.fingerprint),
+        model, _ = train_model(model, subset, job.collator, args, seed=run_seed, device=device, quiet=True)
+        result = evaluate(model, data.queries, job.collator, args.eval_batch_size, device)
+        meta = {"settings_hash": job.settings_hash, "data": json.dumps(data.fingerprint),
                 "recipe": json.dumps(recipe(args, args.per_device_train_batch_size)), "mask": str(mask_id),
                 "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
                 "seconds": f"{time.time() - start:.2f}", "started": f"{start:.2f}",  # started: Unix time

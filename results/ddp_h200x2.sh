@@ -12,11 +12,13 @@
 #   EKFAC and with the fast path, each on 1 GPU and on 2 (--use_empirical_fisher, so that both fit the same
 #   factors), plus the fast path with lambda on 25% of the rows against fp32 (issue 4).
 # retrain: LDS_RUNS (default 160) retraining runs (2,000-row halves of 4,000 rows, 8 processes per GPU) on 1 GPU
-#   and on 2; each process's start-up (launch to its first run) comes from the run files' start times.
+#   and on 2, launched as LDS_LAUNCH says (fork, the default, or torchrun), after an untimed warm-up that fills
+#   the tokenization cache for both; each process's start-up (launch to its first run) comes from the run files.
 # Each stage adds its figures to results/ddp_h200x2.json and writes the result to OUT_DIR/ddp_h200x2.json.
 set -euo pipefail
 STAGE=${1:?stage}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; TOK=${5:-}
 LDS_RUNS=${LDS_RUNS:-160}
+LDS_LAUNCH=${LDS_LAUNCH:-fork}  # fork: one command forks 8 workers per GPU (--lds_processes); torchrun: 8 ranks per GPU
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 \
        TOKENIZERS_PARALLELISM=false
 F="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
@@ -59,14 +61,21 @@ elif [ "$STAGE" = train_analyze ]; then
     --lambda_max_examples 2000 --output_dir scores/lam
 elif [ "$STAGE" = retrain ]; then
   rm -rf lds/one lds/two  # finished runs would be skipped
-  timed retrain_1gpu_8proc one run2 8 train.py $R --lds_output_dir lds/one
-  timed retrain_2gpu_16proc run2 16 train.py $R --lds_output_dir lds/two
+  # warm-up, untimed: both timed commands find the tokenized data cached and the modules compiled
+  python results/startup_probe.py "$OUT/startup_one_process.json" $R > logs/warmup.log 2>&1
+  if [ "$LDS_LAUNCH" = fork ]; then
+    timed retrain_1gpu_8proc one python train.py $R --lds_processes 8 --lds_output_dir lds/one
+    timed retrain_2gpu_16proc python train.py $R --lds_processes 16 --lds_output_dir lds/two
+  else
+    timed retrain_1gpu_8proc one run2 8 train.py $R --lds_output_dir lds/one
+    timed retrain_2gpu_16proc run2 16 train.py $R --lds_output_dir lds/two
+  fi
 else
   echo "unknown stage $STAGE (train_analyze, train or retrain)"; exit 2
 fi
 
-python - "$STAGE" "$OUT" <<'PY'
-import json, sys
+LDS_LAUNCH=$LDS_LAUNCH python - "$STAGE" "$OUT" <<'PY'
+import json, os, sys
 from pathlib import Path
 
 import torch
@@ -122,6 +131,7 @@ elif stage == "retrain":
         s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds),
                              "startup_seconds_mean": sum(startup) / len(startup), "startup_seconds_min": min(startup),
                              "startup_seconds_max": max(startup)}
+    s["launch"] = os.environ.get("LDS_LAUNCH", "fork")
     s["retrain_speedup"] = wall["retrain_1gpu_8proc"] / wall["retrain_2gpu_16proc"]
     # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing);
     # both sides run 8 processes per GPU, so twice the processes at the 2-GPU run time

@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's scripts
 
 import train  # noqa: E402
-from pipeline import configure_attention, load_pretrained, load_raw, make_collator, prepare_data  # noqa: E402
-from task import model_logits  # noqa: E402
+from pipeline import (configure_attention, load_pretrained, load_raw, make_collator, model_logits,  # noqa: E402
+                      prepare_data)
 
 
 def sync():

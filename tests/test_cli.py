@@ -1,6 +1,9 @@
 """End to end: train.py → analyze.py through main([...]), the demo's properties, and bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +181,12 @@ def test_scripts_configure_attention(script, tiny_checkpoint, tmp_path):
         assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_mask
     finally:
         pipeline.configure_attention(cudnn=before, mask_check=True)
+
+
+def test_train_does_not_import_kronfluence():
+    """Each retraining process imports train.py; kronfluence (about 3 s of each process's start-up on the GPU host,
+    results/startup_probe.py) is only needed by analyze.py."""
+    code = "import sys, train; print('kronfluence' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(train.__file__).parent, capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"

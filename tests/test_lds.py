@@ -1,10 +1,14 @@
 """LDS: the score function, resumable retraining runs, input checks and an end-to-end run on the demo."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import analyze
@@ -88,6 +92,43 @@ def test_ranks_split_runs_without_overlap(tmp_path, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         seen.append([p.name for p in train.main(args)])
     assert seen == [["run_m0000_r00.safetensors"], ["run_m0001_r00.safetensors"]]
+
+
+FORKED_RUN = """
+import sys, torch, train
+real = train.train_model
+def checked(*a, **k):  # inherited by the forked workers
+    if torch.cuda._is_in_bad_fork():
+        raise RuntimeError("this worker cannot initialise CUDA: the parent touched it before forking")
+    return real(*a, **k)
+train.train_model = checked
+print(sorted(p.name for p in train.main(sys.argv[1:])))
+"""
+
+
+def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
+    """--lds_processes 2: two workers forked after loading write the same runs as one process, each its own share,
+    and neither is in a "bad fork" (the command never touches CUDA before forking, so on a GPU each worker can set
+    it up). The forked command runs in a fresh interpreter, as from the shell: this test process has used CUDA."""
+    args = [*LDS_TINY, "--lds_repeats", "1"]
+    one = train.main([*args, "--lds_output_dir", str(tmp_path / "one")])
+    forked = [*args, "--lds_processes", "2", "--lds_output_dir", str(tmp_path / "forked")]
+    result = subprocess.run([sys.executable, "-c", FORKED_RUN, *forked], cwd=Path(train.__file__).parent,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(sorted(p.name for p in one))
+    assert "rank 0 wrote 2 runs" in result.stderr and "rank 1 wrote 1 runs" in result.stderr
+    for a in one:
+        b = tmp_path / "forked" / a.name
+        run_a, run_b = load_file(str(a)), load_file(str(b))
+        assert torch.equal(run_a["mask"], run_b["mask"])
+        torch.testing.assert_close(run_a["margins"], run_b["margins"], rtol=1e-5, atol=1e-5)
+        with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+            assert fa.metadata()["settings_hash"] == fb.metadata()["settings_hash"]
+            assert fa.metadata()["process"] == "0/1" and fb.metadata()["process"] in ("0/2", "1/2")
+    assert train.main(forked) == []  # a rerun finds every run finished (forking here is fine: no run needs a GPU)
+    with pytest.raises(UserError, match="--lds_processes must be 1 or more"):
+        train.parse_args([*args, "--lds_processes", "0"])
 
 
 def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):

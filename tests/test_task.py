@@ -10,8 +10,9 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from pipeline import build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
-from task import MultipleChoiceTask, margins, model_logits
+from pipeline import (build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, margins, model_logits,
+                      tokenize)
+from task import MultipleChoiceTask
 
 
 @pytest.fixture(scope="module")

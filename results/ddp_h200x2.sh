@@ -12,13 +12,13 @@
 #   EKFAC and with the fast path, each on 1 GPU and on 2 (--use_empirical_fisher, so that both fit the same
 #   factors), plus the fast path with lambda on 25% of the rows against fp32 (issue 4).
 # retrain: LDS_RUNS (default 160) retraining runs (2,000-row halves of 4,000 rows, 8 processes per GPU) on 1 GPU
-#   and on 2, launched as LDS_LAUNCH says (fork, the default, or torchrun), after an untimed warm-up that fills
+#   and on 2, launched as LDS_LAUNCH says (torchrun, the default, or fork), after an untimed warm-up that fills
 #   the tokenization cache for both; each process's start-up (launch to its first run) comes from the run files.
 # Each stage adds its figures to results/ddp_h200x2.json and writes the result to OUT_DIR/ddp_h200x2.json.
 set -euo pipefail
 STAGE=${1:?stage}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; TOK=${5:-}
 LDS_RUNS=${LDS_RUNS:-160}
-LDS_LAUNCH=${LDS_LAUNCH:-fork}  # fork: one command forks 8 workers per GPU (--lds_processes); torchrun: 8 ranks per GPU
+LDS_LAUNCH=${LDS_LAUNCH:-torchrun}  # torchrun: 8 ranks per GPU; fork: one command forks 8 workers per GPU (--lds_processes)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 \
        TOKENIZERS_PARALLELISM=false
 F="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
@@ -131,7 +131,7 @@ elif stage == "retrain":
         s[f"runs_{name}"] = {"count": len(runs), "mean_run_seconds": sum(seconds) / len(seconds),
                              "startup_seconds_mean": sum(startup) / len(startup), "startup_seconds_min": min(startup),
                              "startup_seconds_max": max(startup)}
-    s["launch"] = os.environ.get("LDS_LAUNCH", "fork")
+    s["launch"] = os.environ.get("LDS_LAUNCH", "torchrun")
     s["retrain_speedup"] = wall["retrain_1gpu_8proc"] / wall["retrain_2gpu_16proc"]
     # steady state: runs per second of run time, without the per-process start-up (imports, tokenizing);
     # both sides run 8 processes per GPU, so twice the processes at the 2-GPU run time

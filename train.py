@@ -17,6 +17,7 @@ set. Give the same data and recipe flags as the full model, plus:
     python train.py --dataset demo --lds_num_masks 100 --lds_repeats 1 --lds_subset_fraction 0.5 \\
         --lds_output_dir lds/demo
     torchrun --standalone --nproc-per-node=2 train.py ... --lds_num_masks 100   # runs split over ranks
+    python train.py ... --lds_num_masks 100 --lds_processes 16          # or over 16 workers forked after loading
     CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 train.py ... --lds_num_masks 100 \\
         --torch_compile cudagraphs --dataloader_num_workers 2           # 4 runs sharing one GPU
     sbatch --array=0-99 --wrap "python train.py ... --lds_run_index \\$SLURM_ARRAY_TASK_ID"
@@ -114,8 +115,8 @@ def parse_args(argv=None):
     lds.add_argument("--lds_processes", type=int, default=1,
                      help="Worker processes this command forks once it has loaded the model and data; they split "
                           "its runs and share the visible GPUs round-robin. Several runs per GPU without each "
-                          "process paying the imports and tokenizing (use instead of torchrun's --nproc-per-node "
-                          "on one host; combined with torchrun, each rank forks its own).")
+                          "process paying the imports and tokenizing (an alternative to torchrun's "
+                          "--nproc-per-node on one host; combined with torchrun, each rank forks its own).")
     lds.add_argument("--lds_run_index", type=int, default=None,
                      help="Do only this run (mask-major: index = mask * repeats + repeat); "
                           "defaults to $SLURM_ARRAY_TASK_ID when set.")

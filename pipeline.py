@@ -69,6 +69,10 @@ class UserError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+        self.message = message
+
+    def __reduce__(self):  # raised in a worker process, it comes back with its message as given
+        return type(self), (self.message,)
 
 
 # --------------------------------------------------------------------------------------------

@@ -325,9 +325,12 @@ def run_lds(args) -> list:
     job = LdsJob(args, data, model, {k: v.detach().clone() for k, v in model.state_dict().items()},
                  make_collator(tokenizer, args.pad_to_max_length, args.max_length),
                  settings_hash(args, data.fingerprint), runs)
-    n = args.lds_processes
-    if n == 1:
+    n = min(args.lds_processes, len(runs))  # no worker without a run
+    if n <= 1:
         return train_runs(job, rank, world, local)
+    if torch.cuda.is_initialized():
+        raise UserError("--lds_processes forks its workers before CUDA is set up, but this process has already "
+                        "used CUDA; run train.py as a command of its own")
     # Forked workers start from this process's imports, model and tokenized data instead of loading their own
     # (most of a process's start-up). Nothing here has touched CUDA, so each worker can set it up for itself.
     global _FORKED_JOB
@@ -339,8 +342,9 @@ def run_lds(args) -> list:
             shares = [pool.submit(_forked_worker, rank * n + j, world * n, local * n + j) for j in range(n)]
             return [path for share in shares for path in share.result()]
     except BrokenProcessPool as exc:
-        raise UserError(f"an LDS worker process died ({exc}); finished runs are kept, rerun the command "
-                        f"to do the rest (with fewer --lds_processes if memory ran out)") from None
+        raise UserError(f"an LDS worker process died ({exc}), and the others were stopped; finished runs are kept "
+                        f"(each file is written whole), rerun the command to do the rest (with fewer "
+                        f"--lds_processes if memory ran out)") from None
     finally:
         _FORKED_JOB = None
 

@@ -1,6 +1,7 @@
 """LDS: the score function, resumable retraining runs, input checks and an end-to-end run on the demo."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,10 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
         with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
             assert fa.metadata()["settings_hash"] == fb.metadata()["settings_hash"]
             assert fa.metadata()["process"] == "0/1" and fb.metadata()["process"] in ("0/2", "1/2")
-    assert train.main(forked) == []  # a rerun finds every run finished (forking here is fine: no run needs a GPU)
+    rerun = subprocess.run([sys.executable, "-c", FORKED_RUN, *forked], cwd=Path(train.__file__).parent,
+                           capture_output=True, text=True, timeout=600)
+    assert "rank 0 wrote 0 runs, skipped 2" in rerun.stderr and "rank 1 wrote 0 runs, skipped 1" in rerun.stderr
+    assert pickle.loads(pickle.dumps(UserError("bad"))).code == "error: bad"  # as a worker's error comes back
     with pytest.raises(UserError, match="--lds_processes must be 1 or more"):
         train.parse_args([*args, "--lds_processes", "0"])
 

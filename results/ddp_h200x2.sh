@@ -63,13 +63,12 @@ elif [ "$STAGE" = retrain ]; then
   rm -rf lds/one lds/two  # finished runs would be skipped
   # warm-up, untimed: both timed commands find the tokenized data cached and the modules compiled
   python results/startup_probe.py "$OUT/startup_one_process.json" $R > logs/warmup.log 2>&1
-  if [ "$LDS_LAUNCH" = fork ]; then
-    timed retrain_1gpu_8proc one python train.py $R --lds_processes 8 --lds_output_dir lds/one
-    timed retrain_2gpu_16proc python train.py $R --lds_processes 16 --lds_output_dir lds/two
-  else
-    timed retrain_1gpu_8proc one run2 8 train.py $R --lds_output_dir lds/one
-    timed retrain_2gpu_16proc run2 16 train.py $R --lds_output_dir lds/two
-  fi
+  launch() {  # launch PROCESSES ARGS...: PROCESSES runs at once, as LDS_LAUNCH says
+    local n=$1; shift
+    if [ "$LDS_LAUNCH" = fork ]; then python train.py "$@" --lds_processes "$n"; else run2 "$n" train.py "$@"; fi
+  }
+  timed retrain_1gpu_8proc one launch 8 $R --lds_output_dir lds/one
+  timed retrain_2gpu_16proc launch 16 $R --lds_output_dir lds/two
 else
   echo "unknown stage $STAGE (train_analyze, train or retrain)"; exit 2
 fi

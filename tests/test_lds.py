@@ -107,6 +107,12 @@ print(sorted(p.name for p in train.main(sys.argv[1:])))
 """
 
 
+def run_forked(args):
+    """train.py's LDS runs with these arguments in a fresh interpreter, as from the shell."""
+    return subprocess.run([sys.executable, "-c", FORKED_RUN, *args], cwd=Path(train.__file__).parent,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
     """--lds_processes 2: two workers forked after loading write the same runs as one process, each its own share,
     and neither is in a "bad fork" (the command never touches CUDA before forking, so on a GPU each worker can set
@@ -114,8 +120,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
     args = [*LDS_TINY, "--lds_repeats", "1"]
     one = train.main([*args, "--lds_output_dir", str(tmp_path / "one")])
     forked = [*args, "--lds_processes", "2", "--lds_output_dir", str(tmp_path / "forked")]
-    result = subprocess.run([sys.executable, "-c", FORKED_RUN, *forked], cwd=Path(train.__file__).parent,
-                            capture_output=True, text=True, timeout=600)
+    result = run_forked(forked)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(sorted(p.name for p in one))
     assert "rank 0 wrote 2 runs" in result.stderr and "rank 1 wrote 1 runs" in result.stderr
@@ -127,8 +132,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
         with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
             assert fa.metadata()["settings_hash"] == fb.metadata()["settings_hash"]
             assert fa.metadata()["process"] == "0/1" and fb.metadata()["process"] in ("0/2", "1/2")
-    rerun = subprocess.run([sys.executable, "-c", FORKED_RUN, *forked], cwd=Path(train.__file__).parent,
-                           capture_output=True, text=True, timeout=600)
+    rerun = run_forked(forked)
     assert "rank 0 wrote 0 runs, skipped 2" in rerun.stderr and "rank 1 wrote 0 runs, skipped 1" in rerun.stderr
     assert pickle.loads(pickle.dumps(UserError("bad"))).code == "error: bad"  # as a worker's error comes back
     with pytest.raises(UserError, match="--lds_processes must be 1 or more"):

@@ -208,6 +208,23 @@ def check_provenance(output_dir: Path, expected: dict, overwrite: bool) -> None:
                         f"pass --overwrite to recompute it")
 
 
+def on_rank_zero(step) -> None:
+    """step() on rank 0 alone; then every rank raises its UserError, if it raised one. (When every rank checked
+    the output directories, one could find rank 0's factor directory made but its metadata not yet written.)"""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            step()
+        except UserError as exc:
+            error = exc
+    if dist.is_initialized():
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        raise error
+
+
 def load_scores(path: Path):
     """Scores (queries × train, float32) and the metadata analyze.py wrote beside them (None if absent)."""
     file = path / SCORES_FILE if path.is_dir() else path
@@ -313,6 +330,7 @@ def main(argv=None):
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)
 
+    external_group = dist.is_initialized()  # a caller's process group is left alone at the end
     if args.use_ddp and not torch.cuda.is_available() and not dist.is_initialized():
         # CPU: kronfluence stays single-process (rank 0 fits while the others wait), the fused scores are split
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
@@ -332,14 +350,17 @@ def main(argv=None):
     factor_provenance = {"weights_sha256": weights_sha, "train_fingerprint": data.fingerprint["train"],
                          "max_length": args.max_length}
     provenance = {**factor_provenance, "query_fingerprint": data.fingerprint["queries"]}
-    check_provenance(factors_dir, factor_provenance, args.overwrite)
-    check_provenance(scores_dir, provenance, args.overwrite)
+
+    def claim_output_dirs():  # provenance first: a directory without it was interrupted and is never trusted
+        check_provenance(factors_dir, factor_provenance, args.overwrite)
+        check_provenance(scores_dir, provenance, args.overwrite)
+        write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
+
+    on_rank_zero(claim_output_dirs)
     trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
     if trained.get("data_fingerprint", {}).get("train") not in (None, data.fingerprint["train"]):
         logger.warning("these training rows differ from the ones the checkpoint was trained on; "
                        "the scores attribute to the rows given, not to the model's training set")
-    if is_main:  # provenance first: a directory without it was interrupted and is never trusted
-        write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
     covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
     single_fitter = dist.is_initialized() and not kronfluence_ddp  # CPU/gloo: rank 0 fits, the others load
     if single_fitter and rank != 0:
@@ -377,6 +398,9 @@ def main(argv=None):
                             "train": args.train_batch_size}})
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
+    if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
+        dist.barrier()                                 # in a gloo collective can abort it
+        dist.destroy_process_group()
     return scores_dir
 
 

@@ -18,12 +18,23 @@ from pipeline import load_checkpoint, load_raw, make_collator, prepare_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script, *args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def launch(script, *args, nproc=2):
+    """SCRIPT under torchrun. Each rank's stderr lines come back prefixed "[defaultR]:" (--tee 2)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--tee", "2",
            str(ROOT / script), *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def torchrun(script, *args, nproc=2):
+    """launch(), which must succeed; a failure shows every rank's own last lines, not only the last rank's."""
+    result = launch(script, *args, nproc=nproc)
+    if result.returncode != 0:
+        report = [f"torchrun exited with {result.returncode}"]
+        for r in range(nproc):
+            own = [line for line in result.stderr.splitlines() if line.startswith(f"[default{r}]:")]
+            report += [f"--- rank {r}:", *own[-30:]]
+        pytest.fail("\n".join(report))
     return result
 
 
@@ -72,3 +83,29 @@ def test_finetuning_under_torchrun_validates_on_every_query_once(num_queries, tm
     full = train.evaluate(model, data.queries, make_collator(tokenizer), 64, torch.device("cpu"))
     assert abs(metrics["validation_accuracy"] - full["accuracy"]) < 1e-6
     assert abs(metrics["validation_loss"] - full["loss"]) < 1e-6
+
+
+ON_RANK_ZERO = """
+import sys, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from analyze import on_rank_zero
+from pipeline import UserError
+dist.init_process_group("gloo")
+def claim():
+    print(f"claimed by rank {dist.get_rank()}", file=sys.stderr)
+    raise UserError("the output directory was interrupted")
+on_rank_zero(claim)
+"""
+
+
+def test_on_rank_zero_runs_the_step_once_and_every_rank_raises_its_error(tmp_path):
+    """analyze.py checks and claims its output directories on rank 0 alone (no rank reads what rank 0 is writing),
+    and a refusal there stops every rank with the same one-line error, not a hang or a traceback."""
+    script = tmp_path / "claim.py"
+    script.write_text(ON_RANK_ZERO)
+    result = launch(script, str(ROOT))
+    assert result.returncode != 0
+    assert result.stderr.count("claimed by rank") == 1 and "[default0]:claimed by rank 0" in result.stderr
+    for r in range(2):
+        assert f"[default{r}]:error: the output directory was interrupted" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in "".join(l for l in result.stderr.splitlines() if l.startswith("[default"))

@@ -209,20 +209,23 @@ def check_provenance(output_dir: Path, expected: dict, overwrite: bool) -> None:
 
 
 def on_rank_zero(step) -> None:
-    """step() on rank 0 alone; then every rank raises its UserError, if it raised one. (When every rank checked
-    the output directories, one could find rank 0's factor directory made but its metadata not yet written.)"""
-    error = None
+    """step() on rank 0 alone, the others waiting for its outcome. If it fails, every rank stops with rank 0's
+    error: a UserError as it is; anything else with its traceback on rank 0 and as one line on the others.
+    (When every rank checked the output directories, one could find rank 0's factor directory made but its
+    metadata not yet written.)"""
+    failure = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             step()
-        except UserError as exc:
-            error = exc
+        except (UserError, Exception) as exc:  # a UserError is a SystemExit, not an Exception
+            failure = exc
     if dist.is_initialized():
-        verdict = [error]
+        verdict = [failure if failure is None or isinstance(failure, UserError)
+                   else UserError(f"rank 0 failed: {type(failure).__name__}: {failure}")]
         dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error is not None:
-        raise error
+        failure = failure if dist.get_rank() == 0 else verdict[0]
+    if failure is not None:
+        raise failure
 
 
 def load_scores(path: Path):
@@ -299,8 +302,6 @@ def fused_scores_cached(analyzer, model, args, f_name: str, scores_dir: Path, da
 
 def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
     """The query and its strongest proponents and opponents as text."""
-    if not 0 <= query_index < scores.size(0):
-        raise UserError(f"--query_index {query_index} is outside the {scores.size(0)} queries")
     row = scores[query_index].float()
 
     def show(title, example):
@@ -329,6 +330,9 @@ def main(argv=None):
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)
+    if not 0 <= args.query_index < len(data.queries):  # before any work, and on every rank
+        raise UserError(f"--query_index {args.query_index} is outside the {len(data.queries)} queries; "
+                        f"pass one from 0 to {len(data.queries) - 1}")
 
     external_group = dist.is_initialized()  # a caller's process group is left alone at the end
     if args.use_ddp and not torch.cuda.is_available() and not dist.is_initialized():
@@ -399,8 +403,8 @@ def main(argv=None):
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
-        dist.barrier()                                 # in a gloo collective can abort it
-        dist.destroy_process_group()
+        dist.barrier()                                 # in a gloo collective can abort it. (kronfluence's State
+        dist.destroy_process_group()                   # still counts the ranks: main runs once per process.)
     return scores_dir
 
 

@@ -4,7 +4,7 @@ DataCollatorForMultipleChoice.
 
     python results/collate_probe.py OUT.json --model_name_or_path ../shared/models/all-MiniLM-L6-v2-fp16 \\
         --train_file ../shared/data/anetcap/train.csv.gz --validation_file ../shared/data/anetcap/validation.csv.gz \\
-        --max_train_samples 4000 --num_queries 10 --per_device_train_batch_size 32
+        --max_train_samples 8000 --num_queries 10 --per_device_train_batch_size 32
 
 Every argument after OUT.json is train.py's. One process, one thread; medians over REPEATS (env, default 50)
 random batches.
@@ -12,6 +12,7 @@ random batches.
 
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -40,12 +41,14 @@ def main():
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     data = prepare_data(args, tokenizer, load_raw(args))
-    collator, size = make_collator(tokenizer), args.per_device_train_batch_size
+    collator, size = make_collator(tokenizer, args.pad_to_max_length, args.max_length), args.per_device_train_batch_size
     repeats = int(os.environ.get("REPEATS", 50))
     rng = np.random.default_rng(args.seed)
     picks = [rng.choice(len(data.train), size, replace=False).tolist() for _ in range(repeats)]
     fetched = [data.train.__getitems__(pick) for pick in picks]
-    result = {"batch_rows": size, "sequences": size * 4, "repeats": repeats,
+    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")][:1]
+    result = {"cpu": cpu[0] if cpu else platform.processor(), "python": platform.python_version(), "batch_rows": size, "sequences": size * 4, "repeats": repeats,
               "fetch_ms": median_ms(data.train.__getitems__, picks),
               "collate_ms": median_ms(collator, fetched),
               "padded_length_median": statistics.median(collator(rows)["input_ids"].shape[-1] for rows in fetched)}

@@ -102,6 +102,12 @@ def test_more_queries_than_split(tiny_checkpoint, tmp_path):
         analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--num_queries", "5000", "--output_dir", str(tmp_path)])
 
 
+def test_query_index_outside_the_queries_stops_before_any_work(tiny_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="--query_index 12 is outside the 12 queries; pass one from 0 to 11"):
+        analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--query_index", "12", "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # no factors fitted
+
+
 @pytest.mark.parametrize("lds", [False, True], ids=["fine-tune", "lds"])
 def test_unlabelled_queries_stop_training_before_it_starts(lds, tmp_path, monkeypatch):
     """Margins need labels: an unlabelled query split fails at once (under DDP, one rank failing alone at its first

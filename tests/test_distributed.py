@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,22 +19,25 @@ from pipeline import load_checkpoint, load_raw, make_collator, prepare_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(script, *args, nproc=2):
+def launch(script, *args, nproc=2, timeout=600):
     """SCRIPT under torchrun. Each rank's stderr lines come back prefixed "[defaultR]:" (--tee 2)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--tee", "2",
-           str(ROOT / script), *args]
-    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    with tempfile.TemporaryDirectory() as logs:  # --tee also writes each rank's log files
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--tee", "2", "--log-dir", logs, str(ROOT / script), *args]
+        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=timeout)
 
 
 def torchrun(script, *args, nproc=2):
-    """launch(), which must succeed; a failure shows every rank's own last lines, not only the last rank's."""
+    """launch(), which must succeed. A failure shows every rank's own last lines (not only the last rank's), then
+    torchrun's own (its exit codes tell an error from a signal)."""
     result = launch(script, *args, nproc=nproc)
     if result.returncode != 0:
+        lines = result.stderr.splitlines()
         report = [f"torchrun exited with {result.returncode}"]
         for r in range(nproc):
-            own = [line for line in result.stderr.splitlines() if line.startswith(f"[default{r}]:")]
-            report += [f"--- rank {r}:", *own[-30:]]
+            report += [f"--- rank {r}:", *[line for line in lines if line.startswith(f"[default{r}]:")][-30:]]
+        report += ["--- torchrun:", *[line for line in lines if not line.startswith("[default")][-12:]]
         pytest.fail("\n".join(report))
     return result
 
@@ -93,19 +97,31 @@ from pipeline import UserError
 dist.init_process_group("gloo")
 def claim():
     print(f"claimed by rank {dist.get_rank()}", file=sys.stderr)
-    raise UserError("the output directory was interrupted")
-on_rank_zero(claim)
+    raise ERROR("the output directory was interrupted")
+try:
+    on_rank_zero(claim)
+except (UserError, Exception) as exc:  # torchrun stops the other ranks once one exits: print, then exit together
+    print(f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    dist.barrier()
+    raise
 """
 
 
-def test_on_rank_zero_runs_the_step_once_and_every_rank_raises_its_error(tmp_path):
-    """analyze.py checks and claims its output directories on rank 0 alone (no rank reads what rank 0 is writing),
-    and a refusal there stops every rank with the same one-line error, not a hang or a traceback."""
+@pytest.mark.parametrize("error,rank1_sees", [("UserError", "error: the output directory was interrupted"),
+                                               ("OSError", "error: rank 0 failed: OSError: the output directory")])
+def test_on_rank_zero_runs_the_step_once_and_every_rank_raises_its_error(error, rank1_sees, tmp_path):
+    """analyze.py checks and claims its output directories on rank 0 alone (no rank reads what rank 0 is writing).
+    A refusal there stops every rank with rank 0's one-line error; any other failure keeps its traceback on rank 0
+    and reaches the other ranks as one line, instead of leaving them waiting."""
     script = tmp_path / "claim.py"
-    script.write_text(ON_RANK_ZERO)
-    result = launch(script, str(ROOT))
-    assert result.returncode != 0
-    assert result.stderr.count("claimed by rank") == 1 and "[default0]:claimed by rank 0" in result.stderr
-    for r in range(2):
-        assert f"[default{r}]:error: the output directory was interrupted" in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in "".join(l for l in result.stderr.splitlines() if l.startswith("[default"))
+    script.write_text(ON_RANK_ZERO.replace("ERROR", error))
+    result = launch(script, str(ROOT), timeout=180)
+    lines = result.stderr.splitlines()
+    rank0, rank1 = ("\n".join(line for line in lines if line.startswith(f"[default{r}]:")) for r in range(2))
+    assert result.returncode != 0 and result.stderr.count("claimed by rank") == 1, result.stderr[-2000:]
+    assert "claimed by rank 0" in rank0 and f"rank 1 raised UserError: {rank1_sees}" in rank1
+    if error == "UserError":
+        assert "rank 0 raised UserError: error: the output directory was interrupted" in rank0
+        assert "Traceback" not in rank0 + rank1
+    else:
+        assert "rank 0 raised OSError: the output directory was interrupted" in rank0 and "Traceback" in rank0

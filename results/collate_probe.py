@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from pipeline import load_raw, make_collator, prepare_data  # noqa: E402
+from pipeline import load_raw, make_collator, prepare_data, write_json  # noqa: E402
 
 
 def median_ms(step, batches) -> float:
@@ -52,8 +52,7 @@ def main():
               "fetch_ms": median_ms(data.train.__getitems__, picks),
               "collate_ms": median_ms(collator, fetched),
               "padded_length_median": statistics.median(collator(rows)["input_ids"].shape[-1] for rows in fetched)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     print(json.dumps(result))
 
 

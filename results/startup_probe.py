@@ -37,7 +37,7 @@ def main():
     t = phase("import_datasets", t)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import train
-    from pipeline import load_pretrained, load_raw, make_collator, prepare_data
+    from pipeline import load_pretrained, load_raw, make_collator, prepare_data, write_json
     t = phase("import_project", t)
     args = train.parse_args(argv)
     device = train.process_device()
@@ -58,10 +58,7 @@ def main():
     PHASES["total"] = time.time() - float(os.environ.get("LAUNCH", T0))
     PHASES["kronfluence_imported"] = "kronfluence" in sys.modules  # train.py no longer imports it
     rank, world, _ = train.process_rank()
-    mine = out.with_name(f"{out.stem}.rank{rank}.json")
-    tmp = mine.with_suffix(".tmp")
-    tmp.write_text(json.dumps(PHASES))
-    tmp.replace(mine)  # whole, for rank 0 to read
+    write_json(out.with_name(f"{out.stem}.rank{rank}.json"), PHASES)  # atomic: whole, for rank 0 to read
     if rank == 0:  # wait for the others' files, then summarise
         files = [out.with_name(f"{out.stem}.rank{r}.json") for r in range(world)]
         while not all(f.exists() for f in files):
@@ -71,7 +68,7 @@ def main():
         summary = {"processes": world, "mean": {k: round(sum(r[k] for r in ranks) / world, 2) for k in seconds},
                    "max": {k: round(max(r[k] for r in ranks), 2) for k in seconds},
                    "kronfluence_imported": PHASES["kronfluence_imported"], "ranks": ranks}
-        out.write_text(json.dumps(summary, indent=1))
+        write_json(out, summary)
         print(json.dumps(summary["mean"]))
 
 

@@ -23,12 +23,13 @@ model's rows are first divided by their per-query standard deviation (`--combine
 evaluate_lds.py evaluates the result like any single model's scores.
 """
 
-import argparse
 import datetime
 import hashlib
 import logging
 import os
 import time
+from contextlib import ExitStack
+from itertools import takewhile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 from kronfluence.utils.dataset import DataLoaderKwargs
+from filelock import FileLock, Timeout
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fused_scores import fused_pairwise_scores, length_order
@@ -47,8 +50,11 @@ from pipeline import (
     SCORES_DIR,
     TRAINING_ARGS_FILE,
     WEIGHTS_FILE,
+    ArgumentParser,
     UserError,
     add_data_args,
+    at_least,
+    atomic_output,
     configure_attention,
     data_args_dict,
     decode_choices,
@@ -57,6 +63,7 @@ from pipeline import (
     make_collator,
     prepare_data,
     read_json,
+    require_labels,
     resolve_data_args,
     setup_logging,
     write_json,
@@ -67,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
 SCORING = ["kronfluence", "fused"]
+FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's, in order; then the scores
 METADATA_FILE = "metadata.json"
 SCORES_FILE = "pairwise_scores.safetensors"
 SCORES_KEY = "all_modules"
@@ -74,7 +82,7 @@ QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINTS_DIR / "swag",
                         help="A train.py checkpoint (save_pretrained directory).")
     parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac",
@@ -87,7 +95,7 @@ def parse_args(argv=None):
                         help="With --use_half_precision: bf16 forward/backward and per-example gradients, but the "
                              "covariance and lambda factors in fp32 (their matmuls and sums; kronfluence's all-bf16 "
                              "sums lose precision over many batches).")
-    parser.add_argument("--lambda_max_examples", type=int, default=None,
+    parser.add_argument("--lambda_max_examples", type=at_least(1), default=None,
                         help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
                              "(default: all rows; the covariance always uses all).")
     parser.add_argument("--scoring", choices=SCORING, default="kronfluence",
@@ -95,9 +103,12 @@ def parse_args(argv=None):
                              "the same factors, one training pass per chunk of queries (fused_scores.py).")
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
-    parser.add_argument("--factor_batch_size", type=int, default=64, help="Per-device batch size for fitting factors.")
-    parser.add_argument("--query_batch_size", type=int, default=100, help="Per-device batch size for query gradients.")
-    parser.add_argument("--train_batch_size", type=int, default=128, help="Per-device batch size for training gradients.")
+    parser.add_argument("--factor_batch_size", type=at_least(1), default=64,
+                        help="Per-device batch size for fitting factors.")
+    parser.add_argument("--query_batch_size", type=at_least(1), default=100,
+                        help="Per-device batch size for query gradients.")
+    parser.add_argument("--train_batch_size", type=at_least(1), default=128,
+                        help="Per-device batch size for training gradients.")
     parser.add_argument("--damping_factor", type=float, default=1e-8,
                         help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
                              "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
@@ -107,9 +118,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for the sampled (true-Fisher) labels.")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's per-stage timing profile.")
     parser.add_argument("--output_dir", type=Path, default=SCORES_DIR, help="Where factors and scores go.")
-    parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
-    parser.add_argument("--query_index", type=int, default=0, help="Query whose top influential examples are printed.")
-    parser.add_argument("--top_k", type=int, default=3, help="Proponents and opponents to print.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Recompute factors and scores even if present (an interrupted run resumes without it).")
+    parser.add_argument("--query_index", type=at_least(0), default=0,
+                        help="Query whose top influential examples are printed.")
+    parser.add_argument("--top_k", type=at_least(1), default=3, help="Proponents and opponents to print.")
     parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="SCORES_DIR",
                         help="Instead of analysing: combine these scores directories (one per model) into one.")
     parser.add_argument("--combine_mode", choices=["standardized", "mean"], default="standardized",
@@ -117,6 +130,9 @@ def parse_args(argv=None):
                              "then average; mean: plain average.")
     add_data_args(parser)
     args = parser.parse_args(argv)
+    if not np.isfinite(args.damping_factor) or args.damping_factor == 0:
+        parser.error(f"argument --damping_factor: must be a positive number, or negative for the heuristic; "
+                     f"got {args.damping_factor}")
     if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
         parser.error("--query_gradient_rank must be -1 (full rank) or a positive rank")
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
@@ -150,9 +166,13 @@ def scores_name(args) -> str:
     return name + ("_fused" if args.scoring == "fused" else "")
 
 
-def factor_arguments(args) -> FactorArguments:
+def factor_arguments(args, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
+    """kronfluence's factor arguments for these flags. Its row caps (covariance_max_examples and
+    lambda_max_examples, 100,000 by default) are set to the rows given: the rows come length-sorted, so a cap
+    below them would fit the factors on the shortest rows only."""
     factor_args = (all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
                    if args.use_half_precision else FactorArguments(strategy=args.factor_strategy))
+    factor_args.covariance_max_examples, factor_args.lambda_max_examples = num_covariance_rows, num_lambda_rows
     if args.use_half_precision and args.fp32_accumulation:
         factor_args.activation_covariance_dtype = factor_args.gradient_covariance_dtype = torch.float32
         factor_args.lambda_dtype = torch.float32
@@ -194,38 +214,71 @@ def score_arguments(args) -> ScoreArguments:
     return score_args
 
 
-def check_provenance(output_dir: Path, expected: dict, overwrite: bool) -> None:
-    """Factors and scores belong to one set of weights and data: refuse to reuse them for others."""
+def stage_seed(seed: int, stage: str, rank: int = 0) -> int:
+    """Each stage (and rank) draws its sampled labels from a seed of its own: a stage redone after a kill draws
+    what it drew in an uninterrupted run, whatever ran before it in this process."""
+    return int(np.random.default_rng([seed, [*FACTOR_STAGES, "scores"].index(stage), rank]).integers(2**31))
+
+
+def check_provenance(output_dir: Path, expected: dict, overwrite: bool, fix: str) -> dict:
+    """Factors and scores belong to one set of weights and data: refuse to reuse them for others. Returns the
+    directory's metadata ({} when there is none to reuse)."""
     record = output_dir / METADATA_FILE
     if overwrite or not output_dir.exists():
-        return
+        return {}
     if not record.exists():
-        raise UserError(f"{output_dir} has no {METADATA_FILE} (an interrupted run?); pass --overwrite to recompute it")
+        raise UserError(f"{output_dir} has no {METADATA_FILE}, so nothing says what it was computed from; "
+                        f"{fix}")
     saved = read_json(record, "metadata")
     differs = [key for key, value in expected.items() if saved.get(key) != value]
     if differs:
-        raise UserError(f"{output_dir} was computed from other {' and '.join(differs)} than this run's; "
-                        f"pass --overwrite to recompute it")
+        raise UserError(f"{output_dir} was computed from other {' and '.join(differs)} than this run's; {fix}")
+    return saved
 
 
-def on_rank_zero(step) -> None:
-    """step() on rank 0 alone, the others waiting for its outcome. If it fails, every rank stops with rank 0's
-    error: a UserError as it is; anything else with its traceback on rank 0 and as one line on the others.
-    (When every rank checked the output directories, one could find rank 0's factor directory made but its
-    metadata not yet written.)"""
-    failure = None
+def output_lock(directory: Path, stack: ExitStack) -> None:
+    """Hold a lock on `directory` (a file beside it) until `stack` closes: a second analyze.py writing the same
+    directory waits, then finds this run's finished outputs (and their provenance) instead of mixing its own in."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory.with_name(f".{directory.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning("another analyze.py is writing %s; waiting for it to finish", directory)
+        lock.acquire()
+    stack.callback(lock.release)
+
+
+def check_safetensors(directory: Path, fix: str) -> None:
+    """Every safetensors file in `directory` is whole (its header and sizes agree), or one line names it."""
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:
+            raise UserError(f"cannot read {file} ({type(exc).__name__}: {exc}); is it truncated? {fix}") from None
+
+
+def on_rank_zero(step):
+    """step() on rank 0 alone, the others waiting for its outcome, which every rank returns. Rank 0 alone reads and
+    writes the output directories' metadata, so no rank reads what another is writing. If the step fails, every
+    rank stops with rank 0's error: a UserError as it is; anything else with its traceback on rank 0 and as one
+    line on the others."""
+    failure = result = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            step()
+            result = step()
         except (UserError, Exception) as exc:  # a UserError is a SystemExit, not an Exception
             failure = exc
     if dist.is_initialized():
         verdict = [failure if failure is None or isinstance(failure, UserError)
-                   else UserError(f"rank 0 failed: {type(failure).__name__}: {failure}")]
+                   else UserError(f"rank 0 failed: {type(failure).__name__}: {failure}"), result]
         dist.broadcast_object_list(verdict, src=0)
         failure = failure if dist.get_rank() == 0 else verdict[0]
+        result = verdict[1]
     if failure is not None:
         raise failure
+    return result
 
 
 def load_scores(path: Path):
@@ -233,12 +286,16 @@ def load_scores(path: Path):
     file = path / SCORES_FILE if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"no scores at {path}; run analyze.py first, or pass the scores directory it printed")
+    meta_file = file.parent / METADATA_FILE
+    meta = read_json(meta_file, "scores metadata") if meta_file.exists() else None
+    if meta is not None and not meta.get("complete", True):
+        raise UserError(f"the scores in {file.parent} are from an analyze.py run that has not finished; "
+                        f"rerun it to complete them")
     try:
         scores = load_file(str(file))[SCORES_KEY].float()
     except Exception as exc:
         raise UserError(f"cannot read scores {file} ({type(exc).__name__}); is it truncated? rerun analyze.py") from None
-    meta_file = file.parent / METADATA_FILE
-    return scores, (read_json(meta_file, "scores metadata") if meta_file.exists() else None)
+    return scores, meta
 
 
 def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
@@ -277,25 +334,28 @@ def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
 
 def save_scores(directory: Path, scores: torch.Tensor) -> None:
     """Scores in kronfluence's file layout, written atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{SCORES_FILE}.tmp"
-    save_file({SCORES_KEY: scores.contiguous()}, str(tmp))
-    os.replace(tmp, directory / SCORES_FILE)
+    with atomic_output(directory / SCORES_FILE) as tmp:
+        save_file({SCORES_KEY: scores.contiguous()}, str(tmp))
 
 
-def fused_scores_cached(analyzer, model, args, f_name: str, scores_dir: Path, data, collator, is_main: bool):
-    """--scoring fused: the scores file kronfluence's loop would write, reused when present. `model` is
-    the prepared model before kronfluence's DDP wrapper (every rank scores its share of the rows)."""
-    file = scores_dir / SCORES_FILE
-    if file.is_file() and not args.overwrite:
-        logger.info("reusing %s", file)
-        return load_scores(file)[0]
+def compute_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: Path, data, collator,
+                   rank: int) -> torch.Tensor:
+    """The pairwise scores by kronfluence's loop or the fused pass, written to `scores_dir` (whatever a killed run
+    left there is replaced). `model` is the prepared model before kronfluence's DDP wrapper: under
+    torch.distributed every rank of the fused pass scores its share of the training rows."""
+    torch.manual_seed(stage_seed(args.seed, "scores", rank))
+    if args.scoring == "kronfluence":
+        analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
+                                         train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
+                                         per_device_train_batch_size=args.train_batch_size,
+                                         score_args=score_arguments(args), overwrite_output_dir=True)
+        return analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
     factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
     device = analyzer.state.device
     scores = fused_pairwise_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
                                    score_arguments(args), data.queries, data.train, collator, args.query_batch_size,
                                    args.train_batch_size, device=device)
-    if is_main:
+    if rank == 0:
         save_scores(scores_dir, scores)
     return scores
 
@@ -321,6 +381,98 @@ def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, 
     print("=" * 100)
 
 
+def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
+    """Fit the factors and compute the scores, resuming what an interrupted run with the same settings finished;
+    the output directories stay locked (by rank 0) until `stack` closes."""
+    task = MultipleChoiceTask()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
+                        profile=args.profile, output_dir=str(args.output_dir))
+    collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    kronfluence_ddp = analyzer.state.use_distributed
+
+    checkpoint = str(args.checkpoint_dir.resolve())
+    f_name, s_name = factors_name(args), scores_name(args)
+    factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
+    factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
+                         "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
+    provenance = {**factor_provenance, "query_fingerprint": data.fingerprint["queries"]}
+
+    def record_factors(completed):  # after each finished stage: a directory's metadata is its completeness record
+        write_json(factors_dir / METADATA_FILE, {"checkpoint": checkpoint, **factor_provenance,
+                                                 "completed_stages": completed})
+
+    def claim_output_dirs():
+        """Lock, check what the directories were computed from, and write this run's provenance before any work."""
+        output_lock(factors_dir, stack)
+        output_lock(scores_dir, stack)
+        refit = "pass --overwrite to recompute it (or delete it)"
+        saved = check_provenance(factors_dir, factor_provenance, args.overwrite, refit)
+        finished = saved.get("completed_stages", [])
+        completed = list(takewhile(lambda stage: stage in finished, FACTOR_STAGES))  # each needs those before it
+        if completed:
+            check_safetensors(factors_dir, f"delete {factors_dir} or pass --overwrite to refit the factors")
+        saved = check_provenance(scores_dir, provenance, args.overwrite,
+                                 "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
+        reuse = saved.get("complete") is True and completed == FACTOR_STAGES
+        record_factors(completed)
+        if not reuse:
+            write_json(scores_dir / METADATA_FILE, {"checkpoint": checkpoint, **provenance, "complete": False})
+        return completed, reuse
+
+    completed, reuse_scores = on_rank_zero(claim_output_dirs)
+    trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
+    if trained.get("data_fingerprint", {}).get("train") not in (None, data.fingerprint["train"]):
+        logger.warning("these training rows differ from the ones the checkpoint was trained on; "
+                       "the scores attribute to the rows given, not to the model's training set")
+
+    # kronfluence's DDP: every rank fits together; gloo/CPU: rank 0 alone fits while the others wait, then loads
+    single_fitter = dist.is_initialized() and not kronfluence_ddp
+    if single_fitter and rank != 0:
+        dist.barrier()
+    started = time.perf_counter()
+    covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
+    stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
+                           factor_arguments(args, len(covariance_rows), len(lambda_rows)), args.factor_batch_size,
+                           overwrite=True)  # only unfinished stages run, and they replace what a killed run left
+    for name, stage in stages.items():
+        if name in completed or not (kronfluence_ddp or rank == 0):
+            continue
+        torch.manual_seed(stage_seed(args.seed, name, rank))
+        stage()
+        completed.append(name)
+        if rank == 0:
+            record_factors(completed)
+    if single_fitter and rank == 0:
+        dist.barrier()
+    factors_seconds = time.perf_counter() - started
+
+    if reuse_scores:
+        logger.info("reusing the scores in %s", scores_dir)
+        scores = load_scores(scores_dir)[0]
+    else:
+        scores = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
+    if rank == 0 and not reuse_scores:
+        write_json(scores_dir / METADATA_FILE, {
+            "checkpoint": checkpoint, **provenance, "complete": True, "recipe": trained.get("recipe"),
+            "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
+            "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
+            "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
+            "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
+            "damping_factor": args.damping_factor, "scoring": args.scoring,
+            "seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
+                        "scores": round(time.perf_counter() - started - factors_seconds, 2)},
+            "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
+            "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
+                            "train": args.train_batch_size}})
+    if rank == 0:
+        logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
+        print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
+    return scores_dir
+
+
 def main(argv=None):
     setup_logging()
     configure_attention()
@@ -330,7 +482,8 @@ def main(argv=None):
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)
-    if not 0 <= args.query_index < len(data.queries):  # before any work, and on every rank
+    require_labels(data.queries)  # the measurement is the query's margin; before any work, and on every rank
+    if not 0 <= args.query_index < len(data.queries):
         raise UserError(f"--query_index {args.query_index} is outside the {len(data.queries)} queries; "
                         f"pass one from 0 to {len(data.queries) - 1}")
 
@@ -338,70 +491,8 @@ def main(argv=None):
     if args.use_ddp and not torch.cuda.is_available() and not dist.is_initialized():
         # CPU: kronfluence stays single-process (rank 0 fits while the others wait), the fused scores are split
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    task = MultipleChoiceTask()
-    model = prepare_model(model, task)
-    analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
-                        profile=args.profile, output_dir=str(args.output_dir))
-    collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    kronfluence_ddp = analyzer.state.use_distributed
-    is_main = rank == 0
-
-    weights_sha = file_sha256(args.checkpoint_dir / WEIGHTS_FILE)
-    f_name, s_name = factors_name(args), scores_name(args)
-    factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
-    factor_provenance = {"weights_sha256": weights_sha, "train_fingerprint": data.fingerprint["train"],
-                         "max_length": args.max_length}
-    provenance = {**factor_provenance, "query_fingerprint": data.fingerprint["queries"]}
-
-    def claim_output_dirs():  # provenance first: a directory without it was interrupted and is never trusted
-        check_provenance(factors_dir, factor_provenance, args.overwrite)
-        check_provenance(scores_dir, provenance, args.overwrite)
-        write_json(factors_dir / METADATA_FILE, {"checkpoint": str(args.checkpoint_dir.resolve()), **factor_provenance})
-
-    on_rank_zero(claim_output_dirs)
-    trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
-    if trained.get("data_fingerprint", {}).get("train") not in (None, data.fingerprint["train"]):
-        logger.warning("these training rows differ from the ones the checkpoint was trained on; "
-                       "the scores attribute to the rows given, not to the model's training set")
-    covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
-    single_fitter = dist.is_initialized() and not kronfluence_ddp  # CPU/gloo: rank 0 fits, the others load
-    if single_fitter and rank != 0:
-        dist.barrier()
-    torch.manual_seed(args.seed + rank)  # the sampled labels: reproducible, and different on every rank
-    # kronfluence's DDP: every rank refits together; gloo/CPU: rank 0 alone fits, the others load
-    factor_args, overwrite = factor_arguments(args), args.overwrite and (kronfluence_ddp or rank == 0)
-    started = time.perf_counter()
-    for stage in factor_stages(analyzer, f_name, covariance_rows, lambda_rows, factor_args, args.factor_batch_size,
-                               overwrite).values():
-        stage()
-    if single_fitter and rank == 0:
-        dist.barrier()
-    factors_seconds = time.perf_counter() - started
-    if args.scoring == "fused":
-        scores = fused_scores_cached(analyzer, model, args, f_name, scores_dir, data, collator, is_main)
-    else:
-        analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
-                                         train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
-                                         per_device_train_batch_size=args.train_batch_size,
-                                         score_args=score_arguments(args), overwrite_output_dir=args.overwrite)
-        scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
-    seconds = {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
-               "scores": round(time.perf_counter() - started - factors_seconds, 2)}
-    if is_main:
-        write_json(scores_dir / METADATA_FILE, {
-            "checkpoint": str(args.checkpoint_dir.resolve()), **provenance, "recipe": trained.get("recipe"),
-            "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
-            "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
-            "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
-            "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
-            "damping_factor": args.damping_factor, "scoring": args.scoring, "seconds": seconds,
-            "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
-            "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
-                            "train": args.train_batch_size}})
-        logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
-        print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
+    with ExitStack() as locks:
+        scores_dir = run_analysis(args, model, tokenizer, data, locks)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
         dist.barrier()                                 # in a gloo collective can abort it. (kronfluence's State
         dist.destroy_process_group()                   # still counts the ranks: main runs once per process.)

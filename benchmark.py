@@ -32,7 +32,6 @@ training variant a third, profiled pass with the GPU's busy time (a step far lon
 overhead-bound).
 """
 
-import argparse
 import copy
 import gc
 import json
@@ -63,6 +62,7 @@ from fused_scores import fused_pairwise_scores, linear_module_names, queries_per
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
+    ArgumentParser,
     UserError,
     configure_attention,
     load_local_files,
@@ -104,7 +104,7 @@ TRAIN_VARIANTS = {  # train.py flags of each timed training variant
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--tokenizer_dir", required=True,
                         help="Directory with the roberta-base vocab.json and merges.txt (or any saved tokenizer).")
     parser.add_argument("--train_file", required=True, help="SWAG-schema file for the training rows.")
@@ -204,7 +204,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
     options = analyze_args(["--factor_strategy", "ekfac", "--query_gradient_rank", str(c["rank"])]
                            + ["--use_half_precision"] * c["half"] + ["--fp32_accumulation"] * c.get("acc32", False))
-    factor_args, score_args = factor_arguments(options), score_arguments(options)
+    factor_args, score_args = factor_arguments(options, len(cov_rows), len(lambda_rows)), score_arguments(options)
     task = MultipleChoiceTask()
     prepared = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(analysis_name=name, model=prepared, task=task, output_dir=str(args.work_dir), disable_tqdm=True)

@@ -24,7 +24,17 @@ import torch
 from scipy.stats import rankdata
 
 from analyze import load_scores
-from pipeline import UserError, load_checkpoint, prepare_data, read_json, resolve_data_args, setup_logging, write_json
+from pipeline import (
+    ArgumentParser,
+    UserError,
+    at_least,
+    load_checkpoint,
+    prepare_data,
+    read_json,
+    resolve_data_args,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +44,7 @@ SCATTER_FILE = "lds_median_query.png"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--scores", type=Path, default=None,
                         help="A scores directory written by analyze.py, or its pairwise_scores.safetensors.")
     parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by train.py --lds_num_masks.")
@@ -43,11 +53,11 @@ def parse_args(argv=None):
     parser.add_argument("--kronfluence_margins", type=Path, default=None,
                         help="kronfluence's margins.pt (num_masks × num_queries), with --kronfluence_masks.")
     parser.add_argument("--output_dir", type=Path, default=None, help="Where results and plots go (default: the scores directory).")
-    parser.add_argument("--num_bootstrap", type=int, default=1000, help="Bootstrap resamples of the queries for the 95%% interval.")
+    parser.add_argument("--num_bootstrap", type=at_least(1), default=1000, help="Bootstrap resamples of the queries for the 95%% interval.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
-    parser.add_argument("--query_index", type=int, default=None,
+    parser.add_argument("--query_index", type=at_least(0), default=None,
                         help="Query whose top influential examples are printed (default: the median-LDS query).")
-    parser.add_argument("--top_k", type=int, default=3, help="Proponents and opponents to print.")
+    parser.add_argument("--top_k", type=at_least(1), default=3, help="Proponents and opponents to print.")
     parser.add_argument("--no_plots", action="store_true", help="Skip the plots.")
     parser.add_argument("--cost_plot", type=Path, default=None, metavar="RESULTS_JSON",
                         help="Instead of evaluating: plot LDS against GPU-minutes for every entry of a results file "
@@ -61,8 +71,6 @@ def parse_args(argv=None):
         parser.error("--scores is required (or --cost_plot)")
     if (args.lds_dir is None) == (args.kronfluence_masks is None):
         parser.error("give either --lds_dir or --kronfluence_masks/--kronfluence_margins")
-    if args.num_bootstrap < 1:
-        parser.error("--num_bootstrap must be at least 1")
     if (args.kronfluence_masks is None) != (args.kronfluence_margins is None):
         parser.error("--kronfluence_masks and --kronfluence_margins go together")
     return args
@@ -153,13 +161,18 @@ def check_match(scores: np.ndarray, meta, masks: np.ndarray, margins: np.ndarray
         differs += [f"{key} rows (hash {str(ours.get(key))[:8]} in the scores, {str(theirs.get(key))[:8]} in the runs)"
                     for key in ("train", "queries") if ours.get(key) != theirs.get(key)]
         ours_recipe, their_recipe = meta.get("recipe"), runs.get("recipe")
+        fix = "Compute both with the same data flags"
         if ours_recipe and their_recipe:
             differs += [f"{key} ({ours_recipe.get(key)} for the scored model, {their_recipe.get(key)} in the runs)"
                         for key in sorted(set(ours_recipe) | set(their_recipe))
                         if key != "seed" and ours_recipe.get(key) != their_recipe.get(key)]  # any seed may be scored
+            batch = ours_recipe.get("effective_batch_size")
+            if batch != their_recipe.get("effective_batch_size"):  # each run trains in one process
+                fix = (f"Make the runs with --per_device_train_batch_size {batch}, the scored model's effective batch "
+                       f"(processes × per-device batch when it was fine-tuned under torchrun), and the same data flags")
         if differs:
             raise UserError("the scores and the LDS runs do not belong together: they differ in "
-                            + "; ".join(differs) + ". Compute both with the same data flags")
+                            + "; ".join(differs) + f". {fix}")
     if scores.shape != (margins.shape[1], masks.shape[1]):
         raise UserError(f"scores are {scores.shape[0]} queries × {scores.shape[1]} train examples but the runs have "
                         f"{margins.shape[1]} queries × {masks.shape[1]} train examples; compute both with the same data flags")
@@ -254,6 +267,12 @@ def main(argv=None):
         return plot_cost(args.cost_plot)
     scores, meta = load_scores(args.scores)
     scores = scores.numpy()
+    if args.query_index is not None and args.query_index >= scores.shape[0]:
+        raise UserError(f"--query_index {args.query_index} is outside the {scores.shape[0]} queries; "
+                        f"pass one from 0 to {scores.shape[0] - 1}")
+    if meta is None:
+        logger.warning("no metadata beside %s: nothing shows that the scores and the runs share their training rows, "
+                       "queries and recipe, so only their shapes are compared", args.scores)
     if args.lds_dir is not None:
         masks, margins, runs = load_runs(args.lds_dir)
     else:

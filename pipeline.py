@@ -12,11 +12,15 @@ records them, so later scripts reuse the exact data the model was trained on.
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Value, load_dataset
 from transformers import (
     AutoModelForMultipleChoice,
     AutoTokenizer,
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 NUM_CHOICES = 4
 MAX_LENGTH = 128
+MIN_LENGTH = 16
 CONTEXT_COLUMN = "sent1"
 HEADER_COLUMN = "sent2"
 ENDING_COLUMNS = [f"ending{i}" for i in range(NUM_CHOICES)]
@@ -78,6 +83,52 @@ class UserError(SystemExit):
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors on one line: `train.py: error: argument --lds_repeats: ...` and exit status 2, without
+    the usage block (several lines for these scripts; --help shows it)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low (the message names the allowed range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
+def number_above(low: float, inclusive: bool):
+    """argparse type: a finite float > low (>= low when inclusive)."""
+    bound = f"{'>=' if inclusive else '>'} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not np.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_float, non_negative_float = number_above(0, inclusive=False), number_above(0, inclusive=True)
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Data flags shared by every script. Unset flags stay None: `resolve_data_args` fills them from
     a checkpoint's training arguments, then from the defaults."""
@@ -89,14 +140,16 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="Local SWAG-schema training file (csv, json, jsonl or parquet; .gz allowed).")
     group.add_argument("--validation_file", default=None,
                        help="Local SWAG-schema file whose first rows are the queries.")
-    group.add_argument("--max_train_samples", type=int, default=None,
+    group.add_argument("--max_train_samples", type=at_least(0), default=None,
                        help=f"Use the first N training rows (default: {REFERENCE_NUM_TRAIN:,} for swag as in "
                             "kronfluence's example, all rows otherwise; 0 = all).")
-    group.add_argument("--num_queries", type=int, default=None,
+    group.add_argument("--num_queries", type=at_least(0), default=None,
                        help=f"Use the first N validation rows as queries (default: {REFERENCE_NUM_QUERIES:,} for "
                             "swag, all rows otherwise; 0 = all).")
-    group.add_argument("--max_length", type=int, default=None,
-                       help=f"Truncate each context/ending pair to this many tokens (default {MAX_LENGTH}).")
+    group.add_argument("--max_length", type=at_least(MIN_LENGTH), default=None,
+                       help=f"Truncate each context/ending pair to this many tokens (default {MAX_LENGTH}; at least "
+                            f"{MIN_LENGTH}, room for the special tokens and some of both texts; at most what the "
+                            "tokenizer allows).")
     group.add_argument("--pad_to_max_length", action="store_true", default=None,
                        help="Pad every sequence to --max_length like the original example, "
                             "instead of padding each batch to its longest sequence.")
@@ -126,7 +179,7 @@ def resolve_data_args(args: argparse.Namespace, checkpoint_dir: Optional[Path] =
         args.max_train_samples = REFERENCE_NUM_TRAIN if reference else 0
     if args.num_queries is None:
         args.num_queries = REFERENCE_NUM_QUERIES if reference else 0
-    args.max_length = args.max_length or MAX_LENGTH
+    args.max_length = MAX_LENGTH if args.max_length is None else args.max_length
     args.pad_to_max_length = bool(args.pad_to_max_length)
     return args
 
@@ -145,15 +198,51 @@ def _builder_for(path: str) -> str:
     return builder
 
 
-def check_columns(split: Dataset, where: str) -> Dataset:
-    """Raise a one-line error listing missing SWAG columns; add label -1 to an unlabeled split."""
+def check_columns(split: Dataset, where: str, labels_required: bool) -> Dataset:
+    """One-line errors for what would otherwise fail late or silently: missing SWAG columns, empty text (a file cut
+    mid-row), and labels that are not integers 0..3. Training rows need labels; a query split without a label
+    column gets label -1 (unlabelled), which only the commands that need no labels accept."""
     missing = [c for c in REQUIRED_COLUMNS if c not in split.column_names]
     if missing:
         raise UserError(f"{where} is missing the SWAG column(s) {', '.join(missing)}; "
                         f"it needs {', '.join(REQUIRED_COLUMNS)} and optionally {LABEL_COLUMN}")
+    for column in REQUIRED_COLUMNS:
+        if split.data.column(column).null_count:
+            row = split[column].index(None)
+            raise UserError(f"{where}: row {row} has no {column} (rows count from 0); is the file truncated?")
     if LABEL_COLUMN not in split.column_names:
-        split = split.add_column(LABEL_COLUMN, [-1] * len(split))
+        if labels_required:
+            raise UserError(f"{where} has no {LABEL_COLUMN} column; training rows need labels 0 to {NUM_CHOICES - 1}")
+        return split.add_column(LABEL_COLUMN, [-1] * len(split))
+    allowed = range(NUM_CHOICES) if labels_required else range(-1, NUM_CHOICES)
+    labels = [_as_label(value) for value in split[LABEL_COLUMN]]
+    bad = next((row for row, label in enumerate(labels) if label not in allowed), None)
+    if bad is not None:
+        hint = "" if labels_required else " (or -1 for an unlabelled query)"
+        raise UserError(f"{where}: row {bad} has label {split[bad][LABEL_COLUMN]!r} (rows count from 0); labels "
+                        f"must be the integers 0 to {NUM_CHOICES - 1}{hint}")
+    if split.features[LABEL_COLUMN] != Value("int64"):  # e.g. 1.0 from a float column, "1" from a text one
+        split = split.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, labels)
     return split
+
+
+def _as_label(value) -> Optional[int]:
+    """The integer a label cell holds (2, 2.0 or "2"), or None (1.5, NaN, empty, "abc", True)."""
+    if isinstance(value, str):
+        value = value.strip()
+        return int(value) if value.lstrip("-").isdigit() else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def require_labels(split: Dataset, what: str = "the query split") -> None:
+    """Margins and losses need labels: fail before any work (on every rank, so none waits for one that failed)."""
+    labels = split[LABELS] if LABELS in split.column_names else split[LABEL_COLUMN]
+    unlabelled = [row for row, label in enumerate(labels) if label < 0]
+    if unlabelled:
+        raise UserError(f"{what} has unlabelled rows (label -1), so margins cannot be measured; use a labelled split "
+                        f"such as validation ({len(unlabelled)} of {len(labels)} rows, the first is row {unlabelled[0]})")
 
 
 def load_local_files(train_file: Optional[str], validation_file: Optional[str]) -> DatasetDict:
@@ -168,9 +257,9 @@ def load_local_files(train_file: Optional[str], validation_file: Optional[str]) 
         except UserError:
             raise
         except Exception as exc:  # pyarrow/pandas parse errors are long; keep the first line
-            raise UserError(f"cannot parse {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            raise UserError(f"cannot parse {path} ({first_line(exc)}); "
                             f"is the file truncated or not in the SWAG schema?") from None
-        splits[name] = check_columns(split, where=path)
+        splits[name] = check_columns(split, where=path, labels_required=name == TRAIN_SPLIT)
     return DatasetDict(splits)
 
 
@@ -182,9 +271,20 @@ def load_raw(args: argparse.Namespace) -> DatasetDict:
         return load_local_files(args.train_file, args.validation_file)
     if args.dataset == "demo":
         return make_demo_dataset()
-    raw = load_dataset(*HUB_DATASET)
-    return DatasetDict({name: check_columns(raw[name], where=f"{HUB_DATASET[0]}:{name}")
+    try:
+        raw = load_dataset(*HUB_DATASET)
+    except Exception as exc:  # offline, or no network: the datasets library's error is a long traceback
+        raise UserError(f"cannot load {'/'.join(HUB_DATASET)} from the Hugging Face hub ({first_line(exc)}); "
+                        f"pass local SWAG-schema files with --train_file/--validation_file, or --dataset demo") from None
+    return DatasetDict({name: check_columns(raw[name], where=f"{HUB_DATASET[0]}:{name}",
+                                            labels_required=name == TRAIN_SPLIT)
                         for name in (TRAIN_SPLIT, QUERY_SPLIT)})
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors about third-party failures."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def take_first(split: Dataset, n: Optional[int], what: str, flag: str) -> Dataset:
@@ -334,6 +434,10 @@ class Data:
 
 
 def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, raw: Optional[DatasetDict] = None) -> Data:
+    limit = tokenizer.model_max_length
+    if limit < 1_000_000 and args.max_length > limit:  # transformers uses a huge sentinel for "no limit known"
+        raise UserError(f"--max_length {args.max_length} is longer than the {limit} tokens the model "
+                        f"{Path(str(tokenizer.name_or_path)).name} takes; pass --max_length {limit} or less")
     raw = raw if raw is not None else load_raw(args)
     raw_train = take_first(raw[TRAIN_SPLIT], args.max_train_samples, "training rows", "--max_train_samples")
     raw_queries = take_first(raw[QUERY_SPLIT], args.num_queries, "queries", "--num_queries")
@@ -369,24 +473,23 @@ def load_pretrained(model_name_or_path: str, raw: Optional[DatasetDict] = None, 
     if model_name_or_path == DEMO_MODEL:
         tokenizer = build_demo_tokenizer(raw if raw is not None else make_demo_dataset())
         return build_demo_model(tokenizer), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    model = AutoModelForMultipleChoice.from_pretrained(model_name_or_path, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        model = AutoModelForMultipleChoice.from_pretrained(model_name_or_path, dtype=torch.float32)
+    except OSError as exc:  # not on the hub, no network, or HF_HUB_OFFLINE=1 without a cached copy
+        raise UserError(f"cannot load the model {model_name_or_path} ({first_line(exc)}); pass a local model "
+                        f"directory with --model_name_or_path DIR (the hub needs a network), or use --dataset demo") from None
     return model, tokenizer
 
 
 def save_checkpoint(model, tokenizer, output_dir: Path, training_args: dict, metrics: dict) -> None:
-    """Write into a temporary directory, then swap it in: a crash never leaves a half-written checkpoint."""
-    import shutil
-
-    output_dir = Path(output_dir)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / TRAINING_ARGS_FILE, training_args)
-    write_json(tmp / METRICS_FILE, metrics)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    """Write into a temporary directory, then swap it in: a crash never leaves a half-written checkpoint. An
+    existing checkpoint is replaced only when the caller allows it (train.py's --overwrite_output_dir)."""
+    with atomic_output(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / TRAINING_ARGS_FILE, training_args)
+        write_json(tmp / METRICS_FILE, metrics)
 
 
 def load_checkpoint(checkpoint_dir: Path):
@@ -411,13 +514,52 @@ def file_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 # Small shared helpers
 # --------------------------------------------------------------------------------------------
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: Path):
+    """Write `path` (a file or a directory) atomically: the block writes the temporary path it is given, which
+    replaces `path` only when the block completes. Temporaries are hidden, beside `path`, and named after the host
+    and process, so concurrent writers never share one; those that killed processes of this host left for `path`
+    are removed first (a process that is still running keeps its own)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name[len(prefix):]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            _remove(stale)
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():  # os.replace cannot replace a directory that is not empty
+            old = path.with_name(f"{prefix}{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # the block failed
+            _remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -475,7 +617,7 @@ def decode_choices(tokenizer: PreTrainedTokenizerBase, row: dict) -> list:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_data_args(parser)
     parser.add_argument("--model_name_or_path", default=None,
                         help=f"Tokenizer to use (default: {DEMO_MODEL} for the demo, else {DEFAULT_MODEL}).")

@@ -53,8 +53,11 @@ from pipeline import (
     DEMO_MODEL,
     LDS_DIR,
     Data,
+    ArgumentParser,
     UserError,
     add_data_args,
+    at_least,
+    atomic_output,
     configure_attention,
     data_args_dict,
     load_pretrained,
@@ -62,7 +65,10 @@ from pipeline import (
     make_collator,
     margins,
     model_logits,
+    non_negative_float,
+    positive_float,
     prepare_data,
+    require_labels,
     resolve_data_args,
     save_checkpoint,
     seed_everything,
@@ -74,50 +80,51 @@ logger = logging.getLogger(__name__)
 DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
 RECIPE_NAMES = ["learning_rate", "weight_decay", "num_train_epochs", "seed", "lr_scheduler"]
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
-UNLABELLED = ("the query split has unlabelled rows (label -1), so margins cannot be measured; "
-              "use a labelled split such as validation")
 COMPILE_MODES = ["dynamic", "cudagraphs"]
 LENGTH_BUCKET = 16  # with CUDA graphs, one graph per padded length: lengths are rounded up to a multiple of this
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_data_args(parser)
     parser.add_argument("--model_name_or_path", default=None,
                         help=f"Hub id or local directory (default {DEFAULT_MODEL}; {DEMO_MODEL} for --dataset demo).")
     parser.add_argument("--output_dir", type=Path, default=None,
                         help=f"Where the checkpoint goes (default {CHECKPOINTS_DIR}/<dataset>).")
-    parser.add_argument("--learning_rate", type=float, default=None,
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Replace an existing checkpoint in --output_dir (without it, train.py refuses).")
+    parser.add_argument("--learning_rate", type=positive_float, default=None,
                         help=f"AdamW learning rate (default 1e-5; {DEMO_RECIPE['learning_rate']} for the demo).")
-    parser.add_argument("--weight_decay", type=float, default=0.001, help="AdamW weight decay.")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=None,
+    parser.add_argument("--weight_decay", type=non_negative_float, default=0.001, help="AdamW weight decay (>= 0).")
+    parser.add_argument("--per_device_train_batch_size", type=at_least(1), default=None,
                         help="Examples per optimizer step on each device (default 16).")
-    parser.add_argument("--num_train_epochs", type=int, default=None,
+    parser.add_argument("--num_train_epochs", type=at_least(1), default=None,
                         help=f"Epochs (default 3; {DEMO_RECIPE['num_train_epochs']} for the demo).")
     parser.add_argument("--lr_scheduler", choices=["constant", "linear"], default="constant",
                         help="constant (kronfluence's recipe) or linear decay to 0.")
-    parser.add_argument("--eval_batch_size", type=int, default=64, help="Examples per evaluation batch.")
+    parser.add_argument("--eval_batch_size", type=at_least(1), default=64, help="Examples per evaluation batch.")
     parser.add_argument("--torch_compile", nargs="?", const="dynamic", choices=COMPILE_MODES, default=None,
                         help="Compile the training forward/backward with torch.compile: 'dynamic' (the bare flag; "
                              "dynamic shapes) or 'cudagraphs' (mode reduce-overhead: CUDA graphs replayed per "
                              f"padded length, training batches padded to a multiple of {LENGTH_BUCKET} tokens). "
                              "GPU only in effect; see the README for measured step times.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+    parser.add_argument("--dataloader_num_workers", type=at_least(0), default=0,
                         help="Worker processes that collate training batches (the batches and their order are the "
                              "same for any value).")
     parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
     lds = parser.add_argument_group("LDS retraining runs")
-    lds.add_argument("--lds_num_masks", type=int, default=0,
-                     help="Number of random training subsets; > 0 runs retraining instead of fine-tuning.")
-    lds.add_argument("--lds_repeats", type=int, default=1, help="Retraining seeds per subset.")
+    lds.add_argument("--lds_num_masks", type=at_least(1), default=None,
+                     help="Number of random training subsets: given, train.py does the retraining runs instead of "
+                          "fine-tuning.")
+    lds.add_argument("--lds_repeats", type=at_least(1), default=1, help="Retraining seeds per subset.")
     lds.add_argument("--lds_subset_fraction", type=float, default=0.5, help="Fraction of the training set per subset.")
     lds.add_argument("--lds_output_dir", type=Path, default=None, help=f"Run files (default {LDS_DIR}/<dataset>).")
-    lds.add_argument("--lds_processes", type=int, default=1,
+    lds.add_argument("--lds_processes", type=at_least(1), default=1,
                      help="Worker processes this command forks once it has loaded the model and data; they split "
                           "its runs and share the visible GPUs round-robin. Several runs per GPU without each "
                           "process paying the imports and tokenizing (an alternative to torchrun's "
                           "--nproc-per-node on one host; combined with torchrun, each rank forks its own).")
-    lds.add_argument("--lds_run_index", type=int, default=None,
+    lds.add_argument("--lds_run_index", type=at_least(0), default=None,
                      help="Do only this run (mask-major: index = mask * repeats + repeat); "
                           "defaults to $SLURM_ARRAY_TASK_ID when set.")
     args = parser.parse_args(argv)
@@ -129,14 +136,14 @@ def parse_args(argv=None):
             setattr(args, name, DEMO_RECIPE[name] if demo else default)
     args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
     args.lds_output_dir = args.lds_output_dir or LDS_DIR / args.dataset
+    if not 0 < args.lds_subset_fraction < 1:
+        parser.error(f"argument --lds_subset_fraction: must lie in (0, 1), got {args.lds_subset_fraction}")
+    lds_only = [f"--{name}" for name in ("lds_repeats", "lds_processes", "lds_run_index", "lds_subset_fraction")
+                if getattr(args, name) != parser.get_default(name)]
+    if args.lds_num_masks is None and lds_only:
+        parser.error(f"{', '.join(lds_only)} only apply to the LDS runs; add --lds_num_masks N")
     if args.lds_run_index is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
         args.lds_run_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    if args.dataloader_num_workers < 0:
-        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
-    if args.lds_processes < 1:
-        raise UserError(f"--lds_processes must be 1 or more, got {args.lds_processes}")
-    if not 0 < args.lds_subset_fraction < 1:
-        raise UserError(f"--lds_subset_fraction must lie in (0, 1), got {args.lds_subset_fraction}")
     return args
 
 
@@ -220,21 +227,12 @@ def evaluate(model, dataset, collator, batch_size: int, device: torch.device) ->
         batch = to_device(batch, device)
         logits = model_logits(model, batch).float()  # fp32: bf16 would quantise the margins
         labels = batch["labels"]
-        if (labels < 0).any():
-            raise UserError(UNLABELLED)
         all_margins.append(margins(logits, labels).cpu())
         losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
         hits.append((logits.argmax(-1) == labels).cpu())
     model.train()
     return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(hits).float().mean().item(),
             "margins": torch.cat(all_margins)}
-
-
-def require_labels(queries) -> None:
-    """Fail before any training when the queries have no labels (margins need them). Every rank checks, so none
-    is left waiting for one that failed at its first evaluation."""
-    if any(label < 0 for label in queries["labels"]):
-        raise UserError(UNLABELLED)
 
 
 def recipe(args, effective_batch_size: int) -> dict:
@@ -385,9 +383,8 @@ def train_runs(job: LdsJob, rank: int, world: int, local: int) -> list:
                 "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
                 "seconds": f"{time.time() - start:.2f}", "started": f"{start:.2f}",  # started: Unix time
                 "process": f"{rank}/{world}"}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({"mask": mask.to(torch.uint8), "margins": result["margins"].float()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file({"mask": mask.to(torch.uint8), "margins": result["margins"].float()}, str(tmp), metadata=meta)
         written.append(path)
         progress.set_postfix(accuracy=f"{result['accuracy']:.3f}", seconds=meta["seconds"])
     logger.info("rank %d wrote %d runs, skipped %d finished ones, in %s", rank, len(written),
@@ -447,12 +444,21 @@ def run_finetune(args):
     return history[-1]
 
 
+def check_output_dir(args) -> None:
+    """Refuse before any work to replace a checkpoint (Hugging Face's --overwrite_output_dir convention)."""
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
+        raise UserError(f"{out} already holds a checkpoint (or other files); pass --overwrite_output_dir to replace "
+                        f"it, or choose another --output_dir")
+
+
 def main(argv=None):
     setup_logging()
     args = parse_args(argv)
     configure_attention()
-    if args.lds_num_masks > 0:
+    if args.lds_num_masks is not None:
         return run_lds(args)
+    check_output_dir(args)
     return run_finetune(args)
 
 

@@ -87,13 +87,16 @@ def test_tokenization_pairs_context_with_each_ending():
     assert max(len(ids) for choices in long["input_ids"] for ids in choices) == 12
 
 
-def test_more_queries_than_the_split_holds():
+def test_more_queries_than_the_split_holds(capsys):
     args = resolve_data_args(pipeline.parse_args(["--dataset", "demo", "--num_queries", "100000"]))
     with pytest.raises(UserError, match=r"--num_queries 100000 asks for more queries than the split holds \(200\)"):
         pipeline.main(["--dataset", "demo", "--num_queries", "100000"])
     assert args.max_train_samples == 0  # demo default: all rows
-    with pytest.raises(UserError, match="--max_train_samples must be 0 .* got -3"):
+    with pytest.raises(SystemExit) as exc:
         pipeline.main(["--dataset", "demo", "--max_train_samples", "-3"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith("error: argument --max_train_samples: must be 0 or more, got -3 "
+                                            "(see --help)\n")
     assert resolve_data_args(pipeline.parse_args([])).max_train_samples == pipeline.REFERENCE_NUM_TRAIN
 
 

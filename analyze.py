@@ -39,6 +39,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
+from kronfluence.utils.constants import COVARIANCE_FACTOR_NAMES, EIGENDECOMPOSITION_FACTOR_NAMES, LAMBDA_FACTOR_NAMES
 from kronfluence.utils.dataset import DataLoaderKwargs
 from filelock import FileLock, Timeout
 from safetensors import safe_open
@@ -249,14 +250,22 @@ def output_lock(directory: Path, stack: ExitStack) -> None:
     stack.callback(lock.release)
 
 
-def check_safetensors(directory: Path, fix: str) -> None:
-    """Every safetensors file in `directory` is whole (its header and sizes agree), or one line names it."""
-    for file in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except Exception as exc:
-            raise UserError(f"cannot read {file} ({type(exc).__name__}: {exc}); is it truncated? {fix}") from None
+STAGE_FILES = dict(zip(FACTOR_STAGES, (COVARIANCE_FACTOR_NAMES, EIGENDECOMPOSITION_FACTOR_NAMES, LAMBDA_FACTOR_NAMES)))
+
+
+def check_factor_files(directory: Path, stages: list, fix: str) -> None:
+    """The files of the finished stages are whole (their headers and sizes agree), or one line names the damaged
+    one. (An unfinished stage's files are about to be replaced.)"""
+    for stage in stages:
+        for name in STAGE_FILES[stage]:
+            file = directory / f"{name}.safetensors"
+            if not file.exists():  # a stage writes only what its strategy needs
+                continue
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:
+                raise UserError(f"cannot read {file} ({type(exc).__name__}: {exc}); is it truncated? {fix}") from None
 
 
 def on_rank_zero(step):
@@ -412,8 +421,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         saved = check_provenance(factors_dir, factor_provenance, args.overwrite, refit)
         finished = saved.get("completed_stages", [])
         completed = list(takewhile(lambda stage: stage in finished, FACTOR_STAGES))  # each needs those before it
-        if completed:
-            check_safetensors(factors_dir, f"delete {factors_dir} or pass --overwrite to refit the factors")
+        check_factor_files(factors_dir, completed, f"delete {factors_dir} or pass --overwrite to refit the factors")
         saved = check_provenance(scores_dir, provenance, args.overwrite,
                                  "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
         reuse = saved.get("complete") is True and completed == FACTOR_STAGES

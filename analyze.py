@@ -396,7 +396,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
-                        profile=args.profile, output_dir=str(args.output_dir))
+                        profile=args.profile, output_dir=str(args.output_dir),
+                        log_level=None)  # its default INFO would set the root logger's level too: setup_logging
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -421,6 +422,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         saved = check_provenance(factors_dir, factor_provenance, args.overwrite, refit)
         finished = saved.get("completed_stages", [])
         completed = list(takewhile(lambda stage: stage in finished, FACTOR_STAGES))  # each needs those before it
+        if completed:
+            logger.info("reusing the finished factor stages in %s: %s", factors_dir, ", ".join(completed))
         check_factor_files(factors_dir, completed, f"delete {factors_dir} or pass --overwrite to refit the factors")
         saved = check_provenance(scores_dir, provenance, args.overwrite,
                                  "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
@@ -448,6 +451,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     for name, stage in stages.items():
         if name in completed or not (kronfluence_ddp or rank == 0):
             continue
+        logger.info("%s: %s factors", name, args.factor_strategy)
         torch.manual_seed(stage_seed(args.seed, name, rank))
         stage()
         completed.append(name)
@@ -461,6 +465,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         logger.info("reusing the scores in %s", scores_dir)
         scores = load_scores(scores_dir)[0]
     else:
+        logger.info("scores: %d queries × %d training rows (%s)", len(data.queries), len(data.train), args.scoring)
         scores = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
     if rank == 0 and not reuse_scores:
         write_json(scores_dir / METADATA_FILE, {
@@ -482,9 +487,9 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
 
 
 def main(argv=None):
-    setup_logging()
-    configure_attention()
     args = parse_args(argv)
+    setup_logging(args.verbose or args.profile)  # kronfluence logs its profile at INFO
+    configure_attention()
     if args.combine:
         return combine_scores(args.combine, args.combine_mode, args.output_dir)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)

@@ -207,7 +207,8 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     factor_args, score_args = factor_arguments(options, len(cov_rows), len(lambda_rows)), score_arguments(options)
     task = MultipleChoiceTask()
     prepared = prepare_model(copy.deepcopy(model), task)
-    analyzer = Analyzer(analysis_name=name, model=prepared, task=task, output_dir=str(args.work_dir), disable_tqdm=True)
+    analyzer = Analyzer(analysis_name=name, model=prepared, task=task, output_dir=str(args.work_dir), disable_tqdm=True,
+                        log_level=None)  # see analyze.py
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     result = {"settings": {**c, "num_queries_timed": len(queries)}}
     stages = factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, c["factor_bs"], overwrite=True)
@@ -322,9 +323,9 @@ def random_roberta(tokenizer, **size):
 
 
 def main(argv=None):
-    setup_logging()
-    configure_attention()
     args = parse_args(argv)
+    setup_logging(args.verbose)
+    configure_attention()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     tokenizer = load_tokenizer(Path(args.tokenizer_dir))

@@ -261,8 +261,8 @@ def show_examples(meta, scores: np.ndarray, query: int, top_k: int) -> None:
 
 
 def main(argv=None):
-    setup_logging()
     args = parse_args(argv)
+    setup_logging(args.verbose)
     if args.cost_plot:
         return plot_cost(args.cost_plot)
     scores, meta = load_scores(args.scores)

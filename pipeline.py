@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import socket
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -90,6 +91,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(**kwargs)
+        self.add_argument("--verbose", action="store_true",
+                          help="Also show the libraries' INFO logs (kronfluence's argument dumps and model repr).")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -602,8 +605,18 @@ def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
     AttentionMaskInterface.register("sdpa", sdpa_mask if mask_check else sdpa_mask_always_built)
 
 
-def setup_logging() -> None:
+QUIET_LOGGERS = ["kronfluence"]  # INFO floods: every argument dataclass, the model repr, the tokenizer's vocabulary
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """This project's INFO lines; the libraries' INFO only with --verbose. kronfluence's deprecated
+    torch.cuda.amp.GradScaler call warns on every stage: that one warning, from kronfluence, is hidden."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+                                category=FutureWarning, module=r"kronfluence\.")
 
 
 def decode_choices(tokenizer: PreTrainedTokenizerBase, row: dict) -> list:
@@ -625,8 +638,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    setup_logging()
     args = resolve_data_args(parse_args(argv))
+    setup_logging(args.verbose)
     raw = load_raw(args)
     name = args.model_name_or_path or (DEMO_MODEL if args.dataset == "demo" else DEFAULT_MODEL)
     _, tokenizer = load_pretrained(name, raw)

@@ -453,8 +453,8 @@ def check_output_dir(args) -> None:
 
 
 def main(argv=None):
-    setup_logging()
     args = parse_args(argv)
+    setup_logging(args.verbose)
     configure_attention()
     if args.lds_num_masks is not None:
         return run_lds(args)

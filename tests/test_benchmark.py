@@ -29,7 +29,6 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     saved = json.loads(out.read_text())
     assert saved["reference_fp32_full_scale_s"] == result["configs"]["reference_fp32"]["full_scale_seconds"] > 0
     fp32 = saved["configs"]["reference_fp32"]
-    assert fp32["vs_reference_fp32"]["pearson"] == pytest.approx(1.0)
     scale = 73_536 / 16
     expected = (fp32["covariance"]["seconds"] + fp32["lambda"]["seconds"]) * scale + fp32["eigendecomposition"]["seconds"] \
         + fp32["scores"]["seconds"] * scale * 20  # 2,000 queries in passes of 100, 4 queries in one pass here
@@ -42,7 +41,9 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     expected = (fast["covariance"]["seconds"] + fast["lambda"]["seconds"]) * scale + fast["eigendecomposition"]["seconds"] \
         + f["query_seconds"] * 2_000 / 8 + pass_s
     assert fast["full_scale_seconds"] == pytest.approx(expected, rel=0.02, abs=1.0)
-    assert saved["mean_query_pearson_vs_fp32"] is not None
+    agreement = fast["vs_reference_fp32"]  # the headline agreement is the fast configuration's, against fp32
+    assert saved["mean_query_pearson_vs_fp32"] == agreement["pearson"] and -1 <= agreement["pearson"] <= 1
+    assert agreement["nonfinite_scores"] == 0
     assert saved["training"]["eager"]["retrain_50pct_swag_steps"] == 3 * (36_768 // 16)
     assert saved["retrain_50pct_swag_s"] == saved["training"]["eager"]["retrain_50pct_swag_seconds"]
 

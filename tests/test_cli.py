@@ -196,3 +196,16 @@ def test_train_does_not_import_kronfluence():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(train.__file__).parent, capture_output=True,
                          text=True, timeout=300, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_library_logs_only_with_verbose(tiny_checkpoint, tmp_path):
+    """By default a command prints its own lines and the result; kronfluence's INFO (argument dumps, the model repr)
+    and its GradScaler FutureWarning appear only with --verbose."""
+    args = [sys.executable, "analyze.py", "--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac"]
+    quiet, verbose = (subprocess.run([*args, "--output_dir", str(tmp_path / name), *extra], cwd=Path(analyze.__file__).parent,
+                                     capture_output=True, text=True, timeout=300, check=True)
+                      for name, extra in (("quiet", []), ("verbose", ["--verbose"])))
+    for result, shown in ((quiet, False), (verbose, True)):
+        output = result.stdout + result.stderr
+        assert "Top proponents" in output and "covariance: ekfac factors" in output
+        assert ("TrackedLinear(" in output) == shown and ("GradScaler" in output) == shown

@@ -1,6 +1,7 @@
 """End to end: train.py → analyze.py through main([...]), the demo's properties, and bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,22 @@ def test_library_logs_only_with_verbose(tiny_checkpoint, tmp_path):
         output = result.stdout + result.stderr
         assert "Top proponents" in output and "covariance: ekfac factors" in output
         assert ("TrackedLinear(" in output) == shown and ("GradScaler" in output) == shown
+
+
+def test_readme_demo_command_runs_and_prints_a_short_result(tmp_path):
+    """The README's first set-up command, as a user runs it: it exits 0 and, progress bars aside, prints about 40
+    lines ending with the query and its top proponents and opponents (no library INFO dumps, no warnings)."""
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.endswith("# 1. the demo")).split("#")[0].strip()
+    assert command == "python train.py --dataset demo && python analyze.py --checkpoint_dir checkpoints/demo"
+    for script in Path(train.__file__).parent.glob("*.py"):  # a fresh checkout's scripts, outputs in tmp_path
+        (tmp_path / script.name).write_text(script.read_text())
+    result = subprocess.run(command.replace("python ", f"{sys.executable} "), shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+             if line.strip() and not re.search(r"\d+%\|", line)]  # tqdm bars: "NN%|"
+    assert len(lines) <= 60, "\n".join(lines)
+    assert not [line for line in lines if "Warning" in line or "kronfluence." in line], "\n".join(lines)  # its loggers
+    text = "\n".join(lines)
+    assert "validation accuracy" in text and "QUERY #0" in text and "Top opponents" in text

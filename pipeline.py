@@ -586,9 +586,8 @@ def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
     `cudnn=True, mask_check=True` restores PyTorch's and transformers' defaults (for A/B timing and tests).
 
     - cuDNN is taken out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an
-      execution plan for every new (batch, padded length) shape, and with dynamic padding nearly every batch is
-      one: profiled on one H200, its attention calls took 15.1 s of host time in a MiniLM training run whose
-      epochs took 17.3 s and 3.6 s (results/ddp_profile_h200x2/).
+      execution plan for every new (batch, padded length) shape, about 10 ms of host time each, and with dynamic
+      padding nearly every batch is a new shape.
     - The padding mask is always built, never checked. transformers skips building it when nothing is padded,
       and to know that it evaluates `padding_mask.all()` in a Python `if`: the host waits for the GPU in every
       forward, so it cannot queue the next step while the GPU works, and under DDP the ranks run in lockstep.

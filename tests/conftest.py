@@ -10,7 +10,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contextlib import contextmanager  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import train  # noqa: E402
 
@@ -31,3 +34,15 @@ def tiny_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(out)])
     return out
+
+
+@contextmanager
+def threads(n):
+    """This process at n CPU threads (torchrun's ranks in the tests and forked LDS workers run at 1): CPU kernels
+    may split, and so round, a sum differently at another thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from safetensors import safe_open
 
 import analyze
 import train
-from conftest import TINY
+from conftest import TINY, threads
 from pipeline import load_checkpoint, load_raw, make_collator, prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,18 +42,6 @@ def torchrun(script, *args, nproc=2):
         report += ["--- torchrun:", *[line for line in lines if not line.startswith("[default")][-12:]]
         pytest.fail("\n".join(report))
     return result
-
-
-@contextmanager
-def threads(n):
-    """This process at the torchrun ranks' thread count (OMP_NUM_THREADS=1): CPU kernels may split and so round a
-    sum differently at another count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_fused_scores_split_over_torchrun_ranks_equal_one_process_bitwise(tiny_checkpoint, tmp_path):

@@ -117,7 +117,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
     """--lds_processes 2: two workers forked after loading write the same runs as one process, each its own share,
     and neither is in a "bad fork" (the command never touches CUDA before forking, so on a GPU each worker can set
     it up). The forked command runs in a fresh interpreter, as from the shell: this test process has used CUDA."""
-    from test_distributed import threads
+    from conftest import threads
 
     args = [*LDS_TINY, "--lds_repeats", "1"]
     with threads(1):  # a forked worker trains on one thread (train._forked_worker): the same kernels, the same bits

@@ -1,4 +1,4 @@
-"""Issue 5 diagnostic: the host work of `train.py`'s loader per batch: fetching the tokenized rows (one
+"""A diagnostic: the host work of `train.py`'s loader per batch: fetching the tokenized rows (one
 `Dataset.__getitems__` call, as torch's DataLoader does) and padding them with transformers'
 DataCollatorForMultipleChoice.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on one host with 2 GPUs, in two device calls of under 10 minutes each (one stage per call):
+# The two-GPU table, on one host with 2 GPUs, one stage per call (each under 10 minutes):
 #   bash results/ddp_h200x2.sh train_analyze MODEL_DIR DATA_DIR OUT_DIR
 #   bash results/ddp_h200x2.sh retrain       MODEL_DIR DATA_DIR OUT_DIR
 #   bash results/ddp_h200x2.sh train         MODEL_DIR DATA_DIR OUT_DIR TOKENIZER_DIR   (the training half of
@@ -10,7 +10,7 @@
 # train_analyze: fine-tuning on 8,000 rows on 1 GPU (batch 32) and on 2 (2 × 32, the usual DDP setting,
 #   and 2 × 16, the same effective batch); analysis of the 1-GPU model (1,000 queries) with kronfluence fp32
 #   EKFAC and with the fast path, each on 1 GPU and on 2 (--use_empirical_fisher, so that both fit the same
-#   factors), plus the fast path with lambda on 25% of the rows against fp32 (issue 4).
+#   factors), plus the fast path with lambda on 25% of the rows, both scored against fp32.
 # retrain: LDS_RUNS (default 160) retraining runs (2,000-row halves of 4,000 rows, 8 processes per GPU) on 1 GPU
 #   and on 2, launched as LDS_LAUNCH says (torchrun, the default, or fork), after an untimed warm-up that fills
 #   the tokenization cache for both; each process's start-up (launch to its first run) comes from the run files.
@@ -19,37 +19,30 @@ set -euo pipefail
 STAGE=${1:?stage}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; TOK=${5:-}
 LDS_RUNS=${LDS_RUNS:-160}
 LDS_LAUNCH=${LDS_LAUNCH:-torchrun}  # torchrun: 8 ranks per GPU; fork: one command forks 8 workers per GPU (--lds_processes)
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 \
-       TOKENIZERS_PARALLELISM=false
-F="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-   --learning_rate 5e-5 --num_train_epochs 3"
-D="$F --max_train_samples 8000 --num_queries 1000 --dataloader_num_workers 2"
-A="--factor_batch_size 128 --train_batch_size 256 --query_batch_size 250 --use_empirical_fisher"
-FAST="--use_half_precision --fp32_accumulation --scoring fused"
-R="$F --max_train_samples 4000 --num_queries 500 --per_device_train_batch_size 32 --lds_num_masks $LDS_RUNS --lds_repeats 1"
-RB="--model_name_or_path /tmp/rb --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-    --max_train_samples 4800 --num_queries 1000 --dataloader_num_workers 2 --per_device_train_batch_size 16"
-mkdir -p logs "$OUT"
+source results/anetcap_minilm_common.sh
+T="$MINILM --num_train_epochs 3 --max_train_samples 8000 --num_queries 1000 --dataloader_num_workers 2"
+A="$FACTOR_BATCHES --query_batch_size 250 --use_empirical_fisher"
+R="$D --lds_num_masks $LDS_RUNS --lds_repeats 1"
+RB="--model_name_or_path /tmp/rb $DATA_FLAGS --max_train_samples 4800 --num_queries 1000 --dataloader_num_workers 2
+    --per_device_train_batch_size 16"
 : > logs/wall.txt
 timed() {  # timed NAME COMMAND...: runs it with its log in logs/NAME.log; appends "NAME seconds start" to logs/wall.txt
   local name=$1 t; shift; t=$(date +%s.%N)
   "$@" > "logs/$name.log" 2>&1 || { tail -30 "logs/$name.log"; exit 1; }
-  echo "$name $(python3 -c "print(round($(date +%s.%N) - $t, 1))") $t" | tee -a logs/wall.txt
+  echo "$name $(since $t) $t" | tee -a logs/wall.txt
 }
 run2() { torchrun --standalone --nproc-per-node="$1" "${@:2}"; }
 one() { CUDA_VISIBLE_DEVICES=0 "$@"; }
 
 if [ "$STAGE" = train_analyze ] || [ "$STAGE" = train ]; then
   rm -rf checkpoints/one checkpoints/two_2x32 checkpoints/two_2x16 scores/one scores/two scores/lam  # time from scratch
-  timed train_1x32 one python train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/one
-  timed train_2x32 run2 2 train.py $D --per_device_train_batch_size 32 --output_dir checkpoints/two_2x32
-  timed train_2x16 run2 2 train.py $D --per_device_train_batch_size 16 --output_dir checkpoints/two_2x16
+  timed train_1x32 one python train.py $T --per_device_train_batch_size 32 --output_dir checkpoints/one
+  timed train_2x32 run2 2 train.py $T --per_device_train_batch_size 32 --output_dir checkpoints/two_2x32
+  timed train_2x16 run2 2 train.py $T --per_device_train_batch_size 16 --output_dir checkpoints/two_2x16
 fi
 if [ "$STAGE" = train ]; then
   rm -rf checkpoints/rb_one checkpoints/rb_two
-  python -c "import sys; from pathlib import Path; from benchmark import load_tokenizer, random_roberta
-tok = load_tokenizer(Path(sys.argv[1])); random_roberta(tok).save_pretrained('/tmp/rb'); tok.save_pretrained('/tmp/rb')" \
-    "${TOK:?the train stage needs TOKENIZER_DIR}"
+  random_roberta "${TOK:?the train stage needs TOKENIZER_DIR}"
   timed train_rb_1x16 one python train.py $RB --output_dir checkpoints/rb_one
   timed train_rb_2x16 run2 2 train.py $RB --output_dir checkpoints/rb_two
 elif [ "$STAGE" = train_analyze ]; then

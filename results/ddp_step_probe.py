@@ -1,4 +1,4 @@
-"""Issue 5 diagnostic: where the time of a 2-GPU DDP training step goes, in one launch (run on nvidia-h200-x2).
+"""A diagnostic: where the time of a 2-GPU DDP training step goes, in one launch (run on nvidia-h200-x2).
 
     torchrun --standalone --nproc-per-node=2 results/ddp_step_probe.py --probe_out OUT/ddp_step_probe.json \\
         --model_name_or_path MINILM --train_file DATA/train.csv.gz --validation_file DATA/validation.csv.gz \\

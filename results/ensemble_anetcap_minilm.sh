@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 6, compact: K seeds of MiniLM on the issue-3 setup, trained and analysed (fast EKFAC) all at once on
-# one H200, kronfluence's fp32 EKFAC on the first seed beside them, then ensembles of the first 1, 2, 4, ... seeds
-# evaluated against the 100 committed ground-truth runs.
+# The ensemble table's fast-EKFAC rows, compact: K seeds of MiniLM on the LDS setup, trained and analysed (fast
+# EKFAC) all at once on one H200, kronfluence's fp32 EKFAC on the first seed beside them, then ensembles of the
+# first 1, 2, 4, ... seeds evaluated against the 100 ground-truth runs in results/lds_anetcap_minilm_runs/.
 # Usage: bash results/ensemble_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR [K]
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}; K=${4:-4}
@@ -15,7 +15,7 @@ for s in $SEEDS; do analyze --checkpoint_dir checkpoints/s$s $A --factor_strateg
 echo "analyze $K seeds (fast ekfac) + 1 fp32 reference at once: $(since $t) s"
 name=scores_ekfac_n4000_bf16acc32_q500_fused
 k=1; while [ $k -le $K ]; do
-  dir=$(python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" --combine $(for s in $(seq 1004 $((1003 + k))); do echo scores/s$s/$name; done) 2>>logs/analyze.err | tail -1)
+  dir=$(analyze --combine $(for s in $(seq 1004 $((1003 + k))); do echo scores/s$s/$name; done))
   echo "ensemble K=$k -> $dir"; lds "$dir" & k=$((k * 2)); done; wait
 python - "$OUT" <<'PY'
 import glob, json, sys

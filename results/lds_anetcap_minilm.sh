@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
-# The issue-3 GPU measurement: MiniLM fine-tuned on the first 4,000 anetcap train rows, the first 500
-# validation rows as queries, 100 half-data retraining runs as ground truth, LDS of six score variants.
+# The LDS table: MiniLM fine-tuned on the first 4,000 anetcap train rows, the first 500 validation rows as
+# queries, 100 half-data retraining runs as ground truth, LDS of six score variants.
 # Usage: bash results/lds_anetcap_minilm.sh MODEL_DIR DATA_DIR [NUM_PROCS]   (one GPU; resumable)
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; PROCS=${3:-8}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2
-D="--model_name_or_path $MODEL --train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz
-   --max_train_samples 4000 --num_queries 500 --learning_rate 5e-5 --per_device_train_batch_size 32 --num_train_epochs 3"
-mkdir -p logs
+source results/anetcap_minilm_common.sh
 t0=$(date +%s)
 [ -f checkpoints/anetcap/model.safetensors ] || python train.py $D --output_dir checkpoints/anetcap > logs/train.log 2>&1
 t1=$(date +%s)
@@ -15,10 +12,10 @@ t1=$(date +%s)
 torchrun --standalone --nproc-per-node="$PROCS" train.py $D --lds_num_masks 100 --lds_output_dir lds/anetcap > logs/lds.log 2>&1
 t2=$(date +%s)
 [ -f logs/timing.json ] || echo "{\"train_seconds\": $((t1 - t0)), \"lds_seconds\": $((t2 - t1)), \"lds_processes\": $PROCS}" > logs/timing.json
-A="--checkpoint_dir checkpoints/anetcap --factor_batch_size 128 --train_batch_size 256 --query_batch_size 500"
+A="--checkpoint_dir checkpoints/anetcap $FACTOR_BATCHES --query_batch_size 500"
 for variant in "identity" "diagonal" "kfac" "ekfac" "ekfac --use_half_precision" "ekfac --query_gradient_rank 32 --query_batch_size 50"; do
   s=$(date +%s)
-  dir=$(python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" $A --factor_strategy $variant 2>>logs/analyze.err | tail -1)
+  dir=$(analyze $A --factor_strategy $variant)
   python evaluate_lds.py --scores "$dir" --lds_dir lds/anetcap > "$dir/evaluate.log" 2>&1
   grep "^LDS" "$dir/evaluate.log"
   echo "{\"variant\": \"$variant\", \"seconds\": $(( $(date +%s) - s ))}" > "$dir/timing.json"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Issues 4 and 6 on one H200: the issue-3 setup (MiniLM, 4,000 anetcap rows, 500 queries) and its 100
-# committed ground-truth runs. (1) The fast path's LDS and score agreement against kronfluence's fp32 EKFAC
-# on the same model; (2) seed ensembles K = 1, 2, 4, 8 of fast EKFAC and fast KFAC scores.
+# The fast-path quality and seed-ensemble tables, on one H200: the LDS setup (MiniLM, 4,000 anetcap rows,
+# 500 queries) scored against its 100 ground-truth runs in results/lds_anetcap_minilm_runs/. (1) The seed-1004
+# model alone: kronfluence's fp32 and all-bf16 EKFAC and the fast path (EKFAC, EKFAC with lambda on 1,000 rows,
+# KFAC), each analysis timed alone, plus the fast path's score agreement with fp32 EKFAC; (2) seeds 1005-1011,
+# and ensembles K = 1, 2, 4, 8 of fast EKFAC and fast KFAC scores (per-query standardised, and the plain mean).
 # Usage: bash results/quality_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR   (finished analyses are reused)
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}
@@ -27,10 +29,10 @@ for strategy in ekfac kfac; do
   name=scores_${strategy}_n4000_bf16acc32_q500_fused
   for k in 1 2 4 8; do
     dirs=$(for s in $(seq 1004 $((1003 + k))); do echo scores/s$s/$name; done)
-    dir=$(python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" --combine $dirs 2>>logs/analyze.err | tail -1)
+    dir=$(analyze --combine $dirs)
     echo "ensemble $strategy K=$k -> $dir"; lds "$dir"
   done
-  dir=$(python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" --combine $(for s in $(seq 1004 1011); do echo scores/s$s/$name; done) --combine_mode mean 2>>logs/analyze.err | tail -1)
+  dir=$(analyze --combine $(for s in $(seq 1004 1011); do echo scores/s$s/$name; done) --combine_mode mean)
   echo "ensemble $strategy K=8 mean -> $dir"; lds "$dir"
 done
 python - "$OUT" <<'PY'

@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
-# Issue 4, what was left after session 3; run once in session 4 (2026-11-30, 529 s on one H200; result:
-# results/retrain_check_h200.json, results/benchmark_training_profile_h200.json). A first step, a probe of the
-# per-shape cost of a training step, crashed on the GPU and has been removed (results/ddp_profile_h200x2.sh
-# answered that question instead).
+# Two measurements on one H200 (529 s of device time):
 # (1) where a training step's time goes, eager and with CUDA graphs (benchmark.py --profile: top GPU
-#     operations and the GPU's busy time per pass);
+#     operations and the GPU's busy time per pass) -> OUT_DIR/benchmark_training_profile_h200.json;
 # (2) whether retraining with `--torch_compile cudagraphs` keeps the ground truth: 100 retraining runs of the
-#     issue-3 setup trained with CUDA graphs (8 processes on the GPU), scored against the fast-path EKFAC
-#     scores of the seed-1004 model, next to the committed eager runs (LDS 0.1907 in issue 4).
+#     LDS setup trained with CUDA graphs (8 processes on the GPU), scored with the fast-path EKFAC scores of the
+#     seed-1004 model, beside the eager runs in results/lds_anetcap_minilm_runs/ -> OUT_DIR/retrain_check_h200.json.
 # Usage: bash results/retrain_check_h200.sh MODEL_DIR DATA_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; TOK=${3:?roberta-base tokenizer dir}; OUT=${4:?output dir}

@@ -1,4 +1,4 @@
-"""Issue 5 diagnostic: where a retraining process's start-up goes (launch to its first run), phase by phase.
+"""A diagnostic: where a retraining process's start-up goes (launch to its first run), phase by phase.
 
     LAUNCH=$(date +%s.%N) torchrun --standalone --nproc-per-node=16 results/startup_probe.py OUT.json \\
         --model_name_or_path MINILM --train_file DATA/train.csv.gz --validation_file DATA/validation.csv.gz \\

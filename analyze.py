@@ -31,21 +31,31 @@ import time
 from contextlib import ExitStack
 from itertools import takewhile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
-from kronfluence.utils.constants import COVARIANCE_FACTOR_NAMES, EIGENDECOMPOSITION_FACTOR_NAMES, LAMBDA_FACTOR_NAMES
+from kronfluence.utils.constants import (
+    ACTIVATION_COVARIANCE_MATRIX_NAME,
+    COVARIANCE_FACTOR_NAMES,
+    EIGENDECOMPOSITION_FACTOR_NAMES,
+    GRADIENT_COVARIANCE_MATRIX_NAME,
+    LAMBDA_FACTOR_NAMES,
+    NUM_ACTIVATION_COVARIANCE_PROCESSED,
+    NUM_GRADIENT_COVARIANCE_PROCESSED,
+)
 from kronfluence.utils.dataset import DataLoaderKwargs
 from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fused_scores import fused_pairwise_scores, length_order
+from fused_scores import fused_pairwise_scores, longest_first
 from pipeline import (
     CHECKPOINTS_DIR,
     SCORES_DIR,
@@ -60,8 +70,12 @@ from pipeline import (
     data_args_dict,
     decode_choices,
     file_sha256,
+    first_line,
+    limit_gpu_memory,
     load_checkpoint,
     make_collator,
+    out_of_memory_detail,
+    positive_float,
     prepare_data,
     read_json,
     require_labels,
@@ -105,11 +119,14 @@ def parse_args(argv=None):
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
     parser.add_argument("--factor_batch_size", type=at_least(1), default=64,
-                        help="Per-device batch size for fitting factors.")
+                        help="Per-device batch size for fitting factors (halved while it does not fit in memory).")
     parser.add_argument("--query_batch_size", type=at_least(1), default=100,
-                        help="Per-device batch size for query gradients.")
+                        help="Per-device batch size for query gradients (halved while it does not fit in memory).")
     parser.add_argument("--train_batch_size", type=at_least(1), default=128,
-                        help="Per-device batch size for training gradients.")
+                        help="Per-device batch size for training gradients (halved while it does not fit in memory).")
+    parser.add_argument("--max_memory_gb", type=positive_float, default=None,
+                        help="Cap on the GPU memory this analysis may use, per device, in GiB (default: what is "
+                             "free; on a GPU shared with other jobs, give each its share).")
     parser.add_argument("--damping_factor", type=float, default=1e-8,
                         help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
                              "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
@@ -139,6 +156,8 @@ def parse_args(argv=None):
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
         raise UserError("--use_ddp needs the processes torchrun starts: "
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")
+    if args.max_memory_gb is not None and not torch.cuda.is_available():
+        parser.error("--max_memory_gb caps GPU memory, and this machine has no GPU; drop it")
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
     if args.scoring == "fused" and args.query_gradient_rank > 0:
@@ -182,27 +201,57 @@ def factor_arguments(args, num_covariance_rows: int, num_lambda_rows: int) -> Fa
 
 
 def factor_rows(train, lambda_max_examples=None, seed: int = 0):
-    """(covariance rows, lambda rows): all rows, and N random ones, each in length order. Factors are sums
-    over rows, so their order is free, and length-sorted batches pad little."""
+    """(covariance rows, lambda rows): all rows, and N random ones, each longest first. Factors are sums over rows,
+    so their order is free: length-sorted batches pad little, and a batch size that does not fit fails at once."""
     lambda_rows = train
     if lambda_max_examples and lambda_max_examples < len(train):
         pick = np.sort(np.random.default_rng(seed).choice(len(train), lambda_max_examples, replace=False))
         lambda_rows = train.select(pick)
-    return train.select(length_order(train)), lambda_rows.select(length_order(lambda_rows))
+    return train.select(longest_first(train)), lambda_rows.select(longest_first(lambda_rows))
 
 
-def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, batch_size: int,
-                  overwrite: bool) -> dict:
-    """kronfluence's three factor stages, in order, as callables (benchmark.py times them one by one)."""
+def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, overwrite: bool) -> dict:
+    """kronfluence's three factor stages, in order, as callables of the per-device `factor_batch_size` (benchmark.py times
+    them one by one; the eigendecomposition takes no batches)."""
     return {
-        "covariance": lambda: analyzer.fit_covariance_matrices(f_name, covariance_rows, factor_args=factor_args,
-                                                              per_device_batch_size=batch_size,
-                                                              overwrite_output_dir=overwrite),
-        "eigendecomposition": lambda: analyzer.perform_eigendecomposition(f_name, factor_args=factor_args,
-                                                                          overwrite_output_dir=overwrite),
-        "lambda": lambda: analyzer.fit_lambda_matrices(f_name, lambda_rows, factor_args=factor_args,
-                                                       per_device_batch_size=batch_size, overwrite_output_dir=overwrite),
+        "covariance": lambda factor_batch_size=None: analyzer.fit_covariance_matrices(
+            f_name, covariance_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
+            overwrite_output_dir=overwrite),
+        "eigendecomposition": lambda factor_batch_size=None: analyzer.perform_eigendecomposition(
+            f_name, factor_args=factor_args, overwrite_output_dir=overwrite),
+        "lambda": lambda factor_batch_size=None: analyzer.fit_lambda_matrices(
+            f_name, lambda_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
+            overwrite_output_dir=overwrite),
     }
+
+
+def halving_on_oom(stage: str, run, sizes: dict, device: torch.device) -> dict:
+    """run(**sizes) until it fits in memory: after each out-of-memory error the next of `sizes` (by turns) is
+    halved and the stage reruns. Returns the sizes that fit. Not under torch.distributed, where the other ranks
+    would wait in a collective: there the error names the flag to halve. kronfluence's own batch-size search
+    is not used: it probes the first rows, which are the shortest in length order, and not under DDP."""
+    sizes, turn = dict(sizes), 0
+    while True:
+        try:
+            run(**sizes)
+            return sizes
+        except Exception as exc:  # the error's frames hold tensors: leave the except block before freeing them
+            if not should_reduce_batch_size(exc):
+                raise
+            detail = out_of_memory_detail(exc, device)
+        clear_device_cache(garbage_collection=True)
+        names = [name for name in sizes if sizes[name] > 1]
+        flags = ", ".join(f"--{name} {sizes[name]}" for name in sizes)
+        if not names:
+            raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); free memory on the GPU (other jobs, "
+                            f"a larger --max_memory_gb) or lower --max_length")
+        name = names[turn % len(names)]
+        if dist.is_initialized():
+            raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); pass --{name} {sizes[name] // 2}")
+        logger.warning("%s: out of GPU memory at %s (%s); retrying with --%s %d", stage, flags, detail, name,
+                       sizes[name] // 2)
+        sizes[name] //= 2
+        turn += 1
 
 
 def score_arguments(args) -> ScoreArguments:
@@ -254,8 +303,9 @@ STAGE_FILES = dict(zip(FACTOR_STAGES, (COVARIANCE_FACTOR_NAMES, EIGENDECOMPOSITI
 
 
 def check_factor_files(directory: Path, stages: list, fix: str) -> None:
-    """The files of the finished stages are whole (their headers and sizes agree), or one line names the damaged
-    one. (An unfinished stage's files are about to be replaced.)"""
+    """The files of the finished stages are whole (their headers and sizes agree) and hold finite numbers, or one
+    line names the damaged file or the module whose factor is NaN or infinite (scores from them would be NaN).
+    (An unfinished stage's files are about to be replaced.)"""
     for stage in stages:
         for name in STAGE_FILES[stage]:
             file = directory / f"{name}.safetensors"
@@ -263,9 +313,30 @@ def check_factor_files(directory: Path, stages: list, fix: str) -> None:
                 continue
             try:
                 with safe_open(str(file), framework="pt") as f:
-                    f.keys()
+                    tensors = {module: f.get_tensor(module) for module in f.keys()}
             except Exception as exc:
                 raise UserError(f"cannot read {file} ({type(exc).__name__}: {exc}); is it truncated? {fix}") from None
+            for module, tensor in tensors.items():
+                if not torch.isfinite(tensor).all():
+                    raise UserError(f"the {stage} factor {name} of module {module} holds NaN or infinite values "
+                                    f"({file}); the model's gradients overflow there (a diverged checkpoint, or bf16: "
+                                    f"drop --use_half_precision); {fix}")
+
+
+def failing_eigendecomposition(directory: Path, device: torch.device) -> str:
+    """The first module whose covariance torch.linalg.eigh cannot decompose, as kronfluence prepares it (divided
+    by the rows counted, symmetrised, float64)."""
+    for matrices, counts in ((ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED),
+                             (GRADIENT_COVARIANCE_MATRIX_NAME, NUM_GRADIENT_COVARIANCE_PROCESSED)):
+        covariances = load_file(str(directory / f"{matrices}.safetensors"))
+        processed = load_file(str(directory / f"{counts}.safetensors"))
+        for module in sorted(covariances):
+            matrix = covariances[module].to(device, torch.float64) / processed[module].to(device)
+            try:
+                torch.linalg.eigh((matrix + matrix.T) / 2)
+            except torch.linalg.LinAlgError:
+                return f"{module} ({matrices})"
+    return "no module when retried alone"
 
 
 def on_rank_zero(step):
@@ -348,25 +419,37 @@ def save_scores(directory: Path, scores: torch.Tensor) -> None:
 
 
 def compute_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: Path, data, collator,
-                   rank: int) -> torch.Tensor:
+                   rank: int) -> tuple:
     """The pairwise scores by kronfluence's loop or the fused pass, written to `scores_dir` (whatever a killed run
-    left there is replaced). `model` is the prepared model before kronfluence's DDP wrapper: under
-    torch.distributed every rank of the fused pass scores its share of the training rows."""
-    torch.manual_seed(stage_seed(args.seed, "scores", rank))
-    if args.scoring == "kronfluence":
-        analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
-                                         train_dataset=data.train, per_device_query_batch_size=args.query_batch_size,
-                                         per_device_train_batch_size=args.train_batch_size,
-                                         score_args=score_arguments(args), overwrite_output_dir=True)
-        return analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
-    factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
+    left there is replaced), and the batch sizes that fitted in memory. `model` is the prepared model before
+    kronfluence's DDP wrapper: under torch.distributed every rank of the fused pass scores its share of the rows."""
     device = analyzer.state.device
-    scores = fused_pairwise_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
-                                   score_arguments(args), data.queries, data.train, collator, args.query_batch_size,
-                                   args.train_batch_size, device=device)
-    if rank == 0:
+    sizes = {"train_batch_size": args.train_batch_size, "query_batch_size": args.query_batch_size}
+    if args.scoring == "kronfluence":
+        def kronfluence_scores(train_batch_size, query_batch_size):
+            torch.manual_seed(stage_seed(args.seed, "scores", rank))
+            analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
+                                             train_dataset=data.train, per_device_query_batch_size=query_batch_size,
+                                             per_device_train_batch_size=train_batch_size,
+                                             score_args=score_arguments(args), overwrite_output_dir=True)
+        sizes = halving_on_oom("scores", kronfluence_scores, sizes, device)
+        scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
+    else:
+        torch.manual_seed(stage_seed(args.seed, "scores", rank))
+        factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
+        plan = {}
+        scores = fused_pairwise_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
+                                       score_arguments(args), data.queries, data.train, collator,
+                                       args.query_batch_size, args.train_batch_size, device=device, timings=plan)
+        sizes = {"train_micro_batch": plan["train_micro_batch"], "query_micro_batch": plan["query_micro_batch"],
+                 "queries_per_pass": plan["queries_per_pass"]}
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:  # the factors are finite (checked), so the scoring itself overflowed
+        raise UserError(f"{bad} of the {scores.numel()} scores are NaN or infinite (a bf16 overflow?); rerun without "
+                        f"--use_half_precision")
+    if args.scoring == "fused" and rank == 0:
         save_scores(scores_dir, scores)
-    return scores
+    return scores, sizes
 
 
 def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
@@ -390,6 +473,49 @@ def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, 
     print("=" * 100)
 
 
+def fit_factors(analyzer, args, data, f_name: str, factors_dir: Path, completed: list, record) -> Optional[int]:
+    """Fit the factor stages not in `completed` (appending each, and calling `record(completed)` on rank 0), each
+    checked for NaN and infinite values before it counts as finished. Returns the factor batch size that fitted in
+    memory (None if no stage ran here)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    kronfluence_ddp = analyzer.state.use_distributed
+    # kronfluence's DDP: every rank fits together; gloo/CPU: rank 0 alone fits while the others wait, then loads
+    single_fitter = dist.is_initialized() and not kronfluence_ddp
+    if single_fitter and rank != 0:
+        dist.barrier()
+    covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
+    stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
+                           factor_arguments(args, len(covariance_rows), len(lambda_rows)),
+                           overwrite=True)  # only unfinished stages run, and they replace what a killed run left
+    batch_size, fitted = args.factor_batch_size, None
+    for name, stage in stages.items():
+        if name in completed or not (kronfluence_ddp or rank == 0):
+            continue
+        logger.info("%s: %s factors", name, args.factor_strategy)
+
+        def run(factor_batch_size=None):
+            torch.manual_seed(stage_seed(args.seed, name, rank))
+            stage(factor_batch_size)
+        batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
+        try:
+            sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
+                                   analyzer.state.device)
+            batch_size = sizes.get("factor_batch_size", batch_size)
+        except torch.linalg.LinAlgError as exc:
+            raise UserError(f"eigendecomposition failed for {failing_eigendecomposition(factors_dir, analyzer.state.device)}: "
+                            f"{first_line(exc)}; refit without --use_half_precision, or use --factor_strategy "
+                            f"diagonal") from None
+        fitted = batch_size if batched else fitted
+        if rank == 0:
+            check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
+        completed.append(name)
+        if rank == 0:
+            record(completed)
+    if single_fitter and rank == 0:
+        dist.barrier()
+    return fitted
+
+
 def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     """Fit the factors and compute the scores, resuming what an interrupted run with the same settings finished;
     the output directories stay locked (by rank 0) until `stack` closes."""
@@ -401,7 +527,6 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    kronfluence_ddp = analyzer.state.use_distributed
 
     checkpoint = str(args.checkpoint_dir.resolve())
     f_name, s_name = factors_name(args), scores_name(args)
@@ -439,34 +564,18 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         logger.warning("these training rows differ from the ones the checkpoint was trained on; "
                        "the scores attribute to the rows given, not to the model's training set")
 
-    # kronfluence's DDP: every rank fits together; gloo/CPU: rank 0 alone fits while the others wait, then loads
-    single_fitter = dist.is_initialized() and not kronfluence_ddp
-    if single_fitter and rank != 0:
-        dist.barrier()
+    if args.max_memory_gb and analyzer.state.device.type == "cuda":
+        limit_gpu_memory(args.max_memory_gb, analyzer.state.device)
     started = time.perf_counter()
-    covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
-    stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
-                           factor_arguments(args, len(covariance_rows), len(lambda_rows)), args.factor_batch_size,
-                           overwrite=True)  # only unfinished stages run, and they replace what a killed run left
-    for name, stage in stages.items():
-        if name in completed or not (kronfluence_ddp or rank == 0):
-            continue
-        logger.info("%s: %s factors", name, args.factor_strategy)
-        torch.manual_seed(stage_seed(args.seed, name, rank))
-        stage()
-        completed.append(name)
-        if rank == 0:
-            record_factors(completed)
-    if single_fitter and rank == 0:
-        dist.barrier()
+    factor_batch_size = fit_factors(analyzer, args, data, f_name, factors_dir, completed, record_factors)
     factors_seconds = time.perf_counter() - started
 
     if reuse_scores:
         logger.info("reusing the scores in %s", scores_dir)
-        scores = load_scores(scores_dir)[0]
+        scores, sizes = load_scores(scores_dir)[0], {}
     else:
         logger.info("scores: %d queries × %d training rows (%s)", len(data.queries), len(data.train), args.scoring)
-        scores = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
+        scores, sizes = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
     if rank == 0 and not reuse_scores:
         write_json(scores_dir / METADATA_FILE, {
             "checkpoint": checkpoint, **provenance, "complete": True, "recipe": trained.get("recipe"),
@@ -479,7 +588,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
                         "scores": round(time.perf_counter() - started - factors_seconds, 2)},
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
-                            "train": args.train_batch_size}})
+                            "train": args.train_batch_size},
+            "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes}})  # after out-of-memory halving
     if rank == 0:
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)

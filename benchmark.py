@@ -55,10 +55,11 @@ from analyze import (
     factor_arguments,
     factor_rows,
     factor_stages,
+    halving_on_oom,
     score_arguments,
 )
 from analyze import parse_args as analyze_args
-from fused_scores import fused_pairwise_scores, linear_module_names, queries_per_pass, tracked_linears
+from fused_scores import fused_pairwise_scores
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
@@ -211,37 +212,42 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
                         log_level=None)  # see analyze.py
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     result = {"settings": {**c, "num_queries_timed": len(queries)}}
-    stages = factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, c["factor_bs"], overwrite=True)
-    holder, fused_timings = {}, {}
     device = process_device()
-    linears = tracked_linears(prepared, linear_module_names(prepared))
-    if c["scoring"] == "fused":
-        per_pass_here = queries_per_pass(linears, score_args.score_dtype, device, len(queries))
+    fitted = {}  # per stage: the sizes that fitted in memory (analyze.py halves them after an out-of-memory error)
 
+    def batched(stage, fn, sizes):
+        return lambda: fitted.__setitem__(stage, halving_on_oom(stage, fn, sizes, device))
+    stages = {stage: batched(stage, fn, {} if stage == "eigendecomposition" else {"factor_batch_size": c["factor_bs"]})
+              for stage, fn in factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, overwrite=True).items()}
+    holder, fused_timings = {}, {}
+    if c["scoring"] == "fused":
         def fused(rows=queries, timings=fused_timings, key="scores"):
             holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
-                c["query_bs"], c["train_bs"], device, max_queries_per_pass=per_pass_here, disable_tqdm=True,
-                timings=timings)
+                c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings)
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
         stages["scores"] = fused
-        stages["scores_quarter_pass"] = lambda: fused(queries.select(range(max(1, per_pass_here // 4))), small_timings,
-                                                      "quarter")
+        stages["scores_quarter_pass"] = lambda: fused(
+            queries.select(range(max(1, fused_timings["queries_per_pass"] // 4))), small_timings, "quarter")
     else:
-        per_pass = c["query_bs"] * (QUERY_GRADIENT_ACCUMULATION if c["rank"] > 0 else 1)
-        stages["scores"] = lambda: analyzer.compute_pairwise_scores(
-            "s", factors_name="f", query_dataset=queries, train_dataset=train,
-            per_device_query_batch_size=min(c["query_bs"], len(queries)), per_device_train_batch_size=c["train_bs"],
-            score_args=score_args, overwrite_output_dir=True)
+        def kronfluence_scores(train_batch_size, query_batch_size):
+            analyzer.compute_pairwise_scores(
+                "s", factors_name="f", query_dataset=queries, train_dataset=train,
+                per_device_query_batch_size=query_batch_size, per_device_train_batch_size=train_batch_size,
+                score_args=score_args, overwrite_output_dir=True)
+        stages["scores"] = batched("scores", kronfluence_scores, {"train_batch_size": c["train_bs"],
+                                                                  "query_batch_size": min(c["query_bs"], len(queries))})
     for stage, fn in stages.items():
         torch.manual_seed(0)  # the sampled (true-Fisher) labels: the same draws in every configuration
         result[stage] = timed(fn, args.profile)
         logger.info("%s %s: %.1f s, peak %.1f GiB", name, stage, result[stage]["seconds"], result[stage]["peak_gib"])
+    for stage, sizes in fitted.items():
+        result[stage]["fitted_in_memory"] = sizes
     scale_train = REFERENCE_NUM_TRAIN / len(train)
     factors_full = (result["covariance"]["seconds"] + result["lambda"]["seconds"]) * scale_train \
         + result["eigendecomposition"]["seconds"]
     if c["scoring"] == "fused":
-        per_pass_full = queries_per_pass(linears, score_args.score_dtype, device, REFERENCE_NUM_QUERIES)
+        per_pass_full = min(REFERENCE_NUM_QUERIES, fused_timings["pass_capacity"] or REFERENCE_NUM_QUERIES)
         passes_full = math.ceil(REFERENCE_NUM_QUERIES / per_pass_full)
         # pass time = fixed + per_query × queries, fitted on the quarter pass and the mean full pass
         q_small, q_big = small_timings["queries_per_pass"], len(queries) / fused_timings["passes"]
@@ -257,6 +263,9 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
                            "full_scale_train_pass_s": round(train_pass_full, 1)}
         scores = holder["scores"]
     else:
+        query_bs = fitted["scores"]["query_batch_size"]  # at full scale as here, unless this subset has fewer queries
+        query_bs = c["query_bs"] if query_bs == min(c["query_bs"], len(queries)) else query_bs
+        per_pass = query_bs * (QUERY_GRADIENT_ACCUMULATION if c["rank"] > 0 else 1)
         passes_full = math.ceil(REFERENCE_NUM_QUERIES / per_pass)
         scores_full = result["scores"]["seconds"] * scale_train * passes_full / math.ceil(len(queries) / per_pass)
         scores = analyzer.load_pairwise_scores("s")[SCORES_KEY].float().cpu()

@@ -5,13 +5,15 @@
 kronfluence fits the factors (covariance, eigendecomposition, lambda) and preconditions the query
 gradients with its own `FactorConfig` code; only the training side differs from its loop:
 
-- one pass over the training set scores a whole chunk of queries (as many preconditioned query
-  gradients as fit in GPU memory, all 2,000 SWAG queries in about four passes on an H200) with one
-  (queries × params) @ (params × examples) matmul per module and batch;
+- one pass over the training set scores a whole chunk of queries with one (queries × params) @
+  (params × examples) matmul per module and batch; a pass holds as many preconditioned query gradients
+  as fit in the memory available when scoring starts (all 2,000 SWAG queries in about four passes on an
+  H200), and an out-of-memory error halves the pass and redoes it, keeping the finished passes;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
-- batches are sorted by length, so dynamic padding wastes little; scores return in dataset order.
+- batches are sorted by length, longest first, so dynamic padding wastes little and a batch size that
+  does not fit fails at once; scores return in dataset order.
 
 Scores are linear in the training gradient, so this is the same computation as kronfluence's
 pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Under
@@ -19,27 +21,30 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 """
 
 import logging
-import math
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from kronfluence.factor.config import FactorConfig
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline import NUM_CHOICES, UserError
+from pipeline import UserError, available_memory, out_of_memory_detail
 
 logger = logging.getLogger(__name__)
 
-FREE_MEMORY_FRACTION = 0.6  # of free GPU memory for the preconditioned query gradients
+MEMORY_HEADROOM = 0.9  # of the available memory a pass plans to use; the allocator's fragmentation takes the rest
 
 
-def length_order(dataset) -> np.ndarray:
-    """Row order by longest choice, so that dynamically padded batches hold similar lengths."""
-    return np.argsort([max(len(ids) for ids in row) for row in dataset["input_ids"]], kind="stable")
+def longest_first(dataset) -> np.ndarray:
+    """Row order by longest choice, longest first: batches hold similar lengths, so dynamic padding wastes little,
+    and the batch that needs the most memory comes first, so a size that does not fit fails before work is lost."""
+    return np.argsort([-max(len(ids) for ids in row) for row in dataset["input_ids"]], kind="stable")
 
 
 def linear_module_names(model: nn.Module) -> list:
@@ -139,14 +144,9 @@ def _activation_grads_only(model: nn.Module):
     return undo
 
 
-def queries_per_pass(modules: dict, dtype: torch.dtype, device: torch.device, num_queries: int) -> int:
-    """How many preconditioned query gradients (one full copy of the tracked weights each) fit in
-    FREE_MEMORY_FRACTION of the free GPU memory; on CPU, all of them."""
-    if device.type != "cuda":
-        return num_queries
-    torch.cuda.empty_cache()
-    per_query = sum(m.out_features * (m.in_features + (m.bias is not None)) for m in modules.values()) * dtype.itemsize
-    return max(1, min(num_queries, int(FREE_MEMORY_FRACTION * torch.cuda.mem_get_info(device)[0] // per_query)))
+def query_gradient_bytes(modules: dict, dtype: torch.dtype) -> int:
+    """Bytes of one preconditioned query gradient: a full copy of the tracked weights (and biases)."""
+    return sum(m.out_features * (m.in_features + (m.bias is not None)) for m in modules.values()) * dtype.itemsize
 
 
 class _Clock:
@@ -167,88 +167,198 @@ class _Clock:
         return seconds
 
 
+@dataclass
+class PassPlan:
+    """How one rank splits the work: queries per pass, and the rows of each forward/backward (micro-batches of the
+    query and training batches; a training batch stays the unit that ranks share)."""
+    per_pass: int
+    query_micro: int
+    train_micro: int
+    capacity: Optional[int] = None  # queries that fit in one pass by the memory plan (None: no limit known)
+    retries: int = 0
+
+    def shrink(self, stage: str, detail: str, flag_hint: str) -> None:
+        """After an out-of-memory error: halve the pass, else the training micro-batch, else the query one."""
+        for field in ("per_pass", "train_micro", "query_micro"):
+            size = getattr(self, field)
+            if size > 1:
+                setattr(self, field, size // 2)
+                self.retries += 1
+                logger.warning("%s: out of GPU memory (%s); retrying with %s %d", stage, detail,
+                               field.replace("_", " "), size // 2)
+                return
+        raise UserError(f"{stage}: out of GPU memory with one query per pass and one row per batch ({detail}); "
+                        f"{flag_hint}")
+
+
+class FusedScorer:
+    """The per-module state of the fused pass: tracked modules, prepared factors, hooks, query gradients."""
+
+    def __init__(self, model, task, factors: dict, strategy: str, score_args, collator, device: torch.device):
+        names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
+        self.model, self.task, self.collator, self.device, self.score_args = model, task, collator, device, score_args
+        self.modules = tracked_linears(model, names)
+        self.storages = prepared_storages(factors, strategy, names, score_args, device)
+        self.config = FactorConfig.CONFIGS[strategy]
+        self.hooks = PerExampleGradients(self.modules, score_args.per_sample_gradient_dtype)
+        self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
+
+    def _precondition(self, name, weight, bias):
+        gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
+        return self.config.precondition_gradient(gradient=gradient, storage=self.storages[name]).to(
+            self.score_args.score_dtype)
+
+    def _keep_query(self, name, weight, bias):
+        gradient = self._precondition(name, weight, bias)
+        w, b = self.query_grads[name]
+        rows = slice(self.filled[name], self.filled[name] + gradient.size(0))
+        w[rows] = gradient[..., :weight.size(-1)].flatten(1)
+        if b is not None:
+            b[rows] = gradient[..., -1]
+        self.filled[name] = rows.stop
+
+    def _add_scores(self, name, weight, bias):
+        w, b = self.query_grads[name]
+        block = (w @ weight.flatten(1).T).float()
+        if b is not None:
+            block += (b @ bias.T).float()
+        self.hooks.block.add_(block)
+
+    def _backward(self, rows, measurement: bool):
+        """One forward/backward over `rows`, the hooks handing each module's per-example gradients on."""
+        for batch in DataLoader(rows, batch_size=len(rows), collate_fn=self.collator):
+            self.hooks.num_examples = batch["labels"].size(0)
+            _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement)
+
+    def working_memory(self, queries, train, plan: PassPlan) -> int:
+        """Peak bytes above the current allocation that the first (longest) query and training micro-batches
+        need, preconditioning included. 0 on CPU."""
+        if self.device.type != "cuda":
+            return 0
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
+        self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True)
+        self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
+        self._backward(train.select(range(min(plan.train_micro, len(train)))), measurement=False)
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def score_pass(self, chunk, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
+                   desc: str, disable_tqdm: bool) -> tuple:
+        """Scores of the queries `chunk` against every training row of this rank, added into `block`
+        (chunk × train); returns the seconds of the query side and of the training side."""
+        clock = _Clock(self.device)
+        self.query_grads.clear()
+        for name, m in self.modules.items():
+            self.query_grads[name] = (
+                torch.empty(len(chunk), m.out_features * m.in_features, dtype=self.score_args.score_dtype,
+                            device=self.device),
+                torch.empty(len(chunk), m.out_features, dtype=self.score_args.score_dtype, device=self.device)
+                if m.bias is not None else None)
+            self.filled[name] = 0
+        # kronfluence: the query side in the per-sample gradient dtype, the training side in the score dtype
+        self.hooks.callback, self.hooks.dtype = self._keep_query, self.score_args.per_sample_gradient_dtype
+        for start in range(0, len(chunk), plan.query_micro):
+            self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))), measurement=True)
+        if any(count != len(chunk) for count in self.filled.values()):
+            raise RuntimeError(f"query gradients reached {sorted(set(self.filled.values()))} of {len(chunk)} rows")
+        query_seconds = clock.lap()
+        self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        starts = range(0, len(train), train_batch_size)
+        for step, start in enumerate(tqdm(starts, desc=desc, disable=disable_tqdm or rank != 0)):
+            if step % world != rank:  # ranks share whole training batches, whatever their micro-batches
+                continue
+            stop = min(start + train_batch_size, len(train))
+            for micro in range(start, stop, plan.train_micro):
+                end = min(micro + plan.train_micro, stop)
+                self.hooks.block = block[:, micro:end]
+                self._backward(train.select(range(micro, end)), measurement=False)
+        self.query_grads.clear()
+        return query_seconds, clock.lap()
+
+
+def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, train_batch_size: int,
+                max_queries_per_pass: int = 0) -> PassPlan:
+    """Queries per pass from the memory available now: what is left after the longest micro-batches' working
+    memory, in MEMORY_HEADROOM of it, holds that many preconditioned query gradients. A micro-batch that does not
+    fit at all is halved first."""
+    plan = PassPlan(len(queries), min(query_batch_size, len(queries)), min(train_batch_size, len(train)))
+    if max_queries_per_pass:
+        plan.per_pass = min(max_queries_per_pass, len(queries))
+        return plan
+    per_query = query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype)
+    hint = "free memory on the GPU (other jobs, a larger --max_memory_gb) or lower --max_length"
+    while True:
+        clear_device_cache(garbage_collection=True)
+        room = available_memory(scorer.device)
+        if room is None:  # CPU: every query in one pass
+            return plan
+        try:
+            working = scorer.working_memory(queries, train, plan)
+        except Exception as exc:
+            if not should_reduce_batch_size(exc):
+                raise
+            detail = out_of_memory_detail(exc, scorer.device)
+        else:
+            plan.capacity = int((room * MEMORY_HEADROOM - working) // per_query)
+            if plan.capacity >= 1:
+                plan.per_pass = min(plan.capacity, len(queries))
+                logger.info("fused scoring: %.1f GiB available, %.1f GiB per micro-batch, %.2f GiB per query "
+                            "gradient: %d queries per pass", room / 2**30, working / 2**30, per_query / 2**30,
+                            plan.per_pass)
+                return plan
+            detail = (f"a pass needs {(working + per_query) / 2**30:.1f} GiB, {room / 2**30:.1f} GiB available")
+        plan.per_pass = 1  # only the micro-batches are left to halve
+        plan.shrink("fused scores", detail, hint)
+
+
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None):
-    """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring).
-    `timings`, if given, receives the seconds spent on query gradients and on training passes."""
-    names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
-    modules = tracked_linears(model, names)
-    storages = prepared_storages(factors, strategy, names, score_args, device)
-    config = FactorConfig.CONFIGS[strategy]
-    grad_dtype, score_dtype = score_args.per_sample_gradient_dtype, score_args.score_dtype
+    """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
+    out-of-memory error inside a pass halves the pass (then the micro-batches) and redoes that pass alone.
+    `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
-
-    q_order, t_order = length_order(query_dataset), length_order(train_dataset)
+    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device)
+    q_order, t_order = longest_first(query_dataset), longest_first(train_dataset)
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
-    per_pass = min(max_queries_per_pass or queries_per_pass(modules, score_dtype, device, len(queries)), len(queries))
-    passes = math.ceil(len(queries) / per_pass)
-    logger.info("fused scoring: %d queries × %d train rows, %d queries per pass (%d pass(es)), rank %d of %d",
-                len(queries), len(train), per_pass, passes, rank, world)
-
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
-    query_grads, filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current chunk
-
-    def keep_query(name, weight, bias):
-        gradient = config.precondition_gradient(gradient=with_bias_column(weight, bias).to(score_args.precondition_dtype),
-                                                storage=storages[name]).to(score_dtype)
-        w, b = query_grads[name]
-        rows = slice(filled[name], filled[name] + gradient.size(0))
-        w[rows] = gradient[..., :weight.size(-1)].flatten(1)
-        if b is not None:
-            b[rows] = gradient[..., -1]
-        filled[name] = rows.stop
-
-    def add_scores(name, weight, bias):
-        w, b = query_grads[name]
-        block = (w @ weight.flatten(1).T).float()
-        if b is not None:
-            block += (b @ bias.T).float()
-        hooks.block.add_(block)
-
-    hooks, undo = PerExampleGradients(modules, grad_dtype), None
+    seconds = {"query_seconds": 0.0, "train_seconds": 0.0}
+    undo = _activation_grads_only(model)
     try:
-        undo = _activation_grads_only(model)
-        with hooks:
-            for start in range(0, len(queries), per_pass):
-                chunk = queries.select(range(start, min(start + per_pass, len(queries))))
-                query_grads.clear()
-                for name, m in modules.items():
-                    query_grads[name] = (
-                        torch.empty(len(chunk), m.out_features * m.in_features, dtype=score_dtype, device=device),
-                        torch.empty(len(chunk), m.out_features, dtype=score_dtype, device=device)
-                        if m.bias is not None else None)
-                    filled[name] = 0
-                hooks.callback, hooks.dtype = keep_query, grad_dtype  # kronfluence: query side in this dtype,
-                clock = _Clock(device)
-                for batch in DataLoader(chunk, batch_size=query_batch_size, collate_fn=collator):
-                    hooks.num_examples = batch["labels"].size(0)
-                    _backward(model, task, batch, device, score_args.amp_dtype, measurement=True)
-                if any(count != len(chunk) for count in filled.values()):
-                    raise RuntimeError(f"query gradients reached {sorted(set(filled.values()))} of {len(chunk)} rows")
-                query_seconds = clock.lap()
-                hooks.dtype = score_dtype  # ... training side in the score dtype
-                rows = slice(start, start + len(chunk))
-                loader = DataLoader(train, batch_size=train_batch_size, collate_fn=collator)
-                column = 0
-                for step, batch in enumerate(tqdm(loader, desc=f"fused scores, pass {start // per_pass + 1}/{passes}",
-                                                  disable=disable_tqdm or rank != 0)):
-                    size = batch["labels"].size(0)
-                    if step % world == rank:
-                        hooks.block = scores[rows, column:column + size]
-                        hooks.callback, hooks.num_examples = add_scores, size
-                        _backward(model, task, batch, device, score_args.amp_dtype, measurement=False)
-                    column += size
-                query_grads.clear()
-                if timings is not None:
-                    timings["query_seconds"] = timings.get("query_seconds", 0.0) + query_seconds
-                    timings["train_seconds"] = timings.get("train_seconds", 0.0) + clock.lap()
-                    timings["passes"], timings["queries_per_pass"] = passes, per_pass
+        with scorer.hooks:
+            plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass)
+            logger.info("fused scoring: %d queries × %d train rows, %d queries per pass, rank %d of %d",
+                        len(queries), len(train), plan.per_pass, rank, world)
+            start, passes = 0, 0
+            while start < len(queries):
+                rows = slice(start, min(start + plan.per_pass, len(queries)))
+                desc = f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
+                try:
+                    query_s, train_s = scorer.score_pass(queries.select(range(rows.start, rows.stop)), train,
+                                                         scores[rows], plan, train_batch_size, desc, disable_tqdm)
+                except Exception as exc:
+                    if not should_reduce_batch_size(exc):
+                        raise
+                    detail = out_of_memory_detail(exc, device)
+                else:
+                    seconds["query_seconds"] += query_s
+                    seconds["train_seconds"] += train_s
+                    start, passes = rows.stop, passes + 1
+                    continue
+                scorer.query_grads.clear()  # the failed pass is redone from scratch; the finished rows stay
+                scores[rows] = 0
+                clear_device_cache(garbage_collection=True)
+                plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
     finally:
-        if undo:
-            undo()
+        undo()
+    if timings is not None:
+        timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
+                       pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
+                       train_micro_batch=plan.train_micro, out_of_memory_retries=plan.retries)
     if world > 1:
         dist.all_reduce(scores)
     out = torch.empty_like(scores, device="cpu")

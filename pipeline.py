@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import warnings
@@ -512,6 +513,44 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# GPU memory: what a stage may use, and what an out-of-memory error says
+# --------------------------------------------------------------------------------------------
+_memory_caps = {}  # CUDA device index -> bytes this process may hold there (--max_memory_gb)
+
+
+def limit_gpu_memory(gib: float, device: torch.device) -> None:
+    """Cap this process's allocations on `device` at `gib` GiB (PyTorch's per-process memory fraction, so that
+    kronfluence's stages keep to it too); `available_memory` plans within the cap."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise UserError(f"--max_memory_gb {gib:g} is more than the {total / 2**30:.1f} GiB of {torch.cuda.get_device_name(device)}; "
+                        f"pass at most that")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    _memory_caps[device.index if device.index is not None else torch.cuda.current_device()] = int(gib * 2**30)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on `device`: the device's free memory (within the cap, if one is set)
+    plus what PyTorch's allocator holds unused. None on CPU, where no limit is known."""
+    if device.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(device)[0]
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    cap = _memory_caps.get(device.index if device.index is not None else torch.cuda.current_device())
+    room = free if cap is None else min(free, cap - reserved)
+    return max(0, room) + reserved - allocated
+
+
+def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:
+    """What an out-of-memory error asked for and what the device had, in a few words."""
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(exc))
+    room = available_memory(device)
+    return ", ".join(part for part in (f"it asked for {asked.group(1)} more" if asked else "",
+                                       f"{room / 2**30:.1f} GiB available" if room is not None else "") if part) \
+        or first_line(exc)
 
 
 # --------------------------------------------------------------------------------------------

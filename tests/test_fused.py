@@ -8,7 +8,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from fused_scores import PerExampleGradients, length_order, fused_pairwise_scores, tracked_linears, with_bias_column
+from fused_scores import PerExampleGradients, longest_first, fused_pairwise_scores, tracked_linears, with_bias_column
 from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
 from task import MultipleChoiceTask
 
@@ -84,9 +84,9 @@ def test_fused_rejects_modules_it_cannot_score(setup):
         tracked_linears(model, ["roberta.embeddings.word_embeddings"])
 
 
-def test_length_order_sorts_by_longest_choice():
+def test_longest_first_sorts_by_longest_choice():
     rows = {"input_ids": [[[1] * 5, [1] * 2], [[1] * 3, [1]], [[1] * 9, [1]]]}
-    assert list(length_order(rows)) == [1, 0, 2]
+    assert list(longest_first(rows)) == [2, 0, 1]
 
 
 def test_fast_path_agrees_with_fp32_reference_on_the_demo_model(demo_checkpoint, tmp_path):

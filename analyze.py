@@ -70,7 +70,6 @@ from pipeline import (
     data_args_dict,
     decode_choices,
     file_sha256,
-    first_line,
     limit_gpu_memory,
     load_checkpoint,
     make_collator,
@@ -189,7 +188,7 @@ def scores_name(args) -> str:
 def factor_arguments(args, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
     """kronfluence's factor arguments for these flags. Its row caps (covariance_max_examples and
     lambda_max_examples, 100,000 by default) are set to the rows given: the rows come length-sorted, so a cap
-    below them would fit the factors on the shortest rows only."""
+    below them would fit the factors on the longest rows only."""
     factor_args = (all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
                    if args.use_half_precision else FactorArguments(strategy=args.factor_strategy))
     factor_args.covariance_max_examples, factor_args.lambda_max_examples = num_covariance_rows, num_lambda_rows
@@ -324,14 +323,14 @@ def check_factor_files(directory: Path, stages: list, fix: str) -> None:
 
 
 def failing_eigendecomposition(directory: Path, device: torch.device) -> str:
-    """The first module whose covariance torch.linalg.eigh cannot decompose, as kronfluence prepares it (divided
-    by the rows counted, symmetrised, float64)."""
-    for matrices, counts in ((ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED),
-                             (GRADIENT_COVARIANCE_MATRIX_NAME, NUM_GRADIENT_COVARIANCE_PROCESSED)):
-        covariances = load_file(str(directory / f"{matrices}.safetensors"))
-        processed = load_file(str(directory / f"{counts}.safetensors"))
-        for module in sorted(covariances):
-            matrix = covariances[module].to(device, torch.float64) / processed[module].to(device)
+    """The first module (in kronfluence's order) whose covariance torch.linalg.eigh cannot decompose, prepared as
+    kronfluence prepares it: divided by the rows counted, symmetrised, float64."""
+    pairs = [(ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED),
+             (GRADIENT_COVARIANCE_MATRIX_NAME, NUM_GRADIENT_COVARIANCE_PROCESSED)]
+    files = {name: load_file(str(directory / f"{name}.safetensors")) for pair in pairs for name in pair}
+    for module in sorted(files[ACTIVATION_COVARIANCE_MATRIX_NAME]):
+        for matrices, counts in pairs:
+            matrix = files[matrices][module].to(device, torch.float64) / files[counts][module].to(device)
             try:
                 torch.linalg.eigh((matrix + matrix.T) / 2)
             except torch.linalg.LinAlgError:
@@ -503,7 +502,7 @@ def fit_factors(analyzer, args, data, f_name: str, factors_dir: Path, completed:
             batch_size = sizes.get("factor_batch_size", batch_size)
         except torch.linalg.LinAlgError as exc:
             raise UserError(f"eigendecomposition failed for {failing_eigendecomposition(factors_dir, analyzer.state.device)}: "
-                            f"{first_line(exc)}; refit without --use_half_precision, or use --factor_strategy "
+                            f"{str(exc).splitlines()[0]}; refit without --use_half_precision, or use --factor_strategy "
                             f"diagonal") from None
         fitted = batch_size if batched else fitted
         if rank == 0:
@@ -569,6 +568,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     started = time.perf_counter()
     factor_batch_size = fit_factors(analyzer, args, data, f_name, factors_dir, completed, record_factors)
     factors_seconds = time.perf_counter() - started
+    cuda = analyzer.state.device.type == "cuda"
+    factors_peak = torch.cuda.max_memory_allocated(analyzer.state.device) if cuda else 0  # the fused plan resets it
 
     if reuse_scores:
         logger.info("reusing the scores in %s", scores_dir)
@@ -589,7 +590,9 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
                             "train": args.train_batch_size},
-            "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes}})  # after out-of-memory halving
+            "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after out-of-memory halving
+            "peak_gpu_memory_gib": round(max(factors_peak, torch.cuda.max_memory_allocated(analyzer.state.device))
+                                         / 2**30, 2) if cuda else None})
     if rank == 0:
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)

@@ -34,6 +34,7 @@ overhead-bound).
 
 import copy
 import gc
+import importlib.metadata
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
 from scipy.stats import rankdata
@@ -347,6 +349,9 @@ def main(argv=None):
                                                                 intermediate_size=64)
     model = random_roberta(tokenizer, **size).eval()
     out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
+           "gpu_memory_free_gib_at_start": round(torch.cuda.mem_get_info()[0] / 2**30, 2)
+           if torch.cuda.is_available() else None,
            "subset": {"num_train": args.num_train, "num_queries": args.num_queries},
            "full_scale": {"num_train": REFERENCE_NUM_TRAIN, "num_queries": REFERENCE_NUM_QUERIES},
            "command": "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -179,13 +179,13 @@ class PassPlan:
 
     def shrink(self, stage: str, detail: str, flag_hint: str) -> None:
         """After an out-of-memory error: halve the pass, else the training micro-batch, else the query one."""
-        for field in ("per_pass", "train_micro", "query_micro"):
+        for field, what in (("per_pass", "queries per pass"), ("train_micro", "training rows per micro-batch"),
+                            ("query_micro", "queries per micro-batch")):
             size = getattr(self, field)
             if size > 1:
                 setattr(self, field, size // 2)
                 self.retries += 1
-                logger.warning("%s: out of GPU memory (%s); retrying with %s %d", stage, detail,
-                               field.replace("_", " "), size // 2)
+                logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what)
                 return
         raise UserError(f"{stage}: out of GPU memory with one query per pass and one row per batch ({detail}); "
                         f"{flag_hint}")

@@ -183,7 +183,7 @@ def test_hub_model_and_dataset_offline_fail_in_one_line(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 def test_kronfluence_row_caps_follow_the_data(tiny_checkpoint, tmp_path, monkeypatch):
     """kronfluence caps covariance and lambda at 100,000 rows by default, and its rows come length-sorted: on a
-    larger set only the shortest rows would be used. With a cap below the data (10 of 48 rows) the factors are
+    larger set only the longest rows would be used. With a cap below the data (10 of 48 rows) the factors are
     those of all rows, bitwise."""
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", *SMALL_BATCHES]
     full = analyze.main([*args, "--output_dir", str(tmp_path / "full")])

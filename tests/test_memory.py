@@ -1,0 +1,197 @@
+"""Memory: fused passes sized from the memory available, out-of-memory errors halved away, and the NaN guard.
+
+A CPU has no memory query, so the tests fake it (fused_scores.available_memory and the working-memory probe) and
+raise torch.OutOfMemoryError where a GPU would run out."""
+
+import copy
+import json
+
+import pytest
+import torch
+from kronfluence.analyzer import Analyzer
+from safetensors.torch import load_file, save_file
+
+import analyze
+import fused_scores
+from fused_scores import FusedScorer, fused_pairwise_scores, query_gradient_bytes
+from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
+from task import MultipleChoiceTask
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB."
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def setup():
+    raw = make_demo_dataset(sizes={"train": 12, "validation": 8})
+    tokenizer = build_demo_tokenizer(raw)
+    torch.manual_seed(0)
+    model = build_demo_model(tokenizer).double().eval()
+    return model, tokenize(raw["train"], tokenizer), tokenize(raw["validation"], tokenizer), make_collator(tokenizer)
+
+
+def identity_scores(setup, timings=None, **kwargs):
+    """Identity-preconditioned float64 fused scores (no factors to fit), query and training batches of 2."""
+    model, train, queries, collator = setup
+    args = analyze.score_arguments(analyze.parse_args(["--factor_strategy", "identity"]))
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
+    return fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, queries, train,
+                                 collator, query_batch_size=2, train_batch_size=2, device=torch.device("cpu"),
+                                 disable_tqdm=True, timings=timings, **kwargs)
+
+
+def fake_memory(monkeypatch, room: int, working: int):
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: room)
+    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan: working)
+
+
+def per_query_bytes(setup) -> int:
+    model = setup[0]
+    return query_gradient_bytes(fused_scores.tracked_linears(model, fused_scores.linear_module_names(model)),
+                                torch.float64)
+
+
+def test_a_pass_holds_the_query_gradients_that_fit_beside_the_working_memory(setup, monkeypatch):
+    per_query = per_query_bytes(setup)
+    working = 5 * per_query
+    # MEMORY_HEADROOM of the room, less the working memory, holds 3 query gradients (and a fraction)
+    room = int((working + 3.5 * per_query) / fused_scores.MEMORY_HEADROOM)
+    fake_memory(monkeypatch, room, working)
+    timings = {}
+    planned = identity_scores(setup, timings)
+    assert (timings["pass_capacity"], timings["queries_per_pass"], timings["passes"]) == (3, 3, 3)  # 8 queries
+    # the same scores as one pass: float64, only the query batches' padding differs (pass boundaries cut them),
+    # so the rows agree to rounding, ~1e-16 relative per operation, far inside 1e-10
+    monkeypatch.undo()
+    one_pass = identity_scores(setup)
+    torch.testing.assert_close(planned, one_pass, rtol=1e-10, atol=1e-12 * one_pass.abs().max().item())
+
+
+def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_line(setup, monkeypatch):
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, per_query // 2, 0)
+    with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row per "
+                                        r"batch \(a pass needs .* GiB, .* GiB available\); free memory on the GPU"):
+        identity_scores(setup)
+
+
+def failing_backward(monkeypatch, fail_on: set):
+    """fused_scores._backward raising torch.OutOfMemoryError on the given calls (counted from 1)."""
+    calls, original = [0], fused_scores._backward
+
+    def backward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in fail_on:
+            raise torch.OutOfMemoryError(OOM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(fused_scores, "_backward", backward)
+    return calls
+
+
+@pytest.mark.parametrize("fail_on", [{1}, {9}], ids=["first pass", "second pass"])
+def test_an_out_of_memory_pass_is_halved_and_redone_to_the_same_scores(setup, monkeypatch, caplog, fail_on):
+    """4 queries per pass, 8 queries: an OOM in the first pass's query side, or in the second pass's training
+    side (call 9: 2 query batches + 6 training batches in pass one, then 2 query batches), halves the pass to 2.
+    Every pass of 2 starts at a multiple of 2, so the query batches (of 2) are the same as in a run planned at 2
+    queries per pass: the scores are equal bitwise."""
+    direct = identity_scores(setup, max_queries_per_pass=2)
+    failing_backward(monkeypatch, fail_on)
+    timings = {}
+    retried = identity_scores(setup, timings, max_queries_per_pass=4)
+    assert torch.equal(retried, direct)
+    assert timings["out_of_memory_retries"] == 1 and timings["queries_per_pass"] == 2
+    assert "fused scores: out of GPU memory (it asked for 2.00 GiB more); retrying with 2 queries per pass" in caplog.text
+
+
+def test_an_out_of_memory_error_that_never_clears_stops_in_one_line(setup, monkeypatch):
+    failing_backward(monkeypatch, set(range(1, 1000)))
+    with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row per "
+                                        r"batch \(it asked for 2.00 GiB more\); free memory"):
+        identity_scores(setup, max_queries_per_pass=4)
+
+
+# --------------------------------------------------------------------------------------------
+# kronfluence's stages: the batch size is halved after an out-of-memory error
+# --------------------------------------------------------------------------------------------
+def oom_above(monkeypatch, method: str, key: str, limit: int):
+    """Analyzer.<method> raising torch.OutOfMemoryError while its batch size `key` is above `limit`."""
+    original = getattr(Analyzer, method)
+
+    def patched(self, *args, **kwargs):
+        if kwargs[key] > limit:
+            raise torch.OutOfMemoryError(OOM)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(Analyzer, method, patched)
+
+
+def factor_tensors(scores_dir):
+    factors = next(scores_dir.parent.glob("factors_*"))
+    return {f.name: load_file(str(f)) for f in sorted(factors.glob("*.safetensors"))}
+
+
+def test_factor_and_score_batches_are_halved_until_they_fit(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """Covariance and lambda fail above batch 8 (from 32: two halvings), kronfluence's scores above 4 training rows
+    (by turns: training batch 16 -> 8, query batch 8 -> 4, training 8 -> 4). The result is bitwise that of a run
+    given those sizes: the stage reruns from its start."""
+    args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac"]
+    direct = analyze.main([*args, "--factor_batch_size", "8", "--train_batch_size", "4", "--query_batch_size", "4",
+                           "--output_dir", str(tmp_path / "direct")])
+    for method in ("fit_covariance_matrices", "fit_lambda_matrices"):
+        oom_above(monkeypatch, method, "per_device_batch_size", 8)
+    oom_above(monkeypatch, "compute_pairwise_scores", "per_device_train_batch_size", 4)
+    halved = analyze.main([*args, "--factor_batch_size", "32", "--train_batch_size", "16", "--query_batch_size", "8",
+                           "--output_dir", str(tmp_path / "halved")])
+    a, b = factor_tensors(direct), factor_tensors(halved)
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert torch.equal(analyze.load_scores(direct)[0], analyze.load_scores(halved)[0])
+    fitted = json.loads((halved / analyze.METADATA_FILE).read_text())["fitted_in_memory"]
+    assert fitted == {"factor_batch_size": 8, "train_batch_size": 4, "query_batch_size": 4}
+    assert "covariance: out of GPU memory at --factor_batch_size 32 (it asked for 2.00 GiB more); retrying with " \
+           "--factor_batch_size 16" in caplog.text
+
+
+def test_a_stage_that_never_fits_stops_in_one_line_naming_it(tiny_checkpoint, tmp_path, monkeypatch):
+    oom_above(monkeypatch, "fit_covariance_matrices", "per_device_batch_size", 0)
+    with pytest.raises(UserError, match=r"^error: covariance: out of GPU memory at --factor_batch_size 1 \(it asked for "
+                                        r"2.00 GiB more\); free memory on the GPU .* or lower --max_length$"):
+        analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_batch_size", "4",
+                      "--output_dir", str(tmp_path)])
+
+
+def test_max_memory_gb_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        analyze.parse_args(["--max_memory_gb", "20"])
+    assert "--max_memory_gb caps GPU memory, and this machine has no GPU; drop it" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# NaN guard
+# --------------------------------------------------------------------------------------------
+def test_a_factor_with_nan_stops_in_one_line_naming_the_module(tiny_checkpoint, tmp_path):
+    args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
+    scores_dir = analyze.main(args)
+    lam = next(scores_dir.parent.glob("factors_*")) / "lambda_matrix.safetensors"
+    tensors = load_file(str(lam))
+    module = sorted(tensors)[3]
+    tensors[module][0, 0] = float("nan")
+    save_file(tensors, str(lam))
+    with pytest.raises(UserError, match=f"^error: the lambda factor lambda_matrix of module {module} holds NaN or infinite "
+                                        f"values \\({lam}\\)"):
+        analyze.main(args)
+
+
+def test_an_eigendecomposition_failure_names_the_module(tiny_checkpoint, tmp_path, monkeypatch):
+    """torch.linalg.eigh failing on the 128 × 128 covariances (the demo model's intermediate width) as it may on an
+    ill-conditioned matrix: the message names the first such module in kronfluence's order."""
+    eigh = torch.linalg.eigh
+
+    def failing(matrix, *args, **kwargs):
+        if matrix.shape[-1] == 128:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(matrix, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.raises(UserError, match=r"^error: eigendecomposition failed for roberta\.encoder\.layer\.0\.intermediate\.dense "
+                                        r"\(gradient_covariance\): linalg.eigh: The algorithm failed to converge; "
+                                        r"refit without --use_half_precision"):
+        analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "kfac",
+                      "--output_dir", str(tmp_path)])

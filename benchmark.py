@@ -61,6 +61,7 @@ from analyze import (
     score_arguments,
 )
 from analyze import parse_args as analyze_args
+from evaluate_lds import correlation
 from fused_scores import fused_pairwise_scores
 from pipeline import (
     REFERENCE_NUM_QUERIES,
@@ -184,14 +185,10 @@ def top_operations(profiler, k: int = 10) -> tuple:
 
 
 def per_query_correlations(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean per-query (row) Pearson and Spearman correlation of two score matrices, over the rows where both are
+    defined."""
     a, b = a.double().numpy(), b.double().numpy()
-
-    def pearson(x, y):
-        x, y = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-        return (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p, s = pearson(a, b), pearson(rankdata(a, axis=1), rankdata(b, axis=1))
+    p, s = correlation(a, b, axis=1), correlation(rankdata(a, axis=1), rankdata(b, axis=1), axis=1)
     return {"pearson": float(np.nanmean(p)) if not np.isnan(p).all() else None,
             "spearman": float(np.nanmean(s)) if not np.isnan(s).all() else None,
             "undefined_rows": int(np.isnan(p).sum()), "nonfinite_scores": int((~np.isfinite(a)).sum())}

@@ -79,6 +79,14 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------
 # The score itself
 # --------------------------------------------------------------------------------------------
+def correlation(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    """Pearson correlation of a and b along `axis` (Spearman's, given ranks); NaN where either side is constant."""
+    a, b = a - a.mean(axis, keepdims=True), b - b.mean(axis, keepdims=True)
+    denominator = np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (a * b).sum(axis) / denominator, np.nan)
+
+
 def lds_per_query(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Spearman correlation, for each query, between predicted (masks @ scores.T) and actual margins
     over the masks. NaN where either side is constant over the masks."""
@@ -87,11 +95,7 @@ def lds_per_query(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray) ->
             raise UserError(f"the {name} contain NaN or infinite values (a bf16 overflow or a diverged run?); "
                             f"recompute them before evaluating")
     predictions = masks.astype(np.float64) @ scores.astype(np.float64).T  # (masks, queries)
-    a, b = rankdata(predictions, axis=0), rankdata(margins, axis=0)
-    a, b = a - a.mean(0), b - b.mean(0)
-    denominator = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (a * b).sum(0) / denominator, np.nan)
+    return correlation(rankdata(predictions, axis=0), rankdata(margins, axis=0), axis=0)
 
 
 def summarize(per_query: np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -> dict:

@@ -524,12 +524,13 @@ _memory_caps = {}  # CUDA device index -> bytes this process may hold there (--m
 def limit_gpu_memory(gib: float, device: torch.device) -> None:
     """Cap this process's allocations on `device` at `gib` GiB (PyTorch's per-process memory fraction, so that
     kronfluence's stages keep to it too); `available_memory` plans within the cap."""
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
-        raise UserError(f"--max_memory_gb {gib:g} is more than the {total / 2**30:.1f} GiB of {torch.cuda.get_device_name(device)}; "
-                        f"pass at most that")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
-    _memory_caps[device.index if device.index is not None else torch.cuda.current_device()] = int(gib * 2**30)
+        raise UserError(f"--max_memory_gb {gib:g} is more than the {total / 2**30:.1f} GiB of "
+                        f"{torch.cuda.get_device_name(index)}; pass at most that")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
+    _memory_caps[index] = int(gib * 2**30)
 
 
 def available_memory(device: torch.device) -> Optional[int]:

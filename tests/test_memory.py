@@ -195,3 +195,25 @@ def test_an_eigendecomposition_failure_names_the_module(tiny_checkpoint, tmp_pat
                                         r"refit without --use_half_precision"):
         analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "kfac",
                       "--output_dir", str(tmp_path)])
+
+
+def test_the_memory_cap_bounds_what_a_pass_plans_for(monkeypatch):
+    """available_memory: the device's free memory, within --max_memory_gb less what this process reserved, plus
+    what its allocator holds unused (the CUDA calls faked: 80 GiB card, 60 free, 10 reserved of which 4 in use)."""
+    import pipeline
+    cuda = torch.cuda
+    fraction = {}
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * GiB}))
+    monkeypatch.setattr(cuda, "get_device_name", lambda index: "a fake GPU")
+    monkeypatch.setattr(cuda, "set_per_process_memory_fraction", lambda f, index: fraction.update({index: f}))
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: (60 * GiB, 80 * GiB))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device: 10 * GiB)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device: 4 * GiB)
+    monkeypatch.setattr(pipeline, "_memory_caps", {})
+    device = torch.device("cuda")
+    assert pipeline.available_memory(device) == 66 * GiB  # 60 free + 6 cached
+    pipeline.limit_gpu_memory(20, device)
+    assert fraction == {0: 0.25} and pipeline.available_memory(device) == 16 * GiB  # 20 - 10 reserved + 6 cached
+    with pytest.raises(UserError, match="--max_memory_gb 90 is more than the 80.0 GiB of a fake GPU; pass at most that"):
+        pipeline.limit_gpu_memory(90, device)

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--query_index", type=at_least(0), default=None,
                         help="Query whose top influential examples are printed (default: the median-LDS query).")
     parser.add_argument("--top_k", type=at_least(1), default=3, help="Proponents and opponents to print.")
+    parser.add_argument("--compare", type=Path, default=None, metavar="OTHER_SCORES",
+                        help="Another scores directory on the same rows: report LDS(--scores) - LDS(OTHER) with a "
+                             "paired bootstrap interval over queries.")
     parser.add_argument("--no_plots", action="store_true", help="Skip the plots.")
     parser.add_argument("--cost_plot", type=Path, default=None, metavar="RESULTS_JSON",
                         help="Instead of evaluating: plot LDS against GPU-minutes for every entry of a results file "
@@ -110,6 +113,42 @@ def summarize(per_query: np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -
             "num_queries": int(valid.size), "constant_queries": np.flatnonzero(np.isnan(per_query)).tolist()}
 
 
+def noise_ceiling(repeat_margins: np.ndarray) -> dict:
+    """The ground truth's reliability from R >= 2 repeats per mask (masks × repeats × queries). Per query: the
+    Spearman correlation r over the masks between the mean margins of two disjoint halves of the repeats (the
+    first and the last floor(R/2)), stepped up to the R repeats averaged (Spearman–Brown, k = R / floor(R/2)):
+    reliability = k r / (1 + (k - 1) r). A score's correlation with the averaged margins cannot exceed
+    sqrt(reliability) on average (the noise attenuates it), so the ceiling is the mean over queries of
+    sqrt(max(reliability, 0)), and a method reaches LDS / ceiling of what this ground truth can show."""
+    repeats = repeat_margins.shape[1]
+    half = repeats // 2
+    first, last = repeat_margins[:, :half].mean(1), repeat_margins[:, repeats - half:].mean(1)
+    r = correlation(rankdata(first, axis=0), rankdata(last, axis=0), axis=0)
+    k = repeats / half
+    reliability = k * r / (1 + (k - 1) * r)
+    valid = ~np.isnan(reliability)
+    if not valid.any():
+        raise UserError("every query has constant margins over the masks; no noise ceiling can be computed")
+    return {"repeats": repeats, "split_half_spearman": float(np.mean(r[valid])),
+            "reliability": float(np.mean(reliability[valid])),
+            "ceiling": float(np.mean(np.sqrt(np.clip(reliability[valid], 0, None)))),
+            "per_query_reliability": [None if np.isnan(v) else float(v) for v in reliability]}
+
+
+def paired_difference(per_query: np.ndarray, other: np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """LDS(scores) - LDS(other) on the same runs, over the queries both define, with a 95% paired bootstrap
+    interval (the same resampled queries for both)."""
+    both = ~np.isnan(per_query) & ~np.isnan(other)
+    if not both.any():
+        raise UserError("no query has a defined LDS under both score sets; nothing to compare")
+    difference = per_query[both] - other[both]
+    rng = np.random.default_rng(seed)
+    means = difference[rng.integers(0, difference.size, size=(num_bootstrap, difference.size))].mean(1)
+    return {"difference": float(difference.mean()),
+            "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "num_queries": int(both.sum()), "lds": float(per_query[both].mean()), "lds_other": float(other[both].mean())}
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
@@ -138,9 +177,12 @@ def load_runs(lds_dir: Path):
     masks = np.stack([runs[0]["mask"].numpy().astype(bool) for _, runs in sorted(by_mask.items())])
     margins = np.stack([torch.stack([r["margins"] for r in runs]).mean(0).numpy() for _, runs in sorted(by_mask.items())])
     repeats = sorted({len(runs) for runs in by_mask.values()})
+    per_repeat = (np.stack([torch.stack([r["margins"] for r in runs]).numpy() for _, runs in sorted(by_mask.items())])
+                  if len(repeats) == 1 and repeats[0] >= 2 else None)  # masks × repeats × queries
     fingerprint, recipe = data.pop()
     return masks, margins, {"fingerprint": json.loads(fingerprint), "recipe": json.loads(recipe),
-                            "num_masks": len(by_mask), "repeats": repeats, "num_runs": len(files)}
+                            "num_masks": len(by_mask), "repeats": repeats, "num_runs": len(files),
+                            "per_repeat_margins": per_repeat}
 
 
 def load_kronfluence_files(masks_path: Path, margins_path: Path):
@@ -153,7 +195,8 @@ def load_kronfluence_files(masks_path: Path, margins_path: Path):
     masks, margins = read(masks_path), read(margins_path)
     if masks.shape[0] != margins.shape[0]:
         raise UserError(f"{masks_path} has {masks.shape[0]} masks but {margins_path} has {margins.shape[0]} rows")
-    return masks.astype(bool), margins.astype(np.float64), {"num_masks": masks.shape[0], "repeats": [1]}
+    return masks.astype(bool), margins.astype(np.float64), {"num_masks": masks.shape[0], "repeats": [1],
+                                                             "per_repeat_margins": None}
 
 
 def check_match(scores: np.ndarray, meta, masks: np.ndarray, margins: np.ndarray, runs: dict) -> None:
@@ -288,18 +331,36 @@ def main(argv=None):
     if summary["constant_queries"]:
         logger.warning("%d queries have constant margins or predictions over the masks and are left out: %s",
                        len(summary["constant_queries"]), summary["constant_queries"][:20])
+    extra = {}
+    if runs["per_repeat_margins"] is not None:
+        extra["noise_ceiling"] = noise_ceiling(runs["per_repeat_margins"])
+    elif max(runs["repeats"]) > 1:
+        logger.warning("masks have different numbers of repeats %s; no noise ceiling", runs["repeats"])
+    if args.compare is not None:
+        other, other_meta = load_scores(args.compare)
+        check_match(other.numpy(), other_meta, masks, margins, runs)
+        extra["paired"] = {"other": str(args.compare), **paired_difference(
+            per_query, lds_per_query(masks, margins, other.numpy()), args.num_bootstrap, args.seed)}
     query = median_query(per_query) if args.query_index is None else args.query_index
     out_dir = args.output_dir or (args.scores if args.scores.is_dir() else args.scores.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = meta["scores_name"] if meta else args.scores.name
     results = {**summary, "scores": str(args.scores), "runs": str(args.lds_dir or args.kronfluence_masks),
                "num_masks": runs["num_masks"], "repeats": runs["repeats"], "median_query": median_query(per_query),
-               "per_query": [None if np.isnan(v) else float(v) for v in per_query]}
+               "per_query": [None if np.isnan(v) else float(v) for v in per_query], **extra}
     write_json(out_dir / RESULTS_FILE, results)
     if not args.no_plots:
         plot(per_query, masks, margins, scores, results["median_query"], summary, out_dir, title)
     print(f"LDS {summary['lds']:.4f}  95% CI [{summary['ci95'][0]:.4f}, {summary['ci95'][1]:.4f}]  "
           f"over {summary['num_queries']} queries and {runs['num_masks']} masks  ({title}); results in {out_dir}")
+    if "noise_ceiling" in extra:
+        ceiling = extra["noise_ceiling"]
+        print(f"noise ceiling {ceiling['ceiling']:.4f} (reliability {ceiling['reliability']:.4f} of the mean of "
+              f"{ceiling['repeats']} repeats): the LDS is {summary['lds'] / ceiling['ceiling']:.0%} of it")
+    if "paired" in extra:
+        paired = extra["paired"]
+        print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "
+              f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}] over {paired['num_queries']} queries")
     show_examples(meta, scores, query, args.top_k)
     return results
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from scipy.stats import rankdata
 
 import analyze
 import evaluate_lds
@@ -209,3 +210,59 @@ def test_cost_plot_reads_nested_entries_and_rejects_files_without_any(tmp_path):
     (tmp_path / "empty.json").write_text(json.dumps({"identity": {"lds": 0.09}}))
     with pytest.raises(UserError, match="no entries with both"):
         evaluate_lds.main(["--cost_plot", str(tmp_path / "empty.json")])
+
+
+# --------------------------------------------------------------------------------------------
+# Noise ceiling and paired comparison
+# --------------------------------------------------------------------------------------------
+def test_noise_ceiling_recovers_the_known_ceiling():
+    """Margins = signal + noise, repeats independent: signal N(0, 1) per mask and query, noise s.d. 1, R = 4
+    repeats. The ceiling must equal the LDS of an oracle whose predictions are the signal itself (the best any
+    score can do against the averaged margins). The split-half Pearson is 1 / (1 + 1 / 2) = 2/3, whose
+    Spearman for normal data is (6 / pi) asin(1/3) = 0.6490, stepped up to 0.7871 (Pearson reliability: 0.8).
+    Tolerance: with 4,000 masks a Spearman has s.e. ~ (1 - rho^2) / sqrt(4000) < 0.01 per query, and 20 queries
+    average it to < 0.003; 0.01 leaves room for the estimator's small-sample bias."""
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(4000, 20))
+    repeats = signal[:, None, :] + rng.normal(size=(4000, 4, 20))
+    ceiling = evaluate_lds.noise_ceiling(repeats)
+    assert ceiling["repeats"] == 4
+    assert ceiling["split_half_spearman"] == pytest.approx(6 / np.pi * np.arcsin(1 / 3), abs=0.01)
+    k_r = 2 * 6 / np.pi * np.arcsin(1 / 3)
+    assert ceiling["reliability"] == pytest.approx(k_r / (1 + k_r / 2), abs=0.01)
+    oracle = evaluate_lds.correlation(rankdata(signal, axis=0), rankdata(repeats.mean(1), axis=0), axis=0).mean()
+    assert ceiling["ceiling"] == pytest.approx(oracle, abs=0.01)
+    # noise-free repeats: a ceiling of 1; odd R uses the first and last floor(R/2) repeats
+    exact = evaluate_lds.noise_ceiling(np.repeat(signal[:, None, :], 3, axis=1))
+    assert exact["reliability"] == pytest.approx(1.0) and exact["ceiling"] == pytest.approx(1.0)
+
+
+def test_paired_difference_sees_what_unpaired_intervals_miss():
+    """Two methods whose per-query LDS differ by 0.02 on every query, on queries whose LDS spreads widely: the
+    per-method intervals overlap, the paired interval excludes zero; identical scores differ by exactly 0."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(-0.5, 0.9, size=200)
+    better = base + 0.02 + rng.normal(scale=0.005, size=200)
+    a, b = summarize(better), summarize(base)
+    assert a["ci95"][0] < b["ci95"][1]  # unpaired: overlapping
+    paired = evaluate_lds.paired_difference(better, base)
+    assert paired["difference"] == pytest.approx(0.02, abs=0.002) and paired["ci95"][0] > 0.015
+    same = evaluate_lds.paired_difference(base, base.copy())
+    assert same["difference"] == 0 and same["ci95"] == [0, 0]
+    with pytest.raises(UserError, match="no query has a defined LDS under both"):
+        evaluate_lds.paired_difference(np.full(3, np.nan), base[:3])
+
+
+def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, tmp_path, capsys):
+    lds_dir = tmp_path / "lds"
+    train.main([*LDS_TINY, "--lds_output_dir", str(lds_dir)])  # 3 masks x 2 repeats
+    scores = {s: analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", s,
+                               "--output_dir", str(tmp_path / "s")]) for s in ("identity", "ekfac")}
+    result = evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--no_plots",
+                                "--compare", str(scores["identity"])])
+    assert result["noise_ceiling"]["repeats"] == 2 and len(result["noise_ceiling"]["per_query_reliability"]) == 12
+    assert result["paired"]["other"] == str(scores["identity"])
+    saved = json.loads((scores["ekfac"] / evaluate_lds.RESULTS_FILE).read_text())
+    assert saved["noise_ceiling"] == result["noise_ceiling"] and saved["paired"] == result["paired"]
+    out = capsys.readouterr().out
+    assert "noise ceiling " in out and f"LDS - LDS({scores['identity'].name}) = " in out

@@ -39,6 +39,7 @@ from pipeline import (
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "lds.json"
+REMOVAL_RESULTS_FILE = "removal.json"
 HISTOGRAM_FILE = "lds_histogram.png"
 SCATTER_FILE = "lds_median_query.png"
 
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--scores", type=Path, default=None,
                         help="A scores directory written by analyze.py, or its pairwise_scores.safetensors.")
     parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by train.py --lds_num_masks.")
+    parser.add_argument("--removal_dir", type=Path, default=None,
+                        help="Instead of the LDS: the removal test's runs (train.py --removal_scores) for --scores.")
     parser.add_argument("--kronfluence_masks", type=Path, default=None,
                         help="kronfluence's masks.pt (num_masks × num_train) instead of --lds_dir.")
     parser.add_argument("--kronfluence_margins", type=Path, default=None,
@@ -72,8 +75,8 @@ def parse_args(argv=None):
         return args
     if args.scores is None:
         parser.error("--scores is required (or --cost_plot)")
-    if (args.lds_dir is None) == (args.kronfluence_masks is None):
-        parser.error("give either --lds_dir or --kronfluence_masks/--kronfluence_margins")
+    if sum(x is not None for x in (args.lds_dir, args.kronfluence_masks, args.removal_dir)) != 1:
+        parser.error("give one of --lds_dir, --kronfluence_masks/--kronfluence_margins or --removal_dir")
     if (args.kronfluence_masks is None) != (args.kronfluence_margins is None):
         parser.error("--kronfluence_masks and --kronfluence_margins go together")
     return args
@@ -146,7 +149,53 @@ def paired_difference(per_query: np.ndarray, other: np.ndarray, num_bootstrap: i
     means = difference[rng.integers(0, difference.size, size=(num_bootstrap, difference.size))].mean(1)
     return {"difference": float(difference.mean()),
             "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
-            "num_queries": int(both.sum()), "lds": float(per_query[both].mean()), "lds_other": float(other[both].mean())}
+            "num_queries": int(both.sum()), "mean": float(per_query[both].mean()), "mean_other": float(other[both].mean())}
+
+
+def load_removal(removal_dir: Path, scores: Path) -> dict:
+    """The removal test's margins (train.py --removal_scores): the control trained on every row, and per query
+    the runs without its top proponents by `scores` and without as many random rows."""
+    from train import REMOVAL_FILE, REMOVAL_FULL_FILE, read_run, removal_scores_id
+
+    def margins(path: Path):
+        run = read_run(path) if path.exists() else None
+        return None if run is None else (run[0]["margins"].double().numpy(), run[1])
+
+    full = margins(removal_dir / REMOVAL_FULL_FILE)
+    if full is None:
+        raise UserError(f"no readable {REMOVAL_FULL_FILE} in {removal_dir}; make the runs with train.py "
+                        f"--removal_scores {scores} --removal_output_dir {removal_dir}")
+    ident, queries, top, random, removed = removal_scores_id(scores), [], [], [], set()
+    for q in range(full[0].size):
+        pair = [margins(removal_dir / REMOVAL_FILE.format(query=q, condition=c)) for c in (f"top_{ident}", "random")]
+        if None in pair:
+            continue
+        for _, meta in pair:
+            if meta["settings_hash"] != full[1]["settings_hash"]:
+                raise UserError(f"{removal_dir} mixes runs of other data or training settings; keep one per directory")
+            removed.add(meta["removed"])
+        queries.append(q)
+        top.append(pair[0][0][q])
+        random.append(pair[1][0][q])
+    if not queries:
+        raise UserError(f"{removal_dir} has no removal runs for {scores}; make them with train.py --removal_scores "
+                        f"{scores} --removal_output_dir {removal_dir}")
+    return {"queries": queries, "full": full[0][queries], "top": np.array(top), "random": np.array(random),
+            "removed": int(removed.pop())}
+
+
+def removal_effect(runs: dict, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Mean change of each query's margin when its top proponents are removed, against removing as many random
+    rows (paired over queries), and the fraction of queries whose margin changes sign (the prediction flips
+    between right and wrong)."""
+    top, random = runs["top"] - runs["full"], runs["random"] - runs["full"]
+
+    def flips(after):
+        return float(np.mean(np.sign(after) != np.sign(runs["full"])))
+    return {"num_queries": len(runs["queries"]), "removed_rows": runs["removed"],
+            "margin_change_top": float(top.mean()), "margin_change_random": float(random.mean()),
+            "top_minus_random": paired_difference(top, random, num_bootstrap, seed),
+            "flipped_top": flips(runs["top"]), "flipped_random": flips(runs["random"]), "queries": runs["queries"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +369,8 @@ def main(argv=None):
     if meta is None:
         logger.warning("no metadata beside %s: nothing shows that the scores and the runs share their training rows, "
                        "queries and recipe, so only their shapes are compared", args.scores)
+    if args.removal_dir is not None:
+        return evaluate_removal(args)
     if args.lds_dir is not None:
         masks, margins, runs = load_runs(args.lds_dir)
     else:
@@ -362,6 +413,20 @@ def main(argv=None):
         print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "
               f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}] over {paired['num_queries']} queries")
     show_examples(meta, scores, query, args.top_k)
+    return results
+
+
+def evaluate_removal(args) -> dict:
+    effect = removal_effect(load_removal(args.removal_dir, args.scores), args.num_bootstrap, args.seed)
+    out_dir = args.output_dir or (args.scores if args.scores.is_dir() else args.scores.parent)
+    results = {"scores": str(args.scores), "runs": str(args.removal_dir), **effect}
+    write_json(out_dir / REMOVAL_RESULTS_FILE, results)
+    paired = effect["top_minus_random"]
+    print(f"removing each query's top {effect['removed_rows']} proponents changes its margin by "
+          f"{effect['margin_change_top']:+.4f} (as many random rows: {effect['margin_change_random']:+.4f}; "
+          f"difference {paired['difference']:+.4f}, paired 95% CI [{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}]) "
+          f"and flips {effect['flipped_top']:.0%} of {effect['num_queries']} predictions (random: "
+          f"{effect['flipped_random']:.0%}); results in {out_dir / REMOVAL_RESULTS_FILE}")
     return results
 
 

@@ -66,6 +66,7 @@ REFERENCE_NUM_QUERIES = 2_000
 CHECKPOINTS_DIR = Path("checkpoints")
 SCORES_DIR = Path("scores")
 LDS_DIR = Path("lds")
+REMOVAL_DIR = Path("removal")
 TRAINING_ARGS_FILE = "training_args.json"
 METRICS_FILE = "metrics.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -52,6 +52,7 @@ from pipeline import (
     DEFAULT_MODEL,
     DEMO_MODEL,
     LDS_DIR,
+    REMOVAL_DIR,
     Data,
     ArgumentParser,
     UserError,
@@ -60,6 +61,7 @@ from pipeline import (
     atomic_output,
     configure_attention,
     data_args_dict,
+    file_sha256,
     load_pretrained,
     load_raw,
     make_collator,
@@ -80,6 +82,8 @@ logger = logging.getLogger(__name__)
 DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
 RECIPE_NAMES = ["learning_rate", "weight_decay", "num_train_epochs", "seed", "lr_scheduler"]
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
+REMOVAL_FULL_FILE = "removal_full.safetensors"  # the control: the same recipe and seed on every row
+REMOVAL_FILE = "removal_q{query:04d}_{condition}.safetensors"  # condition: random, or top_<scores id>
 COMPILE_MODES = ["dynamic", "cudagraphs"]
 LENGTH_BUCKET = 16  # with CUDA graphs, one graph per padded length: lengths are rounded up to a multiple of this
 
@@ -127,6 +131,16 @@ def parse_args(argv=None):
     lds.add_argument("--lds_run_index", type=at_least(0), default=None,
                      help="Do only this run (mask-major: index = mask * repeats + repeat); "
                           "defaults to $SLURM_ARRAY_TASK_ID when set.")
+    removal = parser.add_argument_group("Removal test (retrain without each query's top proponents)")
+    removal.add_argument("--removal_scores", type=Path, default=None, metavar="SCORES_DIR",
+                         help="Scores (analyze.py) of the model these flags train: given, train.py retrains from the "
+                              "same initial weights without each query's top proponents, and without as many random "
+                              "rows, instead of fine-tuning (--lds_processes and --lds_run_index apply).")
+    removal.add_argument("--removal_num_queries", type=at_least(1), default=50, help="Queries tested (the first N).")
+    removal.add_argument("--removal_fraction", type=float, default=0.05,
+                         help="Training rows removed per run, as a fraction of the training set.")
+    removal.add_argument("--removal_output_dir", type=Path, default=None,
+                         help=f"Run files (default {REMOVAL_DIR}/<dataset>); several score sets may share one.")
     args = parser.parse_args(argv)
     args = resolve_data_args(args)
     demo = args.dataset == "demo"
@@ -136,10 +150,20 @@ def parse_args(argv=None):
             setattr(args, name, DEMO_RECIPE[name] if demo else default)
     args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
     args.lds_output_dir = args.lds_output_dir or LDS_DIR / args.dataset
+    args.removal_output_dir = args.removal_output_dir or REMOVAL_DIR / args.dataset
+    if args.removal_scores is not None and args.lds_num_masks is not None:
+        parser.error("--removal_scores and --lds_num_masks start different retraining runs; give one")
+    if not 0 < args.removal_fraction < 1:
+        parser.error(f"argument --removal_fraction: must lie in (0, 1), got {args.removal_fraction}")
+    removal_only = [f"--{name}" for name in ("removal_num_queries", "removal_fraction")
+                    if getattr(args, name) != parser.get_default(name)]
+    if args.removal_scores is None and removal_only:
+        parser.error(f"{', '.join(removal_only)} only apply to the removal test; add --removal_scores SCORES_DIR")
     if not 0 < args.lds_subset_fraction < 1:
         parser.error(f"argument --lds_subset_fraction: must lie in (0, 1), got {args.lds_subset_fraction}")
     lds_only = [f"--{name}" for name in ("lds_repeats", "lds_processes", "lds_run_index", "lds_subset_fraction")
-                if getattr(args, name) != parser.get_default(name)]
+                if getattr(args, name) != parser.get_default(name)
+                and not (args.removal_scores is not None and name in ("lds_processes", "lds_run_index"))]
     if args.lds_num_masks is None and lds_only:
         parser.error(f"{', '.join(lds_only)} only apply to the LDS runs; add --lds_num_masks N")
     if args.lds_run_index is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -242,9 +266,11 @@ def recipe(args, effective_batch_size: int) -> dict:
 
 
 def settings_hash(args, fingerprint: dict) -> str:
-    """Identifies data, recipe and subset size: runs with equal hashes belong to one experiment."""
+    """Identifies data, recipe and subset size (or the removal test's fraction): runs with equal hashes belong to
+    one experiment."""
     settings = {"data": fingerprint, "recipe": recipe(args, args.per_device_train_batch_size),
-                "subset_fraction": args.lds_subset_fraction}
+                **({"removal_fraction": args.removal_fraction} if args.removal_scores is not None
+                   else {"subset_fraction": args.lds_subset_fraction})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -291,6 +317,16 @@ def bucketed(collator):
 
 
 @dataclasses.dataclass
+class Run:
+    """One retraining run: the training rows it keeps, its seed, its file, and what its metadata says of it."""
+
+    file: str
+    keep: torch.Tensor  # bool, one per training row
+    seed: int
+    meta: dict
+
+
+@dataclasses.dataclass
 class LdsJob:
     """What every retraining run of one command shares: loaded once, before any worker is forked."""
 
@@ -300,29 +336,79 @@ class LdsJob:
     initial_state: dict  # the weights every run starts from
     collator: DataCollatorForMultipleChoice
     settings_hash: str
-    runs: list  # (mask, repeat) pairs this command may do
+    runs: list  # the Runs this command may do
+    output_dir: Path
 
 
 _FORKED_JOB: Optional[LdsJob] = None  # set before --lds_processes forks its workers, which inherit it
 
 
+def lds_runs(args, data: Data) -> list:
+    """The LDS runs: every mask's random subset, once per repeat, each repeat with a seed of its own."""
+    runs = []
+    for m in range(args.lds_num_masks):
+        keep = lds_mask(len(data.train), args.lds_subset_fraction, args.seed, m)
+        for r in range(args.lds_repeats):
+            runs.append(Run(RUN_FILE.format(mask=m, repeat=r), keep,
+                            int(np.random.default_rng([args.seed, m, r]).integers(2**31)),
+                            {"mask": str(m), "repeat": str(r)}))
+    return runs
+
+
+def removal_runs(args, data: Data) -> list:
+    """The removal test's runs, all with the full model's seed: every row (the control), then for each query
+    every row but its top k proponents by the scores, and every row but k random ones (k = --removal_fraction of
+    the rows). The random runs do not depend on the scores, so several score sets share them."""
+    from analyze import load_scores
+
+    scores, meta = load_scores(args.removal_scores)
+    if meta is None or meta.get("data_fingerprint", {}).get("train") != data.fingerprint["train"]:
+        raise UserError(f"{args.removal_scores} scores other training rows than these flags select (or has no "
+                        f"metadata); pass the scores of the model trained with these data flags")
+    num_queries = min(args.removal_num_queries, scores.shape[0])
+    k = max(1, round(args.removal_fraction * len(data.train)))
+    ident = removal_scores_id(args.removal_scores)
+    everything = torch.ones(len(data.train), dtype=torch.bool)
+    runs = [Run(REMOVAL_FULL_FILE, everything, args.seed, {"condition": "full"})]
+    for q in range(num_queries):
+        for condition, removed in (
+                (f"top_{ident}", torch.argsort(scores[q], descending=True, stable=True)[:k]),
+                ("random", torch.from_numpy(np.random.default_rng([args.seed, q]).choice(len(data.train), k,
+                                                                                          replace=False)))):
+            keep = everything.clone()
+            keep[removed] = False
+            runs.append(Run(REMOVAL_FILE.format(query=q, condition=condition), keep, args.seed,
+                            {"condition": condition.split("_")[0], "query": str(q), "removed": str(k),
+                             "scores": str(args.removal_scores)}))
+    return runs
+
+
+def removal_scores_id(scores_dir: Path) -> str:
+    """A short name for a score set: the top runs of several score sets share one directory."""
+    from analyze import SCORES_FILE
+
+    path = Path(scores_dir) / SCORES_FILE if Path(scores_dir).is_dir() else Path(scores_dir)
+    return file_sha256(path)[:10]
+
+
 def run_lds(args) -> list:
-    """Train the LDS runs assigned to this process, itself or (--lds_processes N) in N forked workers that split
-    them; returns the paths of the runs written."""
+    """Train the LDS (or removal-test) runs assigned to this process, itself or (--lds_processes N) in N forked
+    workers that split them; returns the paths of the runs written."""
     rank, world, local = process_rank()
     raw = load_raw(args)
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
     data = prepare_data(args, tokenizer, raw)
     require_labels(data.queries)
-    runs = [(m, r) for m in range(args.lds_num_masks) for r in range(args.lds_repeats)]
+    removal = args.removal_scores is not None
+    runs = removal_runs(args, data) if removal else lds_runs(args, data)
     if args.lds_run_index is not None:
         if not 0 <= args.lds_run_index < len(runs):
-            raise UserError(f"--lds_run_index {args.lds_run_index} is outside the {len(runs)} runs "
-                            f"(--lds_num_masks {args.lds_num_masks} × --lds_repeats {args.lds_repeats})")
+            raise UserError(f"--lds_run_index {args.lds_run_index} is outside the {len(runs)} runs of this command")
         runs = [runs[args.lds_run_index]]
     job = LdsJob(args, data, model, {k: v.detach().clone() for k, v in model.state_dict().items()},
                  make_collator(tokenizer, args.pad_to_max_length, args.max_length),
-                 settings_hash(args, data.fingerprint), runs)
+                 settings_hash(args, data.fingerprint), runs,
+                 Path(args.removal_output_dir if removal else args.lds_output_dir))
     n = min(args.lds_processes, len(runs))  # no worker without a run
     if n <= 1:
         return train_runs(job, rank, world, local)
@@ -357,34 +443,33 @@ def train_runs(job: LdsJob, rank: int, world: int, local: int) -> list:
     args, data, model = job.args, job.data, job.model
     device = process_device(local)
     mine = job.runs[rank::world]
-    out_dir = Path(args.lds_output_dir)
+    out_dir = job.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    progress = tqdm(mine, desc=f"LDS runs (rank {rank}/{world})", position=rank)
-    for mask_id, repeat in progress:
-        path = out_dir / RUN_FILE.format(mask=mask_id, repeat=repeat)
+    progress = tqdm(mine, desc=f"retraining runs (rank {rank}/{world})", position=rank)
+    for run in progress:
+        path = out_dir / run.file
         if path.exists():
             existing = read_run(path)
             if existing is not None:
                 if existing[1].get("settings_hash") != job.settings_hash:
                     raise UserError(f"{path} was made with other data or training settings; "
-                                    f"use another --lds_output_dir or delete the old runs")
+                                    f"use another output directory or delete the old runs")
                 continue
         start = time.time()
-        mask = lds_mask(len(data.train), args.lds_subset_fraction, args.seed, mask_id)
         model.load_state_dict(job.initial_state)
-        subset = data.train.select(torch.nonzero(mask).flatten().tolist())
-        run_seed = int(np.random.default_rng([args.seed, mask_id, repeat]).integers(2**31))
-        seed_everything(run_seed)
-        model, _ = train_model(model, subset, job.collator, args, seed=run_seed, device=device, quiet=True)
+        subset = data.train.select(torch.nonzero(run.keep).flatten().tolist())
+        seed_everything(run.seed)
+        model, _ = train_model(model, subset, job.collator, args, seed=run.seed, device=device, quiet=True)
         result = evaluate(model, data.queries, job.collator, args.eval_batch_size, device)
         meta = {"settings_hash": job.settings_hash, "data": json.dumps(data.fingerprint),
-                "recipe": json.dumps(recipe(args, args.per_device_train_batch_size)), "mask": str(mask_id),
-                "repeat": str(repeat), "seed": str(run_seed), "accuracy": f"{result['accuracy']:.6f}",
+                "recipe": json.dumps(recipe(args, args.per_device_train_batch_size)), **run.meta,
+                "seed": str(run.seed), "accuracy": f"{result['accuracy']:.6f}",
                 "seconds": f"{time.time() - start:.2f}", "started": f"{start:.2f}",  # started: Unix time
                 "process": f"{rank}/{world}"}
         with atomic_output(path) as tmp:
-            save_file({"mask": mask.to(torch.uint8), "margins": result["margins"].float()}, str(tmp), metadata=meta)
+            save_file({"mask": run.keep.to(torch.uint8), "margins": result["margins"].float()}, str(tmp),
+                      metadata=meta)
         written.append(path)
         progress.set_postfix(accuracy=f"{result['accuracy']:.3f}", seconds=meta["seconds"])
     logger.info("rank %d wrote %d runs, skipped %d finished ones, in %s", rank, len(written),
@@ -456,7 +541,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
     configure_attention()
-    if args.lds_num_masks is not None:
+    if args.lds_num_masks is not None or args.removal_scores is not None:
         return run_lds(args)
     check_output_dir(args)
     return run_finetune(args)

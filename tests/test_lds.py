@@ -266,3 +266,57 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
     assert saved["noise_ceiling"] == result["noise_ceiling"] and saved["paired"] == result["paired"]
     out = capsys.readouterr().out
     assert "noise ceiling " in out and f"LDS - LDS({scores['identity'].name}) = " in out
+
+
+# --------------------------------------------------------------------------------------------
+# Removal test
+# --------------------------------------------------------------------------------------------
+def test_removal_effect_arithmetic():
+    runs = {"queries": [0, 1, 2, 3], "removed": 5, "full": np.array([1.0, 2.0, -0.5, 0.3]),
+            "top": np.array([0.5, -1.0, -0.7, 0.1]), "random": np.array([1.1, 1.9, -0.4, 0.3])}
+    effect = evaluate_lds.removal_effect(runs, num_bootstrap=100)
+    assert effect["margin_change_top"] == pytest.approx(np.mean([-0.5, -3.0, -0.2, -0.2]))
+    assert effect["margin_change_random"] == pytest.approx(np.mean([0.1, -0.1, 0.1, 0.0]))
+    assert effect["top_minus_random"]["difference"] == pytest.approx(effect["margin_change_top"]
+                                                                     - effect["margin_change_random"])
+    assert effect["flipped_top"] == 0.25 and effect["flipped_random"] == 0.0  # query 1: 2.0 -> -1.0
+
+
+def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_checkpoint, tmp_path, capsys):
+    scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
+                               "--output_dir", str(tmp_path / "s")])
+    out = tmp_path / "removal"
+    flags = [*TINY, "--num_train_epochs", "1", "--removal_scores", str(scores_dir), "--removal_num_queries", "2",
+             "--removal_fraction", "0.25", "--removal_output_dir", str(out)]
+    written = train.main(flags)
+    assert len(written) == 5  # the control, then top and random for each of 2 queries
+    scores = analyze.load_scores(scores_dir)[0]
+    ident = train.removal_scores_id(scores_dir)
+    for q in range(2):
+        kept = load_file(str(out / train.REMOVAL_FILE.format(query=q, condition=f"top_{ident}")))["mask"].bool()
+        assert set(torch.nonzero(~kept).flatten().tolist()) == set(torch.argsort(scores[q], descending=True)[:12].tolist())
+        kept = load_file(str(out / train.REMOVAL_FILE.format(query=q, condition="random")))["mask"].bool()
+        assert (~kept).sum() == 12
+    assert load_file(str(out / train.REMOVAL_FULL_FILE))["mask"].all()
+    assert train.main(flags) == []  # finished runs are skipped
+    result = evaluate_lds.main(["--scores", str(scores_dir), "--removal_dir", str(out)])
+    assert result["num_queries"] == 2 and result["removed_rows"] == 12 and result["queries"] == [0, 1]
+    assert json.loads((scores_dir / evaluate_lds.REMOVAL_RESULTS_FILE).read_text()) == result
+    assert "removing each query's top 12 proponents changes its margin by " in capsys.readouterr().out
+    other = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
+                          "--max_train_samples", "40", "--output_dir", str(tmp_path / "s40")])
+    with pytest.raises(UserError, match="scores other training rows than these flags select"):
+        train.main([*flags[:-2], "--removal_scores", str(other), "--removal_output_dir", str(tmp_path / "r40")])
+    with pytest.raises(UserError, match="has no removal runs for"):
+        evaluate_lds.main(["--scores", str(other), "--removal_dir", str(out)])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--removal_num_queries", "5"], "--removal_num_queries only apply to the removal test; add --removal_scores"),
+    (["--removal_scores", "s", "--removal_fraction", "0"], "argument --removal_fraction: must lie in (0, 1), got 0.0"),
+    (["--removal_scores", "s", "--lds_num_masks", "2"], "--removal_scores and --lds_num_masks start different"),
+])
+def test_removal_flags_are_checked(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "demo", *flags])
+    assert message in capsys.readouterr().err

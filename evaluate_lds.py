@@ -6,8 +6,10 @@
 
 LDS = mean over queries of Spearman(masks @ scores[q], margins[:, q]): how well the summed scores
 of each random training subset rank the query margins of the models retrained on those subsets.
-Margins are averaged over the repeats of a mask. Queries whose margins (or predictions) are
-constant over the masks have no rank correlation: they are listed and left out of the mean.
+Margins are averaged over the repeats of a mask (the first N with --num_repeats N); with two or
+more repeats the ground truth's noise ceiling is reported beside the LDS (see `noise_ceiling`).
+Queries whose margins (or predictions) are constant over the masks have no rank correlation: they
+are listed and left out of the mean.
 
 Writes `lds.json` (the LDS, a 95% bootstrap interval over queries, per-query values), a histogram
 of per-query LDS and a predicted-vs-actual scatter for the median query, next to the scores unless
@@ -64,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--compare", type=Path, default=None, metavar="OTHER_SCORES",
                         help="Another scores directory on the same rows: report LDS(--scores) - LDS(OTHER) with a "
                              "paired bootstrap interval over queries.")
+    parser.add_argument("--num_repeats", type=at_least(1), default=None,
+                        help="Average only the first N repeats of each mask into the target (default: all of them); "
+                             "the noise ceiling still comes from all repeats, stepped to N.")
     parser.add_argument("--no_plots", action="store_true", help="Skip the plots.")
     parser.add_argument("--cost_plot", type=Path, default=None, metavar="RESULTS_JSON",
                         help="Instead of evaluating: plot LDS against GPU-minutes for every entry of a results file "
@@ -116,25 +121,28 @@ def summarize(per_query: np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -
             "num_queries": int(valid.size), "constant_queries": np.flatnonzero(np.isnan(per_query)).tolist()}
 
 
-def noise_ceiling(repeat_margins: np.ndarray) -> dict:
+def noise_ceiling(repeat_margins: np.ndarray, target_repeats: int = None) -> dict:
     """The ground truth's reliability from R >= 2 repeats per mask (masks × repeats × queries). Per query: the
     Spearman correlation r over the masks between the mean margins of two disjoint halves of the repeats (the
-    first and the last floor(R/2)), stepped up to the R repeats averaged (Spearman–Brown, k = R / floor(R/2)):
-    reliability = k r / (1 + (k - 1) r). A score's correlation with the averaged margins cannot exceed
+    first and the last floor(R/2)), stepped to the N repeats averaged into the target (Spearman–Brown,
+    k = N / floor(R/2), N = R unless target_repeats is given): reliability = k r / (1 + (k - 1) r). A score's correlation with the averaged margins cannot exceed
     sqrt(reliability) on average (the noise attenuates it), so the ceiling is the mean over queries of
-    sqrt(max(reliability, 0)), and a method reaches LDS / ceiling of what this ground truth can show."""
+    sqrt(reliability), and a method reaches LDS / ceiling of what this ground truth can show."""
     repeats = repeat_margins.shape[1]
+    target = target_repeats or repeats
     half = repeats // 2
     first, last = repeat_margins[:, :half].mean(1), repeat_margins[:, repeats - half:].mean(1)
-    r = correlation(rankdata(first, axis=0), rankdata(last, axis=0), axis=0)
-    k = repeats / half
+    # a negative split-half correlation says the repeats share no measurable signal: it counts as 0
+    split_half = correlation(rankdata(first, axis=0), rankdata(last, axis=0), axis=0)
+    r = np.clip(split_half, 0, None)
+    k = target / half
     reliability = k * r / (1 + (k - 1) * r)
     valid = ~np.isnan(reliability)
     if not valid.any():
         raise UserError("every query has constant margins over the masks; no noise ceiling can be computed")
-    return {"repeats": repeats, "split_half_spearman": float(np.mean(r[valid])),
+    return {"repeats": repeats, "target_repeats": target, "split_half_spearman": float(np.mean(split_half[valid])),
             "reliability": float(np.mean(reliability[valid])),
-            "ceiling": float(np.mean(np.sqrt(np.clip(reliability[valid], 0, None)))),
+            "ceiling": float(np.mean(np.sqrt(reliability[valid]))),
             "per_query_reliability": [None if np.isnan(v) else float(v) for v in reliability]}
 
 
@@ -376,6 +384,14 @@ def main(argv=None):
     else:
         masks, margins, runs = load_kronfluence_files(args.kronfluence_masks, args.kronfluence_margins)
     check_match(scores, meta, masks, margins, runs)
+    target_repeats = max(runs["repeats"])
+    if args.num_repeats is not None and args.num_repeats != target_repeats:
+        if runs["per_repeat_margins"] is None or args.num_repeats > target_repeats:
+            raise UserError(f"--num_repeats {args.num_repeats} needs every mask to have at least that many repeats; "
+                            f"{args.lds_dir or args.kronfluence_margins} has {runs['repeats']}: pass at most "
+                            f"{min(runs['repeats'])}, or drop it")
+        target_repeats = args.num_repeats
+        margins = runs["per_repeat_margins"][:, :target_repeats].mean(1)
 
     per_query = lds_per_query(masks, margins, scores)
     summary = summarize(per_query, args.num_bootstrap, args.seed)
@@ -384,7 +400,7 @@ def main(argv=None):
                        len(summary["constant_queries"]), summary["constant_queries"][:20])
     extra = {}
     if runs["per_repeat_margins"] is not None:
-        extra["noise_ceiling"] = noise_ceiling(runs["per_repeat_margins"])
+        extra["noise_ceiling"] = noise_ceiling(runs["per_repeat_margins"], target_repeats)
     elif max(runs["repeats"]) > 1:
         logger.warning("masks have different numbers of repeats %s; no noise ceiling", runs["repeats"])
     if args.compare is not None:
@@ -397,7 +413,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     title = meta["scores_name"] if meta else args.scores.name
     results = {**summary, "scores": str(args.scores), "runs": str(args.lds_dir or args.kronfluence_masks),
-               "num_masks": runs["num_masks"], "repeats": runs["repeats"], "median_query": median_query(per_query),
+               "num_masks": runs["num_masks"], "repeats": runs["repeats"], "target_repeats": target_repeats,
+               "median_query": median_query(per_query),
                "per_query": [None if np.isnan(v) else float(v) for v in per_query], **extra}
     write_json(out_dir / RESULTS_FILE, results)
     if not args.no_plots:
@@ -407,7 +424,7 @@ def main(argv=None):
     if "noise_ceiling" in extra:
         ceiling = extra["noise_ceiling"]
         print(f"noise ceiling {ceiling['ceiling']:.4f} (reliability {ceiling['reliability']:.4f} of the mean of "
-              f"{ceiling['repeats']} repeats): the LDS is {summary['lds'] / ceiling['ceiling']:.0%} of it")
+              f"{ceiling['target_repeats']} of {ceiling['repeats']} repeats): the LDS is {summary['lds'] / ceiling['ceiling']:.0%} of it")
     if "paired" in extra:
         paired = extra["paired"]
         print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "

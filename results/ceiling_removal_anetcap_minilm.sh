@@ -1,36 +1,88 @@
 #!/usr/bin/env bash
-# The ground truth's noise ceiling and the removal test on the MiniLM LDS setup (one GPU; resumable):
-#   ceiling: the 100 half-data masks x REPEATS seeds (the committed runs in results/lds_anetcap_minilm_runs/ carry
-#     an older settings hash, so they are not reused), then the LDS of fast EKFAC and identity against the
-#     average, with the noise ceiling and a paired comparison -> OUT_DIR/lds_r<REPEATS>/lds.json, run files
-#     -> OUT_DIR/runs.tar;
+# The ground truth's noise ceiling and the removal test on the MiniLM LDS setup (one GPU; every part resumes):
+#   runs: the 100 half-data masks x REPEATS seeds into RUNS_DIR, stopped after SECONDS (run it again to go on;
+#     the committed runs in results/lds_anetcap_minilm_runs/ carry an older settings hash, so they are not reused);
+#   ceiling: finishes the runs, fine-tunes seeds 1004..1011, scores identity, KFAC, EKFAC (kronfluence, fp32) on
+#     seed 1004 and fast EKFAC on every seed, combines the K = 4 and 8 ensembles, and evaluates each against the
+#     first repeat and the mean of all repeats, with the noise ceiling and a paired comparison with EKFAC
+#     -> OUT_DIR/ceiling.json;
 #   removal: the removal test for the first NUM_QUERIES queries, 5% of the rows, fast EKFAC against random rows
 #     -> OUT_DIR/removal_ekfac/removal.json.
-# Usage: bash results/ceiling_removal_anetcap_minilm.sh ceiling MODEL_DIR DATA_DIR OUT_DIR [REPEATS] [NUM_PROCS]
+# Usage: bash results/ceiling_removal_anetcap_minilm.sh runs MODEL_DIR DATA_DIR RUNS_DIR [REPEATS] [NUM_PROCS] [SECONDS]
+#        bash results/ceiling_removal_anetcap_minilm.sh ceiling MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS] [NUM_PROCS]
 #        bash results/ceiling_removal_anetcap_minilm.sh removal MODEL_DIR DATA_DIR OUT_DIR [NUM_QUERIES] [NUM_PROCS]
 set -euo pipefail
-PART=${1:?ceiling or removal}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; N=${5:-2}
-PROCS=${6:-8}
+PART=${1:?runs, ceiling or removal}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}
 source results/anetcap_minilm_common.sh
-[ -f checkpoints/s1004/model.safetensors ] || python train.py $D --output_dir checkpoints/s1004 > logs/train_s1004.log 2>&1
-fast=$(analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $FAST)
-if [ "$PART" = ceiling ]; then
-t=$(date +%s.%N)
-torchrun --standalone --nproc-per-node="$PROCS" train.py $D --lds_num_masks 100 --lds_repeats "$N" \
-  --lds_output_dir lds/anetcap_r$N > logs/lds_r$N.log 2>&1
-echo "100 masks x $N repeats: $(since $t) s"
-identity=$(analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy identity)
-for scores in "$fast" "$identity"; do
-  python evaluate_lds.py --scores "$scores" --lds_dir lds/anetcap_r$N --compare "$identity" --no_plots \
-    --output_dir "$OUT/lds_r$N/$(basename "$scores")" > logs/eval.log 2>&1 && grep -h "LDS\|ceiling" logs/eval.log
-done
-tar -cf "$OUT/runs.tar" -C lds anetcap_r$N
+ground_truth() {  # ground_truth RUNS_DIR REPEATS PROCS [SECONDS]: the runs still missing, for at most SECONDS
+  local t; t=$(date +%s.%N)
+  timeout "${4:-infinity}" torchrun --standalone --nproc-per-node="$3" train.py $D --lds_num_masks 100 \
+    --lds_repeats "$2" --lds_output_dir "$1" >> logs/lds_runs.log 2>&1 || true
+  echo "$(ls "$1" | grep -c '^run_m.*safetensors$') of $((100 * $2)) runs in $1 after $(since "$t") s"
+}
+
+if [ "$PART" = runs ]; then
+  ground_truth "${4:?runs dir}" "${5:-5}" "${6:-8}" "${7:-infinity}"
+
+elif [ "$PART" = ceiling ]; then
+  OUT=${4:?output dir}; RUNS_DIR=${5:?runs dir}; N=${6:-5}; PROCS=${7:-8}; mkdir -p "$OUT"
+  ground_truth "$RUNS_DIR" "$N" "$PROCS"
+  [ "$(ls "$RUNS_DIR" | grep -c '^run_m.*safetensors$')" = $((100 * N)) ] || { echo "runs incomplete"; exit 1; }
+  SEEDS=$(seq 1004 1011); t=$(date +%s.%N)
+  for s in $SEEDS; do
+    [ -f checkpoints/s$s/model.safetensors ] || python train.py $D --seed $s --output_dir checkpoints/s$s \
+      > logs/train_s$s.log 2>&1 &
+  done; wait; echo "8 seeds trained at once: $(since "$t") s"; t=$(date +%s.%N)
+  for strategy in identity kfac ekfac; do
+    analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy $strategy > logs/scores_$strategy.txt &
+  done
+  for s in $SEEDS; do analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST > logs/fast_$s.txt & done
+  wait; echo "3 kronfluence strategies + 8 fast EKFAC analyses at once: $(since "$t") s"
+  fast=scores_ekfac_n4000_bf16acc32_q500_fused
+  ensemble() { analyze --combine $(for s in $(seq 1004 $((1003 + $1))); do echo scores/s$s/$fast; done); }
+  declare -A METHODS=([identity]=$(cat logs/scores_identity.txt) [kfac]=$(cat logs/scores_kfac.txt)
+    [ekfac]=$(cat logs/scores_ekfac.txt) [fast_ekfac]=scores/s1004/$fast [fast_ekfac_k4]=$(ensemble 4)
+    [fast_ekfac_k8]=$(ensemble 8))
+  for method in "${!METHODS[@]}"; do
+    for target in 1 "$N"; do
+      python evaluate_lds.py --scores "${METHODS[$method]}" --lds_dir "$RUNS_DIR" --num_repeats "$target" \
+        --compare "${METHODS[ekfac]}" --no_plots --output_dir "$OUT/lds/${method}_r$target" \
+        > "logs/eval_${method}_r$target.log" 2>&1 &
+    done
+  done; wait
+  grep -H "LDS\|ceiling\|rror" logs/eval_*_r*.log | cut -c1-200
+  python - "$OUT" "$N" <<'PY'
+import glob, importlib.metadata, json, sys, time
+from pathlib import Path
+import torch, transformers
+out, repeats = Path(sys.argv[1]), int(sys.argv[2])
+rows = {}
+for f in sorted(glob.glob(f"{out}/lds/*/lds.json")):
+    r = json.load(open(f))
+    rows[Path(f).parent.name] = {"scores": r["scores"], "lds": r["lds"], "ci95": r["ci95"],
+                                 "num_queries": r["num_queries"], "target_repeats": r["target_repeats"],
+                                 "noise_ceiling": {k: v for k, v in r["noise_ceiling"].items() if k != "per_query_reliability"},
+                                 "fraction_of_ceiling": r["lds"] / r["noise_ceiling"]["ceiling"],
+                                 "paired_minus_ekfac": {k: r["paired"][k] for k in ("difference", "ci95", "num_queries")}}
+json.dump({"command": f"bash results/ceiling_removal_anetcap_minilm.sh ceiling MODEL DATA OUT RUNS_DIR {repeats}",
+           "setup": "MiniLM (all-MiniLM-L6-v2) fine-tuned on the first 4,000 anetcap train rows, the first 500 "
+                    "validation rows as queries; 100 half-data masks x %d seeds of ground truth" % repeats,
+           "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
+           "rows": rows}, open(out / "ceiling.json", "w"), indent=1)
+print(json.dumps({k: (round(v["lds"], 4), round(v["fraction_of_ceiling"], 3)) for k, v in rows.items()}))
+PY
+
 else
-t=$(date +%s.%N)
-torchrun --standalone --nproc-per-node="$PROCS" train.py $D --removal_scores "$fast" --removal_num_queries "$N" \
-  --removal_fraction 0.05 --removal_output_dir removal/anetcap > logs/removal.log 2>&1
-echo "removal runs ($N queries): $(since $t) s"
-python evaluate_lds.py --scores "$fast" --removal_dir removal/anetcap --output_dir "$OUT/removal_ekfac" \
-  > logs/eval_removal.log 2>&1
-grep -h "removing" logs/eval_removal.log
+  OUT=${4:?output dir}; N=${5:-50}; PROCS=${6:-8}; mkdir -p "$OUT"
+  [ -f checkpoints/s1004/model.safetensors ] || python train.py $D --seed 1004 --output_dir checkpoints/s1004 \
+    > logs/train_s1004.log 2>&1
+  fast=$(analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $FAST)
+  t=$(date +%s.%N)
+  torchrun --standalone --nproc-per-node="$PROCS" train.py $D --seed 1004 --removal_scores "$fast" \
+    --removal_num_queries "$N" --removal_fraction 0.05 --removal_output_dir removal/anetcap > logs/removal.log 2>&1
+  echo "removal runs ($N queries): $(since "$t") s"
+  python evaluate_lds.py --scores "$fast" --removal_dir removal/anetcap --output_dir "$OUT/removal_ekfac" \
+    > logs/eval_removal.log 2>&1
+  grep -h "removing" logs/eval_removal.log
 fi

@@ -232,6 +232,12 @@ def test_noise_ceiling_recovers_the_known_ceiling():
     assert ceiling["reliability"] == pytest.approx(k_r / (1 + k_r / 2), abs=0.01)
     oracle = evaluate_lds.correlation(rankdata(signal, axis=0), rankdata(repeats.mean(1), axis=0), axis=0).mean()
     assert ceiling["ceiling"] == pytest.approx(oracle, abs=0.01)
+    # the same repeats, stepped down to a target of one repeat: the oracle against repeat 0 alone (Pearson
+    # reliability 0.5), with the same tolerance
+    single = evaluate_lds.noise_ceiling(repeats, target_repeats=1)
+    assert single["target_repeats"] == 1 and single["reliability"] == pytest.approx(k_r / 4 / (1 - k_r / 4), abs=0.01)
+    oracle_1 = evaluate_lds.correlation(rankdata(signal, axis=0), rankdata(repeats[:, 0], axis=0), axis=0).mean()
+    assert single["ceiling"] == pytest.approx(oracle_1, abs=0.01)
     # noise-free repeats: a ceiling of 1; odd R uses the first and last floor(R/2) repeats
     exact = evaluate_lds.noise_ceiling(np.repeat(signal[:, None, :], 3, axis=1))
     assert exact["reliability"] == pytest.approx(1.0) and exact["ceiling"] == pytest.approx(1.0)
@@ -266,6 +272,20 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
     assert saved["noise_ceiling"] == result["noise_ceiling"] and saved["paired"] == result["paired"]
     out = capsys.readouterr().out
     assert "noise ceiling " in out and f"LDS - LDS({scores['identity'].name}) = " in out
+    # a target of the first repeat alone: the LDS against repeat 0's margins, the ceiling stepped down to it
+    first = evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--no_plots",
+                               "--num_repeats", "1", "--output_dir", str(tmp_path / "r1")])
+    _, _, runs = evaluate_lds.load_runs(lds_dir)
+    masks = evaluate_lds.load_runs(lds_dir)[0]
+    expected = evaluate_lds.lds_per_query(masks, runs["per_repeat_margins"][:, 0],
+                                          analyze.load_scores(scores["ekfac"])[0].numpy())
+    np.testing.assert_array_equal(np.array(first["per_query"], dtype=float), expected)
+    assert first["target_repeats"] == 1 and first["noise_ceiling"]["target_repeats"] == 1
+    # Spearman–Brown from the 2 repeats down to 1 (k = 1/2): rel_1 = rel_2 / (2 - rel_2), query by query
+    full, single = (np.array(x["noise_ceiling"]["per_query_reliability"], dtype=float) for x in (result, first))
+    np.testing.assert_allclose(single, full / (2 - full), rtol=1e-12)
+    with pytest.raises(UserError, match="--num_repeats 3 needs every mask to have at least that many repeats"):
+        evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--num_repeats", "3"])
 
 
 # --------------------------------------------------------------------------------------------

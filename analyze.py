@@ -36,6 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -54,10 +55,12 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
-from fused_scores import fused_pairwise_scores, longest_first
+from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import (
     CHECKPOINTS_DIR,
+    LABELS,
     SCORES_DIR,
     TRAINING_ARGS_FILE,
     WEIGHTS_FILE,
@@ -73,6 +76,7 @@ from pipeline import (
     limit_gpu_memory,
     load_checkpoint,
     make_collator,
+    model_logits,
     out_of_memory_detail,
     positive_float,
     prepare_data,
@@ -92,6 +96,8 @@ FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's,
 METADATA_FILE = "metadata.json"
 SCORES_FILE = "pairwise_scores.safetensors"
 SCORES_KEY = "all_modules"
+SELF_SCORES_FILE = "self_scores.safetensors"  # kronfluence's name for self-influence scores
+TRAIN_FIT_FILE = "train_fit.safetensors"  # per training row: loss, the model's preferred choice, the label
 QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
 
 
@@ -140,6 +146,13 @@ def parse_args(argv=None):
     parser.add_argument("--query_index", type=at_least(0), default=0,
                         help="Query whose top influential examples are printed.")
     parser.add_argument("--top_k", type=at_least(1), default=3, help="Proponents and opponents to print.")
+    parser.add_argument("--self_influence", action="store_true",
+                        help="Instead of pairwise scores: each training row's self-influence (the influence of its "
+                             "gradient on its own loss, large for rows the model finds surprising, such as wrong "
+                             "labels), with each row's training loss and preferred choice beside it; prints the "
+                             "--num_suspicious rows with the largest.")
+    parser.add_argument("--num_suspicious", type=at_least(1), default=10,
+                        help="With --self_influence: the suspicious rows printed.")
     parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="SCORES_DIR",
                         help="Instead of analysing: combine these scores directories (one per model) into one.")
     parser.add_argument("--combine_mode", choices=["standardized", "mean"], default="standardized",
@@ -159,6 +172,8 @@ def parse_args(argv=None):
         parser.error("--max_memory_gb caps GPU memory, and this machine has no GPU; drop it")
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
+    if args.self_influence and args.query_gradient_rank > 0:
+        parser.error("--self_influence uses full-rank gradients; drop --query_gradient_rank")
     if args.scoring == "fused" and args.query_gradient_rank > 0:
         parser.error("--scoring fused uses full-rank query gradients; drop --query_gradient_rank")
     if args.use_ddp and not torch.cuda.is_available() and args.scoring != "fused":
@@ -177,7 +192,7 @@ def factors_name(args) -> str:
 
 
 def scores_name(args) -> str:
-    name = f"{factors_name(args)}_q{args.num_queries or 'all'}"
+    name = f"self_{factors_name(args)}" if args.self_influence else f"{factors_name(args)}_q{args.num_queries or 'all'}"
     if args.query_gradient_rank > 0:
         name += f"_qlr{args.query_gradient_rank}"
     if args.damping_factor != 1e-8:
@@ -364,7 +379,9 @@ def load_scores(path: Path):
     """Scores (queries × train, float32) and the metadata analyze.py wrote beside them (None if absent)."""
     file = path / SCORES_FILE if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"no scores at {path}; run analyze.py first, or pass the scores directory it printed")
+        hint = (" (it holds self-influence scores: pass it to --self_scores)"
+                if (file.parent / SELF_SCORES_FILE).is_file() else "")
+        raise UserError(f"no scores at {path}{hint}; run analyze.py first, or pass the scores directory it printed")
     meta_file = file.parent / METADATA_FILE
     meta = read_json(meta_file, "scores metadata") if meta_file.exists() else None
     if meta is not None and not meta.get("complete", True):
@@ -411,9 +428,9 @@ def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
     return out
 
 
-def save_scores(directory: Path, scores: torch.Tensor) -> None:
+def save_scores(directory: Path, scores: torch.Tensor, file_name: str = SCORES_FILE) -> None:
     """Scores in kronfluence's file layout, written atomically."""
-    with atomic_output(directory / SCORES_FILE) as tmp:
+    with atomic_output(directory / file_name) as tmp:
         save_file({SCORES_KEY: scores.contiguous()}, str(tmp))
 
 
@@ -423,6 +440,8 @@ def compute_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: 
     left there is replaced), and the batch sizes that fitted in memory. `model` is the prepared model before
     kronfluence's DDP wrapper: under torch.distributed every rank of the fused pass scores its share of the rows."""
     device = analyzer.state.device
+    if args.self_influence:
+        return compute_self_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
     sizes = {"train_batch_size": args.train_batch_size, "query_batch_size": args.query_batch_size}
     if args.scoring == "kronfluence":
         def kronfluence_scores(train_batch_size, query_batch_size):
@@ -442,13 +461,69 @@ def compute_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: 
                                        args.query_batch_size, args.train_batch_size, device=device, timings=plan)
         sizes = {"train_micro_batch": plan["train_micro_batch"], "query_micro_batch": plan["query_micro_batch"],
                  "queries_per_pass": plan["queries_per_pass"]}
+    check_finite(scores)
+    if args.scoring == "fused" and rank == 0:
+        save_scores(scores_dir, scores)
+    return scores, sizes
+
+
+def check_finite(scores: torch.Tensor) -> None:
     bad = int((~torch.isfinite(scores)).sum())
     if bad:  # the factors are finite (checked), so the scoring itself overflowed
         raise UserError(f"{bad} of the {scores.numel()} scores are NaN or infinite (a bf16 overflow?); rerun without "
                         f"--use_half_precision")
-    if args.scoring == "fused" and rank == 0:
-        save_scores(scores_dir, scores)
+
+
+def compute_self_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: Path, data, collator,
+                        rank: int) -> tuple:
+    """compute_scores for --self_influence: every training row's self-influence, by kronfluence's loop or the fused
+    pass, and (rank 0) each row's loss and preferred choice, written to `scores_dir`."""
+    device = analyzer.state.device
+    if args.scoring == "kronfluence":
+        def kronfluence_scores(train_batch_size):
+            torch.manual_seed(stage_seed(args.seed, "scores", rank))
+            analyzer.compute_self_scores(scores_name=s_name, factors_name=f_name, train_dataset=data.train,
+                                         per_device_train_batch_size=train_batch_size,
+                                         score_args=score_arguments(args), overwrite_output_dir=True)
+        sizes = halving_on_oom("self-influence", kronfluence_scores, {"train_batch_size": args.train_batch_size},
+                               device)
+        scores = analyzer.load_self_scores(s_name)[SCORES_KEY].float()
+    else:
+        factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
+        scores = fused_self_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
+                                   score_arguments(args), data.train, collator, args.train_batch_size, device)
+        sizes = {"train_batch_size": args.train_batch_size}
+    check_finite(scores)
+    if rank == 0:
+        if args.scoring == "fused":
+            save_scores(scores_dir, scores, SELF_SCORES_FILE)
+        fit = training_fit(model, data.train, collator, args.train_batch_size, device)
+        with atomic_output(scores_dir / TRAIN_FIT_FILE) as tmp:
+            save_file(fit, str(tmp))
     return scores, sizes
+
+
+@torch.no_grad()
+def training_fit(model, rows, collator, batch_size: int, device: torch.device) -> dict:
+    """Per training row under the model: its loss (cross-entropy on its label), the choice the model prefers, and
+    the label."""
+    model.eval()
+    fit = {"loss": [], "prediction": [], "label": []}
+    for batch in DataLoader(rows, batch_size=batch_size, collate_fn=collator):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model_logits(model, batch).float()
+        fit["loss"].append(F.cross_entropy(logits, batch[LABELS], reduction="none").cpu())
+        fit["prediction"].append(logits.argmax(-1).cpu())
+        fit["label"].append(batch[LABELS].cpu())
+    return {k: torch.cat(v).contiguous() for k, v in fit.items()}
+
+
+def load_self_scores(path: Path):
+    """Self-influence scores (train,), the training fit (`training_fit`) and the metadata analyze.py wrote."""
+    scores, meta = load_scores(path / SELF_SCORES_FILE if path.is_dir() else path)
+    if meta is None or meta.get("kind") != "self_influence":
+        raise UserError(f"{path} holds no self-influence scores; make them with analyze.py --self_influence")
+    return scores, load_file(str(Path(meta["scores_file"]).parent / TRAIN_FIT_FILE)), meta
 
 
 def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
@@ -469,6 +544,21 @@ def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, 
     print("-" * 100 + "\nTop opponents (training examples that most lower it):")
     for i in order.flip(0)[:top_k].tolist():
         show(f"  - train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("=" * 100)
+
+
+def print_suspicious_rows(scores: torch.Tensor, fit: dict, meta: dict, data, tokenizer, count: int) -> None:
+    """The training rows with the largest self-influence, as text: the labelled ending and the one the model
+    prefers."""
+    corrupted = set(meta.get("label_noise_rows") or [])
+    print("=" * 100 + f"\nMost suspicious training rows (largest self-influence, {meta['factor_strategy']}):")
+    for i in torch.argsort(scores, descending=True)[:count].tolist():
+        texts = decode_choices(tokenizer, data.train[i])
+        label, preferred = int(fit["label"][i]), int(fit["prediction"][i])
+        note = "  [label moved by --label_noise]" if i in corrupted else ""
+        print(f"  train #{i}  self-influence {scores[i].item():.4g}  loss {fit['loss'][i].item():.3f}{note}\n"
+              f"      labelled:  {texts[label]}")
+        print(f"      preferred: {texts[preferred]}" if preferred != label else "      (the model prefers the label)")
     print("=" * 100)
 
 
@@ -532,7 +622,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
     factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
                          "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
-    provenance = {**factor_provenance, "query_fingerprint": data.fingerprint["queries"]}
+    provenance = {**factor_provenance, **({"kind": "self_influence"} if args.self_influence
+                                          else {"query_fingerprint": data.fingerprint["queries"]})}
 
     def record_factors(completed):  # after each finished stage: a directory's metadata is its completeness record
         write_json(factors_dir / METADATA_FILE, {"checkpoint": checkpoint, **factor_provenance,
@@ -573,15 +664,18 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
 
     if reuse_scores:
         logger.info("reusing the scores in %s", scores_dir)
-        scores, sizes = load_scores(scores_dir)[0], {}
+        scores, sizes = load_scores(scores_dir / SELF_SCORES_FILE if args.self_influence else scores_dir)[0], {}
     else:
-        logger.info("scores: %d queries × %d training rows (%s)", len(data.queries), len(data.train), args.scoring)
+        logger.info("scores: %s (%s)", f"self-influence of {len(data.train)} training rows" if args.self_influence
+                    else f"{len(data.queries)} queries × {len(data.train)} training rows", args.scoring)
         scores, sizes = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
     if rank == 0 and not reuse_scores:
         write_json(scores_dir / METADATA_FILE, {
             "checkpoint": checkpoint, **provenance, "complete": True, "recipe": trained.get("recipe"),
             "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
-            "factors_name": f_name, "scores_name": s_name, "scores_file": str(scores_dir / SCORES_FILE),
+            "factors_name": f_name, "scores_name": s_name,
+            "scores_file": str(scores_dir / (SELF_SCORES_FILE if args.self_influence else SCORES_FILE)),
+            "label_noise_rows": data.corrupted_rows,
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
             "damping_factor": args.damping_factor, "scoring": args.scoring,
@@ -593,7 +687,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
             "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after out-of-memory halving
             "peak_gpu_memory_gib": round(max(factors_peak, torch.cuda.max_memory_allocated(analyzer.state.device))
                                          / 2**30, 2) if cuda else None})
-    if rank == 0:
+    if rank == 0 and args.self_influence:
+        logger.info("self-influence of %d training rows in %s", len(scores), scores_dir)
+        print_suspicious_rows(*load_self_scores(scores_dir), data, tokenizer, args.num_suspicious)
+    elif rank == 0:
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
     return scores_dir

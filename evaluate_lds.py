@@ -3,6 +3,7 @@
     python evaluate_lds.py --scores scores/demo/scores_ekfac_nall_qall --lds_dir lds/demo
     python evaluate_lds.py --scores scores/swag/scores_ekfac_n73536_q2000/pairwise_scores.safetensors \\
         --kronfluence_masks files/masks.pt --kronfluence_margins files/margins.pt   # kronfluence's ground truth
+    python evaluate_lds.py --self_scores scores/noisy/scores_self_ekfac_nall scores/noisy/scores_self_identity_nall
 
 LDS = mean over queries of Spearman(masks @ scores[q], margins[:, q]): how well the summed scores
 of each random training subset rank the query margins of the models retrained on those subsets.
@@ -14,6 +15,11 @@ are listed and left out of the mean.
 Writes `lds.json` (the LDS, a 95% bootstrap interval over queries, per-query values), a histogram
 of per-query LDS and a predicted-vs-actual scatter for the median query, next to the scores unless
 --output_dir is given, and prints the top influential training examples of --query_index.
+
+`--self_scores` instead measures label-error detection on a model trained with `train.py --label_noise`:
+rows ranked by self-influence (each directory given) and by training loss, against the rows whose label was
+moved: AUC (the chance that a moved row ranks above an intact one) and recall in the top 1%, 5% and 10%
+of the ranking, written to `detection.json` with each method's top-flagged rows (as many as were moved).
 """
 
 import argparse
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
+from scipy.stats import mannwhitneyu, rankdata
 
 from analyze import load_scores
 from pipeline import (
@@ -42,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "lds.json"
 REMOVAL_RESULTS_FILE = "removal.json"
+DETECTION_FILE = "detection.json"
+RECALL_FRACTIONS = (0.01, 0.05, 0.1)  # of the ranked training rows
 HISTOGRAM_FILE = "lds_histogram.png"
 SCATTER_FILE = "lds_median_query.png"
 
@@ -53,6 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by train.py --lds_num_masks.")
     parser.add_argument("--removal_dir", type=Path, default=None,
                         help="Instead of the LDS: the removal test's runs (train.py --removal_scores) for --scores.")
+    parser.add_argument("--self_scores", type=Path, nargs="+", default=None, metavar="SELF_SCORES_DIR",
+                        help="Instead of the LDS: label-error detection by these analyze.py --self_influence "
+                             "outputs (one model, trained with --label_noise), and by training loss.")
     parser.add_argument("--kronfluence_masks", type=Path, default=None,
                         help="kronfluence's masks.pt (num_masks × num_train) instead of --lds_dir.")
     parser.add_argument("--kronfluence_margins", type=Path, default=None,
@@ -74,6 +85,10 @@ def parse_args(argv=None):
                         help="Instead of evaluating: plot LDS against GPU-minutes for every entry of a results file "
                              "(e.g. results/lds_anetcap_minilm.json) that has 'lds' and 'gpu_minutes'.")
     args = parser.parse_args(argv)
+    if args.self_scores:
+        if args.scores or args.lds_dir or args.kronfluence_masks or args.removal_dir or args.cost_plot:
+            parser.error("--self_scores replaces the evaluation of pairwise scores; drop the other inputs")
+        return args
     if args.cost_plot:
         if args.scores or args.lds_dir or args.kronfluence_masks:
             parser.error("--cost_plot replaces the evaluation; drop --scores/--lds_dir/--kronfluence_*")
@@ -369,6 +384,8 @@ def main(argv=None):
     setup_logging(args.verbose)
     if args.cost_plot:
         return plot_cost(args.cost_plot)
+    if args.self_scores:
+        return evaluate_detection(args)
     scores, meta = load_scores(args.scores)
     scores = scores.numpy()
     if args.query_index is not None and args.query_index >= scores.shape[0]:
@@ -444,6 +461,48 @@ def evaluate_removal(args) -> dict:
           f"difference {paired['difference']:+.4f}, paired 95% CI [{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}]) "
           f"and flips {effect['flipped_top']:.0%} of {effect['num_queries']} predictions (random: "
           f"{effect['flipped_random']:.0%}); results in {out_dir / REMOVAL_RESULTS_FILE}")
+    return results
+
+
+
+def detection_quality(suspicion: np.ndarray, corrupted: list) -> dict:
+    """How well ranking the rows by `suspicion` (largest first) finds the `corrupted` rows: the AUC (Mann–Whitney:
+    the chance that a corrupted row ranks above an intact one, ties counting half), the recall within the top
+    RECALL_FRACTIONS of the rows, and the top len(corrupted) rows."""
+    bad = np.zeros(len(suspicion), dtype=bool)
+    bad[corrupted] = True
+    auc = mannwhitneyu(suspicion[bad], suspicion[~bad]).statistic / (bad.sum() * (~bad).sum())
+    order = np.argsort(-suspicion, kind="stable")
+    recall = {f"{f:g}": float(bad[order[:max(1, round(f * len(bad)))]].sum() / bad.sum()) for f in RECALL_FRACTIONS}
+    return {"auc": float(auc), "recall_at": recall, "flagged": order[:len(corrupted)].tolist()}
+
+
+def evaluate_detection(args) -> dict:
+    from analyze import load_self_scores
+
+    loaded = [(d, *load_self_scores(d)) for d in args.self_scores]
+    first, _, fit, meta = loaded[0]
+    corrupted = meta.get("label_noise_rows") or []
+    if not corrupted:
+        raise UserError(f"{first} is from a model trained without label noise, so there are no known wrong labels "
+                        f"to find; train with train.py --label_noise 0.05 and analyse that checkpoint")
+    methods = {}
+    for d, scores, _, other in loaded:
+        if other.get("data_fingerprint", {}).get("train") != meta["data_fingerprint"]["train"] or \
+                other.get("checkpoint") != meta.get("checkpoint"):
+            raise UserError(f"{d} scores another model or other training rows than {first}; give one model's outputs")
+        methods[other["scores_name"]] = detection_quality(scores.numpy(), corrupted)
+    methods["training_loss"] = detection_quality(fit["loss"].numpy(), corrupted)
+    out_dir = args.output_dir or first
+    results = {"checkpoint": meta.get("checkpoint"), "num_train": len(fit["loss"]), "num_corrupted": len(corrupted),
+               "corrupted_rows": corrupted, "self_scores": [str(d) for d in args.self_scores], "methods": methods}
+    write_json(out_dir / DETECTION_FILE, results)
+    recalls = "  ".join(f"@{f:.0%}" .rjust(6) for f in RECALL_FRACTIONS)
+    print(f"finding the {len(corrupted)} moved labels among {len(fit['loss'])} training rows "
+          f"(chance: AUC 0.5, recall = the fraction ranked)\n{'method':<44} {'AUC':>6}  recall {recalls}")
+    for name, q in methods.items():
+        print(f"{name:<44} {q['auc']:6.3f}         " + "  ".join(f"{v:6.3f}" for v in q["recall_at"].values()))
+    print(f"results in {out_dir / DETECTION_FILE}")
     return results
 
 

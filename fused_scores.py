@@ -224,6 +224,13 @@ class FusedScorer:
             block += (b @ bias.T).float()
         self.hooks.block.add_(block)
 
+    def _add_self_scores(self, name, weight, bias):
+        """kronfluence's SelfScoreTracker arithmetic: <precondition(g), g> per example, in the score dtype."""
+        dtype = self.score_args.score_dtype
+        gradient = with_bias_column(weight, bias)
+        products = self._precondition(name, weight, bias) * gradient.to(self.score_args.precondition_dtype).to(dtype)
+        self.hooks.block.add_(products.sum(dim=(1, 2)).float())
+
     def _backward(self, rows, measurement: bool):
         """One forward/backward over `rows`, the hooks handing each module's per-example gradients on."""
         for batch in DataLoader(rows, batch_size=len(rows), collate_fn=self.collator):
@@ -363,4 +370,49 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         dist.all_reduce(scores)
     out = torch.empty_like(scores, device="cpu")
     out[np.ix_(q_order, t_order)] = scores.cpu()
+    return out
+
+
+def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,
+                      train_batch_size: int, device: torch.device, disable_tqdm: bool = False):
+    """(train,) float32 self-influence scores <H^-1 g_i, g_i> of every training row, in dataset order: kronfluence's
+    `compute_self_scores` for the same factors, from the per-example gradients formed as in the pairwise pass.
+    An out-of-memory error halves the micro-batch and redoes that batch."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model.eval()
+    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device)
+    order = longest_first(train_dataset)
+    train = train_dataset.select(order)
+    scores = torch.zeros(len(train), dtype=torch.float32, device=device)
+    plan = PassPlan(1, 1, min(train_batch_size, len(train)))
+    undo = _activation_grads_only(model)
+    try:
+        with scorer.hooks:
+            scorer.hooks.callback, scorer.hooks.dtype = scorer._add_self_scores, score_args.per_sample_gradient_dtype
+            starts = range(0, len(train), train_batch_size)
+            for step, start in enumerate(tqdm(starts, desc="fused self-influence", disable=disable_tqdm or rank != 0)):
+                if step % world != rank:  # ranks share whole training batches, as in the pairwise pass
+                    continue
+                stop = min(start + train_batch_size, len(train))
+                while True:
+                    try:
+                        for micro in range(start, stop, plan.train_micro):
+                            end = min(micro + plan.train_micro, stop)
+                            scorer.hooks.block = scores[micro:end]
+                            scorer._backward(train.select(range(micro, end)), measurement=False)
+                        break
+                    except Exception as exc:
+                        if not should_reduce_batch_size(exc):
+                            raise
+                        detail = out_of_memory_detail(exc, device)
+                    scores[start:stop] = 0
+                    clear_device_cache(garbage_collection=True)
+                    plan.per_pass = 1
+                    plan.shrink("fused self-influence", detail, "free memory on the GPU or lower --max_length")
+    finally:
+        undo()
+    if world > 1:
+        dist.all_reduce(scores)
+    out = torch.empty_like(scores, device="cpu")
+    out[order] = scores.cpu()
     return out

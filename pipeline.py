@@ -23,7 +23,7 @@ import shutil
 import socket
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Optional
@@ -134,6 +134,14 @@ def number_above(low: float, inclusive: bool):
 positive_float, non_negative_float = number_above(0, inclusive=False), number_above(0, inclusive=True)
 
 
+def fraction_below_one(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Data flags shared by every script. Unset flags stay None: `resolve_data_args` fills them from
     a checkpoint's training arguments, then from the defaults."""
@@ -158,10 +166,15 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pad_to_max_length", action="store_true", default=None,
                        help="Pad every sequence to --max_length like the original example, "
                             "instead of padding each batch to its longest sequence.")
+    group.add_argument("--label_noise", type=fraction_below_one, default=None,
+                       help="For measuring label-error detection: move the label of this fraction of the training "
+                            "rows to another choice (default 0: the data as given); the rows changed are recorded.")
+    group.add_argument("--label_noise_seed", type=int, default=None,
+                       help="Seed picking the rows --label_noise changes and their new labels (default 0).")
 
 
 DATA_ARG_NAMES = ["dataset", "train_file", "validation_file", "max_train_samples", "num_queries",
-                  "max_length", "pad_to_max_length"]
+                  "max_length", "pad_to_max_length", "label_noise", "label_noise_seed"]
 
 
 def data_args_dict(args: argparse.Namespace) -> dict:
@@ -186,6 +199,8 @@ def resolve_data_args(args: argparse.Namespace, checkpoint_dir: Optional[Path] =
         args.num_queries = REFERENCE_NUM_QUERIES if reference else 0
     args.max_length = MAX_LENGTH if args.max_length is None else args.max_length
     args.pad_to_max_length = bool(args.pad_to_max_length)
+    args.label_noise = args.label_noise or 0.0
+    args.label_noise_seed = args.label_noise_seed or 0
     return args
 
 
@@ -436,6 +451,22 @@ class Data:
     train: Dataset
     queries: Dataset
     fingerprint: dict
+    corrupted_rows: list = field(default_factory=list)  # training rows whose label --label_noise moved
+
+
+def corrupt_labels(split: Dataset, fraction: float, seed: int) -> tuple:
+    """`split` with the label of round(fraction × rows) rows, picked under `seed`, moved to another choice (also
+    picked under it), and the rows changed, in order. Only for measuring label-error detection."""
+    count = round(fraction * len(split))
+    if count == 0:
+        return split, []
+    require_labels(split, "--label_noise's training rows")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(split), count, replace=False))
+    labels = np.array(split[LABEL_COLUMN], dtype=np.int64)
+    labels[rows] = (labels[rows] + rng.integers(1, NUM_CHOICES, size=count)) % NUM_CHOICES
+    feature = split.features[LABEL_COLUMN]
+    return split.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, labels, feature=feature), rows.tolist()
 
 
 def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, raw: Optional[DatasetDict] = None) -> Data:
@@ -446,12 +477,14 @@ def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, r
     raw = raw if raw is not None else load_raw(args)
     raw_train = take_first(raw[TRAIN_SPLIT], args.max_train_samples, "training rows", "--max_train_samples")
     raw_queries = take_first(raw[QUERY_SPLIT], args.num_queries, "queries", "--num_queries")
+    raw_train, corrupted = corrupt_labels(raw_train, args.label_noise, args.label_noise_seed)
     kwargs = dict(tokenizer=tokenizer, max_length=args.max_length, pad_to_max_length=args.pad_to_max_length)
     fingerprint = {"train": raw_fingerprint(raw_train), "queries": raw_fingerprint(raw_queries),
                    "num_train": len(raw_train), "num_queries": len(raw_queries),
                    "tokenizer": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
                    "max_length": args.max_length}
-    return Data(raw_train, raw_queries, tokenize(raw_train, **kwargs), tokenize(raw_queries, **kwargs), fingerprint)
+    return Data(raw_train, raw_queries, tokenize(raw_train, **kwargs), tokenize(raw_queries, **kwargs), fingerprint,
+                corrupted)
 
 
 # --------------------------------------------------------------------------------------------

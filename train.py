@@ -70,6 +70,7 @@ from pipeline import (
     non_negative_float,
     positive_float,
     prepare_data,
+    read_json,
     require_labels,
     resolve_data_args,
     save_checkpoint,
@@ -116,6 +117,9 @@ def parse_args(argv=None):
                         help="Worker processes that collate training batches (the batches and their order are the "
                              "same for any value).")
     parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
+    parser.add_argument("--exclude_rows", type=Path, default=None, metavar="JSON_FILE",
+                        help="Fine-tune without these training rows: a JSON list of row indices (e.g. the rows "
+                             "evaluate_lds.py --self_scores flags as suspicious); recorded in the checkpoint.")
     lds = parser.add_argument_group("LDS retraining runs")
     lds.add_argument("--lds_num_masks", type=at_least(1), default=None,
                      help="Number of random training subsets: given, train.py does the retraining runs instead of "
@@ -151,6 +155,8 @@ def parse_args(argv=None):
     args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
     args.lds_output_dir = args.lds_output_dir or LDS_DIR / args.dataset
     args.removal_output_dir = args.removal_output_dir or REMOVAL_DIR / args.dataset
+    if args.exclude_rows is not None and (args.removal_scores is not None or args.lds_num_masks is not None):
+        parser.error("--exclude_rows applies to fine-tuning; the LDS and removal runs choose their own rows")
     if args.removal_scores is not None and args.lds_num_masks is not None:
         parser.error("--removal_scores and --lds_num_masks start different retraining runs; give one")
     if not 0 < args.removal_fraction < 1:
@@ -487,6 +493,9 @@ def run_finetune(args):
     raw = load_raw(args)
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
     data = prepare_data(args, tokenizer, raw)
+    excluded = excluded_rows(args.exclude_rows, len(data.train)) if args.exclude_rows else []
+    if excluded:
+        data.train = data.train.select(np.setdiff1d(np.arange(len(data.train)), excluded))
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     seed_everything(args.seed)
     world = accelerator.num_processes
@@ -521,12 +530,27 @@ def run_finetune(args):
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         training_args = {"data": data_args_dict(args), "data_fingerprint": data.fingerprint,
                          "recipe": recipe(args, world * args.per_device_train_batch_size),
+                         "label_noise_rows": data.corrupted_rows, "excluded_rows": excluded,
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         save_checkpoint(model.to("cpu"), tokenizer, Path(args.output_dir), training_args, metrics)
         logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return history[-1]
+
+
+def excluded_rows(path: Path, num_train: int) -> list:
+    """The distinct training rows listed in the JSON file `path`, sorted, or one line saying what is wrong."""
+    rows = read_json(path, "--exclude_rows")
+    if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+        raise UserError(f"--exclude_rows {path} must hold a JSON list of integer row indices")
+    outside = [r for r in rows if not 0 <= r < num_train]
+    if outside:
+        raise UserError(f"--exclude_rows {path} lists rows outside the {num_train} training rows "
+                        f"({len(outside)}, e.g. {outside[0]}); pass indices from 0 to {num_train - 1}")
+    if len(set(rows)) == num_train:
+        raise UserError(f"--exclude_rows {path} lists every training row; nothing would be left to train on")
+    return sorted(set(rows))
 
 
 def check_output_dir(args) -> None:

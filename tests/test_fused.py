@@ -8,7 +8,8 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from fused_scores import PerExampleGradients, longest_first, fused_pairwise_scores, tracked_linears, with_bias_column
+from fused_scores import (PerExampleGradients, fused_pairwise_scores, fused_self_scores, longest_first, tracked_linears,
+                          with_bias_column)
 from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
 from task import MultipleChoiceTask
 
@@ -57,6 +58,26 @@ def test_fused_scores_equal_kronfluence(setup, strategy, damping):
     # float64 throughout, but the two paths sum in other orders (choices inside the matmul, other batches), and the
     # preconditioner amplifies rounding by up to 1 / damping: ~1e-16 * 1e8 = 1e-8 relative at 1e-8, less with
     # kronfluence's heuristic damping (0.1 x mean eigenvalue, larger), well inside 1e-5
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("strategy", ["identity", "kfac", "ekfac"])
+def test_fused_self_scores_equal_kronfluence(setup, strategy):
+    model, train, _, collator, out = setup
+    analyzer = fit(model, train, collator, strategy, out)
+    dtype = torch.float64
+    score_args = ScoreArguments(per_sample_gradient_dtype=dtype, precondition_dtype=dtype, score_dtype=dtype)
+    analyzer.compute_self_scores("self", factors_name="f", train_dataset=train, per_device_train_batch_size=3,
+                                 score_args=score_args, overwrite_output_dir=True)
+    reference = analyzer.load_self_scores("self")["all_modules"].double()
+    fused = fused_self_scores(copy.deepcopy(model), MultipleChoiceTask(), analyzer.load_all_factors("f"), strategy,
+                              score_args, train, collator, train_batch_size=5, device=torch.device("cpu"),
+                              disable_tqdm=True)
+    assert fused.shape == reference.shape == (14,)
+    # a squared norm under a positive definite preconditioner: positive for every row
+    assert (reference > 0).all()
+    # the pairwise test's argument: float64, other summation orders, rounding amplified by at most 1 / damping
+    # (~1e-8 relative) -- the float32 result vector adds its own 6e-8
     torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 
 

@@ -98,6 +98,7 @@ SCORES_FILE = "pairwise_scores.safetensors"
 SCORES_KEY = "all_modules"
 SELF_SCORES_FILE = "self_scores.safetensors"  # kronfluence's name for self-influence scores
 TRAIN_FIT_FILE = "train_fit.safetensors"  # per training row: loss, the model's preferred choice, the label
+QUERY_FIT_FILE = "query_fit.safetensors"  # the same per query, beside pairwise scores (report.py shows them)
 QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
 
 
@@ -497,16 +498,14 @@ def compute_self_scores(analyzer, model, args, f_name: str, s_name: str, scores_
     if rank == 0:
         if args.scoring == "fused":
             save_scores(scores_dir, scores, SELF_SCORES_FILE)
-        fit = training_fit(model, data.train, collator, args.train_batch_size, device)
-        with atomic_output(scores_dir / TRAIN_FIT_FILE) as tmp:
-            save_file(fit, str(tmp))
+        save_fit(scores_dir / TRAIN_FIT_FILE, model_fit(model.to(device), data.train, collator, args.train_batch_size,
+                                                         device))
     return scores, sizes
 
 
 @torch.no_grad()
-def training_fit(model, rows, collator, batch_size: int, device: torch.device) -> dict:
-    """Per training row under the model: its loss (cross-entropy on its label), the choice the model prefers, and
-    the label."""
+def model_fit(model, rows, collator, batch_size: int, device: torch.device) -> dict:
+    """Per row under the model: its loss (cross-entropy on its label), the choice the model prefers, the label."""
     model.eval()
     fit = {"loss": [], "prediction": [], "label": []}
     for batch in DataLoader(rows, batch_size=batch_size, collate_fn=collator):
@@ -518,9 +517,15 @@ def training_fit(model, rows, collator, batch_size: int, device: torch.device) -
     return {k: torch.cat(v).contiguous() for k, v in fit.items()}
 
 
+def save_fit(path: Path, fit: dict) -> None:
+    with atomic_output(path) as tmp:
+        save_file(fit, str(tmp))
+
+
 def load_self_scores(path: Path):
-    """Self-influence scores (train,), the training fit (`training_fit`) and the metadata analyze.py wrote."""
-    scores, meta = load_scores(path / SELF_SCORES_FILE if path.is_dir() else path)
+    """Self-influence scores (train,), the training rows' fit (`model_fit`) and the metadata analyze.py wrote."""
+    file = path / SELF_SCORES_FILE if path.is_dir() else path
+    scores, meta = load_scores(file) if file.is_file() else (None, None)
     if meta is None or meta.get("kind") != "self_influence":
         raise UserError(f"{path} holds no self-influence scores; make them with analyze.py --self_influence")
     return scores, load_file(str(Path(meta["scores_file"]).parent / TRAIN_FIT_FILE)), meta
@@ -691,6 +696,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         logger.info("self-influence of %d training rows in %s", len(scores), scores_dir)
         print_suspicious_rows(*load_self_scores(scores_dir), data, tokenizer, args.num_suspicious)
     elif rank == 0:
+        if not reuse_scores or not (scores_dir / QUERY_FIT_FILE).exists():
+            device = analyzer.state.device
+            save_fit(scores_dir / QUERY_FIT_FILE, model_fit(model.to(device), data.queries, collator,
+                                                            args.query_batch_size, device))
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
     return scores_dir

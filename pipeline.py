@@ -469,15 +469,20 @@ def corrupt_labels(split: Dataset, fraction: float, seed: int) -> tuple:
     return split.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, labels, feature=feature), rows.tolist()
 
 
+def select_rows(args: argparse.Namespace, raw: DatasetDict) -> tuple:
+    """The training rows (labels moved by --label_noise, if asked), the queries, and the rows whose label moved."""
+    raw_train = take_first(raw[TRAIN_SPLIT], args.max_train_samples, "training rows", "--max_train_samples")
+    raw_queries = take_first(raw[QUERY_SPLIT], args.num_queries, "queries", "--num_queries")
+    raw_train, corrupted = corrupt_labels(raw_train, args.label_noise, args.label_noise_seed)
+    return raw_train, raw_queries, corrupted
+
+
 def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, raw: Optional[DatasetDict] = None) -> Data:
     limit = tokenizer.model_max_length
     if limit < 1_000_000 and args.max_length > limit:  # transformers uses a huge sentinel for "no limit known"
         raise UserError(f"--max_length {args.max_length} is longer than the {limit} tokens the model "
                         f"{Path(str(tokenizer.name_or_path)).name} takes; pass --max_length {limit} or less")
-    raw = raw if raw is not None else load_raw(args)
-    raw_train = take_first(raw[TRAIN_SPLIT], args.max_train_samples, "training rows", "--max_train_samples")
-    raw_queries = take_first(raw[QUERY_SPLIT], args.num_queries, "queries", "--num_queries")
-    raw_train, corrupted = corrupt_labels(raw_train, args.label_noise, args.label_noise_seed)
+    raw_train, raw_queries, corrupted = select_rows(args, raw if raw is not None else load_raw(args))
     kwargs = dict(tokenizer=tokenizer, max_length=args.max_length, pad_to_max_length=args.pad_to_max_length)
     fingerprint = {"train": raw_fingerprint(raw_train), "queries": raw_fingerprint(raw_queries),
                    "num_train": len(raw_train), "num_queries": len(raw_queries),

@@ -38,10 +38,9 @@ elif [ "$PART" = ceiling ]; then
   done
   for s in $SEEDS; do analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST > logs/fast_$s.txt & done
   wait; echo "3 kronfluence strategies + 8 fast EKFAC analyses at once: $(since "$t") s"
-  fast=scores_ekfac_n4000_bf16acc32_q500_fused
-  ensemble() { analyze --combine $(for s in $(seq 1004 $((1003 + $1))); do echo scores/s$s/$fast; done); }
+  ensemble() { analyze --combine $(for s in $(seq 1004 $((1003 + $1))); do cat logs/fast_$s.txt; done); }
   declare -A METHODS=([identity]=$(cat logs/scores_identity.txt) [kfac]=$(cat logs/scores_kfac.txt)
-    [ekfac]=$(cat logs/scores_ekfac.txt) [fast_ekfac]=scores/s1004/$fast [fast_ekfac_k4]=$(ensemble 4)
+    [ekfac]=$(cat logs/scores_ekfac.txt) [fast_ekfac]=$(cat logs/fast_1004.txt) [fast_ekfac_k4]=$(ensemble 4)
     [fast_ekfac_k8]=$(ensemble 8))
   for method in "${!METHODS[@]}"; do
     for target in 1 "$N"; do
@@ -67,7 +66,7 @@ for f in sorted(glob.glob(f"{out}/lds/*/lds.json")):
 json.dump({"command": f"bash results/ceiling_removal_anetcap_minilm.sh ceiling MODEL DATA OUT RUNS_DIR {repeats}",
            "setup": "MiniLM (all-MiniLM-L6-v2) fine-tuned on the first 4,000 anetcap train rows, the first 500 "
                     "validation rows as queries; 100 half-data masks x %d seeds of ground truth" % repeats,
-           "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
            "rows": rows}, open(out / "ceiling.json", "w"), indent=1)
 print(json.dumps({k: (round(v["lds"], 4), round(v["fraction_of_ceiling"], 3)) for k, v in rows.items()}))

@@ -55,7 +55,7 @@ for variant in ("flagged", "random", "moved", "clean"):
                         "stdev": statistics.stdev(runs.values())}
 detection = json.load(open(out / "detection.json"))
 json.dump({"command": "bash results/cleaning_anetcap_minilm.sh MODEL DATA OUT", "date": date,
-           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
            "kronfluence": importlib.metadata.version("kronfluence"),
            "setup": "MiniLM on the first 4,000 anetcap train rows, 5% of the labels moved (--label_noise 0.05, "
                     "seed 0), validation accuracy on the first 500 validation rows",

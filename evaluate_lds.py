@@ -315,7 +315,8 @@ def plot(per_query: np.ndarray, masks, margins, scores, query: int, summary: dic
     fig.savefig(out_dir / HISTOGRAM_FILE, dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(5, 3.5))  # the histogram's size: side by side in report.py's page
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))  # scores reach 1e5: no overlapping tick labels
     ax.scatter(masks.astype(np.float64) @ scores[query].astype(np.float64), margins[:, query], s=12)
     ax.set(xlabel="predicted: sum of scores over the subset", ylabel="margin after retraining",
            title=f"median query #{query} (Spearman {per_query[query]:.3f})")

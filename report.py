@@ -181,7 +181,7 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1100px;
 h1 { font-size: 1.4em; margin-bottom: .2em; } h2 { font-size: 1.15em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; } td, th { padding: .15em .6em; vertical-align: top; text-align: left; }
 .facts th { color: #555; font-weight: normal; } .num { text-align: right; font-variant-numeric: tabular-nums; }
-.plots img { max-width: 49%; border: 1px solid #eee; }
+.plots { display: flex; gap: 1%; align-items: flex-start; } .plots img { max-width: 49.5%; border: 1px solid #eee; }
 details.query { border: 1px solid #ddd; border-radius: 6px; margin: .5em 0; padding: .3em .8em; }
 details.query summary { cursor: pointer; } .ctx { color: #333; } .muted { color: #777; }
 ol.endings { list-style: upper-alpha; margin: .3em 0; } .gold { font-weight: 600; }
@@ -212,12 +212,7 @@ ol.endings { list-style: upper-alpha; margin: .3em 0; } .gold { font-weight: 600
 <td class="text"><span class="ctx">{{ e.context }}</span> | {{ e.ending }} <span class="muted">(label {{ "ABCD"[e.label] }})</span>{% if e.moved %}<span class="tag moved">label moved by --label_noise</span>{% endif %}</td></tr>
 {% endfor %}</table>{% endmacro %}
 
-{% if suspicious %}<h2>Most suspicious training rows (largest {{ suspicious.strategy }} self-influence)</h2>
-<table class="examples">
-{% for e in suspicious.rows %}<tr><td class="num">{{ "%.4g"|format(e.score) }}</td><td class="num muted">#{{ e.index }}</td>
-<td class="text"><span class="ctx">{{ e.context }}</span> | {{ e.ending }}{% if e.moved %}<span class="tag moved">label moved by --label_noise</span>{% endif %}
-<br><span class="muted">loss {{ "%.3f"|format(e.loss) }}; {% if e.preferred == e.label %}the model prefers the label{% else %}the model prefers: {{ e.preferred_ending }}{% endif %}</span></td></tr>
-{% endfor %}</table>{% endif %}
+
 
 <h2>Queries ({{ queries|length }}) and their top {{ top_k }} proponents and opponents</h2>
 <nav><button id="prev">◀ previous</button><span id="where"></span> <button id="next">next ▶</button>
@@ -232,6 +227,13 @@ ol.endings { list-style: upper-alpha; margin: .3em 0; } .gold { font-weight: 600
 <b>Opponents</b> <span class="muted">(upweighting them lowers it)</span>{{ examples(q.opponents, "neg") }}
 </details>
 {% endfor %}
+
+{% if suspicious %}<h2>Most suspicious training rows (largest {{ suspicious.strategy }} self-influence)</h2>
+<table class="examples">
+{% for e in suspicious.rows %}<tr><td class="num">{{ "%.4g"|format(e.score) }}</td><td class="num muted">#{{ e.index }}</td>
+<td class="text"><span class="ctx">{{ e.context }}</span> | {{ e.ending }}{% if e.moved %}<span class="tag moved">label moved by --label_noise</span>{% endif %}
+<br><span class="muted">loss {{ "%.3f"|format(e.loss) }}; {% if e.preferred == e.label %}the model prefers the label{% else %}the model prefers: {{ e.preferred_ending }}{% endif %}</span></td></tr>
+{% endfor %}</table>{% endif %}
 <script>
 (function () {
   var errors = [];

@@ -8,7 +8,7 @@ DATA_FLAGS="--train_file $DATA/train.csv.gz --validation_file $DATA/validation.c
 MINILM="--model_name_or_path $MODEL $DATA_FLAGS --learning_rate 5e-5"  # + rows, queries, batch, epochs
 # the LDS setup: the first 4,000 training rows, the first 500 validation rows as queries, batch 32, 3 epochs
 D="$MINILM --max_train_samples 4000 --num_queries 500 --per_device_train_batch_size 32 --num_train_epochs 3"
-[ -z "${SMOKE_DATA_FLAGS:-}" ] || D=$SMOKE_DATA_FLAGS  # a CPU smoke test of a driver, e.g. on the demo's rows
+[ -z "${SETUP_FLAGS:-}" ] || D=$SETUP_FLAGS  # data and recipe flags in place of the MiniLM setup (the demo on a CPU)
 FACTOR_BATCHES="--factor_batch_size 128 --train_batch_size 256"
 A="$FACTOR_BATCHES --query_batch_size 100"
 FAST="--use_half_precision --fp32_accumulation --scoring fused"

@@ -5,7 +5,7 @@
 #   ceiling: finishes the runs, fine-tunes seeds 1004..1011, scores identity, KFAC, EKFAC (kronfluence, fp32) on
 #     seed 1004 and fast EKFAC on every seed, combines the K = 4 and 8 ensembles, and evaluates each against the
 #     first repeat and the mean of all repeats, with the noise ceiling and a paired comparison with EKFAC
-#     -> OUT_DIR/ceiling.json;
+#     -> OUT_DIR/ceiling.json (and fast EKFAC's scores directory with its LDS and plots -> fast_ekfac_scores.tar);
 #   removal: the removal test for the first NUM_QUERIES queries, 5% of the rows, fast EKFAC against random rows
 #     -> OUT_DIR/removal_ekfac/removal.json.
 # Usage: bash results/ceiling_removal_anetcap_minilm.sh runs MODEL_DIR DATA_DIR RUNS_DIR [REPEATS] [NUM_PROCS] [SECONDS]
@@ -50,6 +50,10 @@ elif [ "$PART" = ceiling ]; then
     done
   done; wait
   grep -H "LDS\|ceiling\|rror" logs/eval_*_r*.log | cut -c1-200
+  # fast EKFAC's scores with their lds.json and plots (against all repeats), for report.py on a CPU machine
+  fast=${METHODS[fast_ekfac]}
+  python evaluate_lds.py --scores "$fast" --lds_dir "$RUNS_DIR" > logs/eval_plots.log 2>&1
+  tar -cf "$OUT/fast_ekfac_scores.tar" -C "$(dirname "$fast")" "$(basename "$fast")"
   python - "$OUT" "$N" <<'PY'
 import glob, importlib.metadata, json, sys, time
 from pathlib import Path

@@ -41,11 +41,11 @@ for s in 1004 1005 1006; do
   done
   [ "$s" = 1004 ] || python train.py $D --seed $s --output_dir checkpoints/clean_s$s > logs/train_clean_s$s.log 2>&1 &
 done; wait; echo "11 retrains at once: $(since "$t") s"
-python - "$OUT" "$(date +%Y-%m-%d)" <<'PY'
-import importlib.metadata, json, statistics, sys
+python - "$OUT" "$(date +%Y-%m-%d)" "${SETUP_FLAGS:-}" <<'PY'
+import importlib.metadata, json, platform, statistics, sys
 from pathlib import Path
 import torch, transformers
-out, date = Path(sys.argv[1]), sys.argv[2]
+out, date, setup_flags = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def accuracy(ckpt):
     return json.load(open(f"checkpoints/{ckpt}/metrics.json"))["validation_accuracy"]
 retrain = {}
@@ -54,11 +54,14 @@ for variant in ("flagged", "random", "moved", "clean"):
     retrain[variant] = {"validation_accuracy": runs, "mean": statistics.mean(runs.values()),
                         "stdev": statistics.stdev(runs.values())}
 detection = json.load(open(out / "detection.json"))
-json.dump({"command": "bash results/cleaning_anetcap_minilm.sh MODEL DATA OUT", "date": date,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+json.dump({"command": (f"SETUP_FLAGS='{setup_flags}' " if setup_flags else "")
+                      + "bash results/cleaning_anetcap_minilm.sh MODEL DATA OUT", "date": date,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "transformers": transformers.__version__,
            "kronfluence": importlib.metadata.version("kronfluence"),
-           "setup": "MiniLM on the first 4,000 anetcap train rows, 5% of the labels moved (--label_noise 0.05, "
-                    "seed 0), validation accuracy on the first 500 validation rows",
+           "setup": (f"the flags {setup_flags!r}" if setup_flags else "MiniLM on the first 4,000 anetcap train rows, "
+                     "validation accuracy on the first 500 validation rows") + "; 5% of the training labels moved "
+                    "(--label_noise 0.05, seed 0)",
            "noisy_model_validation_accuracy": accuracy("noisy"),
            "detection": {k: {"auc": v["auc"], "recall_at": v["recall_at"]} for k, v in detection["methods"].items()},
            "num_corrupted": detection["num_corrupted"],

@@ -3,6 +3,7 @@
     python evaluate_lds.py --scores scores/demo/scores_ekfac_nall_qall --lds_dir lds/demo
     python evaluate_lds.py --scores scores/swag/scores_ekfac_n73536_q2000/pairwise_scores.safetensors \\
         --kronfluence_masks files/masks.pt --kronfluence_margins files/margins.pt   # kronfluence's ground truth
+    python evaluate_lds.py --lds_dir lds/demo        # the ground truth alone: its noise ceiling (>= 2 repeats)
     python evaluate_lds.py --self_scores scores/noisy/scores_self_ekfac_nall scores/noisy/scores_self_identity_nall
 
 LDS = mean over queries of Spearman(masks @ scores[q], margins[:, q]): how well the summed scores
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "lds.json"
 REMOVAL_RESULTS_FILE = "removal.json"
 DETECTION_FILE = "detection.json"
+CEILING_FILE = "noise_ceiling.json"
 RECALL_FRACTIONS = (0.01, 0.05, 0.1)  # of the ranked training rows
 HISTOGRAM_FILE = "lds_histogram.png"
 SCATTER_FILE = "lds_median_query.png"
@@ -93,6 +95,9 @@ def parse_args(argv=None):
         if args.scores or args.lds_dir or args.kronfluence_masks:
             parser.error("--cost_plot replaces the evaluation; drop --scores/--lds_dir/--kronfluence_*")
         return args
+    if args.scores is None and args.lds_dir is not None and not (args.kronfluence_masks or args.removal_dir
+                                                                 or args.compare):
+        return args  # the ground truth's noise ceiling alone
     if args.scores is None:
         parser.error("--scores is required (or --cost_plot)")
     if sum(x is not None for x in (args.lds_dir, args.kronfluence_masks, args.removal_dir)) != 1:
@@ -387,6 +392,8 @@ def main(argv=None):
         return plot_cost(args.cost_plot)
     if args.self_scores:
         return evaluate_detection(args)
+    if args.scores is None:
+        return evaluate_ground_truth(args)
     scores, meta = load_scores(args.scores)
     scores = scores.numpy()
     if args.query_index is not None and args.query_index >= scores.shape[0]:
@@ -448,6 +455,26 @@ def main(argv=None):
         print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "
               f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}] over {paired['num_queries']} queries")
     show_examples(meta, scores, query, args.top_k)
+    return results
+
+
+def evaluate_ground_truth(args) -> dict:
+    """The noise ceiling of the runs in --lds_dir, for a target of every repeat count from 1 to R."""
+    _, _, runs = load_runs(args.lds_dir)
+    if runs["per_repeat_margins"] is None:
+        raise UserError(f"{args.lds_dir} has {runs['repeats']} repeats per mask; a noise ceiling needs the same number, "
+                        f"at least 2, for every mask (train.py --lds_repeats 2 or more)")
+    repeats = runs["per_repeat_margins"].shape[1]
+    ceilings = {str(n): {k: v for k, v in noise_ceiling(runs["per_repeat_margins"], n).items()
+                         if k != "per_query_reliability"} for n in range(1, repeats + 1)}
+    results = {"runs": str(args.lds_dir), "num_masks": runs["num_masks"], "repeats": repeats,
+               "noise_ceiling_by_target_repeats": ceilings}
+    out_dir = args.output_dir or args.lds_dir
+    write_json(out_dir / CEILING_FILE, results)
+    for n, c in ceilings.items():
+        print(f"target: mean of {n} of {repeats} repeats: reliability {c['reliability']:.4f}, noise ceiling "
+              f"{c['ceiling']:.4f}")
+    print(f"over {runs['num_masks']} masks; results in {out_dir / CEILING_FILE}")
     return results
 
 

@@ -284,6 +284,13 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
     # Spearman–Brown from the 2 repeats down to 1 (k = 1/2): rel_1 = rel_2 / (2 - rel_2), query by query
     full, single = (np.array(x["noise_ceiling"]["per_query_reliability"], dtype=float) for x in (result, first))
     np.testing.assert_allclose(single, full / (2 - full), rtol=1e-12)
+    # the runs alone: the ceiling for every target size, the same numbers as beside the scores
+    alone = evaluate_lds.main(["--lds_dir", str(lds_dir), "--output_dir", str(tmp_path / "gt")])
+    by_target = alone["noise_ceiling_by_target_repeats"]
+    assert sorted(by_target) == ["1", "2"] and alone["num_masks"] == 3
+    assert by_target["2"]["ceiling"] == result["noise_ceiling"]["ceiling"]
+    assert by_target["1"]["ceiling"] == first["noise_ceiling"]["ceiling"]
+    assert json.loads((tmp_path / "gt" / evaluate_lds.CEILING_FILE).read_text()) == alone
     with pytest.raises(UserError, match="--num_repeats 3 needs every mask to have at least that many repeats"):
         evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--num_repeats", "3"])
 

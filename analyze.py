@@ -528,7 +528,7 @@ def load_self_scores(path: Path):
     scores, meta = load_scores(file) if file.is_file() else (None, None)
     if meta is None or meta.get("kind") != "self_influence":
         raise UserError(f"{path} holds no self-influence scores; make them with analyze.py --self_influence")
-    return scores, load_file(str(Path(meta["scores_file"]).parent / TRAIN_FIT_FILE)), meta
+    return scores, load_file(str(file.parent / TRAIN_FIT_FILE)), meta  # beside the scores, wherever they moved
 
 
 def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:

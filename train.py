@@ -118,8 +118,8 @@ def parse_args(argv=None):
                              "same for any value).")
     parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
     parser.add_argument("--exclude_rows", type=Path, default=None, metavar="JSON_FILE",
-                        help="Fine-tune without these training rows: a JSON list of row indices (e.g. the rows "
-                             "evaluate_lds.py --self_scores flags as suspicious); recorded in the checkpoint.")
+                        help="Fine-tune without these training rows: a JSON list of row indices (e.g. a method's "
+                             "'flagged' rows in evaluate_lds.py --self_scores' detection.json); recorded in the checkpoint.")
     lds = parser.add_argument_group("LDS retraining runs")
     lds.add_argument("--lds_num_masks", type=at_least(1), default=None,
                      help="Number of random training subsets: given, train.py does the retraining runs instead of "

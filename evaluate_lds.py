@@ -87,6 +87,9 @@ def parse_args(argv=None):
                         help="Instead of evaluating: plot LDS against GPU-minutes for every entry of a results file "
                              "(e.g. results/lds_anetcap_minilm.json) that has 'lds' and 'gpu_minutes'.")
     args = parser.parse_args(argv)
+    if args.num_repeats is not None and (args.scores is None or args.lds_dir is None):
+        parser.error("--num_repeats picks the target of an LDS against --lds_dir runs; give --scores and --lds_dir "
+                     "(--lds_dir alone prints the ceiling for every number of repeats)")
     if args.self_scores:
         if args.scores or args.lds_dir or args.kronfluence_masks or args.removal_dir or args.cost_plot:
             parser.error("--self_scores replaces the evaluation of pairwise scores; drop the other inputs")
@@ -145,9 +148,10 @@ def noise_ceiling(repeat_margins: np.ndarray, target_repeats: int = None) -> dic
     """The ground truth's reliability from R >= 2 repeats per mask (masks × repeats × queries). Per query: the
     Spearman correlation r over the masks between the mean margins of two disjoint halves of the repeats (the
     first and the last floor(R/2)), stepped to the N repeats averaged into the target (Spearman–Brown,
-    k = N / floor(R/2), N = R unless target_repeats is given): reliability = k r / (1 + (k - 1) r). A score's correlation with the averaged margins cannot exceed
-    sqrt(reliability) on average (the noise attenuates it), so the ceiling is the mean over queries of
-    sqrt(reliability), and a method reaches LDS / ceiling of what this ground truth can show."""
+    k = N / floor(R/2), N = R unless target_repeats is given): reliability = k r / (1 + (k - 1) r). A score's
+    correlation with the averaged margins cannot exceed sqrt(reliability) on average (the noise attenuates it), so
+    the ceiling is the mean over queries of sqrt(reliability), and a method reaches LDS / ceiling of what this
+    ground truth can show."""
     repeats = repeat_margins.shape[1]
     target = target_repeats or repeats
     half = repeats // 2
@@ -492,7 +496,6 @@ def evaluate_removal(args) -> dict:
     return results
 
 
-
 def detection_quality(suspicion: np.ndarray, corrupted: list) -> dict:
     """How well ranking the rows by `suspicion` (largest first) finds the `corrupted` rows: the AUC (Mann–Whitney:
     the chance that a corrupted row ranks above an intact one, ties counting half), the recall within the top
@@ -525,11 +528,11 @@ def evaluate_detection(args) -> dict:
     results = {"checkpoint": meta.get("checkpoint"), "num_train": len(fit["loss"]), "num_corrupted": len(corrupted),
                "corrupted_rows": corrupted, "self_scores": [str(d) for d in args.self_scores], "methods": methods}
     write_json(out_dir / DETECTION_FILE, results)
-    recalls = "  ".join(f"@{f:.0%}" .rjust(6) for f in RECALL_FRACTIONS)
+    recalls = "".join(f"{f'recall@{f:.0%}':>12}" for f in RECALL_FRACTIONS)
     print(f"finding the {len(corrupted)} moved labels among {len(fit['loss'])} training rows "
-          f"(chance: AUC 0.5, recall = the fraction ranked)\n{'method':<44} {'AUC':>6}  recall {recalls}")
+          f"(chance: AUC 0.5, recall = the fraction ranked)\n{'method':<44}{'AUC':>7}{recalls}")
     for name, q in methods.items():
-        print(f"{name:<44} {q['auc']:6.3f}         " + "  ".join(f"{v:6.3f}" for v in q["recall_at"].values()))
+        print(f"{name:<44}{q['auc']:7.3f}" + "".join(f"{v:12.3f}" for v in q["recall_at"].values()))
     print(f"results in {out_dir / DETECTION_FILE}")
     return results
 

@@ -291,6 +291,9 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
     assert by_target["2"]["ceiling"] == result["noise_ceiling"]["ceiling"]
     assert by_target["1"]["ceiling"] == first["noise_ceiling"]["ceiling"]
     assert json.loads((tmp_path / "gt" / evaluate_lds.CEILING_FILE).read_text()) == alone
+    with pytest.raises(SystemExit):  # the ground truth alone reports every number of repeats: the flag has no use
+        evaluate_lds.parse_args(["--lds_dir", str(lds_dir), "--num_repeats", "1"])
+    assert "--num_repeats picks the target of an LDS against --lds_dir runs" in capsys.readouterr().err
     with pytest.raises(UserError, match="--num_repeats 3 needs every mask to have at least that many repeats"):
         evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--num_repeats", "3"])
 

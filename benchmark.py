@@ -99,6 +99,7 @@ CONFIGS = {  # scoring, bf16 (acc32: fp32 factor sums), pad to 128, query rank, 
 DEFAULT_CONFIGS = ["reference_fp32", "reference_bf16", "fastest", "fused_all_lambda"]
 SWAG_HALF = REFERENCE_NUM_TRAIN // 2
 RECIPE_BATCH = 16
+TOKENIZER_PROBE = "A man is sitting on a horse"  # ordinary words that any English tokenizer knows
 TRAIN_VARIANTS = {  # train.py flags of each timed training variant
     "eager": [],
     "workers2": ["--dataloader_num_workers", "2"],
@@ -316,10 +317,26 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
 
 
 def load_tokenizer(path: Path):
-    if (path / "merges.txt").is_file() and not (path / "tokenizer.json").is_file():
-        return RobertaTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"),
-                                    model_max_length=128)
-    return AutoTokenizer.from_pretrained(path)
+    """The tokenizer saved in `path`, or the byte-level BPE of its vocab.json and merges.txt alone (as
+    ../shared/tokenizers/roberta-base holds). Refuses one that maps ordinary words to unknown tokens: transformers 5
+    ignores `RobertaTokenizerFast(vocab_file=..., merges_file=...)` and builds an empty vocabulary, which would
+    time every choice as a handful of special tokens."""
+    if not path.is_dir():
+        raise UserError(f"--tokenizer_dir {path} is not a directory; pass the roberta-base tokenizer directory")
+    bpe_files = (path / "merges.txt").is_file() and not (path / "tokenizer.json").is_file()
+    tokenizer = (RobertaTokenizerFast.from_pretrained(path, model_max_length=128) if bpe_files
+                 else AutoTokenizer.from_pretrained(path))
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if not ids or tokenizer.unk_token_id in ids:
+        raise UserError(f"the tokenizer in {path} maps {TOKENIZER_PROBE!r} to unknown tokens ({len(tokenizer)} in its "
+                        f"vocabulary); pass a directory with a complete vocab.json and merges.txt or tokenizer.json")
+    return tokenizer
+
+
+def token_lengths(rows) -> dict:
+    """Mean and largest tokens per choice of tokenized rows: what the timed work is made of."""
+    lengths = np.array([[len(ids) for ids in row] for row in rows["input_ids"]])
+    return {"mean_tokens_per_choice": round(float(lengths.mean()), 1), "max_tokens_per_choice": int(lengths.max())}
 
 
 def random_roberta(tokenizer, **size):
@@ -352,6 +369,7 @@ def main(argv=None):
            "subset": {"num_train": args.num_train, "num_queries": args.num_queries},
            "full_scale": {"num_train": REFERENCE_NUM_TRAIN, "num_queries": REFERENCE_NUM_QUERIES},
            "command": "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out["subset"].update(token_lengths(tokenize(raw_train, tokenizer)))
     rank, world, _ = process_rank()
     if world > 1:
         torch.distributed.init_process_group("gloo")  # barrier and gather only; each process trains alone

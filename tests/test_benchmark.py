@@ -44,8 +44,26 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     agreement = fast["vs_reference_fp32"]  # the headline agreement is the fast configuration's, against fp32
     assert saved["mean_query_pearson_vs_fp32"] == agreement["pearson"] and -1 <= agreement["pearson"] <= 1
     assert agreement["nonfinite_scores"] == 0
+    assert saved["subset"]["mean_tokens_per_choice"] > 5  # the rows' real text, not a few special tokens
     assert saved["training"]["eager"]["retrain_50pct_swag_steps"] == 3 * (36_768 // 16)
     assert saved["retrain_50pct_swag_s"] == saved["training"]["eager"]["retrain_50pct_swag_seconds"]
+
+
+def test_tokenizer_from_vocab_and_merges(tmp_path):
+    """A directory with vocab.json and merges.txt alone (as ../shared/tokenizers/roberta-base) gives the tokenizer
+    those files define, and one whose vocabulary lacks ordinary words is refused in one line."""
+    demo = build_demo_tokenizer(make_demo_dataset())
+    demo.backend_tokenizer.model.save(str(tmp_path))  # vocab.json, merges.txt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
+    text = "Someone opens the door and walks in."
+    loaded = benchmark.load_tokenizer(tmp_path)
+    assert loaded(text)["input_ids"] == demo(text)["input_ids"] and len(loaded) == len(demo)
+    (tmp_path / "vocab.json").write_text('{"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(SystemExit, match="maps 'A man is sitting on a horse' to unknown tokens"):
+        benchmark.load_tokenizer(tmp_path)
+    with pytest.raises(SystemExit, match="is not a directory"):
+        benchmark.load_tokenizer(tmp_path / "missing")
 
 
 def test_benchmark_times_concurrent_training_under_torchrun(tmp_path, swag_files, monkeypatch):

@@ -3,7 +3,7 @@
     python analyze.py --checkpoint_dir checkpoints/demo                        # the demo, CPU
     python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
-    python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --fp32_accumulation --scoring fused  # fast
+    python analyze.py --checkpoint_dir checkpoints/swag --fast                  # the fast path
     python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
 
@@ -15,7 +15,9 @@ score means upweighting the training example raises the query's margin.
 
 `--scoring fused` computes the same scores from the same kronfluence factors with fused_scores.py
 (one pass over the training set per chunk of queries, length-sorted batches); `--scoring kronfluence`
-(the default) is kronfluence's own loop.
+(the default) is kronfluence's own loop. `--fast` is `--use_half_precision --fp32_accumulation --scoring
+fused` with kronfluence fitting the covariance and lambda factors through fused_scores.fast_factor_kernels
+(the same sums in faster GPU kernels).
 
 `--combine` averages the scores of several models (e.g. fine-tuned with different `train.py --seed`)
 on the same data into `<output_dir>/ensembles/scores_<name>_ens<K><std|mean>_<id>/`: by default each
@@ -28,7 +30,7 @@ import hashlib
 import logging
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from itertools import takewhile
 from pathlib import Path
 from typing import Optional
@@ -57,7 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
+from fused_scores import fast_factor_kernels, fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import (
     CHECKPOINTS_DIR,
     LABELS,
@@ -119,9 +121,14 @@ def parse_args(argv=None):
     parser.add_argument("--lambda_max_examples", type=at_least(1), default=None,
                         help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
                              "(default: all rows; the covariance always uses all).")
-    parser.add_argument("--scoring", choices=SCORING, default="kronfluence",
-                        help="kronfluence: its own pairwise-score loop (the reference); fused: the same scores from "
-                             "the same factors, one training pass per chunk of queries (fused_scores.py).")
+    parser.add_argument("--scoring", choices=SCORING, default=None,
+                        help="kronfluence (default): its own pairwise-score loop (the reference); fused (default with "
+                             "--fast): the same scores from the same factors, one training pass per chunk of queries "
+                             "(fused_scores.py).")
+    parser.add_argument("--fast", action="store_true",
+                        help="The fast path: --use_half_precision --fp32_accumulation --scoring fused, the covariance "
+                             "and lambda factors fitted with faster kernels for the same sums (bf16-input matmuls "
+                             "with float32 results, EKFAC's rotation before the example gradient is formed).")
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
     parser.add_argument("--factor_batch_size", type=at_least(1), default=64,
@@ -161,6 +168,11 @@ def parse_args(argv=None):
                              "then average; mean: plain average.")
     add_data_args(parser)
     args = parser.parse_args(argv)
+    if args.fast and args.scoring == "kronfluence":
+        parser.error("--fast scores with --scoring fused; drop --scoring kronfluence (or --fast)")
+    if args.fast:
+        args.use_half_precision = args.fp32_accumulation = True
+    args.scoring = args.scoring or ("fused" if args.fast else "kronfluence")
     if not np.isfinite(args.damping_factor) or args.damping_factor == 0:
         parser.error(f"argument --damping_factor: must be a positive number, or negative for the heuristic; "
                      f"got {args.damping_factor}")
@@ -185,7 +197,8 @@ def parse_args(argv=None):
 def factors_name(args) -> str:
     """Factors depend on the strategy, the precision and the training data they were fitted on."""
     name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
-    precision = ("_bf16acc32" if args.fp32_accumulation else "_bf16") if args.use_half_precision else ""
+    precision = ("_fast" if args.fast else "_bf16acc32" if args.fp32_accumulation else "_bf16"
+                 if args.use_half_precision else "")
     lam = (f"_lam{args.lambda_max_examples}" if args.lambda_max_examples
            and args.factor_strategy in ("diagonal", "ekfac") else "")  # the strategies that fit lambda
     seed = f"_s{args.seed}" if args.seed else ""  # sampled labels and the lambda rows
@@ -662,7 +675,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     if args.max_memory_gb and analyzer.state.device.type == "cuda":
         limit_gpu_memory(args.max_memory_gb, analyzer.state.device)
     started = time.perf_counter()
-    factor_batch_size = fit_factors(analyzer, args, data, f_name, factors_dir, completed, record_factors)
+    with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
+        factor_batch_size = fit_factors(analyzer, args, data, f_name, factors_dir, completed, record_factors)
     factors_seconds = time.perf_counter() - started
     cuda = analyzer.state.device.type == "cuda"
     factors_peak = torch.cuda.max_memory_allocated(analyzer.state.device) if cuda else 0  # the fused plan resets it
@@ -683,7 +697,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
             "label_noise_rows": data.corrupted_rows,
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
-            "damping_factor": args.damping_factor, "scoring": args.scoring,
+            "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
             "seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
                         "scores": round(time.perf_counter() - started - factors_seconds, 2)},
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,

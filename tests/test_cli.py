@@ -63,8 +63,8 @@ def test_names_encode_settings():
              for extra in ([], ["--use_half_precision"], ["--query_gradient_rank", "32"], ["--factor_strategy", "kfac"],
                            ["--damping_factor", "-1"], ["--num_queries", "6"], ["--scoring", "fused"], ["--seed", "3"],
                            ["--use_half_precision", "--fp32_accumulation"], ["--lambda_max_examples", "5"],
-                           ["--use_empirical_fisher"])}
-    assert len(names) == 11
+                           ["--use_empirical_fisher"], ["--fast"])}
+    assert len(names) == 12
     kfac = ["--factor_strategy", "kfac"]  # fits no lambda: a lambda subset does not make other factors
     assert analyze.factors_name(analyze.parse_args(base + kfac)) == \
         analyze.factors_name(analyze.parse_args(base + kfac + ["--lambda_max_examples", "5"]))
@@ -122,6 +122,17 @@ def test_unlabelled_queries_stop_training_before_it_starts(lds, tmp_path, monkey
     monkeypatch.setattr(train, "train_model", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(UserError, match=r"unlabelled rows \(label -1\), so margins cannot be measured"):
         train.main(args)
+
+
+def test_fast_is_the_fast_combination_and_refuses_what_contradicts_it(capsys):
+    args = analyze.parse_args(["--fast"])
+    assert args.use_half_precision and args.fp32_accumulation and args.scoring == "fused"
+    assert analyze.parse_args([]).scoring == "kronfluence" and not analyze.parse_args([]).fast
+    for extra, message in ((["--scoring", "kronfluence"], "--fast scores with --scoring fused; drop --scoring kronfluence"),
+                           (["--query_gradient_rank", "8"], "--scoring fused uses full-rank query gradients")):
+        with pytest.raises(SystemExit):
+            analyze.parse_args(["--fast", *extra])
+        assert message in capsys.readouterr().err
 
 
 def test_use_ddp_outside_torchrun(monkeypatch):

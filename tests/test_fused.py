@@ -8,8 +8,9 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from fused_scores import (PerExampleGradients, fused_pairwise_scores, fused_self_scores, longest_first, tracked_linears,
-                          with_bias_column)
+import fused_scores
+from fused_scores import (PerExampleGradients, fast_factor_kernels, fused_pairwise_scores, fused_self_scores,
+                          longest_first, rotated_example_gradients, tracked_linears, with_bias_column)
 from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
 from task import MultipleChoiceTask
 
@@ -122,10 +123,75 @@ def test_fast_path_agrees_with_fp32_reference_on_the_demo_model(demo_checkpoint,
     fast = ["--use_half_precision", "--fp32_accumulation", "--scoring", "fused"]
     agreement = {name: per_query_correlations(load_scores(main(common + extra))[0], reference)
                  for name, extra in (("fast", fast), ("fast_lambda_quarter", [*fast, "--lambda_max_examples", "150"]),
-                                     ("kronfluence_bf16", ["--use_half_precision"]))}
+                                     ("kronfluence_bf16", ["--use_half_precision"]), ("fast_flag", ["--fast"]))}
     # CPU, fixed seeds: each figure is deterministic; the thresholds sit below the measured values so that they
     # separate the configurations (bf16 rounds each product to 8 bits) rather than pin today's numbers
     assert all(a["undefined_rows"] == 0 and a["nonfinite_scores"] == 0 for a in agreement.values())
     assert agreement["fast"]["pearson"] >= 0.98, agreement
+    assert agreement["fast_flag"]["pearson"] >= 0.98, agreement  # --fast: the combination, faster factor kernels
     assert agreement["fast"]["pearson"] > agreement["kronfluence_bf16"]["pearson"] + 0.01, agreement
     assert agreement["fast_lambda_quarter"]["pearson"] >= 0.9, agreement
+
+
+def counting(monkeypatch, name):
+    calls = []
+    original = getattr(fused_scores, name)
+    monkeypatch.setattr(fused_scores, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
+    """--fast's covariance and lambda kernels give kronfluence's EKFAC factors (float64; the demo's widths 64 and
+    128 plus the bias column are padded to multiples of 8), and after the block kronfluence's own code is back.
+    Lambda is compared on the same eigenvectors: eigh is free to rotate a degenerate eigenspace."""
+    model, train, _, collator, _ = setup
+    task, dtype = MultipleChoiceTask(), torch.float64
+    analyzer = Analyzer(analysis_name="fast", model=prepare_model(copy.deepcopy(model), task), task=task,
+                        output_dir=str(tmp_path), disable_tqdm=True, cpu=True)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
+    args = FactorArguments(strategy="ekfac", activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
+                           eigendecomposition_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+
+    def stage(name, seed, covariance=True):
+        torch.manual_seed(seed)  # the same sampled labels on both sides
+        fit, load = ((analyzer.fit_covariance_matrices, analyzer.load_covariance_matrices) if covariance
+                     else (analyzer.fit_lambda_matrices, analyzer.load_lambda_matrices))
+        fit(name, train, factor_args=args, per_device_batch_size=4, overwrite_output_dir=True)
+        return load(name)
+
+    reference = stage("reference", 0)
+    grams, rotations = counting(monkeypatch, "gram"), counting(monkeypatch, "rotated_example_gradients")
+    with fast_factor_kernels(num_choices=4):
+        fast = stage("fast", 0)
+    modules = len(reference["activation_covariance"])
+    assert len(grams) == 2 * modules * 4  # two per module and batch (14 rows, 4 a batch)
+    analyzer.perform_eigendecomposition("reference", factor_args=args, overwrite_output_dir=True)
+    reference.update(stage("reference", 1, covariance=False))
+    with fast_factor_kernels(num_choices=4):
+        fast.update(stage("reference", 1, covariance=False))
+    assert len(rotations) == modules * 4
+    stage("after", 0)
+    assert len(grams) == 2 * modules * 4  # kronfluence's own code is back
+    for factor in ("activation_covariance", "gradient_covariance", "lambda_matrix", "num_activation_covariance_processed",
+                   "num_gradient_covariance_processed", "num_lambda_processed"):
+        for module, expected in reference[factor].items():
+            got = fast[factor][module]
+            if not expected.is_floating_point():  # the rows and tokens counted
+                assert torch.equal(got, expected), (factor, module)
+                continue
+            # float64 sums of the same terms in another order (lambda: rotated before the product): ~1e-16
+            # relative per term over a few thousand terms; 1e-12 still catches any missing or doubled term
+            assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
+
+
+def test_rotated_example_gradients_identity():
+    """(Gout Q_g)ᵀ (A Q_a) summed over an example's choices is Q_gᵀ (Σ_c Σ_t g aᵀ) Q_a, for odd widths."""
+    torch.manual_seed(0)
+    a, g = torch.randn(8, 5, 13, dtype=torch.float64), torch.randn(8, 5, 6, dtype=torch.float64)
+    qa = torch.linalg.qr(torch.randn(13, 13, dtype=torch.float64))[0]
+    qg = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    per_sequence = torch.einsum("sto,sti->soi", g, a)
+    expected = qg.t() @ per_sequence.view(2, 4, 6, 13).sum(dim=1) @ qa
+    got = rotated_example_gradients(a, g, qa, qg, group=4)
+    assert got.shape == (2, 6, 13)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)

@@ -2,8 +2,9 @@
 
     python benchmark.py --tokenizer_dir ../shared/tokenizers/roberta-base \\
         --train_file ../shared/data/anetcap/train.csv.gz --validation_file ../shared/data/anetcap/validation.csv.gz \\
-        --output results/benchmark_h200.json
-    python benchmark.py ... --num_train 256 --num_queries 50 --profile --output results/benchmark_profile_h200.json
+        --fit_rows 512 --output results/benchmark_h200.json
+    python benchmark.py ... --num_train 512 --num_queries 50 --configs fused_acc32 fast --train_steps 0 --profile \\
+        --output results/benchmark_profile_h200.json
 
 On one GPU and one subset (default 2,048 train × 100 queries, real text through the real roberta-base
 BPE, roberta-base weights briefly fine-tuned from random initialisation so that the gradients are not
@@ -13,23 +14,25 @@ GPU memory, extrapolates to kronfluence's full SWAG scale (73,536 train × 2,000
 every configuration's scores with the fp32 reference (mean per-query Pearson and Spearman).
 
 Configurations: `reference_fp32` and `reference_bf16` are the original example's defaults (padding to
-128, kronfluence's loop, 100 queries per pass over the training set); `fastest` fits the same bf16
-factors with kronfluence on length-sorted, dynamically padded rows and scores with fused_scores.py
-(`analyze.py --use_half_precision --scoring fused`).
+128, kronfluence's loop, 100 queries per pass over the training set); `fast` is `analyze.py --fast`
+(length-sorted, dynamically padded rows; kronfluence fits the factors through fused_scores.py's fast
+kernels, fused_scores.py scores); `fused_acc32` is the same without the fast kernels (`--use_half_precision
+--fp32_accumulation --scoring fused`). No configuration enables TF32 beyond what analyze.py does.
 
 Training: `--train_variants` times train.py's own loop (`train_model`) under each variant's flags and
 extrapolates one 50%-SWAG retraining run (36,768 rows × 3 epochs). Several retraining runs sharing one GPU:
 
     CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 benchmark.py ... --configs --train_variants cudagraphs
 
-Scaling used: covariance and lambda are linear in the training rows; the eigendecomposition does not
-depend on them. kronfluence's scores are linear in training rows × query batches (one pass over the
-training set per batch). The fused path's query side is linear in the queries; its training side is
-linear in the training rows × passes, a pass holding as many queries as fit in GPU memory; a pass is
-timed with a full chunk of queries (--num_fast_queries, capped at what fits). `--profile` records the
-ten most expensive GPU operations of each stage (torch.profiler) instead of timing alone, and for each
-training variant a third, profiled pass with the GPU's busy time (a step far longer than it is
-overhead-bound).
+Scaling used (`full_scale`): covariance and lambda are linear in the training rows; the eigendecomposition does
+not depend on them. kronfluence's scores are one pass over the training set per query batch. The fused path's
+query side is linear in the queries; a pass over the training set holds as many queries as fit in GPU memory
+and costs a fixed part plus a part per query, timed with a full chunk of queries (--num_fast_queries, capped at
+what fits) and a quarter of one. With `--fit_rows N` every configuration also runs on N rows and each linear
+cost follows the line through both sizes, so that fixed costs are counted once; otherwise it is proportional to
+--num_train. `--profile` records the ten most expensive GPU operations of each stage (torch.profiler) instead
+of timing alone, and for each training variant a third, profiled pass with the GPU's busy time (a step far
+longer than it is overhead-bound).
 """
 
 import copy
@@ -41,14 +44,15 @@ import math
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import transformers
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
-from scipy.stats import rankdata
 from transformers import AutoModelForMultipleChoice, AutoTokenizer, RobertaConfig, RobertaTokenizerFast
 
 from analyze import (
@@ -61,8 +65,8 @@ from analyze import (
     score_arguments,
 )
 from analyze import parse_args as analyze_args
-from evaluate_lds import correlation
-from fused_scores import fused_pairwise_scores
+from evaluate_lds import per_query_correlations
+from fused_scores import fast_factor_kernels, fused_pairwise_scores
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
@@ -82,21 +86,24 @@ from train import process_device, process_rank, train_model
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = {  # scoring, bf16 (acc32: fp32 factor sums), pad to 128, query rank, batch sizes, length-sorted rows
+CONFIGS = {  # scoring, bf16 (acc32: fp32 factor sums; fast: analyze.py --fast), pad to 128, query rank, batch sizes,
+    # length-sorted rows, lambda on a fraction of the rows
     "reference_fp32": dict(scoring="kronfluence", half=False, pad=True, rank=-1, factor_bs=128, query_bs=100,
                            train_bs=128, sort=False),
     "reference_bf16": dict(scoring="kronfluence", half=True, pad=True, rank=-1, factor_bs=128, query_bs=100,
                            train_bs=128, sort=False),
-    "fastest": dict(scoring="fused", half=True, acc32=True, lambda_fraction=0.25, pad=False, rank=-1, factor_bs=256,
-                    query_bs=100, train_bs=128, sort=True),
-    "fused_all_lambda": dict(scoring="fused", half=True, acc32=True, pad=False, rank=-1, factor_bs=256, query_bs=100,
-                             train_bs=128, sort=True),
+    "fast": dict(scoring="fused", half=True, acc32=True, fast=True, pad=False, rank=-1, factor_bs=256, query_bs=100,
+                 train_bs=128, sort=True),
+    "fused_acc32": dict(scoring="fused", half=True, acc32=True, pad=False, rank=-1, factor_bs=256, query_bs=100,
+                        train_bs=128, sort=True),
+    "fused_acc32_lambda_quarter": dict(scoring="fused", half=True, acc32=True, lambda_fraction=0.25, pad=False, rank=-1,
+                                       factor_bs=256, query_bs=100, train_bs=128, sort=True),
     "fused_allbf16": dict(scoring="fused", half=True, pad=False, rank=-1, factor_bs=256, query_bs=100, train_bs=128,
                           sort=True),
     "kronfluence_qlr32": dict(scoring="kronfluence", half=True, pad=False, rank=32, factor_bs=256, query_bs=100,
                               train_bs=512, sort=True),
 }
-DEFAULT_CONFIGS = ["reference_fp32", "reference_bf16", "fastest", "fused_all_lambda"]
+DEFAULT_CONFIGS = ["reference_fp32", "reference_bf16", "fused_acc32", "fast"]
 SWAG_HALF = REFERENCE_NUM_TRAIN // 2
 RECIPE_BATCH = 16
 TOKENIZER_PROBE = "A man is sitting on a horse"  # ordinary words that any English tokenizer knows
@@ -115,6 +122,10 @@ def parse_args(argv=None):
     parser.add_argument("--train_file", required=True, help="SWAG-schema file for the training rows.")
     parser.add_argument("--validation_file", required=True, help="SWAG-schema file for the queries.")
     parser.add_argument("--num_train", type=int, default=2048, help="Training rows in the timed subset.")
+    parser.add_argument("--fit_rows", type=int, default=None,
+                        help="Also time every configuration on the first N (< --num_train) training rows and "
+                             "extrapolate each stage along the line through both sizes, so that a fixed cost (saving "
+                             "the factors, a pass's set-up) is not multiplied (default: proportional to one size).")
     parser.add_argument("--num_queries", type=int, default=100, help="Queries compared across configurations.")
     parser.add_argument("--num_fast_queries", type=int, default=1000,
                         help="Queries for the configurations that score many per pass (fused; query rank); "
@@ -139,6 +150,8 @@ def parse_args(argv=None):
         args.train_variants = list(TRAIN_VARIANTS) if torch.cuda.is_available() else ["eager"]
     if min(args.num_train, args.num_queries, args.num_fast_queries) <= 0:
         parser.error("--num_train, --num_queries and --num_fast_queries must be positive")
+    if args.fit_rows is not None and not 0 < args.fit_rows < args.num_train:
+        parser.error(f"--fit_rows must be between 0 and --num_train ({args.num_train}), exclusive; got {args.fit_rows}")
     if process_rank()[1] > 1 and args.configs:
         raise UserError("under torchrun the benchmark times concurrent training only; pass --configs with no names")
     return args
@@ -185,16 +198,6 @@ def top_operations(profiler, k: int = 10) -> tuple:
               "calls": e.count} for e in events[:k]], total / 1e6)
 
 
-def per_query_correlations(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Mean per-query (row) Pearson and Spearman correlation of two score matrices, over the rows where both are
-    defined."""
-    a, b = a.double().numpy(), b.double().numpy()
-    p, s = correlation(a, b, axis=1), correlation(rankdata(a, axis=1), rankdata(b, axis=1), axis=1)
-    return {"pearson": float(np.nanmean(p)) if not np.isnan(p).all() else None,
-            "spearman": float(np.nanmean(s)) if not np.isnan(s).all() else None,
-            "undefined_rows": int(np.isnan(p).sum()), "nonfinite_scores": int((~np.isfinite(a)).sum())}
-
-
 def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args):
     c = CONFIGS[name]
     many = c["scoring"] == "fused" or c["rank"] > 0  # configurations that score many queries per pass
@@ -204,7 +207,8 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else None
     cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
     options = analyze_args(["--factor_strategy", "ekfac", "--query_gradient_rank", str(c["rank"])]
-                           + ["--use_half_precision"] * c["half"] + ["--fp32_accumulation"] * c.get("acc32", False))
+                           + ["--use_half_precision"] * c["half"] + ["--fp32_accumulation"] * c.get("acc32", False)
+                           + ["--fast"] * c.get("fast", False))
     factor_args, score_args = factor_arguments(options, len(cov_rows), len(lambda_rows)), score_arguments(options)
     task = MultipleChoiceTask()
     prepared = prepare_model(copy.deepcopy(model), task)
@@ -237,41 +241,70 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
                 score_args=score_args, overwrite_output_dir=True)
         stages["scores"] = batched("scores", kronfluence_scores, {"train_batch_size": c["train_bs"],
                                                                   "query_batch_size": min(c["query_bs"], len(queries))})
-    for stage, fn in stages.items():
-        torch.manual_seed(0)  # the sampled (true-Fisher) labels: the same draws in every configuration
-        result[stage] = timed(fn, args.profile)
-        logger.info("%s %s: %.1f s, peak %.1f GiB", name, stage, result[stage]["seconds"], result[stage]["peak_gib"])
+    with fast_factor_kernels(task.num_choices) if c.get("fast") else nullcontext():
+        for stage, fn in stages.items():
+            torch.manual_seed(0)  # the sampled (true-Fisher) labels: the same draws in every configuration
+            result[stage] = timed(fn, args.profile)
+            logger.info("%s %s (%d rows): %.1f s, peak %.1f GiB", name, stage, len(train), result[stage]["seconds"],
+                        result[stage]["peak_gib"])
     for stage, sizes in fitted.items():
         result[stage]["fitted_in_memory"] = sizes
-    scale_train = REFERENCE_NUM_TRAIN / len(train)
-    factors_full = (result["covariance"]["seconds"] + result["lambda"]["seconds"]) * scale_train \
-        + result["eigendecomposition"]["seconds"]
+    result["num_train"] = len(train)
     if c["scoring"] == "fused":
-        per_pass_full = min(REFERENCE_NUM_QUERIES, fused_timings["pass_capacity"] or REFERENCE_NUM_QUERIES)
-        passes_full = math.ceil(REFERENCE_NUM_QUERIES / per_pass_full)
-        # pass time = fixed + per_query × queries, fitted on the quarter pass and the mean full pass
+        # a pass over the training rows = fixed + per_query × queries, fitted on the quarter pass and the mean full pass
         q_small, q_big = small_timings["queries_per_pass"], len(queries) / fused_timings["passes"]
         t_small, t_big = small_timings["train_seconds"], fused_timings["train_seconds"] / fused_timings["passes"]
         per_query = max(0.0, (t_big - t_small) / (q_big - q_small)) if q_big > q_small else 0.0
-        fixed = t_big - per_query * q_big
-        train_pass_full = (fixed + per_query * min(per_pass_full, REFERENCE_NUM_QUERIES)) * scale_train
-        scores_full = fused_timings["query_seconds"] * REFERENCE_NUM_QUERIES / len(queries) \
-            + (passes_full * fixed + per_query * REFERENCE_NUM_QUERIES) * scale_train
         result["fused"] = {**{k: round(v, 2) if isinstance(v, float) else v for k, v in fused_timings.items()},
-                           "pass_fixed_s": round(fixed, 3), "pass_per_query_s": round(per_query, 5),
-                           "full_scale_queries_per_pass": per_pass_full, "full_scale_passes": passes_full,
-                           "full_scale_train_pass_s": round(train_pass_full, 1)}
+                           "pass_fixed_s": round(t_big - per_query * q_big, 3), "pass_per_query_s": round(per_query, 6)}
         scores = holder["scores"]
     else:
         query_bs = fitted["scores"]["query_batch_size"]  # at full scale as here, unless this subset has fewer queries
         query_bs = c["query_bs"] if query_bs == min(c["query_bs"], len(queries)) else query_bs
         per_pass = query_bs * (QUERY_GRADIENT_ACCUMULATION if c["rank"] > 0 else 1)
-        passes_full = math.ceil(REFERENCE_NUM_QUERIES / per_pass)
-        scores_full = result["scores"]["seconds"] * scale_train * passes_full / math.ceil(len(queries) / per_pass)
+        result["kronfluence_passes"] = {"queries_per_pass": per_pass, "full_scale_passes": math.ceil(
+            REFERENCE_NUM_QUERIES / per_pass), "pass_s": round(result["scores"]["seconds"] / math.ceil(
+                len(queries) / per_pass), 3)}
         scores = analyzer.load_pairwise_scores("s")[SCORES_KEY].float().cpu()
-    result["full_scale_seconds"] = round(factors_full + scores_full, 1)
-    result["full_scale_breakdown_s"] = {"factors": round(factors_full, 1), "scores": round(scores_full, 1)}
     return result, scores  # rows and columns in dataset order
+
+
+def along_rows(seconds: float, rows: int, small: Optional[float] = None, small_rows: Optional[int] = None) -> float:
+    """A time linear in the training rows, at full scale: proportional to `rows`, or, with a time on a smaller
+    subset, on the line through both (a fixed cost counted once; a negative slope from timing noise counts as 0)."""
+    if small is None:
+        return seconds * REFERENCE_NUM_TRAIN / rows
+    return seconds + max(0.0, (seconds - small) / (rows - small_rows)) * (REFERENCE_NUM_TRAIN - rows)
+
+
+def full_scale(result: dict, small: Optional[dict] = None) -> dict:
+    """{"seconds", "factors", "scores"[, "fused"]} at 73,536 rows × 2,000 queries from one configuration's stage
+    times (`small`: the same configuration on fewer rows, for the line through both sizes). Covariance and lambda
+    are linear in the rows, the eigendecomposition constant; kronfluence's scores are one pass over the rows per
+    query batch; the fused path's query side is linear in the queries, its passes over the rows hold as many
+    queries as fit in memory, each pass a fixed cost plus a cost per query, both linear in the rows."""
+    rows, small_rows = result["num_train"], small and small["num_train"]
+
+    def line(value):
+        return along_rows(value(result), rows, value(small) if small else None, small_rows)
+
+    factors = sum(line(lambda r, stage=stage: r[stage]["seconds"]) for stage in ("covariance", "lambda")) \
+        + result["eigendecomposition"]["seconds"]
+    out = {}
+    if "fused" in result:
+        f = result["fused"]
+        per_pass = min(REFERENCE_NUM_QUERIES, f["pass_capacity"] or REFERENCE_NUM_QUERIES)
+        passes = math.ceil(REFERENCE_NUM_QUERIES / per_pass)
+        fixed = line(lambda r: r["fused"]["pass_fixed_s"])
+        per_query = f["pass_per_query_s"] * REFERENCE_NUM_TRAIN / rows  # no fixed part: a matmul per query and row
+        scores = f["query_seconds"] * REFERENCE_NUM_QUERIES / result["settings"]["num_queries_timed"] \
+            + passes * fixed + per_query * REFERENCE_NUM_QUERIES
+        out["fused"] = {"queries_per_pass": per_pass, "passes": passes, "pass_fixed_s": round(fixed, 1),
+                        "train_pass_s": round(fixed + per_query * per_pass, 1)}
+    else:
+        k = result["kronfluence_passes"]
+        scores = k["full_scale_passes"] * line(lambda r: r["kronfluence_passes"]["pass_s"])
+    return {"seconds": round(factors + scores, 1), "factors": round(factors, 1), "scores": round(scores, 1), **out}
 
 
 def time_training(model, tokenizer, data, variant: str, profile: bool = False) -> tuple:
@@ -316,6 +349,12 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
     return result, model.eval()
 
 
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_tokenizer(path: Path):
     """The tokenizer saved in `path`, or the byte-level BPE of its vocab.json and merges.txt alone (as
     ../shared/tokenizers/roberta-base holds). Refuses one that maps ordinary words to unknown tokens: transformers 5
@@ -350,9 +389,7 @@ def random_roberta(tokenizer, **size):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
-    configure_attention()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    configure_attention()  # as analyze.py: no TF32 (fp32 means fp32; --fast chooses its own kernels)
     tokenizer = load_tokenizer(Path(args.tokenizer_dir))
     raw = load_local_files(args.train_file, args.validation_file)
     raw_train = take_first(raw["train"], args.num_train, "training rows", "--num_train")
@@ -392,24 +429,30 @@ def main(argv=None):
     results, scores = {}, {}
     out["configs"] = results
     for name in args.configs:
+        small = None
+        if args.fit_rows:
+            small = run_config(name, model, tokenizer, raw_train.select(range(args.fit_rows)), raw_queries,
+                               raw_queries_fast, args)[0]
+            free_memory()
         results[name], scores[name] = run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
+        if small:
+            results[name]["fit_subset"] = small
+        results[name]["full_scale"] = full_scale(results[name], small)
+        results[name]["full_scale_seconds"] = results[name]["full_scale"]["seconds"]
         write_json(args.output, out)  # an interrupted benchmark keeps what it measured
     if "reference_fp32" in scores:
         for name in scores:
             results[name]["vs_reference_fp32"] = per_query_correlations(scores[name][: args.num_queries],
                                                                         scores["reference_fp32"])
-    for key, name in (("reference_fp32_full_scale_s", "reference_fp32"), ("reference_bf16_full_scale_s", "reference_bf16"),
-                      ("fastest_full_scale_s", "fastest")):
-        if name in results:
-            out[key] = results[name]["full_scale_seconds"]
-    if {"reference_bf16", "fastest"} <= set(results):
-        out["speedup_vs_reference_bf16"] = round(out["reference_bf16_full_scale_s"] / out["fastest_full_scale_s"], 2)
-    if "fastest" in results and "vs_reference_fp32" in results["fastest"]:
-        out["mean_query_pearson_vs_fp32"] = results["fastest"]["vs_reference_fp32"]["pearson"]
-        out["mean_query_spearman_vs_fp32"] = results["fastest"]["vs_reference_fp32"]["spearman"]
+    for name in results:
+        out[f"{name}_full_scale_s"] = results[name]["full_scale_seconds"]
+    if "reference_bf16" in results:
+        out["speedup_vs_reference_bf16"] = {name: round(out["reference_bf16_full_scale_s"] / r["full_scale_seconds"], 2)
+                                            for name, r in results.items()}
+    if "fast" in results and "vs_reference_fp32" in results["fast"]:
+        out["mean_query_pearson_vs_fp32"] = results["fast"]["vs_reference_fp32"]["pearson"]
+        out["mean_query_spearman_vs_fp32"] = results["fast"]["vs_reference_fp32"]["spearman"]
     write_json(args.output, out)
     logger.info("results in %s", args.output)
     print(json.dumps({k: v for k, v in out.items() if k not in ("configs", "training")}, indent=1))

@@ -121,6 +121,16 @@ def correlation(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
         return np.where(denominator > 0, (a * b).sum(axis) / denominator, np.nan)
 
 
+def per_query_correlations(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean per-query (row) Pearson and Spearman correlation of two score matrices across the training rows, over
+    the queries where both are defined: how closely one scoring path reproduces another."""
+    a, b = (torch.as_tensor(x).double().numpy() for x in (a, b))
+    p, s = correlation(a, b, axis=1), correlation(rankdata(a, axis=1), rankdata(b, axis=1), axis=1)
+    return {"pearson": float(np.nanmean(p)) if not np.isnan(p).all() else None,
+            "spearman": float(np.nanmean(s)) if not np.isnan(s).all() else None,
+            "undefined_rows": int(np.isnan(p).sum()), "nonfinite_scores": int((~np.isfinite(a)).sum())}
+
+
 def lds_per_query(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Spearman correlation, for each query, between predicted (masks @ scores.T) and actual margins
     over the masks. NaN where either side is constant over the masks."""
@@ -436,7 +446,8 @@ def main(argv=None):
         other, other_meta = load_scores(args.compare)
         check_match(other.numpy(), other_meta, masks, margins, runs)
         extra["paired"] = {"other": str(args.compare), **paired_difference(
-            per_query, lds_per_query(masks, margins, other.numpy()), args.num_bootstrap, args.seed)}
+            per_query, lds_per_query(masks, margins, other.numpy()), args.num_bootstrap, args.seed),
+            "score_agreement": per_query_correlations(scores, other)}
     query = median_query(per_query) if args.query_index is None else args.query_index
     out_dir = args.output_dir or (args.scores if args.scores.is_dir() else args.scores.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +468,9 @@ def main(argv=None):
     if "paired" in extra:
         paired = extra["paired"]
         print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "
-              f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}] over {paired['num_queries']} queries")
+              f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}] over {paired['num_queries']} queries; mean "
+              f"per-query Pearson of the scores {paired['score_agreement']['pearson']:.5f} "
+              f"(Spearman {paired['score_agreement']['spearman']:.4f})")
     show_examples(meta, scores, query, args.top_k)
     return results
 

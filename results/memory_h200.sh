@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory budgets on one H200, as smaller cards: another process holds all but B GiB of the GPU, so that
 # torch.cuda.mem_get_info in the measured process reports what a B GiB card would.
-#   budgets: for each B, benchmark.py's fast configuration (`fastest`, 2,048 rows x 1,000 queries) and
+#   budgets: for each B, benchmark.py's fast configuration (`fast`, 2,048 rows x 1,000 queries) and
 #            kronfluence's own bf16 scoring at its example's batch sizes (`reference_bf16`: factor batch 128,
 #            query batch 100, training batch 128, padded to 128), default flags -> OUT/memory_<B>.json
 #            (B = "full": no other process);
@@ -38,7 +38,7 @@ if [ "$what" = budgets ]; then
     [ "$b" = full ] || hold_all_but "$b"
     status=completed
     python benchmark.py --tokenizer_dir "$TOK" $DATA_FLAGS --num_train 2048 --num_queries 100 --num_fast_queries 1000 \
-      --configs fastest reference_bf16 --train_variants eager --train_steps 30 --output "$OUT/memory_$b.json" \
+      --configs fast reference_bf16 --train_variants eager --train_steps 30 --output "$OUT/memory_$b.json" \
       --work_dir "/tmp/work_$b" ${SMOKE_FLAGS:-} > "logs/memory_$b.log" 2>&1 || status=failed
     [ -z "$hog" ] || { kill "$hog"; wait "$hog" 2>/dev/null || true; }
     echo "budget $b GiB: $status"; grep -h "WARNING\|rror\|: .* s, peak" "logs/memory_$b.log" | cut -c1-220 || true

@@ -23,30 +23,47 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     build_demo_tokenizer(make_demo_dataset()).save_pretrained(tok)
     out = tmp_path / "bench.json"
     result = benchmark.main(["--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files,
-                             "--num_train", "16", "--num_queries", "4", "--num_fast_queries", "8", "--train_steps", "1",
-                             "--architecture", "tiny", "--configs", "reference_fp32", "fastest",
+                             "--num_train", "16", "--fit_rows", "8", "--num_queries", "4", "--num_fast_queries", "8",
+                             "--train_steps", "1", "--architecture", "tiny", "--configs", "reference_fp32", "fast",
                              "--output", str(out), "--work_dir", str(tmp_path / "w")])
     saved = json.loads(out.read_text())
     assert saved["reference_fp32_full_scale_s"] == result["configs"]["reference_fp32"]["full_scale_seconds"] > 0
+
+    def line(r, value):  # the line through the two subset sizes, at 73,536 rows; a negative slope counts as 0
+        big, small = value(r), value(r["fit_subset"])
+        return big + max(0.0, (big - small) / (16 - 8)) * (73_536 - 16)
+
+    for name in ("reference_fp32", "fast"):
+        r = saved["configs"][name]
+        assert r["num_train"] == 16 and r["fit_subset"]["num_train"] == 8
+        factors = sum(line(r, lambda x, s=s: x[s]["seconds"]) for s in ("covariance", "lambda")) \
+            + r["eigendecomposition"]["seconds"]
+        assert r["full_scale"]["factors"] == pytest.approx(factors, abs=0.1)
     fp32 = saved["configs"]["reference_fp32"]
-    scale = 73_536 / 16
-    expected = (fp32["covariance"]["seconds"] + fp32["lambda"]["seconds"]) * scale + fp32["eigendecomposition"]["seconds"] \
-        + fp32["scores"]["seconds"] * scale * 20  # 2,000 queries in passes of 100, 4 queries in one pass here
-    assert fp32["full_scale_seconds"] == pytest.approx(expected, rel=0.01, abs=0.2)
-    fast = saved["configs"]["fastest"]
+    assert fp32["kronfluence_passes"]["full_scale_passes"] == 20  # 2,000 queries in passes of 100
+    assert fp32["full_scale"]["scores"] == pytest.approx(20 * line(fp32, lambda x: x["kronfluence_passes"]["pass_s"]),
+                                                         abs=0.1)
+    fast = saved["configs"]["fast"]
     assert fast["settings"]["scoring"] == "fused" and fast["fused"]["passes"] == 1  # CPU: all 8 queries in one pass
-    f = fast["fused"]
-    pass_s = (f["pass_fixed_s"] + f["pass_per_query_s"] * 2_000) * scale  # CPU: all 2,000 queries fit one pass
-    assert f["full_scale_passes"] == 1 and f["full_scale_train_pass_s"] == pytest.approx(pass_s, rel=0.02, abs=0.5)
-    expected = (fast["covariance"]["seconds"] + fast["lambda"]["seconds"]) * scale + fast["eigendecomposition"]["seconds"] \
-        + f["query_seconds"] * 2_000 / 8 + pass_s
-    assert fast["full_scale_seconds"] == pytest.approx(expected, rel=0.02, abs=1.0)
+    f, full = fast["fused"], fast["full_scale"]["fused"]
+    assert full["passes"] == 1 and full["queries_per_pass"] == 2_000  # CPU: no memory limit known
+    fixed = line(fast, lambda x: x["fused"]["pass_fixed_s"])
+    scores = f["query_seconds"] * 2_000 / 8 + fixed + f["pass_per_query_s"] * 73_536 / 16 * 2_000
+    assert fast["full_scale"]["scores"] == pytest.approx(scores, abs=0.1)
     agreement = fast["vs_reference_fp32"]  # the headline agreement is the fast configuration's, against fp32
     assert saved["mean_query_pearson_vs_fp32"] == agreement["pearson"] and -1 <= agreement["pearson"] <= 1
     assert agreement["nonfinite_scores"] == 0
     assert saved["subset"]["mean_tokens_per_choice"] > 5  # the rows' real text, not a few special tokens
     assert saved["training"]["eager"]["retrain_50pct_swag_steps"] == 3 * (36_768 // 16)
     assert saved["retrain_50pct_swag_s"] == saved["training"]["eager"]["retrain_50pct_swag_seconds"]
+
+
+def test_extrapolation_counts_a_fixed_cost_once():
+    """Along the rows: proportional to one size; with two, the fixed cost once and the per-row cost times the rows."""
+    assert benchmark.along_rows(2.0, 1_000) == pytest.approx(2.0 * 73.536)
+    # 1 s fixed + 1 ms a row, timed at 1,000 and 500 rows
+    assert benchmark.along_rows(2.0, 1_000, 1.5, 500) == pytest.approx(1.0 + 0.001 * 73_536)
+    assert benchmark.along_rows(2.0, 1_000, 2.5, 500) == 2.0  # noise: the smaller subset slower
 
 
 def test_tokenizer_from_vocab_and_merges(tmp_path):

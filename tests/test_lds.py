@@ -268,10 +268,15 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
                                 "--compare", str(scores["identity"])])
     assert result["noise_ceiling"]["repeats"] == 2 and len(result["noise_ceiling"]["per_query_reliability"]) == 12
     assert result["paired"]["other"] == str(scores["identity"])
+    agreement = result["paired"]["score_agreement"]  # identity against EKFAC scores: related, far from equal
+    assert agreement["undefined_rows"] == 0 and 0 < agreement["pearson"] < 0.999
+    itself = evaluate_lds.per_query_correlations(*[analyze.load_scores(scores["ekfac"])[0]] * 2)
+    assert itself["pearson"] == pytest.approx(1, abs=1e-12) and itself["spearman"] == pytest.approx(1, abs=1e-12)
     saved = json.loads((scores["ekfac"] / evaluate_lds.RESULTS_FILE).read_text())
     assert saved["noise_ceiling"] == result["noise_ceiling"] and saved["paired"] == result["paired"]
     out = capsys.readouterr().out
     assert "noise ceiling " in out and f"LDS - LDS({scores['identity'].name}) = " in out
+    assert "mean per-query Pearson of the scores " in out
     # a target of the first repeat alone: the LDS against repeat 0's margins, the ceiling stepped down to it
     first = evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--no_plots",
                                "--num_repeats", "1", "--output_dir", str(tmp_path / "r1")])

@@ -11,7 +11,8 @@ D="$MINILM --max_train_samples 4000 --num_queries 500 --per_device_train_batch_s
 [ -z "${SETUP_FLAGS:-}" ] || D=$SETUP_FLAGS  # data and recipe flags in place of the MiniLM setup (the demo on a CPU)
 FACTOR_BATCHES="--factor_batch_size 128 --train_batch_size 256"
 A="$FACTOR_BATCHES --query_batch_size 100"
-FAST="--use_half_precision --fp32_accumulation --scoring fused"
+FAST="--fast"
+gpu_share() { if command -v nvidia-smi > /dev/null 2>&1; then echo "--max_memory_gb $1"; fi; }  # GiB of a shared GPU
 mkdir -p logs ${OUT:+"$OUT"}
 since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
 analyze() { python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" "$@" 2>>logs/analyze.err | tail -1; }

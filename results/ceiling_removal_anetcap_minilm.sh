@@ -33,10 +33,12 @@ elif [ "$PART" = ceiling ]; then
     [ -f checkpoints/s$s/model.safetensors ] || python train.py $D --seed $s --output_dir checkpoints/s$s \
       > logs/train_s$s.log 2>&1 &
   done; wait; echo "8 seeds trained at once: $(since "$t") s"; t=$(date +%s.%N)
-  for strategy in identity kfac ekfac; do
-    analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy $strategy > logs/scores_$strategy.txt &
+  for strategy in identity kfac ekfac; do  # 11 analyses share the GPU: 3 x 16 + 8 x 8 GiB
+    analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy $strategy $(gpu_share 16) > logs/scores_$strategy.txt &
   done
-  for s in $SEEDS; do analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST > logs/fast_$s.txt & done
+  for s in $SEEDS; do
+    analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST $(gpu_share 8) > logs/fast_$s.txt &
+  done
   wait; echo "3 kronfluence strategies + 8 fast EKFAC analyses at once: $(since "$t") s"
   ensemble() { analyze --combine $(for s in $(seq 1004 $((1003 + $1))); do cat logs/fast_$s.txt; done); }
   declare -A METHODS=([identity]=$(cat logs/scores_identity.txt) [kfac]=$(cat logs/scores_kfac.txt)
@@ -54,7 +56,7 @@ elif [ "$PART" = ceiling ]; then
   fast=${METHODS[fast_ekfac]}
   python evaluate_lds.py --scores "$fast" --lds_dir "$RUNS_DIR" > logs/eval_plots.log 2>&1
   tar -cf "$OUT/fast_ekfac_scores.tar" -C "$(dirname "$fast")" "$(basename "$fast")"
-  python - "$OUT" "$N" <<'PY'
+  python - "$OUT" "$N" "$FAST" <<'PY'
 import glob, importlib.metadata, json, sys, time
 from pathlib import Path
 import torch, transformers
@@ -66,13 +68,13 @@ for f in sorted(glob.glob(f"{out}/lds/*/lds.json")):
                                  "num_queries": r["num_queries"], "target_repeats": r["target_repeats"],
                                  "noise_ceiling": {k: v for k, v in r["noise_ceiling"].items() if k != "per_query_reliability"},
                                  "fraction_of_ceiling": r["lds"] / r["noise_ceiling"]["ceiling"],
-                                 "paired_minus_ekfac": {k: r["paired"][k] for k in ("difference", "ci95", "num_queries")}}
+                                 "paired_minus_ekfac": {k: r["paired"][k] for k in ("difference", "ci95", "num_queries", "score_agreement")}}
 json.dump({"command": f"bash results/ceiling_removal_anetcap_minilm.sh ceiling MODEL DATA OUT RUNS_DIR {repeats}",
            "setup": "MiniLM (all-MiniLM-L6-v2) fine-tuned on the first 4,000 anetcap train rows, the first 500 "
                     "validation rows as queries; 100 half-data masks x %d seeds of ground truth" % repeats,
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
-           "rows": rows}, open(out / "ceiling.json", "w"), indent=1)
+           "fast_ekfac_flags": sys.argv[3], "rows": rows}, open(out / "ceiling.json", "w"), indent=1)
 print(json.dumps({k: (round(v["lds"], 4), round(v["fraction_of_ceiling"], 3)) for k, v in rows.items()}))
 PY
 

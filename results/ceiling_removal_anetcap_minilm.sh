@@ -33,13 +33,15 @@ elif [ "$PART" = ceiling ]; then
     [ -f checkpoints/s$s/model.safetensors ] || python train.py $D --seed $s --output_dir checkpoints/s$s \
       > logs/train_s$s.log 2>&1 &
   done; wait; echo "8 seeds trained at once: $(since "$t") s"; t=$(date +%s.%N)
-  for strategy in identity kfac ekfac; do  # 11 analyses share the GPU: 3 x 16 + 8 x 8 GiB
-    analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy $strategy $(gpu_share 16) > logs/scores_$strategy.txt &
-  done
+  # two waves sharing the GPU: 8 fast EKFAC analyses (16 GiB each: 500 MiniLM query gradients in 2 passes;
+  # at 8 GiB a pass holds 10), then the 3 kronfluence strategies (40 GiB each)
   for s in $SEEDS; do
-    analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST $(gpu_share 8) > logs/fast_$s.txt &
+    analyze --checkpoint_dir checkpoints/s$s $A --factor_strategy ekfac $FAST $(gpu_share 16) > logs/fast_$s.txt &
+  done; wait
+  for strategy in identity kfac ekfac; do
+    analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy $strategy $(gpu_share 40) > logs/scores_$strategy.txt &
   done
-  wait; echo "3 kronfluence strategies + 8 fast EKFAC analyses at once: $(since "$t") s"
+  wait; echo "8 fast EKFAC analyses, then 3 kronfluence strategies: $(since "$t") s"
   ensemble() { analyze --combine $(for s in $(seq 1004 $((1003 + $1))); do cat logs/fast_$s.txt; done); }
   declare -A METHODS=([identity]=$(cat logs/scores_identity.txt) [kfac]=$(cat logs/scores_kfac.txt)
     [ekfac]=$(cat logs/scores_ekfac.txt) [fast_ekfac]=$(cat logs/fast_1004.txt) [fast_ekfac_k4]=$(ensemble 4)

@@ -27,9 +27,11 @@ evaluate_lds.py evaluates the result like any single model's scores.
 
 import datetime
 import hashlib
+import importlib.metadata
 import logging
 import os
 import time
+import uuid
 from contextlib import ExitStack, nullcontext
 from itertools import takewhile
 from pathlib import Path
@@ -72,6 +74,7 @@ from pipeline import (
     at_least,
     atomic_output,
     configure_attention,
+    configure_cpu_threads,
     data_args_dict,
     decode_choices,
     file_sha256,
@@ -83,8 +86,10 @@ from pipeline import (
     positive_float,
     prepare_data,
     read_json,
+    readable_safetensors,
     require_labels,
     resolve_data_args,
+    seed_value,
     setup_logging,
     write_json,
 )
@@ -102,6 +107,8 @@ SELF_SCORES_FILE = "self_scores.safetensors"  # kronfluence's name for self-infl
 TRAIN_FIT_FILE = "train_fit.safetensors"  # per training row: loss, the model's preferred choice, the label
 QUERY_FIT_FILE = "query_fit.safetensors"  # the same per query, beside pairwise scores (report.py shows them)
 QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
+LOCK_WAIT = datetime.timedelta(hours=12)  # the longest wait for another analysis writing the same directories
+PROCESS_GROUP_TIMEOUT = LOCK_WAIT + datetime.timedelta(hours=1)  # collectives outlast that wait and the work after
 
 
 def parse_args(argv=None):
@@ -146,11 +153,14 @@ def parse_args(argv=None):
     parser.add_argument("--use_empirical_fisher", action="store_true",
                         help="Fit the factors with the dataset labels instead of labels sampled from the model "
                              "(deterministic: used to compare runs, e.g. 1 GPU against several).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the sampled (true-Fisher) labels.")
+    parser.add_argument("--seed", type=seed_value, default=0, help="Seed for the sampled (true-Fisher) labels.")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's per-stage timing profile.")
     parser.add_argument("--output_dir", type=Path, default=SCORES_DIR, help="Where factors and scores go.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Recompute factors and scores even if present (an interrupted run resumes without it).")
+    parser.add_argument("--allow_other_train_rows", action="store_true",
+                        help="Score training rows other than those the checkpoint was trained on (by default refused: "
+                             "the scores would attribute the model to rows it never saw).")
     parser.add_argument("--query_index", type=at_least(0), default=0,
                         help="Query whose top influential examples are printed.")
     parser.add_argument("--top_k", type=at_least(1), default=3, help="Proponents and opponents to print.")
@@ -323,7 +333,11 @@ def output_lock(directory: Path, stack: ExitStack) -> None:
         lock.acquire(timeout=0)
     except Timeout:
         logger.warning("another analyze.py is writing %s; waiting for it to finish", directory)
-        lock.acquire()
+        try:
+            lock.acquire(timeout=LOCK_WAIT.total_seconds())
+        except Timeout:
+            raise UserError(f"another analyze.py has been writing {directory} for {LOCK_WAIT}; wait for it or stop "
+                            f"it, or pass another --output_dir") from None
     stack.callback(lock.release)
 
 
@@ -581,7 +595,7 @@ def print_suspicious_rows(scores: torch.Tensor, fit: dict, meta: dict, data, tok
 
 
 def fit_factors(analyzer, args, data, f_name: str, factors_dir: Path, completed: list, record) -> Optional[int]:
-    """Fit the factor stages not in `completed` (appending each, and calling `record(completed)` on rank 0), each
+    """Fit the factor stages not in `completed` (appending each, and calling `record(stage, how)` on rank 0), each
     checked for NaN and infinite values before it counts as finished. Returns the factor batch size that fitted in
     memory (None if no stage ran here)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -617,10 +631,46 @@ def fit_factors(analyzer, args, data, f_name: str, factors_dir: Path, completed:
             check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
         completed.append(name)
         if rank == 0:
-            record(completed)
+            record(name, {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                          "factor_batch_size": batch_size if batched else None, "cpu_threads": torch.get_num_threads(),
+                          "device": str(analyzer.state.device), "versions": library_versions()})
     if single_fitter and rank == 0:
         dist.barrier()
     return fitted
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (kronfluence makes its paths absolute)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def library_versions() -> dict:
+    return {name: importlib.metadata.version(name) for name in ("torch", "transformers", "kronfluence")}
+
+
+def check_trained_rows(checkpoint_dir: Path, data) -> None:
+    """Refuse training rows other than those the checkpoint was trained on: scores for them would attribute the
+    model to rows it never saw (the files its data flags name may have changed, or flags given here differ)."""
+    recorded = read_json(checkpoint_dir / TRAINING_ARGS_FILE, "training arguments").get("data_fingerprint", {})
+    if recorded.get("train") not in (None, data.fingerprint["train"]):
+        raise UserError(f"these {data.fingerprint['num_train']} training rows (fingerprint "
+                        f"{data.fingerprint['train'][:8]}) are not the {recorded.get('num_train')} rows "
+                        f"{checkpoint_dir} was trained on (fingerprint {recorded['train'][:8]}); drop the data flags "
+                        f"given here (the checkpoint's own apply), restore the files it was trained on, or pass "
+                        f"--allow_other_train_rows to score these rows anyway")
+
+
+def init_process_group() -> None:
+    """torchrun's process group, with a timeout that outlasts the longest wait of one rank for the others: rank 0
+    may wait up to LOCK_WAIT for another analysis's lock while the other ranks wait in a collective (NCCL's own
+    default, 10 minutes, would abort them). On CUDA, NCCL (kronfluence then reuses this group); on CPU, gloo, and
+    kronfluence stays single-process (rank 0 fits while the others wait) while the fused scores are split."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl", timeout=PROCESS_GROUP_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
@@ -643,9 +693,13 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     provenance = {**factor_provenance, **({"kind": "self_influence"} if args.self_influence
                                           else {"query_fingerprint": data.fingerprint["queries"]})}
 
-    def record_factors(completed):  # after each finished stage: a directory's metadata is its completeness record
+    fit = {"fit_id": None, "stages": {}}  # the fit id changes whenever the factors are fitted anew
+
+    def record_factors(stage=None, how=None):  # after each finished stage: the directory's completeness record
+        if stage is not None:
+            fit["stages"][stage] = how
         write_json(factors_dir / METADATA_FILE, {"checkpoint": checkpoint, **factor_provenance,
-                                                 "completed_stages": completed})
+                                                 "completed_stages": completed, **fit})
 
     def claim_output_dirs():
         """Lock, check what the directories were computed from, and write this run's provenance before any work."""
@@ -654,23 +708,38 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         refit = "pass --overwrite to recompute it (or delete it)"
         saved = check_provenance(factors_dir, factor_provenance, args.overwrite, refit)
         finished = saved.get("completed_stages", [])
-        completed = list(takewhile(lambda stage: stage in finished, FACTOR_STAGES))  # each needs those before it
+        completed[:] = takewhile(lambda stage: stage in finished, FACTOR_STAGES)  # each needs those before it
         if completed:
             logger.info("reusing the finished factor stages in %s: %s", factors_dir, ", ".join(completed))
+            fit["fit_id"] = saved.get("fit_id")
+            fit["stages"] = {stage: saved.get("stages", {}).get(stage) for stage in completed}
+        else:
+            fit["fit_id"] = uuid.uuid4().hex
         check_factor_files(factors_dir, completed, f"delete {factors_dir} or pass --overwrite to refit the factors")
         saved = check_provenance(scores_dir, provenance, args.overwrite,
                                  "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
         reuse = saved.get("complete") is True and completed == FACTOR_STAGES
-        record_factors(completed)
+        if reuse and saved.get("factors_fit_id") != fit["fit_id"]:
+            logger.warning("the scores in %s come from an earlier fit of these factors (refitted since); "
+                           "recomputing them", scores_dir)
+            reuse = False
+        missing = [file for file in scores_files() if not readable_safetensors(scores_dir / file)]
+        if reuse and missing:
+            logger.warning("%s is missing or damaged in %s; recomputing the scores (the factors are kept)",
+                           " and ".join(missing), scores_dir)
+            reuse = False
+        record_factors()
         if not reuse:
             write_json(scores_dir / METADATA_FILE, {"checkpoint": checkpoint, **provenance, "complete": False})
-        return completed, reuse
+        return list(completed), reuse
 
-    completed, reuse_scores = on_rank_zero(claim_output_dirs)
+    def scores_files():
+        """The files the scores are reused from (the queries' fit, cheap, is redone alone when it is missing)."""
+        return [SELF_SCORES_FILE, TRAIN_FIT_FILE] if args.self_influence else [SCORES_FILE]
+
+    completed = []  # the finished factor stages, filled by claim_output_dirs on rank 0
+    completed[:], reuse_scores = on_rank_zero(claim_output_dirs)
     trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
-    if trained.get("data_fingerprint", {}).get("train") not in (None, data.fingerprint["train"]):
-        logger.warning("these training rows differ from the ones the checkpoint was trained on; "
-                       "the scores attribute to the rows given, not to the model's training set")
 
     if args.max_memory_gb and analyzer.state.device.type == "cuda":
         limit_gpu_memory(args.max_memory_gb, analyzer.state.device)
@@ -690,11 +759,12 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         scores, sizes = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
     if rank == 0 and not reuse_scores:
         write_json(scores_dir / METADATA_FILE, {
-            "checkpoint": checkpoint, **provenance, "complete": True, "recipe": trained.get("recipe"),
+            "checkpoint": checkpoint, **provenance, "complete": True, "factors_fit_id": fit["fit_id"],
+            "recipe": trained.get("recipe"),
             "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
             "factors_name": f_name, "scores_name": s_name,
             "scores_file": str(scores_dir / (SELF_SCORES_FILE if args.self_influence else SCORES_FILE)),
-            "label_noise_rows": data.corrupted_rows,
+            "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
             "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
@@ -710,11 +780,11 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         logger.info("self-influence of %d training rows in %s", len(scores), scores_dir)
         print_suspicious_rows(*load_self_scores(scores_dir), data, tokenizer, args.num_suspicious)
     elif rank == 0:
-        if not reuse_scores or not (scores_dir / QUERY_FIT_FILE).exists():
+        if not reuse_scores or not readable_safetensors(scores_dir / QUERY_FIT_FILE):
             device = analyzer.state.device
             save_fit(scores_dir / QUERY_FIT_FILE, model_fit(model.to(device), data.queries, collator,
                                                             args.query_batch_size, device))
-        logger.info("scores %s (queries × train) in %s", tuple(scores.shape), scores_dir)
+        logger.info("scores %s (queries × train) in %s", tuple(scores.shape), shown_path(scores_dir))
         print_top_examples(scores, data, tokenizer, args.query_index, args.top_k)
     return scores_dir
 
@@ -722,6 +792,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose or args.profile)  # kronfluence logs its profile at INFO
+    configure_cpu_threads()
     configure_attention()
     if args.combine:
         return combine_scores(args.combine, args.combine_mode, args.output_dir)
@@ -732,11 +803,12 @@ def main(argv=None):
     if not 0 <= args.query_index < len(data.queries):
         raise UserError(f"--query_index {args.query_index} is outside the {len(data.queries)} queries; "
                         f"pass one from 0 to {len(data.queries) - 1}")
+    if not args.allow_other_train_rows:
+        check_trained_rows(args.checkpoint_dir, data)
 
     external_group = dist.is_initialized()  # a caller's process group is left alone at the end
-    if args.use_ddp and not torch.cuda.is_available() and not dist.is_initialized():
-        # CPU: kronfluence stays single-process (rank 0 fits while the others wait), the fused scores are split
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    if args.use_ddp and not dist.is_initialized():
+        init_process_group()
     with ExitStack() as locks:
         scores_dir = run_analysis(args, model, tokenizer, data, locks)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still

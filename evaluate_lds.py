@@ -298,19 +298,31 @@ def check_match(scores: np.ndarray, meta, masks: np.ndarray, margins: np.ndarray
                    for key in ("num_train", "num_queries") if ours.get(key) != theirs.get(key)]
         differs += [f"{key} rows (hash {str(ours.get(key))[:8]} in the scores, {str(theirs.get(key))[:8]} in the runs)"
                     for key in ("train", "queries") if ours.get(key) != theirs.get(key)]
+        fix = "compute both with the same data flags" if differs else ""
         ours_recipe, their_recipe = meta.get("recipe"), runs.get("recipe")
-        fix = "Compute both with the same data flags"
         if ours_recipe and their_recipe:
+            recipe_keys = [key for key in sorted(set(ours_recipe) | set(their_recipe))
+                           if key != "seed" and ours_recipe.get(key) != their_recipe.get(key)]  # any seed may be scored
             differs += [f"{key} ({ours_recipe.get(key)} for the scored model, {their_recipe.get(key)} in the runs)"
-                        for key in sorted(set(ours_recipe) | set(their_recipe))
-                        if key != "seed" and ours_recipe.get(key) != their_recipe.get(key)]  # any seed may be scored
+                        for key in recipe_keys]
             batch = ours_recipe.get("effective_batch_size")
-            if batch != their_recipe.get("effective_batch_size"):  # each run trains in one process
-                fix = (f"Make the runs with --per_device_train_batch_size {batch}, the scored model's effective batch "
-                       f"(processes × per-device batch when it was fine-tuned under torchrun), and the same data flags")
+            if "effective_batch_size" in recipe_keys and batch is None:
+                fixes = ["make the runs with the batch size the scored model was fine-tuned with (its checkpoint, "
+                         "from an older train.py, does not record it)"]
+            elif "effective_batch_size" in recipe_keys:  # each run trains in one process
+                fixes = [f"make the runs with --per_device_train_batch_size {batch}, the scored model's effective "
+                         f"batch (processes × per-device batch when it was fine-tuned under torchrun)"]
+            else:
+                fixes = []
+            others = [key for key in recipe_keys if key != "effective_batch_size"]
+            if others:
+                fixes.append("make the runs with the scored model's training flags ("
+                             + ", ".join(f"--{'model_name_or_path' if key == 'model' else key} {ours_recipe.get(key)}"
+                                         for key in others) + ")")
+            fix = "; ".join(filter(None, [fix, *fixes]))
         if differs:
             raise UserError("the scores and the LDS runs do not belong together: they differ in "
-                            + "; ".join(differs) + f". {fix}")
+                            + "; ".join(differs) + f". {fix[0].upper() + fix[1:]}")
     if scores.shape != (margins.shape[1], masks.shape[1]):
         raise UserError(f"scores are {scores.shape[0]} queries × {scores.shape[1]} train examples but the runs have "
                         f"{margins.shape[1]} queries × {masks.shape[1]} train examples; compute both with the same data flags")

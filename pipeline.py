@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, Value, load_dataset
+from safetensors import safe_open
 from transformers import (
     AutoModelForMultipleChoice,
     AutoTokenizer,
@@ -134,6 +135,17 @@ def number_above(low: float, inclusive: bool):
 positive_float, non_negative_float = number_above(0, inclusive=False), number_above(0, inclusive=True)
 
 
+def seed_value(text: str) -> int:
+    """argparse type: a seed numpy and torch both take, 0 <= seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
 def fraction_below_one(text: str) -> float:
     """argparse type: a fraction in [0, 1)."""
     value = non_negative_float(text)
@@ -169,12 +181,18 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label_noise", type=fraction_below_one, default=None,
                        help="For measuring label-error detection: move the label of this fraction of the training "
                             "rows to another choice (default 0: the data as given); the rows changed are recorded.")
-    group.add_argument("--label_noise_seed", type=int, default=None,
+    group.add_argument("--label_noise_seed", type=seed_value, default=None,
                        help="Seed picking the rows --label_noise changes and their new labels (default 0).")
+    group.add_argument("--exclude_rows", default=None, metavar="JSON_FILE",
+                       help="Leave these training rows out: a JSON list of row indices (after --label_noise; e.g. a "
+                            "method's 'flagged' rows in evaluate_lds.py --self_scores' detection.json). Recorded in "
+                            "the checkpoint, so the later scripts use the rows the model was trained on; rows are "
+                            "then numbered among those kept.")
 
 
 DATA_ARG_NAMES = ["dataset", "train_file", "validation_file", "max_train_samples", "num_queries",
-                  "max_length", "pad_to_max_length", "label_noise", "label_noise_seed"]
+                  "max_length", "pad_to_max_length", "label_noise", "label_noise_seed", "exclude_rows"]
+DATA_PATH_NAMES = ["train_file", "validation_file", "exclude_rows"]  # recorded resolved: later runs may start elsewhere
 
 
 def data_args_dict(args: argparse.Namespace) -> dict:
@@ -183,6 +201,9 @@ def data_args_dict(args: argparse.Namespace) -> dict:
 
 def resolve_data_args(args: argparse.Namespace, checkpoint_dir: Optional[Path] = None) -> argparse.Namespace:
     """Fill unset data flags from the checkpoint's `training_args.json`, then from the defaults."""
+    for name in DATA_PATH_NAMES:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
     saved = {}
     if checkpoint_dir is not None:
         saved = read_json(Path(checkpoint_dir) / TRAINING_ARGS_FILE, what="training arguments").get("data", {})
@@ -276,9 +297,16 @@ def load_local_files(train_file: Optional[str], validation_file: Optional[str]) 
             split = load_dataset(_builder_for(path), data_files={name: path}, split=name)
         except UserError:
             raise
+        except ValueError as exc:
+            if "corresponds to no data" not in str(exc):  # the datasets library's word for an empty file
+                raise UserError(f"cannot parse {path} ({first_line(exc)}); "
+                                f"is the file truncated or not in the SWAG schema?") from None
+            split = None
         except Exception as exc:  # pyarrow/pandas parse errors are long; keep the first line
             raise UserError(f"cannot parse {path} ({first_line(exc)}); "
                             f"is the file truncated or not in the SWAG schema?") from None
+        if split is None or len(split) == 0:
+            raise UserError(f"{name} file {path} has no rows (a header alone, or nothing); pass a file with data")
         splits[name] = check_columns(split, where=path, labels_required=name == TRAIN_SPLIT)
     return DatasetDict(splits)
 
@@ -452,6 +480,7 @@ class Data:
     queries: Dataset
     fingerprint: dict
     corrupted_rows: list = field(default_factory=list)  # training rows whose label --label_noise moved
+    excluded_rows: list = field(default_factory=list)  # rows --exclude_rows left out (numbered before leaving out)
 
 
 def corrupt_labels(split: Dataset, fraction: float, seed: int) -> tuple:
@@ -469,12 +498,43 @@ def corrupt_labels(split: Dataset, fraction: float, seed: int) -> tuple:
     return split.remove_columns(LABEL_COLUMN).add_column(LABEL_COLUMN, labels, feature=feature), rows.tolist()
 
 
+def excluded_rows(path, num_train: int) -> list:
+    """The distinct training rows listed in the JSON file `path`, sorted, or one line saying what is wrong."""
+    rows = read_json(path, "--exclude_rows")
+    if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+        raise UserError(f"--exclude_rows {path} must hold a JSON list of integer row indices")
+    outside = [r for r in rows if not 0 <= r < num_train]
+    if outside:
+        raise UserError(f"--exclude_rows {path} lists rows outside the {num_train} training rows "
+                        f"({len(outside)}, e.g. {outside[0]}); pass indices from 0 to {num_train - 1}")
+    if len(set(rows)) == num_train:
+        raise UserError(f"--exclude_rows {path} lists every training row; nothing would be left to train on")
+    return sorted(set(rows))
+
+
 def select_rows(args: argparse.Namespace, raw: DatasetDict) -> tuple:
-    """The training rows (labels moved by --label_noise, if asked), the queries, and the rows whose label moved."""
+    """The training rows (labels moved by --label_noise, then rows left out by --exclude_rows, if asked), the
+    queries, the rows whose label moved (numbered among the rows kept) and the rows left out."""
     raw_train = take_first(raw[TRAIN_SPLIT], args.max_train_samples, "training rows", "--max_train_samples")
     raw_queries = take_first(raw[QUERY_SPLIT], args.num_queries, "queries", "--num_queries")
     raw_train, corrupted = corrupt_labels(raw_train, args.label_noise, args.label_noise_seed)
-    return raw_train, raw_queries, corrupted
+    excluded = excluded_rows(args.exclude_rows, len(raw_train)) if getattr(args, "exclude_rows", None) else []
+    if excluded:
+        kept = np.setdiff1d(np.arange(len(raw_train)), excluded)
+        raw_train = raw_train.select(kept)
+        corrupted = np.flatnonzero(np.isin(kept, corrupted)).tolist()
+    return raw_train, raw_queries, corrupted, excluded
+
+
+def longest_choices(split: Dataset) -> np.ndarray:
+    """Per tokenized row, the token count of its longest choice (padding left out)."""
+    import pyarrow.compute as pc
+
+    choices = pc.list_flatten(split.data.column("attention_mask").combine_chunks())  # one list of 0/1 per choice
+    offsets = choices.offsets.to_numpy()
+    tokens = np.add.reduceat(pc.list_flatten(choices).to_numpy(zero_copy_only=False).astype(np.int64),
+                             offsets[:-1] - offsets[0])  # no choice is empty: it holds the special tokens
+    return tokens.reshape(-1, NUM_CHOICES).max(axis=1)
 
 
 def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, raw: Optional[DatasetDict] = None) -> Data:
@@ -482,14 +542,22 @@ def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, r
     if limit < 1_000_000 and args.max_length > limit:  # transformers uses a huge sentinel for "no limit known"
         raise UserError(f"--max_length {args.max_length} is longer than the {limit} tokens the model "
                         f"{Path(str(tokenizer.name_or_path)).name} takes; pass --max_length {limit} or less")
-    raw_train, raw_queries, corrupted = select_rows(args, raw if raw is not None else load_raw(args))
+    raw_train, raw_queries, corrupted, excluded = select_rows(args, raw if raw is not None else load_raw(args))
     kwargs = dict(tokenizer=tokenizer, max_length=args.max_length, pad_to_max_length=args.pad_to_max_length)
     fingerprint = {"train": raw_fingerprint(raw_train), "queries": raw_fingerprint(raw_queries),
                    "num_train": len(raw_train), "num_queries": len(raw_queries),
                    "tokenizer": Path(str(tokenizer.name_or_path)).name, "vocab_size": len(tokenizer),
                    "max_length": args.max_length}
-    return Data(raw_train, raw_queries, tokenize(raw_train, **kwargs), tokenize(raw_queries, **kwargs), fingerprint,
-                corrupted)
+    if excluded:  # only then: the fingerprints of runs made without it stay as they were
+        fingerprint["excluded_rows"] = len(excluded)
+    data = Data(raw_train, raw_queries, tokenize(raw_train, **kwargs), tokenize(raw_queries, **kwargs), fingerprint,
+                corrupted, excluded)
+    duplicates = int(raw_train.select_columns([*REQUIRED_COLUMNS, LABEL_COLUMN]).to_pandas().duplicated().sum())
+    cut = [int((longest_choices(split) >= args.max_length).sum()) for split in (data.train, data.queries)]
+    if duplicates or any(cut):
+        logger.info("data: %d training rows repeat an earlier row; %d training and %d query rows reach --max_length "
+                    "%d tokens in a choice (their text is cut there)", duplicates, *cut, args.max_length)
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,25 +593,41 @@ def load_pretrained(model_name_or_path: str, raw: Optional[DatasetDict] = None, 
     return model, tokenizer
 
 
-def save_checkpoint(model, tokenizer, output_dir: Path, training_args: dict, metrics: dict) -> None:
+def save_checkpoint(model, tokenizer, output_dir: Path, training_args: dict, metrics: dict,
+                    overwrite: bool = False) -> None:
     """Write into a temporary directory, then swap it in: a crash never leaves a half-written checkpoint. An
-    existing checkpoint is replaced only when the caller allows it (train.py's --overwrite_output_dir)."""
-    with atomic_output(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / TRAINING_ARGS_FILE, training_args)
-        write_json(tmp / METRICS_FILE, metrics)
+    existing checkpoint is replaced only when the caller allows it (train.py's --overwrite_output_dir), also when
+    it appeared while this one was being trained: then the new one is kept beside it."""
+    try:
+        with atomic_output(output_dir, replace=overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / TRAINING_ARGS_FILE, training_args)
+            write_json(tmp / METRICS_FILE, metrics)
+    except FileExistsError as exc:
+        raise UserError(f"{exc}; move it where you want it, or train again with --overwrite_output_dir") from None
 
 
 def load_checkpoint(checkpoint_dir: Path):
     """Model and tokenizer of a `train.py` checkpoint, with a clear error when it is missing."""
     checkpoint_dir = Path(checkpoint_dir)
+    finish_interrupted_swaps(checkpoint_dir)  # a train.py killed while swapping its checkpoint in
     if not (checkpoint_dir / "config.json").is_file() or not (checkpoint_dir / WEIGHTS_FILE).is_file():
         raise UserError(f"no checkpoint in {checkpoint_dir} (config.json and {WEIGHTS_FILE} expected); "
                         f"train one with: python train.py --output_dir {checkpoint_dir}")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     model = AutoModelForMultipleChoice.from_pretrained(checkpoint_dir, dtype=torch.float32)
     return model, tokenizer
+
+
+def readable_safetensors(path: Path) -> bool:
+    """Whether `path` is a whole safetensors file (its header read and every tensor's bytes present)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        return True
+    except Exception:  # missing, truncated, or not safetensors at all
+        return False
 
 
 def file_sha256(path: Path) -> str:
@@ -610,26 +694,58 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def finish_interrupted_swaps(path: Path) -> None:
+    """Complete or undo what killed processes of this host left beside `path` in `atomic_output`: a finished
+    directory waiting to be swapped in (`<pid>.new`) is moved into place, a replaced one set aside (`<pid>.old`) is
+    deleted once its successor is in place or put back if none is, and unfinished temporaries (`<pid>`) are
+    removed. A process that is still running keeps its own. Writers call it first; readers may too."""
+    path = Path(path)
+    prefix = _temporary_prefix(path)
+    leftovers = {}
+    for found in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid, _, state = found.name[len(prefix):].partition(".")
+        if pid.isdigit() and state in ("", "new", "old") and not _process_alive(int(pid)):
+            leftovers.setdefault(int(pid), {})[state] = found
+    for pid in sorted(leftovers):
+        parts = leftovers[pid]
+        if "new" in parts:  # the block had finished: its result goes in, whatever the swap had reached
+            if path.exists():
+                _remove(path)
+            os.replace(parts["new"], path)
+        if "old" in parts:
+            _remove(parts["old"]) if path.exists() else os.replace(parts["old"], path)
+        if "" in parts:  # a block that never finished
+            _remove(parts[""])
+
+
 @contextmanager
-def atomic_output(path: Path):
+def atomic_output(path: Path, replace: bool = True):
     """Write `path` (a file or a directory) atomically: the block writes the temporary path it is given, which
     replaces `path` only when the block completes. Temporaries are hidden, beside `path`, and named after the host
-    and process, so concurrent writers never share one; those that killed processes of this host left for `path`
-    are removed first (a process that is still running keeps its own)."""
+    and process, so concurrent writers never share one. A directory is swapped in three renames (the finished
+    temporary to `<pid>.new`, the old directory to `<pid>.old`, `.new` into place); a process killed between them
+    leaves names from which `finish_interrupted_swaps` completes the swap. With `replace=False` a `path` that
+    exists when the block completes is left alone and the result is kept beside it (`FileExistsError` names it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
-    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = stale.name[len(prefix):]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            _remove(stale)
-    tmp = path.with_name(f"{prefix}{os.getpid()}")
+    finish_interrupted_swaps(path)
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
     try:
         yield tmp
-        if tmp.is_dir() and path.exists():  # os.replace cannot replace a directory that is not empty
-            old = path.with_name(f"{prefix}{os.getpid()}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
+        if not replace and path.exists():
+            kept = path.with_name(f"{path.name}.new-{os.getpid()}")
+            os.replace(tmp, kept)
+            raise FileExistsError(f"{path} appeared while this process wrote it; the result is in {kept}")
+        if tmp.is_dir():
+            new, old = tmp.with_name(f"{tmp.name}.new"), tmp.with_name(f"{tmp.name}.old")
+            os.replace(tmp, new)  # from here on the result is finished: a kill leaves it to be swapped in
+            if path.exists():  # os.replace cannot replace a directory that is not empty
+                os.replace(path, old)
+            os.replace(new, path)
             _remove(old)
         else:
             os.replace(tmp, path)
@@ -657,6 +773,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_cpu_threads() -> None:
+    """One CPU thread unless OMP_NUM_THREADS asks for more (CPU-only machines; GPU runs keep PyTorch's default).
+    PyTorch's default, a thread per core, collapses when another busy process shares the cores: its threads wait
+    for each other at every operation (the demo's training ran 27x slower at two threads on two shared cores than
+    at one); one thread costs about a third of the time on idle cores. Results depend on the thread count (sums
+    split differently), so a fixed default also gives every machine the same demo output."""
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(1)
 
 
 def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:

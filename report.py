@@ -80,7 +80,7 @@ def load_rows(meta: dict, scores_dir: Path) -> tuple:
     if meta is None or "data" not in meta:
         raise UserError(f"{scores_dir} has no {METADATA_FILE} naming its data; report on scores written by analyze.py")
     args = resolve_data_args(argparse.Namespace(**meta["data"]))
-    train, queries, corrupted = select_rows(args, load_raw(args))
+    train, queries, corrupted, _ = select_rows(args, load_raw(args))
     for what, rows in (("train", train), ("queries", queries)):
         if raw_fingerprint(rows) != meta["data_fingerprint"][what]:
             raise UserError(f"the {what} rows read from {meta['data']} differ from those {scores_dir} was computed "

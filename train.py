@@ -59,7 +59,9 @@ from pipeline import (
     add_data_args,
     at_least,
     atomic_output,
+    finish_interrupted_swaps,
     configure_attention,
+    configure_cpu_threads,
     data_args_dict,
     file_sha256,
     load_pretrained,
@@ -70,6 +72,7 @@ from pipeline import (
     non_negative_float,
     positive_float,
     prepare_data,
+    seed_value,
     read_json,
     require_labels,
     resolve_data_args,
@@ -116,10 +119,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataloader_num_workers", type=at_least(0), default=0,
                         help="Worker processes that collate training batches (the batches and their order are the "
                              "same for any value).")
-    parser.add_argument("--seed", type=int, default=1004, help="Seeds the head initialisation and data order.")
-    parser.add_argument("--exclude_rows", type=Path, default=None, metavar="JSON_FILE",
-                        help="Fine-tune without these training rows: a JSON list of row indices (e.g. a method's "
-                             "'flagged' rows in evaluate_lds.py --self_scores' detection.json); recorded in the checkpoint.")
+    parser.add_argument("--seed", type=seed_value, default=1004, help="Seeds the head initialisation and data order.")
     lds = parser.add_argument_group("LDS retraining runs")
     lds.add_argument("--lds_num_masks", type=at_least(1), default=None,
                      help="Number of random training subsets: given, train.py does the retraining runs instead of "
@@ -493,9 +493,6 @@ def run_finetune(args):
     raw = load_raw(args)
     model, tokenizer = load_pretrained(args.model_name_or_path, raw, seed=args.seed)
     data = prepare_data(args, tokenizer, raw)
-    excluded = excluded_rows(args.exclude_rows, len(data.train)) if args.exclude_rows else []
-    if excluded:
-        data.train = data.train.select(np.setdiff1d(np.arange(len(data.train)), excluded))
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     seed_everything(args.seed)
     world = accelerator.num_processes
@@ -530,32 +527,20 @@ def run_finetune(args):
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         training_args = {"data": data_args_dict(args), "data_fingerprint": data.fingerprint,
                          "recipe": recipe(args, world * args.per_device_train_batch_size),
-                         "label_noise_rows": data.corrupted_rows, "excluded_rows": excluded,
+                         "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-        save_checkpoint(model.to("cpu"), tokenizer, Path(args.output_dir), training_args, metrics)
+        save_checkpoint(model.to("cpu"), tokenizer, Path(args.output_dir), training_args, metrics,
+                        overwrite=args.overwrite_output_dir)
         logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return history[-1]
 
 
-def excluded_rows(path: Path, num_train: int) -> list:
-    """The distinct training rows listed in the JSON file `path`, sorted, or one line saying what is wrong."""
-    rows = read_json(path, "--exclude_rows")
-    if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
-        raise UserError(f"--exclude_rows {path} must hold a JSON list of integer row indices")
-    outside = [r for r in rows if not 0 <= r < num_train]
-    if outside:
-        raise UserError(f"--exclude_rows {path} lists rows outside the {num_train} training rows "
-                        f"({len(outside)}, e.g. {outside[0]}); pass indices from 0 to {num_train - 1}")
-    if len(set(rows)) == num_train:
-        raise UserError(f"--exclude_rows {path} lists every training row; nothing would be left to train on")
-    return sorted(set(rows))
-
-
 def check_output_dir(args) -> None:
     """Refuse before any work to replace a checkpoint (Hugging Face's --overwrite_output_dir convention)."""
     out = Path(args.output_dir)
+    finish_interrupted_swaps(out)  # a checkpoint whose swap a kill interrupted is still a checkpoint
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
         raise UserError(f"{out} already holds a checkpoint (or other files); pass --overwrite_output_dir to replace "
                         f"it, or choose another --output_dir")
@@ -564,6 +549,7 @@ def check_output_dir(args) -> None:
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
+    configure_cpu_threads()
     configure_attention()
     if args.lds_num_masks is not None or args.removal_scores is not None:
         return run_lds(args)

@@ -240,3 +240,11 @@ def test_readme_demo_command_runs_and_prints_a_short_result(tmp_path):
     assert not [line for line in lines if "Warning" in line or "kronfluence." in line], "\n".join(lines)  # its loggers
     text = "\n".join(lines)
     assert "validation accuracy" in text and "QUERY #0" in text and "Top opponents" in text
+    # the README's excerpt is this output: the accuracy, the query, the proponents and opponents it shows
+    excerpt = readme.split("```text\n", 1)[1].split("```", 1)[0]
+    shown = lambda pattern, source: re.findall(pattern, source)  # noqa: E731
+    for pattern in (r"validation accuracy [\d.]+", r"QUERY #\d+ .*\n.*", r"\+ train #\d+ +score \S+\n.*",
+                    r"- train #\d+ +score \S+\n.*"):
+        expected = shown(pattern, excerpt)
+        assert expected and expected == shown(pattern, text)[:len(expected)], (pattern, text)
+    assert shown(r"scores \(200, 600\) .* in \S+", excerpt) == shown(r"scores \(200, 600\) .* in \S+", text)

@@ -27,7 +27,6 @@ evaluate_lds.py evaluates the result like any single model's scores.
 
 import datetime
 import hashlib
-import importlib.metadata
 import logging
 import os
 import time
@@ -35,78 +34,75 @@ import uuid
 from contextlib import ExitStack, nullcontext
 from itertools import takewhile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
-from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
-from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
-from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
-from kronfluence.utils.constants import (
-    ACTIVATION_COVARIANCE_MATRIX_NAME,
-    COVARIANCE_FACTOR_NAMES,
-    EIGENDECOMPOSITION_FACTOR_NAMES,
-    GRADIENT_COVARIANCE_MATRIX_NAME,
-    LAMBDA_FACTOR_NAMES,
-    NUM_ACTIVATION_COVARIANCE_PROCESSED,
-    NUM_GRADIENT_COVARIANCE_PROCESSED,
-)
-from kronfluence.utils.dataset import DataLoaderKwargs
 from filelock import FileLock, Timeout
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.utils.dataset import DataLoaderKwargs
 
-from fused_scores import fast_factor_kernels, fused_pairwise_scores, fused_self_scores, longest_first
-from pipeline import (
+from formats import (
     CHECKPOINTS_DIR,
-    LABELS,
+    METADATA_FILE,
+    QUERY_FIT_FILE,
     SCORES_DIR,
+    SCORES_FILE,
+    SELF_SCORES_FILE,
+    TRAIN_FIT_FILE,
     TRAINING_ARGS_FILE,
     WEIGHTS_FILE,
-    ArgumentParser,
-    UserError,
+    check_provenance,
+    load_scores,
+    load_self_scores,
+    readable_safetensors,
+    save_fit,
+    save_scores,
+)
+from fused_scores import (
+    fast_factor_kernels,
+)
+from influence import (
+    BACKENDS,
+    FACTOR_STAGES,
+    STRATEGIES,
+    AnalysisConfig,
+    ScoringJob,
+    check_factor_files,
+    compute_scores,
+    fit_factors,
+    model_fit,
+)
+from pipeline import (
     add_data_args,
-    at_least,
-    atomic_output,
     configure_attention,
-    configure_cpu_threads,
     data_args_dict,
-    decode_choices,
-    file_sha256,
-    limit_gpu_memory,
     load_checkpoint,
     make_collator,
-    model_logits,
-    out_of_memory_detail,
-    positive_float,
     prepare_data,
-    read_json,
-    readable_safetensors,
+    print_suspicious_rows,
+    print_top_examples,
     require_labels,
     resolve_data_args,
+)
+from task import MultipleChoiceTask
+from utils import (
+    ArgumentParser,
+    UserError,
+    at_least,
+    configure_cpu_threads,
+    file_sha256,
+    limit_gpu_memory,
+    positive_float,
+    read_json,
+    run_script,
     seed_value,
     setup_logging,
     write_json,
 )
-from task import MultipleChoiceTask
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
-SCORING = ["kronfluence", "fused"]
-FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's, in order; then the scores
-METADATA_FILE = "metadata.json"
-SCORES_FILE = "pairwise_scores.safetensors"
-SCORES_KEY = "all_modules"
-SELF_SCORES_FILE = "self_scores.safetensors"  # kronfluence's name for self-influence scores
-TRAIN_FIT_FILE = "train_fit.safetensors"  # per training row: loss, the model's preferred choice, the label
-QUERY_FIT_FILE = "query_fit.safetensors"  # the same per query, beside pairwise scores (report.py shows them)
-QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
 LOCK_WAIT = datetime.timedelta(hours=12)  # the longest wait for another analysis writing the same directories
 PROCESS_GROUP_TIMEOUT = LOCK_WAIT + datetime.timedelta(hours=1)  # collectives outlast that wait and the work after
 
@@ -128,7 +124,7 @@ def parse_args(argv=None):
     parser.add_argument("--lambda_max_examples", type=at_least(1), default=None,
                         help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
                              "(default: all rows; the covariance always uses all).")
-    parser.add_argument("--scoring", choices=SCORING, default=None,
+    parser.add_argument("--scoring", choices=list(BACKENDS), default=None,
                         help="kronfluence (default): its own pairwise-score loop (the reference); fused (default with "
                              "--fast): the same scores from the same factors, one training pass per chunk of queries "
                              "(fused_scores.py).")
@@ -204,126 +200,6 @@ def parse_args(argv=None):
     return args
 
 
-def factors_name(args) -> str:
-    """Factors depend on the strategy, the precision and the training data they were fitted on."""
-    name = f"{args.factor_strategy}_n{args.max_train_samples or 'all'}"
-    precision = ("_fast" if args.fast else "_bf16acc32" if args.fp32_accumulation else "_bf16"
-                 if args.use_half_precision else "")
-    lam = (f"_lam{args.lambda_max_examples}" if args.lambda_max_examples
-           and args.factor_strategy in ("diagonal", "ekfac") else "")  # the strategies that fit lambda
-    seed = f"_s{args.seed}" if args.seed else ""  # sampled labels and the lambda rows
-    return name + precision + lam + ("_empfisher" if args.use_empirical_fisher else "") + seed
-
-
-def scores_name(args) -> str:
-    name = f"self_{factors_name(args)}" if args.self_influence else f"{factors_name(args)}_q{args.num_queries or 'all'}"
-    if args.query_gradient_rank > 0:
-        name += f"_qlr{args.query_gradient_rank}"
-    if args.damping_factor != 1e-8:
-        name += "_dampheur" if args.damping_factor < 0 else f"_damp{args.damping_factor:g}"
-    return name + ("_fused" if args.scoring == "fused" else "")
-
-
-def factor_arguments(args, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
-    """kronfluence's factor arguments for these flags. Its row caps (covariance_max_examples and
-    lambda_max_examples, 100,000 by default) are set to the rows given: the rows come length-sorted, so a cap
-    below them would fit the factors on the longest rows only."""
-    factor_args = (all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
-                   if args.use_half_precision else FactorArguments(strategy=args.factor_strategy))
-    factor_args.covariance_max_examples, factor_args.lambda_max_examples = num_covariance_rows, num_lambda_rows
-    if args.use_half_precision and args.fp32_accumulation:
-        factor_args.activation_covariance_dtype = factor_args.gradient_covariance_dtype = torch.float32
-        factor_args.lambda_dtype = torch.float32
-    factor_args.use_empirical_fisher = args.use_empirical_fisher
-    return factor_args
-
-
-def factor_rows(train, lambda_max_examples=None, seed: int = 0):
-    """(covariance rows, lambda rows): all rows, and N random ones, each longest first. Factors are sums over rows,
-    so their order is free: length-sorted batches pad little, and a batch size that does not fit fails at once."""
-    lambda_rows = train
-    if lambda_max_examples and lambda_max_examples < len(train):
-        pick = np.sort(np.random.default_rng(seed).choice(len(train), lambda_max_examples, replace=False))
-        lambda_rows = train.select(pick)
-    return train.select(longest_first(train)), lambda_rows.select(longest_first(lambda_rows))
-
-
-def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, overwrite: bool) -> dict:
-    """kronfluence's three factor stages, in order, as callables of the per-device `factor_batch_size` (benchmark.py times
-    them one by one; the eigendecomposition takes no batches)."""
-    return {
-        "covariance": lambda factor_batch_size=None: analyzer.fit_covariance_matrices(
-            f_name, covariance_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
-            overwrite_output_dir=overwrite),
-        "eigendecomposition": lambda factor_batch_size=None: analyzer.perform_eigendecomposition(
-            f_name, factor_args=factor_args, overwrite_output_dir=overwrite),
-        "lambda": lambda factor_batch_size=None: analyzer.fit_lambda_matrices(
-            f_name, lambda_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
-            overwrite_output_dir=overwrite),
-    }
-
-
-def halving_on_oom(stage: str, run, sizes: dict, device: torch.device) -> dict:
-    """run(**sizes) until it fits in memory: after each out-of-memory error the next of `sizes` (by turns) is
-    halved and the stage reruns. Returns the sizes that fit. Not under torch.distributed, where the other ranks
-    would wait in a collective: there the error names the flag to halve. kronfluence's own batch-size search
-    is not used: it probes the first rows, which are the shortest in length order, and not under DDP."""
-    sizes, turn = dict(sizes), 0
-    while True:
-        try:
-            run(**sizes)
-            return sizes
-        except Exception as exc:  # the error's frames hold tensors: leave the except block before freeing them
-            if not should_reduce_batch_size(exc):
-                raise
-            detail = out_of_memory_detail(exc, device)
-        clear_device_cache(garbage_collection=True)
-        names = [name for name in sizes if sizes[name] > 1]
-        flags = ", ".join(f"--{name} {sizes[name]}" for name in sizes)
-        if not names:
-            raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); free memory on the GPU (other jobs, "
-                            f"a larger --max_memory_gb) or lower --max_length")
-        name = names[turn % len(names)]
-        if dist.is_initialized():
-            raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); pass --{name} {sizes[name] // 2}")
-        logger.warning("%s: out of GPU memory at %s (%s); retrying with --%s %d", stage, flags, detail, name,
-                       sizes[name] // 2)
-        sizes[name] //= 2
-        turn += 1
-
-
-def score_arguments(args) -> ScoreArguments:
-    damping = None if args.damping_factor < 0 else args.damping_factor
-    score_args = (all_low_precision_score_arguments(dtype=torch.bfloat16, damping_factor=damping)
-                  if args.use_half_precision else ScoreArguments(damping_factor=damping))
-    if args.query_gradient_rank > 0:
-        score_args.query_gradient_low_rank = args.query_gradient_rank
-        score_args.query_gradient_accumulation_steps = QUERY_GRADIENT_ACCUMULATION
-    return score_args
-
-
-def stage_seed(seed: int, stage: str, rank: int = 0) -> int:
-    """Each stage (and rank) draws its sampled labels from a seed of its own: a stage redone after a kill draws
-    what it drew in an uninterrupted run, whatever ran before it in this process."""
-    return int(np.random.default_rng([seed, [*FACTOR_STAGES, "scores"].index(stage), rank]).integers(2**31))
-
-
-def check_provenance(output_dir: Path, expected: dict, overwrite: bool, fix: str) -> dict:
-    """Factors and scores belong to one set of weights and data: refuse to reuse them for others. Returns the
-    directory's metadata ({} when there is none to reuse)."""
-    record = output_dir / METADATA_FILE
-    if overwrite or not output_dir.exists():
-        return {}
-    if not record.exists():
-        raise UserError(f"{output_dir} has no {METADATA_FILE}, so nothing says what it was computed from; "
-                        f"{fix}")
-    saved = read_json(record, "metadata")
-    differs = [key for key, value in expected.items() if saved.get(key) != value]
-    if differs:
-        raise UserError(f"{output_dir} was computed from other {' and '.join(differs)} than this run's; {fix}")
-    return saved
-
-
 def output_lock(directory: Path, stack: ExitStack) -> None:
     """Hold a lock on `directory` (a file beside it) until `stack` closes: a second analyze.py writing the same
     directory waits, then finds this run's finished outputs (and their provenance) instead of mixing its own in."""
@@ -339,46 +215,6 @@ def output_lock(directory: Path, stack: ExitStack) -> None:
             raise UserError(f"another analyze.py has been writing {directory} for {LOCK_WAIT}; wait for it or stop "
                             f"it, or pass another --output_dir") from None
     stack.callback(lock.release)
-
-
-STAGE_FILES = dict(zip(FACTOR_STAGES, (COVARIANCE_FACTOR_NAMES, EIGENDECOMPOSITION_FACTOR_NAMES, LAMBDA_FACTOR_NAMES)))
-
-
-def check_factor_files(directory: Path, stages: list, fix: str) -> None:
-    """The files of the finished stages are whole (their headers and sizes agree) and hold finite numbers, or one
-    line names the damaged file or the module whose factor is NaN or infinite (scores from them would be NaN).
-    (An unfinished stage's files are about to be replaced.)"""
-    for stage in stages:
-        for name in STAGE_FILES[stage]:
-            file = directory / f"{name}.safetensors"
-            if not file.exists():  # a stage writes only what its strategy needs
-                continue
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    tensors = {module: f.get_tensor(module) for module in f.keys()}
-            except Exception as exc:
-                raise UserError(f"cannot read {file} ({type(exc).__name__}: {exc}); is it truncated? {fix}") from None
-            for module, tensor in tensors.items():
-                if not torch.isfinite(tensor).all():
-                    raise UserError(f"the {stage} factor {name} of module {module} holds NaN or infinite values "
-                                    f"({file}); the model's gradients overflow there (a diverged checkpoint, or bf16: "
-                                    f"drop --use_half_precision); {fix}")
-
-
-def failing_eigendecomposition(directory: Path, device: torch.device) -> str:
-    """The first module (in kronfluence's order) whose covariance torch.linalg.eigh cannot decompose, prepared as
-    kronfluence prepares it: divided by the rows counted, symmetrised, float64."""
-    pairs = [(ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED),
-             (GRADIENT_COVARIANCE_MATRIX_NAME, NUM_GRADIENT_COVARIANCE_PROCESSED)]
-    files = {name: load_file(str(directory / f"{name}.safetensors")) for pair in pairs for name in pair}
-    for module in sorted(files[ACTIVATION_COVARIANCE_MATRIX_NAME]):
-        for matrices, counts in pairs:
-            matrix = files[matrices][module].to(device, torch.float64) / files[counts][module].to(device)
-            try:
-                torch.linalg.eigh((matrix + matrix.T) / 2)
-            except torch.linalg.LinAlgError:
-                return f"{module} ({matrices})"
-    return "no module when retried alone"
 
 
 def on_rank_zero(step):
@@ -401,25 +237,6 @@ def on_rank_zero(step):
     if failure is not None:
         raise failure
     return result
-
-
-def load_scores(path: Path):
-    """Scores (queries × train, float32) and the metadata analyze.py wrote beside them (None if absent)."""
-    file = path / SCORES_FILE if path.is_dir() else path
-    if not file.is_file():
-        hint = (" (it holds self-influence scores: pass it to --self_scores)"
-                if (file.parent / SELF_SCORES_FILE).is_file() else "")
-        raise UserError(f"no scores at {path}{hint}; run analyze.py first, or pass the scores directory it printed")
-    meta_file = file.parent / METADATA_FILE
-    meta = read_json(meta_file, "scores metadata") if meta_file.exists() else None
-    if meta is not None and not meta.get("complete", True):
-        raise UserError(f"the scores in {file.parent} are from an analyze.py run that has not finished; "
-                        f"rerun it to complete them")
-    try:
-        scores = load_file(str(file))[SCORES_KEY].float()
-    except Exception as exc:
-        raise UserError(f"cannot read scores {file} ({type(exc).__name__}); is it truncated? rerun analyze.py") from None
-    return scores, meta
 
 
 def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
@@ -456,197 +273,10 @@ def combine_scores(dirs: list, mode: str, output_dir: Path) -> Path:
     return out
 
 
-def save_scores(directory: Path, scores: torch.Tensor, file_name: str = SCORES_FILE) -> None:
-    """Scores in kronfluence's file layout, written atomically."""
-    with atomic_output(directory / file_name) as tmp:
-        save_file({SCORES_KEY: scores.contiguous()}, str(tmp))
-
-
-def compute_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: Path, data, collator,
-                   rank: int) -> tuple:
-    """The pairwise scores by kronfluence's loop or the fused pass, written to `scores_dir` (whatever a killed run
-    left there is replaced), and the batch sizes that fitted in memory. `model` is the prepared model before
-    kronfluence's DDP wrapper: under torch.distributed every rank of the fused pass scores its share of the rows."""
-    device = analyzer.state.device
-    if args.self_influence:
-        return compute_self_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
-    sizes = {"train_batch_size": args.train_batch_size, "query_batch_size": args.query_batch_size}
-    if args.scoring == "kronfluence":
-        def kronfluence_scores(train_batch_size, query_batch_size):
-            torch.manual_seed(stage_seed(args.seed, "scores", rank))
-            analyzer.compute_pairwise_scores(scores_name=s_name, factors_name=f_name, query_dataset=data.queries,
-                                             train_dataset=data.train, per_device_query_batch_size=query_batch_size,
-                                             per_device_train_batch_size=train_batch_size,
-                                             score_args=score_arguments(args), overwrite_output_dir=True)
-        sizes = halving_on_oom("scores", kronfluence_scores, sizes, device)
-        scores = analyzer.load_pairwise_scores(s_name)[SCORES_KEY]
-    else:
-        torch.manual_seed(stage_seed(args.seed, "scores", rank))
-        factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
-        plan = {}
-        scores = fused_pairwise_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
-                                       score_arguments(args), data.queries, data.train, collator,
-                                       args.query_batch_size, args.train_batch_size, device=device, timings=plan)
-        sizes = {"train_micro_batch": plan["train_micro_batch"], "query_micro_batch": plan["query_micro_batch"],
-                 "queries_per_pass": plan["queries_per_pass"]}
-    check_finite(scores)
-    if args.scoring == "fused" and rank == 0:
-        save_scores(scores_dir, scores)
-    return scores, sizes
-
-
-def check_finite(scores: torch.Tensor) -> None:
-    bad = int((~torch.isfinite(scores)).sum())
-    if bad:  # the factors are finite (checked), so the scoring itself overflowed
-        raise UserError(f"{bad} of the {scores.numel()} scores are NaN or infinite (a bf16 overflow?); rerun without "
-                        f"--use_half_precision")
-
-
-def compute_self_scores(analyzer, model, args, f_name: str, s_name: str, scores_dir: Path, data, collator,
-                        rank: int) -> tuple:
-    """compute_scores for --self_influence: every training row's self-influence, by kronfluence's loop or the fused
-    pass, and (rank 0) each row's loss and preferred choice, written to `scores_dir`."""
-    device = analyzer.state.device
-    if args.scoring == "kronfluence":
-        def kronfluence_scores(train_batch_size):
-            torch.manual_seed(stage_seed(args.seed, "scores", rank))
-            analyzer.compute_self_scores(scores_name=s_name, factors_name=f_name, train_dataset=data.train,
-                                         per_device_train_batch_size=train_batch_size,
-                                         score_args=score_arguments(args), overwrite_output_dir=True)
-        sizes = halving_on_oom("self-influence", kronfluence_scores, {"train_batch_size": args.train_batch_size},
-                               device)
-        scores = analyzer.load_self_scores(s_name)[SCORES_KEY].float()
-    else:
-        factors = analyzer.load_all_factors(f_name) if args.factor_strategy != "identity" else {}
-        scores = fused_self_scores(model.to(device), analyzer.task, factors, args.factor_strategy,
-                                   score_arguments(args), data.train, collator, args.train_batch_size, device)
-        sizes = {"train_batch_size": args.train_batch_size}
-    check_finite(scores)
-    if rank == 0:
-        if args.scoring == "fused":
-            save_scores(scores_dir, scores, SELF_SCORES_FILE)
-        save_fit(scores_dir / TRAIN_FIT_FILE, model_fit(model.to(device), data.train, collator, args.train_batch_size,
-                                                         device))
-    return scores, sizes
-
-
-@torch.no_grad()
-def model_fit(model, rows, collator, batch_size: int, device: torch.device) -> dict:
-    """Per row under the model: its loss (cross-entropy on its label), the choice the model prefers, the label."""
-    model.eval()
-    fit = {"loss": [], "prediction": [], "label": []}
-    for batch in DataLoader(rows, batch_size=batch_size, collate_fn=collator):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model_logits(model, batch).float()
-        fit["loss"].append(F.cross_entropy(logits, batch[LABELS], reduction="none").cpu())
-        fit["prediction"].append(logits.argmax(-1).cpu())
-        fit["label"].append(batch[LABELS].cpu())
-    return {k: torch.cat(v).contiguous() for k, v in fit.items()}
-
-
-def save_fit(path: Path, fit: dict) -> None:
-    with atomic_output(path) as tmp:
-        save_file(fit, str(tmp))
-
-
-def load_self_scores(path: Path):
-    """Self-influence scores (train,), the training rows' fit (`model_fit`) and the metadata analyze.py wrote."""
-    file = path / SELF_SCORES_FILE if path.is_dir() else path
-    scores, meta = load_scores(file) if file.is_file() else (None, None)
-    if meta is None or meta.get("kind") != "self_influence":
-        raise UserError(f"{path} holds no self-influence scores; make them with analyze.py --self_influence")
-    return scores, load_file(str(file.parent / TRAIN_FIT_FILE)), meta  # beside the scores, wherever they moved
-
-
-def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
-    """The query and its strongest proponents and opponents as text."""
-    row = scores[query_index].float()
-
-    def show(title, example):
-        label = example["labels"]
-        texts = decode_choices(tokenizer, example)
-        print(f"{title}\n    {texts[label] if label >= 0 else texts[0] + '  (unlabelled)'}")
-
-    print("=" * 100)
-    show(f"QUERY #{query_index} (correct choice)", data.queries[query_index])
-    order = torch.argsort(row, descending=True)
-    print("-" * 100 + "\nTop proponents (training examples that most raise this query's margin):")
-    for i in order[:top_k].tolist():
-        show(f"  + train #{i}  score {row[i].item():+.4g}", data.train[i])
-    print("-" * 100 + "\nTop opponents (training examples that most lower it):")
-    for i in order.flip(0)[:top_k].tolist():
-        show(f"  - train #{i}  score {row[i].item():+.4g}", data.train[i])
-    print("=" * 100)
-
-
-def print_suspicious_rows(scores: torch.Tensor, fit: dict, meta: dict, data, tokenizer, count: int) -> None:
-    """The training rows with the largest self-influence, as text: the labelled ending and the one the model
-    prefers."""
-    corrupted = set(meta.get("label_noise_rows") or [])
-    print("=" * 100 + f"\nMost suspicious training rows (largest self-influence, {meta['factor_strategy']}):")
-    for i in torch.argsort(scores, descending=True)[:count].tolist():
-        texts = decode_choices(tokenizer, data.train[i])
-        label, preferred = int(fit["label"][i]), int(fit["prediction"][i])
-        note = "  [label moved by --label_noise]" if i in corrupted else ""
-        print(f"  train #{i}  self-influence {scores[i].item():.4g}  loss {fit['loss'][i].item():.3f}{note}\n"
-              f"      labelled:  {texts[label]}")
-        print(f"      preferred: {texts[preferred]}" if preferred != label else "      (the model prefers the label)")
-    print("=" * 100)
-
-
-def fit_factors(analyzer, args, data, f_name: str, factors_dir: Path, completed: list, record) -> Optional[int]:
-    """Fit the factor stages not in `completed` (appending each, and calling `record(stage, how)` on rank 0), each
-    checked for NaN and infinite values before it counts as finished. Returns the factor batch size that fitted in
-    memory (None if no stage ran here)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    kronfluence_ddp = analyzer.state.use_distributed
-    # kronfluence's DDP: every rank fits together; gloo/CPU: rank 0 alone fits while the others wait, then loads
-    single_fitter = dist.is_initialized() and not kronfluence_ddp
-    if single_fitter and rank != 0:
-        dist.barrier()
-    covariance_rows, lambda_rows = factor_rows(data.train, args.lambda_max_examples, args.seed)
-    stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
-                           factor_arguments(args, len(covariance_rows), len(lambda_rows)),
-                           overwrite=True)  # only unfinished stages run, and they replace what a killed run left
-    batch_size, fitted = args.factor_batch_size, None
-    for name, stage in stages.items():
-        if name in completed or not (kronfluence_ddp or rank == 0):
-            continue
-        logger.info("%s: %s factors", name, args.factor_strategy)
-
-        def run(factor_batch_size=None):
-            torch.manual_seed(stage_seed(args.seed, name, rank))
-            stage(factor_batch_size)
-        batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
-        try:
-            sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
-                                   analyzer.state.device)
-            batch_size = sizes.get("factor_batch_size", batch_size)
-        except torch.linalg.LinAlgError as exc:
-            raise UserError(f"eigendecomposition failed for {failing_eigendecomposition(factors_dir, analyzer.state.device)}: "
-                            f"{str(exc).splitlines()[0]}; refit without --use_half_precision, or use --factor_strategy "
-                            f"diagonal") from None
-        fitted = batch_size if batched else fitted
-        if rank == 0:
-            check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
-        completed.append(name)
-        if rank == 0:
-            record(name, {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                          "factor_batch_size": batch_size if batched else None, "cpu_threads": torch.get_num_threads(),
-                          "device": str(analyzer.state.device), "versions": library_versions()})
-    if single_fitter and rank == 0:
-        dist.barrier()
-    return fitted
-
-
 def shown_path(path: Path) -> str:
     """`path` relative to the working directory when it lies below it (kronfluence makes its paths absolute)."""
     relative = os.path.relpath(path)
     return str(path) if relative.startswith("..") else relative
-
-
-def library_versions() -> dict:
-    return {name: importlib.metadata.version(name) for name in ("torch", "transformers", "kronfluence")}
 
 
 def check_trained_rows(checkpoint_dir: Path, data) -> None:
@@ -686,7 +316,9 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
 
     checkpoint = str(args.checkpoint_dir.resolve())
-    f_name, s_name = factors_name(args), scores_name(args)
+    config = AnalysisConfig.from_args(args)
+    f_name, s_name = config.factors_name(args.max_train_samples), config.scores_name(args.max_train_samples,
+                                                                                    args.num_queries)
     factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
     factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
                          "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
@@ -745,7 +377,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         limit_gpu_memory(args.max_memory_gb, analyzer.state.device)
     started = time.perf_counter()
     with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
-        factor_batch_size = fit_factors(analyzer, args, data, f_name, factors_dir, completed, record_factors)
+        factor_batch_size = fit_factors(analyzer, config, data.train, f_name, factors_dir, completed, record_factors,
+                                        args.factor_batch_size)
     factors_seconds = time.perf_counter() - started
     cuda = analyzer.state.device.type == "cuda"
     factors_peak = torch.cuda.max_memory_allocated(analyzer.state.device) if cuda else 0  # the fused plan resets it
@@ -756,7 +389,9 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     else:
         logger.info("scores: %s (%s)", f"self-influence of {len(data.train)} training rows" if args.self_influence
                     else f"{len(data.queries)} queries × {len(data.train)} training rows", args.scoring)
-        scores, sizes = compute_scores(analyzer, model, args, f_name, s_name, scores_dir, data, collator, rank)
+        job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
+                         args.query_batch_size, rank)
+        scores, sizes = compute_scores(job, scores_dir)
     if rank == 0 and not reuse_scores:
         write_json(scores_dir / METADATA_FILE, {
             "checkpoint": checkpoint, **provenance, "complete": True, "factors_fit_id": fit["fit_id"],
@@ -818,4 +453,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -53,36 +53,43 @@ import torch
 import transformers
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
-from transformers import AutoModelForMultipleChoice, AutoTokenizer, RobertaConfig, RobertaTokenizerFast
+from transformers import (
+    AutoModelForMultipleChoice,
+    AutoTokenizer,
+    RobertaConfig,
+    RobertaTokenizerFast,
+)
 
-from analyze import (
+from formats import SCORES_KEY
+from fused_scores import fast_factor_kernels, fused_pairwise_scores
+from influence import (
     QUERY_GRADIENT_ACCUMULATION,
-    SCORES_KEY,
-    factor_arguments,
+    AnalysisConfig,
     factor_rows,
     factor_stages,
-    halving_on_oom,
-    score_arguments,
 )
-from analyze import parse_args as analyze_args
-from evaluate_lds import per_query_correlations
-from fused_scores import fast_factor_kernels, fused_pairwise_scores
+from metrics import per_query_correlations
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
-    ArgumentParser,
-    UserError,
     configure_attention,
     load_local_files,
     make_collator,
-    setup_logging,
     take_first,
     tokenize,
-    write_json,
 )
 from task import MultipleChoiceTask
-from train import parse_args as train_args
-from train import process_device, process_rank, train_model
+from training import TrainingRecipe, train_model
+from utils import (
+    ArgumentParser,
+    UserError,
+    halving_on_oom,
+    process_device,
+    process_rank,
+    run_script,
+    setup_logging,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +114,11 @@ DEFAULT_CONFIGS = ["reference_fp32", "reference_bf16", "fused_acc32", "fast"]
 SWAG_HALF = REFERENCE_NUM_TRAIN // 2
 RECIPE_BATCH = 16
 TOKENIZER_PROBE = "A man is sitting on a horse"  # ordinary words that any English tokenizer knows
-TRAIN_VARIANTS = {  # train.py flags of each timed training variant
-    "eager": [],
-    "workers2": ["--dataloader_num_workers", "2"],
-    "compiled": ["--torch_compile", "dynamic"],
-    "cudagraphs": ["--torch_compile", "cudagraphs", "--dataloader_num_workers", "2"],
+TRAIN_VARIANTS = {  # the training recipe's settings (train.py's flags of the same names) of each timed variant
+    "eager": {},
+    "workers2": {"dataloader_num_workers": 2},
+    "compiled": {"torch_compile": "dynamic"},
+    "cudagraphs": {"torch_compile": "cudagraphs", "dataloader_num_workers": 2},
 }
 
 
@@ -206,10 +213,10 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     collator = make_collator(tokenizer, c["pad"])
     lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else None
     cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
-    options = analyze_args(["--factor_strategy", "ekfac", "--query_gradient_rank", str(c["rank"])]
-                           + ["--use_half_precision"] * c["half"] + ["--fp32_accumulation"] * c.get("acc32", False)
-                           + ["--fast"] * c.get("fast", False))
-    factor_args, score_args = factor_arguments(options, len(cov_rows), len(lambda_rows)), score_arguments(options)
+    fast = c.get("fast", False)  # as analyze.py --fast: half precision with fp32 sums
+    config = AnalysisConfig(factor_strategy="ekfac", query_gradient_rank=c["rank"], use_half_precision=c["half"] or fast,
+                            fp32_accumulation=c.get("acc32", False) or fast, fast=fast)
+    factor_args, score_args = config.factor_arguments(len(cov_rows), len(lambda_rows)), config.score_arguments()
     task = MultipleChoiceTask()
     prepared = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(analysis_name=name, model=prepared, task=task, output_dir=str(args.work_dir), disable_tqdm=True,
@@ -318,12 +325,12 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
     _, world, _ = process_rank()
     device = process_device()
     model = copy.deepcopy(model).to(device).train()
-    flags = train_args(["--per_device_train_batch_size", str(RECIPE_BATCH), "--num_train_epochs", "1",
-                        "--learning_rate", "2e-5", *TRAIN_VARIANTS[variant]])
+    recipe = TrainingRecipe(per_device_train_batch_size=RECIPE_BATCH, num_train_epochs=1, learning_rate=2e-5,
+                            **TRAIN_VARIANTS[variant])
     collator = make_collator(tokenizer)
 
     def one_pass():
-        train_model(model, data, collator, flags, seed=0, device=device, quiet=True)
+        train_model(model, data, collator, recipe, seed=0, device=device, quiet=True)
 
     warmup = timed(one_pass)["seconds"]
     if world > 1:
@@ -332,7 +339,7 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
     steps = len(data) // RECIPE_BATCH
     per_step = measured["seconds"] / steps
     full_steps = 3 * (SWAG_HALF // RECIPE_BATCH)
-    result = {"flags": " ".join(TRAIN_VARIANTS[variant]), "seconds_per_step": round(per_step, 4),
+    result = {"flags": " ".join(f"--{name} {value}" for name, value in TRAIN_VARIANTS[variant].items()), "seconds_per_step": round(per_step, 4),
               "batch_size": RECIPE_BATCH, "steps_timed": steps, "peak_gib": measured["peak_gib"],
               "warmup_pass_seconds": warmup, "retrain_50pct_swag_steps": full_steps,
               "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}
@@ -460,4 +467,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

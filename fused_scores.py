@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline import UserError, available_memory, out_of_memory_detail
+from utils import UserError, available_memory, out_of_memory_detail
 
 logger = logging.getLogger(__name__)
 

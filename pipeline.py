@@ -12,17 +12,10 @@ records them, so later scripts reuse the exact data the model was trained on.
 """
 
 import argparse
-import glob
 import hashlib
-import json
 import logging
 import os
 import random
-import re
-import shutil
-import socket
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -32,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, Value, load_dataset
-from safetensors import safe_open
 from transformers import (
     AutoModelForMultipleChoice,
     AutoTokenizer,
@@ -40,6 +32,22 @@ from transformers import (
     PreTrainedTokenizerBase,
     RobertaConfig,
     RobertaTokenizerFast,
+)
+
+from formats import METRICS_FILE, TRAINING_ARGS_FILE, WEIGHTS_FILE
+from utils import (
+    ArgumentParser,
+    UserError,
+    at_least,
+    atomic_output,
+    finish_interrupted_swaps,
+    first_line,
+    fraction_below_one,
+    read_json,
+    run_script,
+    seed_value,
+    setup_logging,
+    write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,94 +72,11 @@ DEMO_MODEL = "tiny-roberta"  # built from a config; see `build_demo_model`
 REFERENCE_NUM_TRAIN = 73_536  # kronfluence's examples/swag sizes
 REFERENCE_NUM_QUERIES = 2_000
 
-CHECKPOINTS_DIR = Path("checkpoints")
-SCORES_DIR = Path("scores")
-LDS_DIR = Path("lds")
-REMOVAL_DIR = Path("removal")
-TRAINING_ARGS_FILE = "training_args.json"
-METRICS_FILE = "metrics.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-class UserError(SystemExit):
-    """A problem with the user's input: printed as one line, exit status 1, no traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.message = message
-
-    def __reduce__(self):  # raised in a worker process, it comes back with its message as given
-        return type(self), (self.message,)
 
 
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with errors on one line: `train.py: error: argument --lds_repeats: ...` and exit status 2, without
-    the usage block (several lines for these scripts; --help shows it)."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(**kwargs)
-        self.add_argument("--verbose", action="store_true",
-                          help="Also show the libraries' INFO logs (kronfluence's argument dumps and model repr).")
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def at_least(low: int):
-    """argparse type: an integer >= low (the message names the allowed range)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
-        return value
-
-    return parse
-
-
-def number_above(low: float, inclusive: bool):
-    """argparse type: a finite float > low (>= low when inclusive)."""
-    bound = f"{'>=' if inclusive else '>'} {low:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
-        if not np.isfinite(value) or value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
-        return value
-
-    return parse
-
-
-positive_float, non_negative_float = number_above(0, inclusive=False), number_above(0, inclusive=True)
-
-
-def seed_value(text: str) -> int:
-    """argparse type: a seed numpy and torch both take, 0 <= seed < 2**32."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {value}")
-    return value
-
-
-def fraction_below_one(text: str) -> float:
-    """argparse type: a fraction in [0, 1)."""
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
-    return value
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -327,12 +252,6 @@ def load_raw(args: argparse.Namespace) -> DatasetDict:
     return DatasetDict({name: check_columns(raw[name], where=f"{HUB_DATASET[0]}:{name}",
                                             labels_required=name == TRAIN_SPLIT)
                         for name in (TRAIN_SPLIT, QUERY_SPLIT)})
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, for one-line errors about third-party failures."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def take_first(split: Dataset, n: Optional[int], what: str, flag: str) -> Dataset:
@@ -620,169 +539,14 @@ def load_checkpoint(checkpoint_dir: Path):
     return model, tokenizer
 
 
-def readable_safetensors(path: Path) -> bool:
-    """Whether `path` is a whole safetensors file (its header read and every tensor's bytes present)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-        return True
-    except Exception:  # missing, truncated, or not safetensors at all
-        return False
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # GPU memory: what a stage may use, and what an out-of-memory error says
 # --------------------------------------------------------------------------------------------
-_memory_caps = {}  # CUDA device index -> bytes this process may hold there (--max_memory_gb)
-
-
-def limit_gpu_memory(gib: float, device: torch.device) -> None:
-    """Cap this process's allocations on `device` at `gib` GiB (PyTorch's per-process memory fraction, so that
-    kronfluence's stages keep to it too); `available_memory` plans within the cap."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    if gib * 2**30 > total:
-        raise UserError(f"--max_memory_gb {gib:g} is more than the {total / 2**30:.1f} GiB of "
-                        f"{torch.cuda.get_device_name(index)}; pass at most that")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
-    _memory_caps[index] = int(gib * 2**30)
-
-
-def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes this process can still allocate on `device`: the device's free memory (within the cap, if one is set)
-    plus what PyTorch's allocator holds unused. None on CPU, where no limit is known."""
-    if device.type != "cuda":
-        return None
-    free = torch.cuda.mem_get_info(device)[0]
-    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-    cap = _memory_caps.get(device.index if device.index is not None else torch.cuda.current_device())
-    room = free if cap is None else min(free, cap - reserved)
-    return max(0, room) + reserved - allocated
-
-
-def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:
-    """What an out-of-memory error asked for and what the device had, in a few words."""
-    asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(exc))
-    room = available_memory(device)
-    return ", ".join(part for part in (f"it asked for {asked.group(1)} more" if asked else "",
-                                       f"{room / 2**30:.1f} GiB available" if room is not None else "") if part) \
-        or first_line(exc)
 
 
 # --------------------------------------------------------------------------------------------
 # Small shared helpers
 # --------------------------------------------------------------------------------------------
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-{socket.gethostname()}-"
-
-
-def finish_interrupted_swaps(path: Path) -> None:
-    """Complete or undo what killed processes of this host left beside `path` in `atomic_output`: a finished
-    directory waiting to be swapped in (`<pid>.new`) is moved into place, a replaced one set aside (`<pid>.old`) is
-    deleted once its successor is in place or put back if none is, and unfinished temporaries (`<pid>`) are
-    removed. A process that is still running keeps its own. Writers call it first; readers may too."""
-    path = Path(path)
-    prefix = _temporary_prefix(path)
-    leftovers = {}
-    for found in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid, _, state = found.name[len(prefix):].partition(".")
-        if pid.isdigit() and state in ("", "new", "old") and not _process_alive(int(pid)):
-            leftovers.setdefault(int(pid), {})[state] = found
-    for pid in sorted(leftovers):
-        parts = leftovers[pid]
-        if "new" in parts:  # the block had finished: its result goes in, whatever the swap had reached
-            if path.exists():
-                _remove(path)
-            os.replace(parts["new"], path)
-        if "old" in parts:
-            _remove(parts["old"]) if path.exists() else os.replace(parts["old"], path)
-        if "" in parts:  # a block that never finished
-            _remove(parts[""])
-
-
-@contextmanager
-def atomic_output(path: Path, replace: bool = True):
-    """Write `path` (a file or a directory) atomically: the block writes the temporary path it is given, which
-    replaces `path` only when the block completes. Temporaries are hidden, beside `path`, and named after the host
-    and process, so concurrent writers never share one. A directory is swapped in three renames (the finished
-    temporary to `<pid>.new`, the old directory to `<pid>.old`, `.new` into place); a process killed between them
-    leaves names from which `finish_interrupted_swaps` completes the swap. With `replace=False` a `path` that
-    exists when the block completes is left alone and the result is kept beside it (`FileExistsError` names it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    finish_interrupted_swaps(path)
-    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
-    try:
-        yield tmp
-        if not replace and path.exists():
-            kept = path.with_name(f"{path.name}.new-{os.getpid()}")
-            os.replace(tmp, kept)
-            raise FileExistsError(f"{path} appeared while this process wrote it; the result is in {kept}")
-        if tmp.is_dir():
-            new, old = tmp.with_name(f"{tmp.name}.new"), tmp.with_name(f"{tmp.name}.old")
-            os.replace(tmp, new)  # from here on the result is finished: a kill leaves it to be swapped in
-            if path.exists():  # os.replace cannot replace a directory that is not empty
-                os.replace(path, old)
-            os.replace(new, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # the block failed
-            _remove(tmp)
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{what} file {path} is not valid JSON ({exc}); is it truncated? delete it and rerun") from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def configure_cpu_threads() -> None:
-    """One CPU thread unless OMP_NUM_THREADS asks for more (CPU-only machines; GPU runs keep PyTorch's default).
-    PyTorch's default, a thread per core, collapses when another busy process shares the cores: its threads wait
-    for each other at every operation (the demo's training ran 27x slower at two threads on two shared cores than
-    at one); one thread costs about a third of the time on idle cores. Results depend on the thread count (sums
-    split differently), so a fixed default also gives every machine the same demo output."""
-    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
-        torch.set_num_threads(1)
 
 
 def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
@@ -807,20 +571,6 @@ def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
 
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
     AttentionMaskInterface.register("sdpa", sdpa_mask if mask_check else sdpa_mask_always_built)
-
-
-QUIET_LOGGERS = ["kronfluence"]  # INFO floods: every argument dataclass, the model repr, the tokenizer's vocabulary
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """This project's INFO lines; the libraries' INFO only with --verbose. kronfluence's deprecated
-    torch.cuda.amp.GradScaler call warns on every stage: that one warning, from kronfluence, is hidden."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
-                                category=FutureWarning, module=r"kronfluence\.")
 
 
 def decode_choices(tokenizer: PreTrainedTokenizerBase, row: dict) -> list:
@@ -855,4 +605,40 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
+
+
+def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
+    """The query and its strongest proponents and opponents as text."""
+    row = scores[query_index].float()
+
+    def show(title, example):
+        label = example["labels"]
+        texts = decode_choices(tokenizer, example)
+        print(f"{title}\n    {texts[label] if label >= 0 else texts[0] + '  (unlabelled)'}")
+
+    print("=" * 100)
+    show(f"QUERY #{query_index} (correct choice)", data.queries[query_index])
+    order = torch.argsort(row, descending=True)
+    print("-" * 100 + "\nTop proponents (training examples that most raise this query's margin):")
+    for i in order[:top_k].tolist():
+        show(f"  + train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("-" * 100 + "\nTop opponents (training examples that most lower it):")
+    for i in order.flip(0)[:top_k].tolist():
+        show(f"  - train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("=" * 100)
+
+
+def print_suspicious_rows(scores: torch.Tensor, fit: dict, meta: dict, data, tokenizer, count: int) -> None:
+    """The training rows with the largest self-influence, as text: the labelled ending and the one the model
+    prefers."""
+    corrupted = set(meta.get("label_noise_rows") or [])
+    print("=" * 100 + f"\nMost suspicious training rows (largest self-influence, {meta['factor_strategy']}):")
+    for i in torch.argsort(scores, descending=True)[:count].tolist():
+        texts = decode_choices(tokenizer, data.train[i])
+        label, preferred = int(fit["label"][i]), int(fit["prediction"][i])
+        note = "  [label moved by --label_noise]" if i in corrupted else ""
+        print(f"  train #{i}  self-influence {scores[i].item():.4g}  loss {fit['loss'][i].item():.3f}{note}\n"
+              f"      labelled:  {texts[label]}")
+        print(f"      preferred: {texts[preferred]}" if preferred != label else "      (the model prefers the label)")
+    print("=" * 100)

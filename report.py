@@ -21,28 +21,38 @@ import jinja2
 import torch
 from safetensors.torch import load_file
 
-from analyze import METADATA_FILE, QUERY_FIT_FILE, load_scores, load_self_scores
-from evaluate_lds import HISTOGRAM_FILE, RESULTS_FILE, SCATTER_FILE
+from formats import (
+    HISTOGRAM_FILE,
+    METADATA_FILE,
+    QUERY_FIT_FILE,
+    REPORT_FILE,
+    RESULTS_FILE,
+    SCATTER_FILE,
+    load_scores,
+    load_self_scores,
+    scores_directory,
+)
 from pipeline import (
     CONTEXT_COLUMN,
     ENDING_COLUMNS,
     HEADER_COLUMN,
     LABEL_COLUMN,
+    load_raw,
+    raw_fingerprint,
+    resolve_data_args,
+    select_rows,
+)
+from utils import (
     ArgumentParser,
     UserError,
     at_least,
     atomic_output,
-    load_raw,
-    raw_fingerprint,
     read_json,
-    resolve_data_args,
-    select_rows,
+    run_script,
     setup_logging,
 )
 
 logger = logging.getLogger(__name__)
-
-REPORT_FILE = "report.html"
 
 
 def parse_args(argv=None):
@@ -108,7 +118,7 @@ def select_queries(args, num_queries: int, per_query_lds) -> list:
 def build_context(args) -> dict:
     """Everything the template shows, as plain Python values (the template escapes every string)."""
     scores, meta = load_scores(args.scores)
-    scores_dir = args.scores if args.scores.is_dir() else args.scores.parent
+    scores_dir = scores_directory(args.scores)
     train, queries, corrupted = load_rows(meta, scores_dir)
     lds_file = args.lds or scores_dir / RESULTS_FILE
     if args.lds is not None and not args.lds.is_file():
@@ -213,7 +223,6 @@ ol.endings { list-style: upper-alpha; margin: .3em 0; } .gold { font-weight: 600
 {% endfor %}</table>{% endmacro %}
 
 
-
 <h2>Queries ({{ queries|length }}) and their top {{ top_k }} proponents and opponents</h2>
 <nav><button id="prev">◀ previous</button><span id="where"></span> <button id="next">next ▶</button>
 <label>query # <input id="jump" type="number" min="0" style="width:6em"></label></nav>
@@ -268,7 +277,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
     context = build_context(args)
-    scores_dir = args.scores if args.scores.is_dir() else args.scores.parent
+    scores_dir = scores_directory(args.scores)
     output = args.output or scores_dir / REPORT_FILE
     if output.is_dir():
         raise UserError(f"--output {output} is a directory; pass a file name such as {output / REPORT_FILE}")
@@ -281,4 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

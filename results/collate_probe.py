@@ -24,7 +24,8 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from pipeline import load_raw, make_collator, prepare_data, write_json  # noqa: E402
+from pipeline import load_raw, make_collator, prepare_data  # noqa: E402
+from utils import write_json  # noqa: E402
 
 
 def median_ms(step, batches) -> float:

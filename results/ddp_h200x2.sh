@@ -73,8 +73,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from analyze import load_scores
-from benchmark import per_query_correlations
+from formats import load_scores
+from metrics import per_query_correlations
 
 stage, out = sys.argv[1], Path(sys.argv[2])
 lines = [line.split() for line in Path("logs/wall.txt").read_text().splitlines()]

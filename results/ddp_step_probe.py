@@ -41,8 +41,16 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's scripts
 
 import train  # noqa: E402
-from pipeline import (configure_attention, load_pretrained, load_raw, make_collator, model_logits,  # noqa: E402
-                      prepare_data)
+import training  # noqa: E402
+import utils  # noqa: E402
+from pipeline import (  # noqa: E402
+    configure_attention,
+    load_pretrained,
+    load_raw,
+    make_collator,
+    model_logits,
+    prepare_data,
+)
 
 
 def sync():
@@ -75,9 +83,9 @@ def train_pass(net, model, batches, device, phases):
     start = time.perf_counter()
     for cpu_batch in batches:
         t0 = time.perf_counter()
-        batch = train.to_device(cpu_batch, device)
+        batch = training.to_device(cpu_batch, device)
         t1 = time.perf_counter()
-        with train.autocast(device):
+        with training.autocast(device):
             logits = model_logits(net, batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])
         t2 = time.perf_counter()
@@ -101,7 +109,7 @@ def main():
     args = train.parse_args(rest)
     cuda = torch.cuda.is_available()  # CPU (gloo) only to try the probe out
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world, local = train.process_rank()
+    rank, world, local = utils.process_rank()
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -20,8 +20,8 @@ k=1; while [ $k -le $K ]; do
 python - "$OUT" <<'PY'
 import glob, json, sys
 from pathlib import Path
-from analyze import load_scores
-from benchmark import per_query_correlations
+from formats import load_scores
+from metrics import per_query_correlations
 out = {"lds": {f.split("/")[-2]: {k: v for k, v in json.load(open(f)).items() if k in ("lds", "ci95")}
                for f in sorted(glob.glob("scores/**/lds.json", recursive=True))}}
 try:

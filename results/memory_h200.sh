@@ -62,7 +62,7 @@ elif [ "$what" = concurrent ]; then
 import json, sys
 from pathlib import Path
 import torch
-from analyze import METADATA_FILE, load_scores
+from formats import METADATA_FILE, load_scores
 out, alone, first, second = Path(sys.argv[1]), *sys.argv[2:5]
 runs = {"alone": alone, "first": first, "second": second}
 scores = {k: load_scores(Path(v))[0] for k, v in runs.items() if v and Path(v).is_dir()}
@@ -82,7 +82,8 @@ elif [ "$what" = merge ]; then
   python - "$output" "$@" <<'PY'
 import json, sys
 from pathlib import Path
-from pipeline import REFERENCE_NUM_QUERIES, REFERENCE_NUM_TRAIN, write_json
+from pipeline import REFERENCE_NUM_QUERIES, REFERENCE_NUM_TRAIN
+from utils import write_json
 files = [f for d in sys.argv[2:] for f in sorted(Path(d).glob("memory_*.json"))]
 budgets, concurrent = {}, None
 for f in files:

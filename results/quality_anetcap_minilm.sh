@@ -38,8 +38,8 @@ done
 python - "$OUT" <<'PY'
 import json, sys, glob
 from pathlib import Path
-from analyze import load_scores
-from benchmark import per_query_correlations
+from formats import load_scores
+from metrics import per_query_correlations
 ref = load_scores(Path("scores/s1004/scores_ekfac_n4000_q500"))[0]
 out = {"lds": {}, "agreement_vs_kronfluence_fp32_ekfac": {}}
 for f in sorted(glob.glob("scores/**/lds.json", recursive=True)):

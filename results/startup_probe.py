@@ -37,10 +37,17 @@ def main():
     t = phase("import_datasets", t)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import train
-    from pipeline import load_pretrained, load_raw, make_collator, prepare_data, write_json
+    from pipeline import (
+        load_pretrained,
+        load_raw,
+        make_collator,
+        prepare_data,
+        require_labels,
+    )
+    from utils import process_device, write_json
     t = phase("import_project", t)
     args = train.parse_args(argv)
-    device = train.process_device()
+    device = process_device()
     torch.zeros(1, device=device)
     t = phase("cuda_context", t)
     raw = load_raw(args)
@@ -49,7 +56,7 @@ def main():
     {k: v.detach().clone() for k, v in model.state_dict().items()}
     t = phase("load_model", t)
     data = prepare_data(args, tokenizer, raw)
-    train.require_labels(data.queries)
+    require_labels(data.queries)
     make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     t = phase("tokenize", t)
     model.to(device)

@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from kronfluence.analyzer import Analyzer
 
 import analyze
+import formats
 import pipeline
 import train
-from analyze import STRATEGIES
-from conftest import TINY
-from pipeline import UserError
+import training
+from influence import STRATEGIES, AnalysisConfig
+from utils import UserError
 
 
 def test_checkpoint_is_save_pretrained_directory(tiny_checkpoint):
@@ -32,9 +34,9 @@ def test_checkpoint_is_save_pretrained_directory(tiny_checkpoint):
 def test_train_then_analyze_each_strategy(tiny_checkpoint, tmp_path, strategy, capsys):
     scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", strategy,
                                "--output_dir", str(tmp_path), "--query_index", "2"])
-    scores = Analyzer.load_file(scores_dir / analyze.SCORES_FILE)[analyze.SCORES_KEY]
+    scores = Analyzer.load_file(scores_dir / formats.SCORES_FILE)[formats.SCORES_KEY]
     assert scores.shape == (12, 48) and torch.isfinite(scores).all()
-    meta = json.loads((scores_dir / analyze.METADATA_FILE).read_text())
+    meta = json.loads((scores_dir / formats.METADATA_FILE).read_text())
     assert meta["factor_strategy"] == strategy and meta["shape"] == [12, 48]
     assert meta["data_fingerprint"]["num_train"] == 48
     assert set(meta["seconds"]) == {"factors", "scores"} and meta["complete"] is True
@@ -43,38 +45,48 @@ def test_train_then_analyze_each_strategy(tiny_checkpoint, tmp_path, strategy, c
     assert "<pad>" not in out and "<s>" not in out
 
 
+def factors_name(argv, checkpoint=None) -> str:
+    """The factors name analyze.py gives these flags."""
+    args = pipeline.resolve_data_args(analyze.parse_args(argv), checkpoint)
+    return AnalysisConfig.from_args(args).factors_name(args.max_train_samples)
+
+
+def scores_name(argv) -> str:
+    args = pipeline.resolve_data_args(analyze.parse_args(argv))
+    return AnalysisConfig.from_args(args).scores_name(args.max_train_samples, args.num_queries)
+
+
 def test_factors_are_reused_and_guarded(tiny_checkpoint, tmp_path):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "kfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
-    factors_dir = scores_dir.parent / f"factors_{analyze.factors_name(pipeline.resolve_data_args(analyze.parse_args(args), tiny_checkpoint))}"
+    factors_dir = scores_dir.parent / f"factors_{factors_name(args, tiny_checkpoint)}"
     stamp = {p: p.stat().st_mtime_ns for p in factors_dir.glob("*.safetensors")}
     analyze.main(args + ["--query_gradient_rank", "4"])  # new scores name, same factors
     assert stamp and stamp == {p: p.stat().st_mtime_ns for p in factors_dir.glob("*.safetensors")}
-    meta = json.loads((factors_dir / analyze.METADATA_FILE).read_text())
+    meta = json.loads((factors_dir / formats.METADATA_FILE).read_text())
     meta["weights_sha256"] = "0" * 64
-    (factors_dir / analyze.METADATA_FILE).write_text(json.dumps(meta))
+    (factors_dir / formats.METADATA_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match="other weights_sha256 than this run's; pass --overwrite"):
         analyze.main(args)
 
 
 def test_names_encode_settings():
     base = ["--max_train_samples", "10", "--num_queries", "5"]
-    names = {analyze.scores_name(pipeline.resolve_data_args(analyze.parse_args(base + extra)))
+    names = {scores_name(base + extra)
              for extra in ([], ["--use_half_precision"], ["--query_gradient_rank", "32"], ["--factor_strategy", "kfac"],
                            ["--damping_factor", "-1"], ["--num_queries", "6"], ["--scoring", "fused"], ["--seed", "3"],
                            ["--use_half_precision", "--fp32_accumulation"], ["--lambda_max_examples", "5"],
                            ["--use_empirical_fisher"], ["--fast"])}
     assert len(names) == 12
     kfac = ["--factor_strategy", "kfac"]  # fits no lambda: a lambda subset does not make other factors
-    assert analyze.factors_name(analyze.parse_args(base + kfac)) == \
-        analyze.factors_name(analyze.parse_args(base + kfac + ["--lambda_max_examples", "5"]))
+    assert factors_name(base + kfac) == factors_name(base + kfac + ["--lambda_max_examples", "5"])
 
 
 def test_demo_model_learns_and_influence_finds_its_group(demo_checkpoint, tmp_path):
     metrics = json.loads((demo_checkpoint / "metrics.json").read_text())
     assert metrics["validation_accuracy"] >= 0.6  # chance is 0.25
     scores_dir = analyze.main(["--checkpoint_dir", str(demo_checkpoint), "--output_dir", str(tmp_path)])
-    scores = Analyzer.load_file(scores_dir / analyze.SCORES_FILE)[analyze.SCORES_KEY].float()
+    scores = Analyzer.load_file(scores_dir / formats.SCORES_FILE)[formats.SCORES_KEY].float()
     raw = pipeline.make_demo_dataset()
     train_groups = np.array(raw["train"]["video-id"])
     query_groups = np.array(raw["validation"]["video-id"])
@@ -148,16 +160,16 @@ def test_torch_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, mod
     graphs themselves are skipped by torch)."""
     from safetensors import safe_open
 
-    lengths, real = [], train.model_logits
+    lengths, real = [], pipeline.model_logits
     def recording(model, batch):  # training batches go through the compiled module, evaluation batches do not
         if hasattr(model, "_orig_mod"):
             lengths.append(batch["input_ids"].size(-1))
         return real(model, batch)
 
-    monkeypatch.setattr(train, "model_logits", recording)
+    monkeypatch.setattr(training, "model_logits", recording)
     out = tmp_path / "compiled"
     result = train.main([*TINY, "--num_train_epochs", "1", "--torch_compile", *mode, "--output_dir", str(out)])
-    bucketed = [n % train.LENGTH_BUCKET == 0 for n in lengths]
+    bucketed = [n % training.LENGTH_BUCKET == 0 for n in lengths]
     assert lengths and all(bucketed) == bool(mode), lengths  # the demo's own lengths are not all multiples
     assert np.isfinite(result["train_loss"]) and 0 <= result["validation_accuracy"] <= 1
     with safe_open(str(out / "model.safetensors"), "pt") as f:

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, threads
 from safetensors import safe_open
 
 import analyze
+import formats
 import train
-from conftest import TINY, threads
+import training
 from pipeline import load_checkpoint, load_raw, make_collator, prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def test_fused_scores_split_over_torchrun_ranks_equal_one_process_bitwise(tiny_c
     shutil.copytree(factors, ddp.parent / factors.name)
     result = torchrun("analyze.py", *common, "--use_ddp", "--output_dir", str(tmp_path / "two"))
     assert "reusing the finished factor stages" in result.stderr
-    a, b = (analyze.load_scores(d) for d in (single, ddp))
+    a, b = (formats.load_scores(d) for d in (single, ddp))
     assert b[1]["num_processes"] == 2 and a[0].shape == b[0].shape == (12, 48)
     assert torch.equal(a[0], b[0])
     assert result.stdout.count("QUERY #0") == 1  # only rank 0 prints
@@ -70,7 +72,7 @@ def test_fused_analysis_under_torchrun_refitting_the_factors_agrees(tiny_checkpo
     common = ["--checkpoint_dir", str(tiny_checkpoint), "--scoring", "fused", "--damping_factor", "1e-3"]
     single = analyze.main([*common, "--output_dir", str(tmp_path / "one")])
     torchrun("analyze.py", *common, "--use_ddp", "--output_dir", str(tmp_path / "two"))
-    a, b = (analyze.load_scores(d)[0] for d in (single, tmp_path / "two" / single.relative_to(tmp_path / "one")))
+    a, b = (formats.load_scores(d)[0] for d in (single, tmp_path / "two" / single.relative_to(tmp_path / "one")))
     pearson = [np.corrcoef(x, y)[0, 1] for x, y in zip(a.double().numpy(), b.double().numpy())]
     assert min(pearson) >= 0.9999, pearson
 
@@ -106,7 +108,7 @@ def test_finetuning_under_torchrun_validates_on_every_query_once(num_queries, tm
     model, tokenizer = load_checkpoint(out)
     parsed = train.parse_args(args)
     data = prepare_data(parsed, tokenizer, load_raw(parsed))
-    full = train.evaluate(model, data.queries, make_collator(tokenizer), 64, torch.device("cpu"))
+    full = training.evaluate(model, data.queries, make_collator(tokenizer), 64, torch.device("cpu"))
     # the same predictions: the same number of correct queries
     assert round(metrics["validation_accuracy"] * num_queries) == round(full["accuracy"] * num_queries)
     # a mean of float32 losses over at most 13 queries: summation rounding <= 13 * 2^-24 relative, and a batch of
@@ -118,7 +120,7 @@ ON_RANK_ZERO = """
 import sys, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from analyze import on_rank_zero
-from pipeline import UserError
+from utils import UserError
 dist.init_process_group("gloo")
 def claim():
     print(f"claimed by rank {dist.get_rank()}", file=sys.stderr)

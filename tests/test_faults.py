@@ -2,9 +2,9 @@
 range, data that is not what the model was trained on, provenance of a resumed fit, threads, process-group waits."""
 
 import argparse
+import contextlib
 import datetime
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,15 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from filelock import FileLock
 
 import analyze
 import evaluate_lds
+import formats
+import influence
 import pipeline
 import report
 import train
-from conftest import TINY
-from pipeline import UserError
+import training
+import utils
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY = ["--factor_strategy", "identity"]
@@ -39,7 +43,7 @@ KILL_SWAP = textwrap.dedent("""
     from pathlib import Path
     import pipeline
     path, kill_at = Path(sys.argv[1]), sys.argv[2]
-    real_replace, real_remove, calls = os.replace, pipeline._remove, []
+    real_replace, real_remove, calls = os.replace, utils._remove, []
     def replace(src, dst):
         calls.append(src)
         if kill_at == f"rename{len(calls)}":
@@ -49,8 +53,8 @@ KILL_SWAP = textwrap.dedent("""
         if kill_at == "remove_old" and str(p).endswith(".old"):
             os.kill(os.getpid(), signal.SIGKILL)
         real_remove(p)
-    os.replace, pipeline._remove = replace, remove
-    with pipeline.atomic_output(path) as tmp:
+    os.replace, utils._remove = replace, remove
+    with utils.atomic_output(path) as tmp:
         tmp.mkdir()
         (tmp / "weights").write_text("new")
 """)
@@ -66,7 +70,7 @@ def test_a_directory_swap_killed_anywhere_is_completed_by_the_next_reader(kill_a
     (path / "weights").write_text("old")
     result = subprocess.run([sys.executable, "-c", KILL_SWAP, str(path), kill_at], cwd=ROOT)
     assert result.returncode == -signal.SIGKILL
-    pipeline.finish_interrupted_swaps(path)
+    utils.finish_interrupted_swaps(path)
     assert (path / "weights").read_text() == survivor
     assert leftovers(tmp_path) == []
 
@@ -89,7 +93,7 @@ def test_a_checkpoint_that_appears_during_training_is_not_replaced(tmp_path, mon
     """--overwrite_output_dir is checked again when the checkpoint is written: another run's checkpoint that
     appeared meanwhile stays, and the new one is kept beside it, named in the error."""
     out = tmp_path / "ckpt"
-    real_train_model = train.train_model
+    real_train_model = training.train_model
 
     def train_then_other_run_writes(*args, **kwargs):
         result = real_train_model(*args, **kwargs)
@@ -103,7 +107,7 @@ def test_a_checkpoint_that_appears_during_training_is_not_replaced(tmp_path, mon
         train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(out)])
     kept = Path(str(err.value).split("the result is in ")[1].split(";")[0])
     assert (out / "other").read_text() == "another run's checkpoint"
-    assert (kept / pipeline.WEIGHTS_FILE).is_file() and (kept / pipeline.TRAINING_ARGS_FILE).is_file()
+    assert (kept / formats.WEIGHTS_FILE).is_file() and (kept / formats.TRAINING_ARGS_FILE).is_file()
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,27 +122,27 @@ def truncate(path: Path) -> None:
 def test_missing_or_damaged_scores_are_recomputed_from_the_kept_factors(damage, tiny_checkpoint, tmp_path, caplog):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
-    before = analyze.load_scores(scores_dir)[0].clone()  # not a view of the file truncated below
-    for name in (analyze.SCORES_FILE, analyze.QUERY_FIT_FILE):
+    before = formats.load_scores(scores_dir)[0].clone()  # not a view of the file truncated below
+    for name in (formats.SCORES_FILE, formats.QUERY_FIT_FILE):
         (scores_dir / name).unlink() if damage == "delete" else truncate(scores_dir / name)
     caplog.clear()
     caplog.set_level("INFO")
     assert analyze.main(args) == scores_dir
     assert "reusing the finished factor stages" in caplog.text and "recomputing the scores" in caplog.text
     assert "covariance: ekfac factors" not in caplog.text  # the factors were kept
-    assert torch.equal(analyze.load_scores(scores_dir)[0], before)
-    assert pipeline.readable_safetensors(scores_dir / analyze.QUERY_FIT_FILE)
+    assert torch.equal(formats.load_scores(scores_dir)[0], before)
+    assert formats.readable_safetensors(scores_dir / formats.QUERY_FIT_FILE)
 
 
 def test_damaged_self_influence_files_are_recomputed(tiny_checkpoint, tmp_path, caplog):
     args = ["--checkpoint_dir", str(tiny_checkpoint), *IDENTITY, "--self_influence", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
-    before = analyze.load_self_scores(scores_dir)[0].clone()
-    truncate(scores_dir / analyze.TRAIN_FIT_FILE)
+    before = formats.load_self_scores(scores_dir)[0].clone()
+    truncate(scores_dir / formats.TRAIN_FIT_FILE)
     caplog.clear()
     analyze.main(args)
     assert "recomputing the scores" in caplog.text
-    assert torch.equal(analyze.load_self_scores(scores_dir)[0], before)
+    assert torch.equal(formats.load_self_scores(scores_dir)[0], before)
 
 
 def test_each_factor_stage_records_how_it_ran_and_scores_from_an_older_fit_are_redone(tiny_checkpoint, tmp_path,
@@ -146,28 +150,28 @@ def test_each_factor_stage_records_how_it_ran_and_scores_from_an_older_fit_are_r
     common = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     kron_dir = analyze.main(common)
     factors_dir = next(kron_dir.parent.glob("factors_*"))
-    fit = json.loads((factors_dir / analyze.METADATA_FILE).read_text())
-    assert sorted(fit["stages"]) == sorted(analyze.FACTOR_STAGES)
-    for stage in analyze.FACTOR_STAGES:
+    fit = json.loads((factors_dir / formats.METADATA_FILE).read_text())
+    assert sorted(fit["stages"]) == sorted(influence.FACTOR_STAGES)
+    for stage in influence.FACTOR_STAGES:
         how = fit["stages"][stage]
         assert how["world_size"] == 1 and how["cpu_threads"] == torch.get_num_threads()
         assert set(how["versions"]) == {"torch", "transformers", "kronfluence"}
         assert (how["factor_batch_size"] is None) == (stage == "eigendecomposition")
-    assert json.loads((kron_dir / analyze.METADATA_FILE).read_text())["factors_fit_id"] == fit["fit_id"]
+    assert json.loads((kron_dir / formats.METADATA_FILE).read_text())["factors_fit_id"] == fit["fit_id"]
     # another scores directory refits the shared factors with --overwrite: the first scores are now stale
     analyze.main([*common, "--scoring", "fused", "--overwrite"])
-    refit = json.loads((factors_dir / analyze.METADATA_FILE).read_text())["fit_id"]
+    refit = json.loads((factors_dir / formats.METADATA_FILE).read_text())["fit_id"]
     assert refit != fit["fit_id"]
     caplog.clear()
     analyze.main(common)
     assert "come from an earlier fit of these factors" in caplog.text
-    assert json.loads((kron_dir / analyze.METADATA_FILE).read_text())["factors_fit_id"] == refit
+    assert json.loads((kron_dir / formats.METADATA_FILE).read_text())["factors_fit_id"] == refit
 
 
 def test_a_resumed_fit_keeps_its_id(tiny_checkpoint, tmp_path):
     common = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(common)
-    record = next(scores_dir.parent.glob("factors_*")) / analyze.METADATA_FILE
+    record = next(scores_dir.parent.glob("factors_*")) / formats.METADATA_FILE
     fit = json.loads(record.read_text())
     record.write_text(json.dumps({**fit, "completed_stages": ["covariance"]}))  # as a kill during the lambda stage
     analyze.main(common)
@@ -196,7 +200,7 @@ def test_relative_data_paths_are_stored_resolved_and_other_rows_are_refused(tmp_
     monkeypatch.chdir(tmp_path / "a")
     train.main(["--train_file", "data/train.csv", "--validation_file", "data/validation.csv", "--model_name_or_path",
                 pipeline.DEMO_MODEL, "--num_train_epochs", "1", "--output_dir", str(ckpt)])
-    saved = json.loads((ckpt / pipeline.TRAINING_ARGS_FILE).read_text())["data"]
+    saved = json.loads((ckpt / formats.TRAINING_ARGS_FILE).read_text())["data"]
     assert saved["train_file"] == str(tmp_path / "a" / "data" / "train.csv")
     monkeypatch.chdir(tmp_path / "b")
     common = ["--checkpoint_dir", str(ckpt), *IDENTITY, "--output_dir", str(tmp_path / "scores")]
@@ -207,7 +211,7 @@ def test_relative_data_paths_are_stored_resolved_and_other_rows_are_refused(tmp_
     assert "\n" not in str(err.value)
     other = analyze.main([*common[:-1], str(tmp_path / "other"), "--train_file", "data/train.csv",
                           "--validation_file", "data/validation.csv", "--allow_other_train_rows"])
-    assert analyze.load_scores(other)[1]["data"]["train_file"] == str(tmp_path / "b" / "data" / "train.csv")
+    assert formats.load_scores(other)[1]["data"]["train_file"] == str(tmp_path / "b" / "data" / "train.csv")
 
 
 def test_excluded_rows_are_part_of_the_data_every_later_script_sees(tmp_path):
@@ -215,10 +219,10 @@ def test_excluded_rows_are_part_of_the_data_every_later_script_sees(tmp_path):
     rows.write_text("[0, 5, 47]")
     ckpt = tmp_path / "ckpt"
     train.main([*TINY, "--num_train_epochs", "1", "--exclude_rows", str(rows), "--output_dir", str(ckpt)])
-    fingerprint = json.loads((ckpt / pipeline.TRAINING_ARGS_FILE).read_text())["data_fingerprint"]
+    fingerprint = json.loads((ckpt / formats.TRAINING_ARGS_FILE).read_text())["data_fingerprint"]
     assert fingerprint["num_train"] == 45 and fingerprint["excluded_rows"] == 3
     scores_dir = analyze.main(["--checkpoint_dir", str(ckpt), *IDENTITY, "--output_dir", str(tmp_path / "s")])
-    scores, meta = analyze.load_scores(scores_dir)
+    scores, meta = formats.load_scores(scores_dir)
     assert scores.shape == (12, 45) and meta["excluded_rows"] == [0, 5, 47]
     train_rows, _, _ = report.load_rows(meta, scores_dir)  # the report reads the same 45 rows
     full = pipeline.make_demo_dataset()["train"]
@@ -319,10 +323,10 @@ def test_cpu_runs_default_to_one_thread_unless_omp_num_threads_says_otherwise(mo
     try:
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        pipeline.configure_cpu_threads()
+        utils.configure_cpu_threads()
         assert torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
-        pipeline.configure_cpu_threads()
+        utils.configure_cpu_threads()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -347,6 +351,6 @@ def test_a_lock_held_past_the_longest_wait_stops_with_one_line(tmp_path, monkeyp
     held = FileLock(directory.with_name(f".{directory.name}.lock"))
     held.acquire()
     with pytest.raises(UserError, match=r"another analyze.py has been writing .*scores_x for 0:00:00.2"):
-        with analyze.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             analyze.output_lock(directory, stack)
     held.release()

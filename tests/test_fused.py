@@ -9,10 +9,27 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 import fused_scores
-from fused_scores import (PerExampleGradients, fast_factor_kernels, fused_pairwise_scores, fused_self_scores,
-                          longest_first, rotated_example_gradients, tracked_linears, with_bias_column)
-from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
+from formats import load_scores
+from fused_scores import (
+    PerExampleGradients,
+    fast_factor_kernels,
+    fused_pairwise_scores,
+    fused_self_scores,
+    longest_first,
+    rotated_example_gradients,
+    tracked_linears,
+    with_bias_column,
+)
+from metrics import per_query_correlations
+from pipeline import (
+    build_demo_model,
+    build_demo_tokenizer,
+    make_collator,
+    make_demo_dataset,
+    tokenize,
+)
 from task import MultipleChoiceTask
+from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +132,7 @@ def test_fast_path_agrees_with_fp32_reference_on_the_demo_model(demo_checkpoint,
     """bf16 compute with fp32 factor sums and fused scores tracks kronfluence's fp32 EKFAC on a trained
     model more closely than kronfluence's all-bf16 arguments; fitting lambda on a quarter of the rows
     costs some agreement (measured on the demo: Pearson 0.991, 0.958 and 0.956)."""
-    from analyze import load_scores, main
-    from benchmark import per_query_correlations
+    from analyze import main
 
     common = ["--checkpoint_dir", str(demo_checkpoint), "--output_dir", str(tmp_path)]
     reference = load_scores(main(common))[0]

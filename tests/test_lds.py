@@ -9,17 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy.stats import rankdata
 
 import analyze
 import evaluate_lds
+import formats
+import metrics
 import train
-from evaluate_lds import lds_per_query, summarize
-from pipeline import UserError
-
-from conftest import TINY
+import training
+from metrics import lds_per_query, summarize
+from utils import UserError
 
 LDS_TINY = [*TINY, "--num_train_epochs", "1", "--lds_num_masks", "3", "--lds_repeats", "2"]
 
@@ -56,7 +58,7 @@ def test_constant_queries_are_reported_not_averaged():
 def test_runs_resume_after_interruption(tmp_path, monkeypatch):
     out = tmp_path / "lds"
     args = [*LDS_TINY, "--lds_output_dir", str(out)]
-    real, calls = train.train_model, []
+    real, calls = training.train_model, []
 
     def crash_on_fourth(*a, **k):
         calls.append(1)
@@ -64,14 +66,14 @@ def test_runs_resume_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed mid-run
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "train_model", crash_on_fourth)
+    monkeypatch.setattr(training, "train_model", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
     first = sorted(out.glob("run_*.safetensors"))
     assert len(first) == 3
     stamps = {p: p.stat().st_mtime_ns for p in first}
     first[0].write_bytes(first[0].read_bytes()[:50])  # a truncated file is redone, not trusted
-    monkeypatch.setattr(train, "train_model", real)
+    monkeypatch.setattr(training, "train_model", real)
     written = train.main(args)
     files = sorted(out.glob("run_*.safetensors"))
     assert len(files) == 6 and len(written) == 4  # 3 unfinished + 1 truncated
@@ -87,7 +89,7 @@ def test_runs_resume_after_interruption(tmp_path, monkeypatch):
 
 def test_ranks_split_runs_without_overlap(tmp_path, monkeypatch):
     args = [*LDS_TINY, "--lds_num_masks", "2", "--lds_repeats", "1", "--lds_output_dir", str(tmp_path)]
-    monkeypatch.setattr(train, "train_model", lambda model, *a, **k: (model, []))
+    monkeypatch.setattr(training, "train_model", lambda model, *a, **k: (model, []))
     seen = []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
@@ -97,13 +99,13 @@ def test_ranks_split_runs_without_overlap(tmp_path, monkeypatch):
 
 
 FORKED_RUN = """
-import sys, torch, train
-real = train.train_model
+import sys, torch, train, training
+real = training.train_model
 def checked(*a, **k):  # inherited by the forked workers
     if torch.cuda._is_in_bad_fork():
         raise RuntimeError("this worker cannot initialise CUDA: the parent touched it before forking")
     return real(*a, **k)
-train.train_model = checked
+training.train_model = checked
 print(sorted(p.name for p in train.main(sys.argv[1:])))
 """
 
@@ -121,7 +123,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
     from conftest import threads
 
     args = [*LDS_TINY, "--lds_repeats", "1"]
-    with threads(1):  # a forked worker trains on one thread (train._forked_worker): the same kernels, the same bits
+    with threads(1):  # a forked worker trains on one thread (training._forked_worker): the same kernels, the same bits
         one = train.main([*args, "--lds_output_dir", str(tmp_path / "one")])
     forked = [*args, "--lds_processes", "2", "--lds_output_dir", str(tmp_path / "forked")]
     result = run_forked(forked)
@@ -176,9 +178,9 @@ def test_demo_lds_ekfac_beats_identity(tmp_path, capsys):
         scores_dir = analyze.main(["--checkpoint_dir", str(checkpoint), "--factor_strategy", strategy,
                                    "--output_dir", str(tmp_path / "scores")])
         results[strategy] = evaluate_lds.main(["--scores", str(scores_dir), "--lds_dir", str(lds_dir)])
-        assert (scores_dir / evaluate_lds.HISTOGRAM_FILE).stat().st_size > 1000
-        assert (scores_dir / evaluate_lds.SCATTER_FILE).stat().st_size > 1000
-        saved = json.loads((scores_dir / evaluate_lds.RESULTS_FILE).read_text())
+        assert (scores_dir / formats.HISTOGRAM_FILE).stat().st_size > 1000
+        assert (scores_dir / formats.SCATTER_FILE).stat().st_size > 1000
+        saved = json.loads((scores_dir / formats.RESULTS_FILE).read_text())
         assert saved["num_masks"] == 20 and len(saved["per_query"]) == 100
     out = capsys.readouterr().out
     assert "Top proponents" in out
@@ -192,7 +194,7 @@ def test_demo_lds_ekfac_beats_identity(tmp_path, capsys):
     masks, margins, _ = evaluate_lds.load_runs(lds_dir)
     torch.save(masks.astype(np.float32), tmp_path / "masks.pt")
     torch.save(margins, tmp_path / "margins.pt")
-    again = evaluate_lds.main(["--scores", str(scores_dir / analyze.SCORES_FILE), "--no_plots",
+    again = evaluate_lds.main(["--scores", str(scores_dir / formats.SCORES_FILE), "--no_plots",
                                "--kronfluence_masks", str(tmp_path / "masks.pt"),
                                "--kronfluence_margins", str(tmp_path / "margins.pt"),
                                "--output_dir", str(tmp_path / "kf")])
@@ -225,21 +227,21 @@ def test_noise_ceiling_recovers_the_known_ceiling():
     rng = np.random.default_rng(0)
     signal = rng.normal(size=(4000, 20))
     repeats = signal[:, None, :] + rng.normal(size=(4000, 4, 20))
-    ceiling = evaluate_lds.noise_ceiling(repeats)
+    ceiling = metrics.noise_ceiling(repeats)
     assert ceiling["repeats"] == 4
     assert ceiling["split_half_spearman"] == pytest.approx(6 / np.pi * np.arcsin(1 / 3), abs=0.01)
     k_r = 2 * 6 / np.pi * np.arcsin(1 / 3)
     assert ceiling["reliability"] == pytest.approx(k_r / (1 + k_r / 2), abs=0.01)
-    oracle = evaluate_lds.correlation(rankdata(signal, axis=0), rankdata(repeats.mean(1), axis=0), axis=0).mean()
+    oracle = metrics.correlation(rankdata(signal, axis=0), rankdata(repeats.mean(1), axis=0), axis=0).mean()
     assert ceiling["ceiling"] == pytest.approx(oracle, abs=0.01)
     # the same repeats, stepped down to a target of one repeat: the oracle against repeat 0 alone (Pearson
     # reliability 0.5), with the same tolerance
-    single = evaluate_lds.noise_ceiling(repeats, target_repeats=1)
+    single = metrics.noise_ceiling(repeats, target_repeats=1)
     assert single["target_repeats"] == 1 and single["reliability"] == pytest.approx(k_r / 4 / (1 - k_r / 4), abs=0.01)
-    oracle_1 = evaluate_lds.correlation(rankdata(signal, axis=0), rankdata(repeats[:, 0], axis=0), axis=0).mean()
+    oracle_1 = metrics.correlation(rankdata(signal, axis=0), rankdata(repeats[:, 0], axis=0), axis=0).mean()
     assert single["ceiling"] == pytest.approx(oracle_1, abs=0.01)
     # noise-free repeats: a ceiling of 1; odd R uses the first and last floor(R/2) repeats
-    exact = evaluate_lds.noise_ceiling(np.repeat(signal[:, None, :], 3, axis=1))
+    exact = metrics.noise_ceiling(np.repeat(signal[:, None, :], 3, axis=1))
     assert exact["reliability"] == pytest.approx(1.0) and exact["ceiling"] == pytest.approx(1.0)
 
 
@@ -251,12 +253,12 @@ def test_paired_difference_sees_what_unpaired_intervals_miss():
     better = base + 0.02 + rng.normal(scale=0.005, size=200)
     a, b = summarize(better), summarize(base)
     assert a["ci95"][0] < b["ci95"][1]  # unpaired: overlapping
-    paired = evaluate_lds.paired_difference(better, base)
+    paired = metrics.paired_difference(better, base)
     assert paired["difference"] == pytest.approx(0.02, abs=0.002) and paired["ci95"][0] > 0.015
-    same = evaluate_lds.paired_difference(base, base.copy())
+    same = metrics.paired_difference(base, base.copy())
     assert same["difference"] == 0 and same["ci95"] == [0, 0]
     with pytest.raises(UserError, match="no query has a defined LDS under both"):
-        evaluate_lds.paired_difference(np.full(3, np.nan), base[:3])
+        metrics.paired_difference(np.full(3, np.nan), base[:3])
 
 
 def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, tmp_path, capsys):
@@ -270,9 +272,9 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
     assert result["paired"]["other"] == str(scores["identity"])
     agreement = result["paired"]["score_agreement"]  # identity against EKFAC scores: related, far from equal
     assert agreement["undefined_rows"] == 0 and 0 < agreement["pearson"] < 0.999
-    itself = evaluate_lds.per_query_correlations(*[analyze.load_scores(scores["ekfac"])[0]] * 2)
+    itself = metrics.per_query_correlations(*[formats.load_scores(scores["ekfac"])[0]] * 2)
     assert itself["pearson"] == pytest.approx(1, abs=1e-12) and itself["spearman"] == pytest.approx(1, abs=1e-12)
-    saved = json.loads((scores["ekfac"] / evaluate_lds.RESULTS_FILE).read_text())
+    saved = json.loads((scores["ekfac"] / formats.RESULTS_FILE).read_text())
     assert saved["noise_ceiling"] == result["noise_ceiling"] and saved["paired"] == result["paired"]
     out = capsys.readouterr().out
     assert "noise ceiling " in out and f"LDS - LDS({scores['identity'].name}) = " in out
@@ -282,8 +284,8 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
                                "--num_repeats", "1", "--output_dir", str(tmp_path / "r1")])
     _, _, runs = evaluate_lds.load_runs(lds_dir)
     masks = evaluate_lds.load_runs(lds_dir)[0]
-    expected = evaluate_lds.lds_per_query(masks, runs["per_repeat_margins"][:, 0],
-                                          analyze.load_scores(scores["ekfac"])[0].numpy())
+    expected = metrics.lds_per_query(masks, runs["per_repeat_margins"][:, 0],
+                                          formats.load_scores(scores["ekfac"])[0].numpy())
     np.testing.assert_array_equal(np.array(first["per_query"], dtype=float), expected)
     assert first["target_repeats"] == 1 and first["noise_ceiling"]["target_repeats"] == 1
     # Spearman–Brown from the 2 repeats down to 1 (k = 1/2): rel_1 = rel_2 / (2 - rel_2), query by query
@@ -295,7 +297,7 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
     assert sorted(by_target) == ["1", "2"] and alone["num_masks"] == 3
     assert by_target["2"]["ceiling"] == result["noise_ceiling"]["ceiling"]
     assert by_target["1"]["ceiling"] == first["noise_ceiling"]["ceiling"]
-    assert json.loads((tmp_path / "gt" / evaluate_lds.CEILING_FILE).read_text()) == alone
+    assert json.loads((tmp_path / "gt" / formats.CEILING_FILE).read_text()) == alone
     with pytest.raises(SystemExit):  # the ground truth alone reports every number of repeats: the flag has no use
         evaluate_lds.parse_args(["--lds_dir", str(lds_dir), "--num_repeats", "1"])
     assert "--num_repeats picks the target of an LDS against --lds_dir runs" in capsys.readouterr().err
@@ -309,7 +311,7 @@ def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, t
 def test_removal_effect_arithmetic():
     runs = {"queries": [0, 1, 2, 3], "removed": 5, "full": np.array([1.0, 2.0, -0.5, 0.3]),
             "top": np.array([0.5, -1.0, -0.7, 0.1]), "random": np.array([1.1, 1.9, -0.4, 0.3])}
-    effect = evaluate_lds.removal_effect(runs, num_bootstrap=100)
+    effect = metrics.removal_effect(runs, num_bootstrap=100)
     assert effect["margin_change_top"] == pytest.approx(np.mean([-0.5, -3.0, -0.2, -0.2]))
     assert effect["margin_change_random"] == pytest.approx(np.mean([0.1, -0.1, 0.1, 0.0]))
     assert effect["top_minus_random"]["difference"] == pytest.approx(effect["margin_change_top"]
@@ -325,18 +327,18 @@ def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_check
              "--removal_fraction", "0.25", "--removal_output_dir", str(out)]
     written = train.main(flags)
     assert len(written) == 5  # the control, then top and random for each of 2 queries
-    scores = analyze.load_scores(scores_dir)[0]
-    ident = train.removal_scores_id(scores_dir)
+    scores = formats.load_scores(scores_dir)[0]
+    ident = formats.removal_scores_id(scores_dir)
     for q in range(2):
-        kept = load_file(str(out / train.REMOVAL_FILE.format(query=q, condition=f"top_{ident}")))["mask"].bool()
+        kept = load_file(str(out / formats.REMOVAL_FILE.format(query=q, condition=f"top_{ident}")))["mask"].bool()
         assert set(torch.nonzero(~kept).flatten().tolist()) == set(torch.argsort(scores[q], descending=True)[:12].tolist())
-        kept = load_file(str(out / train.REMOVAL_FILE.format(query=q, condition="random")))["mask"].bool()
+        kept = load_file(str(out / formats.REMOVAL_FILE.format(query=q, condition="random")))["mask"].bool()
         assert (~kept).sum() == 12
-    assert load_file(str(out / train.REMOVAL_FULL_FILE))["mask"].all()
+    assert load_file(str(out / formats.REMOVAL_FULL_FILE))["mask"].all()
     assert train.main(flags) == []  # finished runs are skipped
     result = evaluate_lds.main(["--scores", str(scores_dir), "--removal_dir", str(out)])
     assert result["num_queries"] == 2 and result["removed_rows"] == 12 and result["queries"] == [0, 1]
-    assert json.loads((scores_dir / evaluate_lds.REMOVAL_RESULTS_FILE).read_text()) == result
+    assert json.loads((scores_dir / formats.REMOVAL_RESULTS_FILE).read_text()) == result
     assert "removing each query's top 12 proponents changes its margin by " in capsys.readouterr().out
     other = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                           "--max_train_samples", "40", "--output_dir", str(tmp_path / "s40")])

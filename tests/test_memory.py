@@ -1,6 +1,6 @@
 """Memory: fused passes sized from the memory available, out-of-memory errors halved away, and the NaN guard.
 
-A CPU has no memory query, so the tests fake it (fused_scores.available_memory and the working-memory probe) and
+A CPU has no memory query, so the tests fake it (utils.available_memory and the working-memory probe) and
 raise torch.OutOfMemoryError where a GPU would run out."""
 
 import copy
@@ -12,10 +12,20 @@ from kronfluence.analyzer import Analyzer
 from safetensors.torch import load_file, save_file
 
 import analyze
+import formats
 import fused_scores
+import utils
 from fused_scores import FusedScorer, fused_pairwise_scores, query_gradient_bytes
-from pipeline import UserError, build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, tokenize
+from influence import AnalysisConfig
+from pipeline import (
+    build_demo_model,
+    build_demo_tokenizer,
+    make_collator,
+    make_demo_dataset,
+    tokenize,
+)
 from task import MultipleChoiceTask
+from utils import UserError
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB."
 GiB = 2**30
@@ -33,7 +43,7 @@ def setup():
 def identity_scores(setup, timings=None, **kwargs):
     """Identity-preconditioned float64 fused scores (no factors to fit), query and training batches of 2."""
     model, train, queries, collator = setup
-    args = analyze.score_arguments(analyze.parse_args(["--factor_strategy", "identity"]))
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
     args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
     return fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, queries, train,
                                  collator, query_batch_size=2, train_batch_size=2, device=torch.device("cpu"),
@@ -143,8 +153,8 @@ def test_factor_and_score_batches_are_halved_until_they_fit(tiny_checkpoint, tmp
                            "--output_dir", str(tmp_path / "halved")])
     a, b = factor_tensors(direct), factor_tensors(halved)
     assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
-    assert torch.equal(analyze.load_scores(direct)[0], analyze.load_scores(halved)[0])
-    fitted = json.loads((halved / analyze.METADATA_FILE).read_text())["fitted_in_memory"]
+    assert torch.equal(formats.load_scores(direct)[0], formats.load_scores(halved)[0])
+    fitted = json.loads((halved / formats.METADATA_FILE).read_text())["fitted_in_memory"]
     assert fitted == {"factor_batch_size": 8, "train_batch_size": 4, "query_batch_size": 4}
     assert "covariance: out of GPU memory at --factor_batch_size 32 (it asked for 2.00 GiB more); retrying with " \
            "--factor_batch_size 16" in caplog.text
@@ -210,7 +220,7 @@ def test_the_memory_cap_bounds_what_a_pass_plans_for(monkeypatch):
     monkeypatch.setattr(cuda, "mem_get_info", lambda device: (60 * GiB, 80 * GiB))
     monkeypatch.setattr(cuda, "memory_reserved", lambda device: 10 * GiB)
     monkeypatch.setattr(cuda, "memory_allocated", lambda device: 4 * GiB)
-    monkeypatch.setattr(pipeline, "_memory_caps", {})
+    monkeypatch.setattr(utils, "_memory_caps", {})
     device = torch.device("cuda")
     assert pipeline.available_memory(device) == 66 * GiB  # 60 free + 6 cached
     pipeline.limit_gpu_memory(20, device)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 import pipeline
-from pipeline import UserError, load_local_files, make_demo_dataset, resolve_data_args, tokenize
+from pipeline import load_local_files, make_demo_dataset, resolve_data_args, tokenize
+from utils import UserError
 
 
 def swag_frame(n, labelled=True):

@@ -14,16 +14,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 from kronfluence.arguments import FactorArguments
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import analyze
 import evaluate_lds
+import formats
+import influence
 import pipeline
 import train
-from conftest import TINY
-from pipeline import UserError
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_BATCHES = ["--factor_batch_size", "8", "--train_batch_size", "8", "--query_batch_size", "4"]  # several per stage
@@ -94,16 +96,16 @@ def test_bad_flags_stop_with_one_line(script, flags, message, capsys, monkeypatc
 def test_a_checkpoint_is_never_replaced_without_overwrite_output_dir(tiny_checkpoint, tmp_path):
     out = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, out)
-    before = sha256(out / pipeline.WEIGHTS_FILE)
+    before = sha256(out / formats.WEIGHTS_FILE)
     args = [*TINY, "--num_train_epochs", "1", "--seed", "7", "--output_dir", str(out)]
     with pytest.raises(SystemExit):  # once fine-tuned instead, over the checkpoint
         train.main([*args, "--lds_num_masks", "-1"])
     with pytest.raises(UserError, match=f"{out} already holds a checkpoint .*pass --overwrite_output_dir"):
         train.main(args)
-    assert sha256(out / pipeline.WEIGHTS_FILE) == before
+    assert sha256(out / formats.WEIGHTS_FILE) == before
     train.main([*args, "--overwrite_output_dir"])
-    assert sha256(out / pipeline.WEIGHTS_FILE) != before
-    assert json.loads((out / pipeline.TRAINING_ARGS_FILE).read_text())["seed"] == 7
+    assert sha256(out / formats.WEIGHTS_FILE) != before
+    assert json.loads((out / formats.TRAINING_ARGS_FILE).read_text())["seed"] == 7
     assert not temporaries(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -187,10 +189,10 @@ def test_kronfluence_row_caps_follow_the_data(tiny_checkpoint, tmp_path, monkeyp
     those of all rows, bitwise."""
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", *SMALL_BATCHES]
     full = analyze.main([*args, "--output_dir", str(tmp_path / "full")])
-    monkeypatch.setattr(analyze, "FactorArguments", partial(FactorArguments, covariance_max_examples=10,
+    monkeypatch.setattr(influence, "FactorArguments", partial(FactorArguments, covariance_max_examples=10,
                                                             lambda_max_examples=10))
     capped = analyze.main([*args, "--output_dir", str(tmp_path / "capped")])
-    factors = [d.parent / f"factors_{json.loads((d / analyze.METADATA_FILE).read_text())['factors_name']}"
+    factors = [d.parent / f"factors_{json.loads((d / formats.METADATA_FILE).read_text())['factors_name']}"
                for d in (full, capped)]
     assert_same_tensors(*(tensors_of(f) for f in factors))
 
@@ -198,25 +200,25 @@ def test_kronfluence_row_caps_follow_the_data(tiny_checkpoint, tmp_path, monkeyp
 def test_damaged_factor_and_scores_files_are_named(tiny_checkpoint, tmp_path):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
-    scores_file = scores_dir / analyze.SCORES_FILE
+    scores_file = scores_dir / formats.SCORES_FILE
     scores_file.write_bytes(scores_file.read_bytes()[:-100])
     with pytest.raises(UserError, match=f"cannot read scores {scores_file} .*truncated\\? rerun analyze.py"):
-        analyze.load_scores(scores_dir)  # as evaluate_lds.py and report.py read them
+        formats.load_scores(scores_dir)  # as evaluate_lds.py and report.py read them
     analyze.main(args)  # the fix that message names: the scores are recomputed, the factors kept
-    assert analyze.load_scores(scores_dir)[0].shape == (12, 48)
+    assert formats.load_scores(scores_dir)[0].shape == (12, 48)
     lam = next(scores_dir.parent.glob("factors_*")) / "lambda_matrix.safetensors"
     lam.write_bytes(lam.read_bytes()[:1000])
     with pytest.raises(UserError, match=f"cannot read {lam} .*truncated\\? delete .* or pass --overwrite"):
         analyze.main(args)
     analyze.main([*args, "--overwrite"])  # the fix the message names
-    assert analyze.load_scores(scores_dir)[0].shape == (12, 48)
+    assert formats.load_scores(scores_dir)[0].shape == (12, 48)
 
 
 def test_unfinished_scores_are_not_evaluated(tiny_checkpoint, tmp_path):
     scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                                "--output_dir", str(tmp_path)])
-    meta = json.loads((scores_dir / analyze.METADATA_FILE).read_text())
-    (scores_dir / analyze.METADATA_FILE).write_text(json.dumps({**meta, "complete": False}))
+    meta = json.loads((scores_dir / formats.METADATA_FILE).read_text())
+    (scores_dir / formats.METADATA_FILE).write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(UserError, match="from an analyze.py run that has not finished; rerun it"):
         evaluate_lds.main(["--scores", str(scores_dir), "--lds_dir", str(tmp_path / "runs"), "--no_plots"])
 
@@ -230,8 +232,8 @@ def run_analyze(*args, **popen):
 def other_weights(checkpoint: Path, out: Path) -> Path:
     """A copy of `checkpoint` under the same folder name with other weights."""
     shutil.copytree(checkpoint, out)
-    weights = load_file(str(out / pipeline.WEIGHTS_FILE))
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(out / pipeline.WEIGHTS_FILE),
+    weights = load_file(str(out / formats.WEIGHTS_FILE))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(out / formats.WEIGHTS_FILE),
               metadata={"format": "pt"})
     return out
 
@@ -241,7 +243,8 @@ def test_a_second_analysis_waits_for_the_lock(tiny_checkpoint, tmp_path):
     from filelock import FileLock
 
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity", "--output_dir", str(tmp_path)]
-    f_name = analyze.factors_name(pipeline.resolve_data_args(analyze.parse_args(args), tiny_checkpoint))
+    resolved = pipeline.resolve_data_args(analyze.parse_args(args), tiny_checkpoint)
+    f_name = influence.AnalysisConfig.from_args(resolved).factors_name(resolved.max_train_samples)
     factors_dir = tmp_path / tiny_checkpoint.name / f"factors_{f_name}"
     lock = FileLock(factors_dir.with_name(f".{factors_dir.name}.lock"))
     lock.acquire()
@@ -259,7 +262,7 @@ def test_a_second_analysis_waits_for_the_lock(tiny_checkpoint, tmp_path):
         lock.release()
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, rest[-3000:]
-    assert json.loads((factors_dir / analyze.METADATA_FILE).read_text())["completed_stages"] == analyze.FACTOR_STAGES
+    assert json.loads((factors_dir / formats.METADATA_FILE).read_text())["completed_stages"] == influence.FACTOR_STAGES
 
 
 def test_concurrent_analyses_of_two_models_never_mix(tiny_checkpoint, tmp_path):
@@ -275,14 +278,14 @@ def test_concurrent_analyses_of_two_models_never_mix(tiny_checkpoint, tmp_path):
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
     assert "computed from other weights_sha256 than this run's" in outputs[loser], outputs[loser][-2000:]
     analysis = tmp_path / "scores" / "tiny"
-    sha = sha256(models[winner] / pipeline.WEIGHTS_FILE)
-    for meta_file in analysis.glob("*/" + analyze.METADATA_FILE):
+    sha = sha256(models[winner] / formats.WEIGHTS_FILE)
+    for meta_file in analysis.glob("*/" + formats.METADATA_FILE):
         assert json.loads(meta_file.read_text())["weights_sha256"] == sha, meta_file
     alone = analyze.main(["--checkpoint_dir", str(models[winner]), *common[:2], "--output_dir", str(tmp_path / "alone"),
                           *SMALL_BATCHES])
     assert_same_tensors(tensors_of(alone.parent / next(analysis.glob("factors_*")).name),
                         tensors_of(next(analysis.glob("factors_*"))))
-    assert torch.equal(analyze.load_scores(alone)[0], analyze.load_scores(next(analysis.glob("scores_*")))[0])
+    assert torch.equal(formats.load_scores(alone)[0], formats.load_scores(next(analysis.glob("scores_*")))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,17 +298,17 @@ target, how, script, args = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 import analyze, train, task
 import kronfluence.factor.covariance, kronfluence.factor.eigen, kronfluence.score.pairwise
 stage = [None]
-real_seed = analyze.stage_seed
+real_seed = influence.stage_seed
 def stage_seed(seed, name, rank=0):  # called as each stage starts: tells the stage
     stage[0] = name
     return real_seed(seed, name, rank)
-analyze.stage_seed = stage_seed
+influence.stage_seed = stage_seed
 calls = [0]
 def kill():
     sys.stdout.flush(); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 if how == "fit":  # mid-stage: at the second training batch of the target stage (or LDS run)
-    real_loss, real_train = task.MultipleChoiceTask.compute_train_loss, train.train_model
+    real_loss, real_train = task.MultipleChoiceTask.compute_train_loss, training.train_model
     def loss(self, *a, **k):
         calls[0] += stage[0] == target
         if calls[0] == 2: kill()
@@ -314,7 +317,7 @@ if how == "fit":  # mid-stage: at the second training batch of the target stage 
         calls[0] += 1
         if calls[0] == 2: kill()
         return real_train(*a, **k)
-    task.MultipleChoiceTask.compute_train_loss, train.train_model = loss, train_model
+    task.MultipleChoiceTask.compute_train_loss, training.train_model = loss, train_model
 else:  # while saving: half of the file written, then killed
     def save(real):
         def save_file(tensors, filename, metadata=None):
@@ -362,13 +365,13 @@ def test_analysis_killed_at_each_stage_resumes_to_the_same_bits(target, how, sco
             "--output_dir", str(tmp_path / "out")]
     killed(tmp_path, target, how, "analyze", args)
     factors_dir = next((tmp_path / "out" / tiny_checkpoint.name).glob("factors_*"))
-    finished = json.loads((factors_dir / analyze.METADATA_FILE).read_text())["completed_stages"]
-    expected = analyze.FACTOR_STAGES[:analyze.FACTOR_STAGES.index(target)] if target != "scores" else analyze.FACTOR_STAGES
+    finished = json.loads((factors_dir / formats.METADATA_FILE).read_text())["completed_stages"]
+    expected = influence.FACTOR_STAGES[:influence.FACTOR_STAGES.index(target)] if target != "scores" else influence.FACTOR_STAGES
     assert finished == expected  # the record names exactly the stages that finished
     scores_dir = analyze.main(args)  # no flag: the unfinished stages are redone
     reference = uninterrupted[scoring]
     assert_same_tensors(tensors_of(reference.parent / factors_dir.name), tensors_of(factors_dir))
-    assert torch.equal(analyze.load_scores(reference)[0], analyze.load_scores(scores_dir)[0])
+    assert torch.equal(formats.load_scores(reference)[0], formats.load_scores(scores_dir)[0])
     assert not temporaries(tmp_path / "out")
 
 
@@ -402,9 +405,9 @@ def test_evaluate_checks_the_query_index_first_and_warns_on_bare_scores(tiny_che
         evaluate_lds.main(["--scores", str(scores_dir), "--lds_dir", str(lds_dir), "--query_index", "99",
                            "--output_dir", str(out)])
     assert not out.exists()
-    bare = tmp_path / "bare" / analyze.SCORES_FILE
+    bare = tmp_path / "bare" / formats.SCORES_FILE
     bare.parent.mkdir()
-    shutil.copy(scores_dir / analyze.SCORES_FILE, bare)
+    shutil.copy(scores_dir / formats.SCORES_FILE, bare)
     with caplog.at_level(logging.WARNING, logger="evaluate_lds"):
         evaluate_lds.main(["--scores", str(bare), "--lds_dir", str(lds_dir), "--no_plots", "--output_dir", str(out)])
     assert "nothing shows that the scores and the runs share their training rows" in caplog.text

@@ -6,13 +6,15 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import TINY
 
 import analyze
 import evaluate_lds
+import formats
 import report
 import train
-from conftest import TINY
-from pipeline import UserError, make_demo_dataset
+from pipeline import make_demo_dataset
+from utils import UserError
 
 LDS_TINY = [*TINY, "--num_train_epochs", "1", "--lds_num_masks", "4"]
 SCRIPT_TEXT = "<script>alert('x')</script> & co"
@@ -45,7 +47,7 @@ def test_report_holds_queries_examples_and_escapes_markup(hostile):
     scores_dir, self_dir, _ = hostile
     out = report.main(["--scores", str(scores_dir), "--self_scores", str(self_dir), "--top_k", "2"])
     html = out.read_text()
-    assert out == scores_dir / report.REPORT_FILE
+    assert out == scores_dir / formats.REPORT_FILE
     assert html.count('<details class="query"') == 12  # every query
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co" in html  # shown as text, twice at least
     assert "<script>alert" not in html and html.count("<script>") == 1  # the report's own paging script only

@@ -7,20 +7,22 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 import analyze
 import evaluate_lds
+import formats
+import metrics
 import train
-from conftest import TINY
+from formats import TRAINING_ARGS_FILE
 from pipeline import (
     DATA_ARG_NAMES,
-    TRAINING_ARGS_FILE,
-    UserError,
     build_demo_tokenizer,
     make_demo_dataset,
     prepare_data,
     resolve_data_args,
 )
+from utils import UserError
 
 
 def demo_data(**flags):
@@ -76,7 +78,7 @@ def test_noise_is_recorded_in_the_checkpoint_and_the_scores(noisy):
     assert trained["data"]["label_noise"] == 0.1 and trained["data"]["label_noise_seed"] == 0
     expected, _ = demo_data(label_noise=0.1)
     assert trained["label_noise_rows"] == expected.corrupted_rows
-    _, fit, meta = analyze.load_self_scores(dirs["ekfac"])
+    _, fit, meta = formats.load_self_scores(dirs["ekfac"])
     assert meta["label_noise_rows"] == expected.corrupted_rows and meta["kind"] == "self_influence"
     assert fit["label"].tolist() == np.array(expected.raw_train["label"]).tolist()  # scored on the moved labels
 
@@ -94,7 +96,7 @@ def test_self_influence_ranks_moved_labels_first(noisy, tmp_path, capsys):
         assert quality["auc"] > 0.75, name
         assert quality["recall_at"]["0.1"] > 0.3, name  # chance: 0.1
         assert len(quality["flagged"]) == 60
-    assert json.loads((tmp_path / evaluate_lds.DETECTION_FILE).read_text())["methods"] == methods
+    assert json.loads((tmp_path / formats.DETECTION_FILE).read_text())["methods"] == methods
     assert "finding the 60 moved labels among 600 training rows" in capsys.readouterr().out
 
 
@@ -103,7 +105,7 @@ def test_suspicious_rows_print_as_text(noisy, capsys):
     analyze.main(["--checkpoint_dir", str(checkpoint), "--self_influence", "--output_dir",
                   str(dirs["ekfac"].parents[1]), "--num_suspicious", "5"])  # reuses the scores
     out = capsys.readouterr().out
-    scores, fit, meta = analyze.load_self_scores(dirs["ekfac"])
+    scores, fit, meta = formats.load_self_scores(dirs["ekfac"])
     top = int(scores.argmax())
     data, _ = demo_data(label_noise=0.1)
     row = data.raw_train[top]
@@ -116,11 +118,11 @@ def test_suspicious_rows_print_as_text(noisy, capsys):
 
 def test_detection_quality_arithmetic():
     suspicion = np.arange(10.0)  # rows 9, 8 the most suspicious
-    perfect = evaluate_lds.detection_quality(suspicion, [8, 9])
+    perfect = metrics.detection_quality(suspicion, [8, 9])
     assert perfect["auc"] == 1.0 and perfect["flagged"] == [9, 8] and perfect["recall_at"]["0.1"] == 0.5
-    worst = evaluate_lds.detection_quality(suspicion, [0, 1])
+    worst = metrics.detection_quality(suspicion, [0, 1])
     assert worst["auc"] == 0.0 and worst["recall_at"]["0.1"] == 0.0
-    assert evaluate_lds.detection_quality(np.zeros(10), [0, 1])["auc"] == 0.5  # ties count half
+    assert metrics.detection_quality(np.zeros(10), [0, 1])["auc"] == 0.5  # ties count half
 
 
 def test_detection_needs_known_wrong_labels(tiny_checkpoint, tmp_path):

@@ -10,9 +10,17 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from pipeline import (build_demo_model, build_demo_tokenizer, make_collator, make_demo_dataset, margins, model_logits,
-                      tokenize)
+from pipeline import (
+    build_demo_model,
+    build_demo_tokenizer,
+    make_collator,
+    make_demo_dataset,
+    margins,
+    model_logits,
+    tokenize,
+)
 from task import MultipleChoiceTask
+from training import LENGTH_BUCKET, bucketed
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +126,6 @@ def test_length_buckets_leave_logits_unchanged(tiny):
     """`train.py --torch_compile cudagraphs` pads batches to a multiple of LENGTH_BUCKET. The padding is
     masked, so the model computes the same logits (training draws dropout masks of another shape, so it
     matches only in distribution)."""
-    from train import LENGTH_BUCKET, bucketed
 
     raw, tokenizer, model = tiny
     queries = tokenize(raw["validation"], tokenizer)

@@ -1,0 +1,348 @@
+"""Influence with kronfluence: the analysis settings (`AnalysisConfig`, which also names its outputs), the factor
+stages, and the scoring backends that turn fitted factors into pairwise or self-influence scores. A backend is one
+class in `BACKENDS`; analyze.py is the command line over this module."""
+
+import dataclasses
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
+from kronfluence.utils.constants import (
+    ACTIVATION_COVARIANCE_MATRIX_NAME,
+    COVARIANCE_FACTOR_NAMES,
+    EIGENDECOMPOSITION_FACTOR_NAMES,
+    GRADIENT_COVARIANCE_MATRIX_NAME,
+    LAMBDA_FACTOR_NAMES,
+    NUM_ACTIVATION_COVARIANCE_PROCESSED,
+    NUM_GRADIENT_COVARIANCE_PROCESSED,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from formats import (
+    SCORES_FILE,
+    SCORES_KEY,
+    SELF_SCORES_FILE,
+    TRAIN_FIT_FILE,
+    save_fit,
+    save_scores,
+)
+from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
+from pipeline import LABELS, model_logits
+from utils import UserError, halving_on_oom
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+
+
+FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's, in order; then the scores
+
+QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """What an analysis computes (analyze.py's flags of the same names). Its outputs are named after it."""
+
+    factor_strategy: str = "ekfac"  # one of STRATEGIES
+    use_half_precision: bool = False
+    fp32_accumulation: bool = False  # with use_half_precision: the factor sums in fp32
+    fast: bool = False  # the fast factor kernels (fused_scores.fast_factor_kernels)
+    scoring: str = "kronfluence"  # a key of BACKENDS
+    damping_factor: float = 1e-8  # negative: kronfluence's heuristic
+    query_gradient_rank: int = -1  # -1: full rank
+    lambda_max_examples: Optional[int] = None
+    use_empirical_fisher: bool = False
+    seed: int = 0  # the sampled labels and the lambda rows
+    self_influence: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "AnalysisConfig":
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+    def factors_name(self, num_train: Optional[int]) -> str:
+        """Factors depend on the strategy, the precision and the training rows they were fitted on (`num_train`:
+        --max_train_samples, 0 or None for all)."""
+        name = f"{self.factor_strategy}_n{num_train or 'all'}"
+        precision = ("_fast" if self.fast else "_bf16acc32" if self.fp32_accumulation else "_bf16"
+                     if self.use_half_precision else "")
+        lam = (f"_lam{self.lambda_max_examples}" if self.lambda_max_examples
+               and self.factor_strategy in ("diagonal", "ekfac") else "")  # the strategies that fit lambda
+        seed = f"_s{self.seed}" if self.seed else ""
+        return name + precision + lam + ("_empfisher" if self.use_empirical_fisher else "") + seed
+
+    def scores_name(self, num_train: Optional[int], num_queries: Optional[int]) -> str:
+        factors = self.factors_name(num_train)
+        name = f"self_{factors}" if self.self_influence else f"{factors}_q{num_queries or 'all'}"
+        if self.query_gradient_rank > 0:
+            name += f"_qlr{self.query_gradient_rank}"
+        if self.damping_factor != 1e-8:
+            name += "_dampheur" if self.damping_factor < 0 else f"_damp{self.damping_factor:g}"
+        return name + ("_fused" if self.scoring == "fused" else "")
+
+    def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
+        """kronfluence's factor arguments. Its row caps (covariance_max_examples and lambda_max_examples, 100,000
+        by default) are set to the rows given: the rows come length-sorted, so a cap below them would fit the
+        factors on the longest rows only."""
+        factor_args = (all_low_precision_factor_arguments(strategy=self.factor_strategy, dtype=torch.bfloat16)
+                       if self.use_half_precision else FactorArguments(strategy=self.factor_strategy))
+        factor_args.covariance_max_examples, factor_args.lambda_max_examples = num_covariance_rows, num_lambda_rows
+        if self.use_half_precision and self.fp32_accumulation:
+            factor_args.activation_covariance_dtype = factor_args.gradient_covariance_dtype = torch.float32
+            factor_args.lambda_dtype = torch.float32
+        factor_args.use_empirical_fisher = self.use_empirical_fisher
+        return factor_args
+
+    def score_arguments(self) -> ScoreArguments:
+        damping = None if self.damping_factor < 0 else self.damping_factor
+        score_args = (all_low_precision_score_arguments(dtype=torch.bfloat16, damping_factor=damping)
+                      if self.use_half_precision else ScoreArguments(damping_factor=damping))
+        if self.query_gradient_rank > 0:
+            score_args.query_gradient_low_rank = self.query_gradient_rank
+            score_args.query_gradient_accumulation_steps = QUERY_GRADIENT_ACCUMULATION
+        return score_args
+
+
+def factor_rows(train, lambda_max_examples=None, seed: int = 0):
+    """(covariance rows, lambda rows): all rows, and N random ones, each longest first. Factors are sums over rows,
+    so their order is free: length-sorted batches pad little, and a batch size that does not fit fails at once."""
+    lambda_rows = train
+    if lambda_max_examples and lambda_max_examples < len(train):
+        pick = np.sort(np.random.default_rng(seed).choice(len(train), lambda_max_examples, replace=False))
+        lambda_rows = train.select(pick)
+    return train.select(longest_first(train)), lambda_rows.select(longest_first(lambda_rows))
+
+
+def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, overwrite: bool) -> dict:
+    """kronfluence's three factor stages, in order, as callables of the per-device `factor_batch_size` (benchmark.py times
+    them one by one; the eigendecomposition takes no batches)."""
+    return {
+        "covariance": lambda factor_batch_size=None: analyzer.fit_covariance_matrices(
+            f_name, covariance_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
+            overwrite_output_dir=overwrite),
+        "eigendecomposition": lambda factor_batch_size=None: analyzer.perform_eigendecomposition(
+            f_name, factor_args=factor_args, overwrite_output_dir=overwrite),
+        "lambda": lambda factor_batch_size=None: analyzer.fit_lambda_matrices(
+            f_name, lambda_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
+            overwrite_output_dir=overwrite),
+    }
+
+
+def stage_seed(seed: int, stage: str, rank: int = 0) -> int:
+    """Each stage (and rank) draws its sampled labels from a seed of its own: a stage redone after a kill draws
+    what it drew in an uninterrupted run, whatever ran before it in this process."""
+    return int(np.random.default_rng([seed, [*FACTOR_STAGES, "scores"].index(stage), rank]).integers(2**31))
+
+STAGE_FILES = dict(zip(FACTOR_STAGES, (COVARIANCE_FACTOR_NAMES, EIGENDECOMPOSITION_FACTOR_NAMES, LAMBDA_FACTOR_NAMES)))
+
+
+def check_factor_files(directory: Path, stages: list, fix: str) -> None:
+    """The files of the finished stages are whole (their headers and sizes agree) and hold finite numbers, or one
+    line names the damaged file or the module whose factor is NaN or infinite (scores from them would be NaN).
+    (An unfinished stage's files are about to be replaced.)"""
+    for stage in stages:
+        for name in STAGE_FILES[stage]:
+            file = directory / f"{name}.safetensors"
+            if not file.exists():  # a stage writes only what its strategy needs
+                continue
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    tensors = {module: f.get_tensor(module) for module in f.keys()}
+            except Exception as exc:
+                raise UserError(f"cannot read {file} ({type(exc).__name__}: {exc}); is it truncated? {fix}") from None
+            for module, tensor in tensors.items():
+                if not torch.isfinite(tensor).all():
+                    raise UserError(f"the {stage} factor {name} of module {module} holds NaN or infinite values "
+                                    f"({file}); the model's gradients overflow there (a diverged checkpoint, or bf16: "
+                                    f"drop --use_half_precision); {fix}")
+
+
+def failing_eigendecomposition(directory: Path, device: torch.device) -> str:
+    """The first module (in kronfluence's order) whose covariance torch.linalg.eigh cannot decompose, prepared as
+    kronfluence prepares it: divided by the rows counted, symmetrised, float64."""
+    pairs = [(ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED),
+             (GRADIENT_COVARIANCE_MATRIX_NAME, NUM_GRADIENT_COVARIANCE_PROCESSED)]
+    files = {name: load_file(str(directory / f"{name}.safetensors")) for pair in pairs for name in pair}
+    for module in sorted(files[ACTIVATION_COVARIANCE_MATRIX_NAME]):
+        for matrices, counts in pairs:
+            matrix = files[matrices][module].to(device, torch.float64) / files[counts][module].to(device)
+            try:
+                torch.linalg.eigh((matrix + matrix.T) / 2)
+            except torch.linalg.LinAlgError:
+                return f"{module} ({matrices})"
+    return "no module when retried alone"
+
+
+@dataclasses.dataclass
+class ScoringJob:
+    """What a backend scores with: kronfluence's analyzer (its fitted factors under `factors_name`), the prepared
+    model before kronfluence's DDP wrapper (under torch.distributed the fused pass scores each rank's share of the
+    rows), the tokenized data and the batch sizes."""
+
+    analyzer: object
+    model: torch.nn.Module
+    config: AnalysisConfig
+    factors_name: str
+    scores_name: str
+    data: object  # pipeline.Data
+    collator: object
+    train_batch_size: int
+    query_batch_size: int
+    rank: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.analyzer.state.device
+
+    def factors(self) -> dict:
+        return self.analyzer.load_all_factors(self.factors_name) if self.config.factor_strategy != "identity" else {}
+
+
+class KronfluenceBackend:
+    """kronfluence's own score loops (the reference); kronfluence writes the scores files itself."""
+
+    writes_scores = False
+
+    def pairwise(self, job: ScoringJob) -> tuple:
+        def scores(train_batch_size, query_batch_size):
+            torch.manual_seed(stage_seed(job.config.seed, "scores", job.rank))
+            job.analyzer.compute_pairwise_scores(
+                scores_name=job.scores_name, factors_name=job.factors_name, query_dataset=job.data.queries,
+                train_dataset=job.data.train, per_device_query_batch_size=query_batch_size,
+                per_device_train_batch_size=train_batch_size, score_args=job.config.score_arguments(),
+                overwrite_output_dir=True)
+        sizes = halving_on_oom("scores", scores, {"train_batch_size": job.train_batch_size,
+                                                  "query_batch_size": job.query_batch_size}, job.device)
+        return job.analyzer.load_pairwise_scores(job.scores_name)[SCORES_KEY], sizes
+
+    def self_influence(self, job: ScoringJob) -> tuple:
+        def scores(train_batch_size):
+            torch.manual_seed(stage_seed(job.config.seed, "scores", job.rank))
+            job.analyzer.compute_self_scores(
+                scores_name=job.scores_name, factors_name=job.factors_name, train_dataset=job.data.train,
+                per_device_train_batch_size=train_batch_size, score_args=job.config.score_arguments(),
+                overwrite_output_dir=True)
+        sizes = halving_on_oom("self-influence", scores, {"train_batch_size": job.train_batch_size}, job.device)
+        return job.analyzer.load_self_scores(job.scores_name)[SCORES_KEY].float(), sizes
+
+
+class FusedBackend:
+    """The same scores from the same factors in one pass over the training set per chunk of queries
+    (fused_scores.py); the pass plans its own micro-batches from the memory available."""
+
+    writes_scores = True
+
+    def pairwise(self, job: ScoringJob) -> tuple:
+        torch.manual_seed(stage_seed(job.config.seed, "scores", job.rank))
+        plan = {}
+        scores = fused_pairwise_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
+                                       job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
+                                       job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
+                                       device=job.device, timings=plan)
+        return scores, {key: plan[key] for key in ("train_micro_batch", "query_micro_batch", "queries_per_pass")}
+
+    def self_influence(self, job: ScoringJob) -> tuple:
+        scores = fused_self_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
+                                   job.config.factor_strategy, job.config.score_arguments(), job.data.train,
+                                   job.collator, job.train_batch_size, job.device)
+        return scores, {"train_batch_size": job.train_batch_size}
+
+
+BACKENDS = {"kronfluence": KronfluenceBackend(), "fused": FusedBackend()}  # --scoring's choices
+
+
+def compute_scores(job: ScoringJob, scores_dir: Path) -> tuple:
+    """Pairwise or self-influence scores by the job's backend, written to `scores_dir` (whatever a killed run left
+    there is replaced), and the batch sizes that fitted in memory. With self-influence, rank 0 also writes each
+    training row's loss and preferred choice."""
+    backend = BACKENDS[job.config.scoring]
+    scores, sizes = (backend.self_influence if job.config.self_influence else backend.pairwise)(job)
+    check_finite(scores)
+    if job.rank == 0:
+        if backend.writes_scores:
+            save_scores(scores_dir, scores, SELF_SCORES_FILE if job.config.self_influence else SCORES_FILE)
+        if job.config.self_influence:
+            save_fit(scores_dir / TRAIN_FIT_FILE, model_fit(job.model.to(job.device), job.data.train, job.collator,
+                                                             job.train_batch_size, job.device))
+    return scores, sizes
+
+
+def check_finite(scores: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:  # the factors are finite (checked), so the scoring itself overflowed
+        raise UserError(f"{bad} of the {scores.numel()} scores are NaN or infinite (a bf16 overflow?); rerun without "
+                        f"--use_half_precision")
+
+
+@torch.no_grad()
+def model_fit(model, rows, collator, batch_size: int, device: torch.device) -> dict:
+    """Per row under the model: its loss (cross-entropy on its label), the choice the model prefers, the label."""
+    model.eval()
+    fit = {"loss": [], "prediction": [], "label": []}
+    for batch in DataLoader(rows, batch_size=batch_size, collate_fn=collator):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model_logits(model, batch).float()
+        fit["loss"].append(F.cross_entropy(logits, batch[LABELS], reduction="none").cpu())
+        fit["prediction"].append(logits.argmax(-1).cpu())
+        fit["label"].append(batch[LABELS].cpu())
+    return {k: torch.cat(v).contiguous() for k, v in fit.items()}
+
+
+def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_dir: Path, completed: list, record,
+                factor_batch_size: int) -> Optional[int]:
+    """Fit the factor stages not in `completed` (appending each, and calling `record(stage, how)` on rank 0), each
+    checked for NaN and infinite values before it counts as finished. Returns the factor batch size that fitted in
+    memory (None if no stage ran here). `train`: the tokenized training rows."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    kronfluence_ddp = analyzer.state.use_distributed
+    # kronfluence's DDP: every rank fits together; gloo/CPU: rank 0 alone fits while the others wait, then loads
+    single_fitter = dist.is_initialized() and not kronfluence_ddp
+    if single_fitter and rank != 0:
+        dist.barrier()
+    covariance_rows, lambda_rows = factor_rows(train, config.lambda_max_examples, config.seed)
+    stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
+                           config.factor_arguments(len(covariance_rows), len(lambda_rows)),
+                           overwrite=True)  # only unfinished stages run, and they replace what a killed run left
+    batch_size, fitted = factor_batch_size, None
+    for name, stage in stages.items():
+        if name in completed or not (kronfluence_ddp or rank == 0):
+            continue
+        logger.info("%s: %s factors", name, config.factor_strategy)
+
+        def run(factor_batch_size=None):
+            torch.manual_seed(stage_seed(config.seed, name, rank))
+            stage(factor_batch_size)
+        batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
+        try:
+            sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
+                                   analyzer.state.device)
+            batch_size = sizes.get("factor_batch_size", batch_size)
+        except torch.linalg.LinAlgError as exc:
+            module = failing_eigendecomposition(factors_dir, analyzer.state.device)
+            raise UserError(f"eigendecomposition failed for {module}: {str(exc).splitlines()[0]}; refit without --use_half_precision, or use --factor_strategy "
+                            f"diagonal") from None
+        fitted = batch_size if batched else fitted
+        if rank == 0:
+            check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
+        completed.append(name)
+        if rank == 0:
+            record(name, {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                          "factor_batch_size": batch_size if batched else None, "cpu_threads": torch.get_num_threads(),
+                          "device": str(analyzer.state.device), "versions": library_versions()})
+    if single_fitter and rank == 0:
+        dist.barrier()
+    return fitted
+
+
+def library_versions() -> dict:
+    return {name: importlib.metadata.version(name) for name in ("torch", "transformers", "kronfluence")}

@@ -1,0 +1,324 @@
+"""Generic helpers every script shares: the user-error convention, argument types, atomic writes and JSON, GPU
+memory, processes and threads, logging. Nothing here knows about SWAG, models or scores."""
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+logger = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem with the user's input. Library code raises it; a script's entry point (`run_script`) prints it as
+    one line, exit status 1, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+    def __reduce__(self):  # raised in a worker process, it comes back with its message as given
+        return type(self), (self.message,)
+
+
+def run_script(main) -> None:
+    """`if __name__ == "__main__": run_script(main)`: run a script's main, a UserError ending it in one line."""
+    try:
+        main()
+    except UserError as exc:
+        sys.exit(str(exc))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors on one line: `train.py: error: argument --lds_repeats: ...` and exit status 2, without
+    the usage block (several lines for these scripts; --help shows it)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+        self.add_argument("--verbose", action="store_true",
+                          help="Also show the libraries' INFO logs (kronfluence's argument dumps and model repr).")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(low: int):
+    """argparse type: an integer >= low (the message names the allowed range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
+def number_above(low: float, inclusive: bool):
+    """argparse type: a finite float > low (>= low when inclusive)."""
+    bound = f"{'>=' if inclusive else '>'} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+        if not np.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
+        return value
+
+    return parse
+
+positive_float, non_negative_float = number_above(0, inclusive=False), number_above(0, inclusive=True)
+
+
+def seed_value(text: str) -> int:
+    """argparse type: a seed numpy and torch both take, 0 <= seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
+def fraction_below_one(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors about third-party failures."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+_memory_caps = {}  # CUDA device index -> bytes this process may hold there (--max_memory_gb)
+
+
+def limit_gpu_memory(gib: float, device: torch.device) -> None:
+    """Cap this process's allocations on `device` at `gib` GiB (PyTorch's per-process memory fraction, so that
+    kronfluence's stages keep to it too); `available_memory` plans within the cap."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    if gib * 2**30 > total:
+        raise UserError(f"--max_memory_gb {gib:g} is more than the {total / 2**30:.1f} GiB of "
+                        f"{torch.cuda.get_device_name(index)}; pass at most that")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
+    _memory_caps[index] = int(gib * 2**30)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on `device`: the device's free memory (within the cap, if one is set)
+    plus what PyTorch's allocator holds unused. None on CPU, where no limit is known."""
+    if device.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(device)[0]
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    cap = _memory_caps.get(device.index if device.index is not None else torch.cuda.current_device())
+    room = free if cap is None else min(free, cap - reserved)
+    return max(0, room) + reserved - allocated
+
+
+def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:
+    """What an out-of-memory error asked for and what the device had, in a few words."""
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(exc))
+    room = available_memory(device)
+    return ", ".join(part for part in (f"it asked for {asked.group(1)} more" if asked else "",
+                                       f"{room / 2**30:.1f} GiB available" if room is not None else "") if part) \
+        or first_line(exc)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def finish_interrupted_swaps(path: Path) -> None:
+    """Complete or undo what killed processes of this host left beside `path` in `atomic_output`: a finished
+    directory waiting to be swapped in (`<pid>.new`) is moved into place, a replaced one set aside (`<pid>.old`) is
+    deleted once its successor is in place or put back if none is, and unfinished temporaries (`<pid>`) are
+    removed. A process that is still running keeps its own. Writers call it first; readers may too."""
+    path = Path(path)
+    prefix = _temporary_prefix(path)
+    leftovers = {}
+    for found in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid, _, state = found.name[len(prefix):].partition(".")
+        if pid.isdigit() and state in ("", "new", "old") and not _process_alive(int(pid)):
+            leftovers.setdefault(int(pid), {})[state] = found
+    for pid in sorted(leftovers):
+        parts = leftovers[pid]
+        if "new" in parts:  # the block had finished: its result goes in, whatever the swap had reached
+            if path.exists():
+                _remove(path)
+            os.replace(parts["new"], path)
+        if "old" in parts:
+            _remove(parts["old"]) if path.exists() else os.replace(parts["old"], path)
+        if "" in parts:  # a block that never finished
+            _remove(parts[""])
+
+
+@contextmanager
+def atomic_output(path: Path, replace: bool = True):
+    """Write `path` (a file or a directory) atomically: the block writes the temporary path it is given, which
+    replaces `path` only when the block completes. Temporaries are hidden, beside `path`, and named after the host
+    and process, so concurrent writers never share one. A directory is swapped in three renames (the finished
+    temporary to `<pid>.new`, the old directory to `<pid>.old`, `.new` into place); a process killed between them
+    leaves names from which `finish_interrupted_swaps` completes the swap. With `replace=False` a `path` that
+    exists when the block completes is left alone and the result is kept beside it (`FileExistsError` names it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_swaps(path)
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
+    try:
+        yield tmp
+        if not replace and path.exists():
+            kept = path.with_name(f"{path.name}.new-{os.getpid()}")
+            os.replace(tmp, kept)
+            raise FileExistsError(f"{path} appeared while this process wrote it; the result is in {kept}")
+        if tmp.is_dir():
+            new, old = tmp.with_name(f"{tmp.name}.new"), tmp.with_name(f"{tmp.name}.old")
+            os.replace(tmp, new)  # from here on the result is finished: a kill leaves it to be swapped in
+            if path.exists():  # os.replace cannot replace a directory that is not empty
+                os.replace(path, old)
+            os.replace(new, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # the block failed
+            _remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} file {path} is not valid JSON ({exc}); is it truncated? delete it and rerun") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_cpu_threads() -> None:
+    """One CPU thread unless OMP_NUM_THREADS asks for more (CPU-only machines; GPU runs keep PyTorch's default).
+    PyTorch's default, a thread per core, collapses when another busy process shares the cores: its threads wait
+    for each other at every operation (the demo's training ran 27x slower at two threads on two shared cores than
+    at one); one thread costs about a third of the time on idle cores. Results depend on the thread count (sums
+    split differently), so a fixed default also gives every machine the same demo output."""
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+QUIET_LOGGERS = ["kronfluence"]  # INFO floods: every argument dataclass, the model repr, the tokenizer's vocabulary
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """This project's INFO lines; the libraries' INFO only with --verbose. kronfluence's deprecated
+    torch.cuda.amp.GradScaler call warns on every stage: that one warning, from kronfluence, is hidden."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+                                category=FutureWarning, module=r"kronfluence\.")
+
+
+def process_rank():
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def process_device(local_rank: Optional[int] = None) -> torch.device:
+    """This process's device for independent runs: local ranks (torchrun's, or a forked worker's) share the visible
+    GPUs round-robin (so several processes may share one GPU), made current so that pinned memory and CUDA state
+    land on it."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = process_rank()[2] if local_rank is None else local_rank
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def halving_on_oom(stage: str, run, sizes: dict, device: torch.device) -> dict:
+    """run(**sizes) until it fits in memory: after each out-of-memory error the next of `sizes` (by turns) is
+    halved and the stage reruns. Returns the sizes that fit. Not under torch.distributed, where the other ranks
+    would wait in a collective: there the error names the flag to halve. kronfluence's own batch-size search
+    is not used: it probes the first rows, which are the shortest in length order, and not under DDP."""
+    sizes, turn = dict(sizes), 0
+    while True:
+        try:
+            run(**sizes)
+            return sizes
+        except Exception as exc:  # the error's frames hold tensors: leave the except block before freeing them
+            if not should_reduce_batch_size(exc):
+                raise
+            detail = out_of_memory_detail(exc, device)
+        clear_device_cache(garbage_collection=True)
+        names = [name for name in sizes if sizes[name] > 1]
+        flags = ", ".join(f"--{name} {sizes[name]}" for name in sizes)
+        if not names:
+            raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); free memory on the GPU (other jobs, "
+                            f"a larger --max_memory_gb) or lower --max_length")
+        name = names[turn % len(names)]
+        if dist.is_initialized():
+            raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); pass --{name} {sizes[name] // 2}")
+        logger.warning("%s: out of GPU memory at %s (%s); retrying with --%s %d", stage, flags, detail, name,
+                       sizes[name] // 2)
+        sizes[name] //= 2
+        turn += 1

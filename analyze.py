@@ -42,6 +42,7 @@ from filelock import FileLock, Timeout
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
 
+from fast_kernels import fast_factor_kernels
 from formats import (
     CHECKPOINTS_DIR,
     METADATA_FILE,
@@ -59,9 +60,6 @@ from formats import (
     save_fit,
     save_scores,
 )
-from fused_scores import (
-    fast_factor_kernels,
-)
 from influence import (
     BACKENDS,
     FACTOR_STAGES,
@@ -72,16 +70,15 @@ from influence import (
     compute_scores,
     fit_factors,
     model_fit,
+    print_suspicious_rows,
+    print_top_examples,
 )
 from pipeline import (
     add_data_args,
-    configure_attention,
     data_args_dict,
     load_checkpoint,
     make_collator,
     prepare_data,
-    print_suspicious_rows,
-    print_top_examples,
     require_labels,
     resolve_data_args,
 )
@@ -90,6 +87,7 @@ from utils import (
     ArgumentParser,
     UserError,
     at_least,
+    configure_attention,
     configure_cpu_threads,
     file_sha256,
     limit_gpu_memory,

@@ -60,8 +60,9 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
+from fast_kernels import fast_factor_kernels
 from formats import SCORES_KEY
-from fused_scores import fast_factor_kernels, fused_pairwise_scores
+from fused_scores import fused_pairwise_scores
 from influence import (
     QUERY_GRADIENT_ACCUMULATION,
     AnalysisConfig,
@@ -72,7 +73,6 @@ from metrics import per_query_correlations
 from pipeline import (
     REFERENCE_NUM_QUERIES,
     REFERENCE_NUM_TRAIN,
-    configure_attention,
     load_local_files,
     make_collator,
     take_first,
@@ -83,6 +83,7 @@ from training import TrainingRecipe, train_model
 from utils import (
     ArgumentParser,
     UserError,
+    configure_attention,
     halving_on_oom,
     process_device,
     process_rank,
@@ -339,7 +340,8 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
     steps = len(data) // RECIPE_BATCH
     per_step = measured["seconds"] / steps
     full_steps = 3 * (SWAG_HALF // RECIPE_BATCH)
-    result = {"flags": " ".join(f"--{name} {value}" for name, value in TRAIN_VARIANTS[variant].items()), "seconds_per_step": round(per_step, 4),
+    flags = " ".join(f"--{name} {value}" for name, value in TRAIN_VARIANTS[variant].items())
+    result = {"flags": flags, "seconds_per_step": round(per_step, 4),
               "batch_size": RECIPE_BATCH, "steps_timed": steps, "peak_gib": measured["peak_gib"],
               "warmup_pass_seconds": warmup, "retrain_50pct_swag_steps": full_steps,
               "retrain_50pct_swag_seconds": round(per_step * full_steps, 1)}

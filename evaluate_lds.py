@@ -46,6 +46,7 @@ from formats import (
     removal_scores_id,
     scores_directory,
 )
+from influence import print_top_examples
 from metrics import (
     RECALL_FRACTIONS,
     detection_quality,
@@ -57,12 +58,7 @@ from metrics import (
     removal_effect,
     summarize,
 )
-from pipeline import (
-    load_checkpoint,
-    prepare_data,
-    print_top_examples,
-    resolve_data_args,
-)
+from pipeline import load_checkpoint, prepare_data, resolve_data_args
 from utils import (
     ArgumentParser,
     UserError,
@@ -90,8 +86,10 @@ def parse_args(argv=None):
                         help="kronfluence's masks.pt (num_masks × num_train) instead of --lds_dir.")
     parser.add_argument("--kronfluence_margins", type=Path, default=None,
                         help="kronfluence's margins.pt (num_masks × num_queries), with --kronfluence_masks.")
-    parser.add_argument("--output_dir", type=Path, default=None, help="Where results and plots go (default: the scores directory).")
-    parser.add_argument("--num_bootstrap", type=at_least(1), default=1000, help="Bootstrap resamples of the queries for the 95%% interval.")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="Where results and plots go (default: the scores directory).")
+    parser.add_argument("--num_bootstrap", type=at_least(1), default=1000,
+                        help="Bootstrap resamples of the queries for the 95%% interval.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
     parser.add_argument("--query_index", type=at_least(0), default=None,
                         help="Query whose top influential examples are printed (default: the median-LDS query).")
@@ -395,7 +393,8 @@ def main(argv=None):
     if "noise_ceiling" in extra:
         ceiling = extra["noise_ceiling"]
         print(f"noise ceiling {ceiling['ceiling']:.4f} (reliability {ceiling['reliability']:.4f} of the mean of "
-              f"{ceiling['target_repeats']} of {ceiling['repeats']} repeats): the LDS is {summary['lds'] / ceiling['ceiling']:.0%} of it")
+              f"{ceiling['target_repeats']} of {ceiling['repeats']} repeats): the LDS is "
+              f"{summary['lds'] / ceiling['ceiling']:.0%} of it")
     if "paired" in extra:
         paired = extra["paired"]
         print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "

@@ -13,6 +13,18 @@ from utils import UserError, atomic_output, file_sha256, read_json
 
 logger = logging.getLogger(__name__)
 
+# the data: SWAG's schema (local files in it too), and the tokenized batches' label key
+NUM_CHOICES = 4
+CONTEXT_COLUMN = "sent1"
+HEADER_COLUMN = "sent2"
+ENDING_COLUMNS = [f"ending{i}" for i in range(NUM_CHOICES)]
+LABEL_COLUMN = "label"
+REQUIRED_COLUMNS = [CONTEXT_COLUMN, HEADER_COLUMN, *ENDING_COLUMNS]
+GROUP_COLUMN = "video-id"  # SWAG's scene id; the demo stores its latent script here
+TRAIN_SPLIT = "train"
+QUERY_SPLIT = "validation"
+LABELS = "labels"  # the model's inputs are all the other keys
+
 # where the scripts put their outputs by default
 CHECKPOINTS_DIR = Path("checkpoints")
 SCORES_DIR = Path("scores")

@@ -22,7 +22,6 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,16 +30,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from kronfluence.factor.config import FactorConfig
-from kronfluence.utils.constants import (
-    ACTIVATION_COVARIANCE_MATRIX_NAME,
-    ACTIVATION_EIGENVECTORS_NAME,
-    GRADIENT_COVARIANCE_MATRIX_NAME,
-    GRADIENT_EIGENVECTORS_NAME,
-    LAMBDA_MATRIX_NAME,
-    NUM_LAMBDA_PROCESSED,
-)
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -426,144 +416,3 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
     out = torch.empty_like(scores, device="cpu")
     out[order] = scores.cpu()
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Fast factor kernels (analyze.py --fast): kronfluence's covariance and lambda updates, the same sums
-# --------------------------------------------------------------------------------------------
-ALIGN = 8  # matmul widths are padded to a multiple of this: the bias column's odd width (d_in + 1) selects
-# cuBLAS kernels for unaligned memory, several times slower
-
-
-def _pad_last(x: torch.Tensor, *dims: int) -> torch.Tensor:
-    """x with zeros appended to its last len(dims) dimensions up to the next multiple of ALIGN (for matmuls)."""
-    pad = []
-    for size in reversed(dims):
-        pad += [0, -size % ALIGN]
-    return F.pad(x, pad) if any(pad) else x
-
-
-@contextmanager
-def _tf32():
-    """float32 matmuls on TF32 tensor cores (10-bit mantissa inputs, float32 sums) inside the block."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """xᵀx for the (tokens × d) matrix x, in `dtype`: kronfluence's covariance update. On a GPU a float32 result
-    is computed from bf16 inputs (torch.mm's out_dtype: bf16 products are exact in float32 and summed in float32;
-    the inputs are the numbers the autocast forward and backward multiply), elsewhere in `dtype`."""
-    d = x.size(1)
-    if x.is_cuda and dtype == torch.float32:
-        x = _pad_last(x.bfloat16(), d)
-        return torch.mm(x.t(), x, out_dtype=torch.float32)[:d, :d]
-    x = _pad_last(x.to(dtype), d)
-    return (x.t() @ x)[:d, :d]
-
-
-def rotated_example_gradients(activation: torch.Tensor, output_gradient: torch.Tensor, activation_eigenvectors,
-                              gradient_eigenvectors, group: int) -> torch.Tensor:
-    """Q_gᵀ G Q_a for each example's gradient G = Σ_t g_t a_tᵀ, where an example is `group` consecutive sequences
-    of the (sequences, tokens, ·) inputs, without forming G: (Gout Q_g)ᵀ (A Q_a) over the tokens of the example's
-    sequences. kronfluence forms G (tokens·d_in·d_out multiply-adds) and rotates it (d_in·d_out·(d_in + d_out));
-    rotating first costs tokens·(d_in² + d_out² + d_in·d_out), less while an example has fewer tokens than its
-    layer is wide (roberta-base: 768; an example here has at most 4 × 128). In the eigenvectors' dtype, on TF32
-    tensor cores on a GPU (the bf16 example gradients carry 8 bits of mantissa, TF32 10)."""
-    dtype = activation_eigenvectors.dtype
-    sequences, tokens, d_in = activation.shape
-    examples = sequences // group
-    a = _pad_last(activation.reshape(examples, group * tokens, d_in).to(dtype), d_in)
-    g = output_gradient.reshape(examples, group * tokens, -1).to(dtype)
-    with _tf32():
-        rotated = (g @ gradient_eigenvectors).transpose(1, 2) @ (a @ _pad_last(activation_eigenvectors, d_in, d_in))
-    return rotated[..., :d_in]
-
-
-def _covariance_updates(tracker_class):
-    """Replacements for kronfluence's two covariance updates: its own bookkeeping (storage, counts) on an empty
-    batch, then the batch's xᵀx from `gram` added to its storage."""
-    activation_update = tracker_class._update_activation_covariance_matrix
-    gradient_update = tracker_class._update_gradient_covariance_matrix
-
-    def update_activation(self, input_activation, count):
-        activation_update(self, input_activation[:0], count)  # allocates the storage on the first batch, counts
-        storage = self.module.storage[ACTIVATION_COVARIANCE_MATRIX_NAME]
-        storage.add_(gram(input_activation, storage.dtype))
-
-    def update_gradient(self, output_gradient, count):
-        gradient_update(self, output_gradient[:0], count)
-        storage = self.module.storage[GRADIENT_COVARIANCE_MATRIX_NAME]
-        scale = self.module.gradient_scale ** 2 if self.module.gradient_scale != 1.0 else 1
-        storage.add_(gram(output_gradient, storage.dtype), alpha=scale)
-
-    return update_activation, update_gradient
-
-
-def _lambda_hooks(original_register, group: int):
-    """A replacement for kronfluence's LambdaTracker.register_hooks: for EKFAC on nn.Linear, the rotated example
-    gradients of `rotated_example_gradients`, squared and summed into its lambda storage; anything else (shared
-    parameters, offloaded activations, diagonal, other modules) goes to kronfluence's own hooks."""
-
-    def register_hooks(self):
-        module, args = self.module, self.module.factor_args
-        if (args.has_shared_parameters or args.offload_activations_to_cpu
-                or not FactorConfig.CONFIGS[args.strategy].requires_eigendecomposition_for_lambda
-                or not isinstance(module.original_module, nn.Linear)):
-            return original_register(self)
-        per_example = group if module.per_sample_gradient_process_fnc is not None else 1
-
-        @torch.no_grad()
-        def forward_hook(_, inputs, outputs):
-            self.cached_activations = inputs[0].detach().to(dtype=args.per_sample_gradient_dtype, copy=True)
-            self.cached_hooks.append(outputs.register_hook(backward_hook))
-
-        @torch.no_grad()
-        def backward_hook(output_gradient):
-            self.cached_hooks.pop().remove()
-            activation = module._flatten_input_activation(input_activation=self.cached_activations)
-            self.clear_all_cache()
-            output_gradient = output_gradient.detach().to(dtype=args.per_sample_gradient_dtype)
-            if activation.dim() == 2:  # no token dimension: one token per sequence
-                activation, output_gradient = activation[:, None], output_gradient[:, None]
-            examples = activation.size(0) // per_example
-            empty = torch.empty(0, output_gradient.size(-1), activation.size(-1), dtype=args.lambda_dtype,
-                                device=output_gradient.device)
-            self._update_lambda_matrix(per_sample_gradient=empty)  # kronfluence's set-up: storage, eigenvectors
-            storage = module.storage
-            rotated = rotated_example_gradients(activation, output_gradient, storage[ACTIVATION_EIGENVECTORS_NAME],
-                                                storage[GRADIENT_EIGENVECTORS_NAME], per_example)
-            if module.gradient_scale != 1.0:
-                rotated.mul_(module.gradient_scale)
-            storage[NUM_LAMBDA_PROCESSED].add_(examples)
-            storage[LAMBDA_MATRIX_NAME].add_(rotated.square_().sum(dim=0))
-
-        self.registered_hooks.append(module.register_forward_hook(forward_hook))
-
-    return register_hooks
-
-
-@contextmanager
-def fast_factor_kernels(num_choices: int = 1):
-    """Inside the block kronfluence fits covariance and lambda factors with faster kernels for the same sums
-    (analyze.py --fast): each batch's covariance xᵀx by `gram` (bf16 inputs, float32 result, on a GPU) and
-    EKFAC's lambda from `rotated_example_gradients` (rotated before the example gradient is formed; TF32 on a
-    GPU). Widths are padded to multiples of ALIGN. `num_choices`: the sequences per example that the task's
-    per-sample-gradient post-processing sums (MultipleChoiceTask). tests/test_fused.py checks that the factors
-    equal kronfluence's in float64."""
-    from kronfluence.module.tracker.factor import CovarianceTracker, LambdaTracker
-
-    saved = (CovarianceTracker._update_activation_covariance_matrix,
-             CovarianceTracker._update_gradient_covariance_matrix, LambdaTracker.register_hooks)
-    (CovarianceTracker._update_activation_covariance_matrix,
-     CovarianceTracker._update_gradient_covariance_matrix) = _covariance_updates(CovarianceTracker)
-    LambdaTracker.register_hooks = _lambda_hooks(saved[2], num_choices)
-    try:
-        yield
-    finally:
-        (CovarianceTracker._update_activation_covariance_matrix,
-         CovarianceTracker._update_gradient_covariance_matrix, LambdaTracker.register_hooks) = saved

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from formats import (
+    LABELS,
     SCORES_FILE,
     SCORES_KEY,
     SELF_SCORES_FILE,
@@ -37,7 +38,7 @@ from formats import (
     save_scores,
 )
 from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
-from pipeline import LABELS, model_logits
+from pipeline import decode_choices, model_logits
 from utils import UserError, halving_on_oom
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             continue
         logger.info("%s: %s factors", name, config.factor_strategy)
 
-        def run(factor_batch_size=None):
+        def run(factor_batch_size=None, name=name, stage=stage):  # called at once, in this iteration
             torch.manual_seed(stage_seed(config.seed, name, rank))
             stage(factor_batch_size)
         batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
@@ -329,8 +330,8 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             batch_size = sizes.get("factor_batch_size", batch_size)
         except torch.linalg.LinAlgError as exc:
             module = failing_eigendecomposition(factors_dir, analyzer.state.device)
-            raise UserError(f"eigendecomposition failed for {module}: {str(exc).splitlines()[0]}; refit without --use_half_precision, or use --factor_strategy "
-                            f"diagonal") from None
+            raise UserError(f"eigendecomposition failed for {module}: {str(exc).splitlines()[0]}; refit without "
+                            f"--use_half_precision, or use --factor_strategy diagonal") from None
         fitted = batch_size if batched else fitted
         if rank == 0:
             check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
@@ -346,3 +347,39 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
 
 def library_versions() -> dict:
     return {name: importlib.metadata.version(name) for name in ("torch", "transformers", "kronfluence")}
+
+
+def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
+    """The query and its strongest proponents and opponents as text."""
+    row = scores[query_index].float()
+
+    def show(title, example):
+        label = example["labels"]
+        texts = decode_choices(tokenizer, example)
+        print(f"{title}\n    {texts[label] if label >= 0 else texts[0] + '  (unlabelled)'}")
+
+    print("=" * 100)
+    show(f"QUERY #{query_index} (correct choice)", data.queries[query_index])
+    order = torch.argsort(row, descending=True)
+    print("-" * 100 + "\nTop proponents (training examples that most raise this query's margin):")
+    for i in order[:top_k].tolist():
+        show(f"  + train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("-" * 100 + "\nTop opponents (training examples that most lower it):")
+    for i in order.flip(0)[:top_k].tolist():
+        show(f"  - train #{i}  score {row[i].item():+.4g}", data.train[i])
+    print("=" * 100)
+
+
+def print_suspicious_rows(scores: torch.Tensor, fit: dict, meta: dict, data, tokenizer, count: int) -> None:
+    """The training rows with the largest self-influence, as text: the labelled ending and the one the model
+    prefers."""
+    corrupted = set(meta.get("label_noise_rows") or [])
+    print("=" * 100 + f"\nMost suspicious training rows (largest self-influence, {meta['factor_strategy']}):")
+    for i in torch.argsort(scores, descending=True)[:count].tolist():
+        texts = decode_choices(tokenizer, data.train[i])
+        label, preferred = int(fit["label"][i]), int(fit["prediction"][i])
+        note = "  [label moved by --label_noise]" if i in corrupted else ""
+        print(f"  train #{i}  self-influence {scores[i].item():.4g}  loss {fit['loss'][i].item():.3f}{note}\n"
+              f"      labelled:  {texts[label]}")
+        print(f"      preferred: {texts[preferred]}" if preferred != label else "      (the model prefers the label)")
+    print("=" * 100)

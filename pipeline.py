@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -30,11 +29,23 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForMultipleChoice,
     PreTrainedTokenizerBase,
-    RobertaConfig,
-    RobertaTokenizerFast,
 )
 
-from formats import METRICS_FILE, TRAINING_ARGS_FILE, WEIGHTS_FILE
+from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
+from formats import (
+    CONTEXT_COLUMN,
+    ENDING_COLUMNS,
+    HEADER_COLUMN,
+    LABEL_COLUMN,
+    LABELS,
+    METRICS_FILE,
+    NUM_CHOICES,
+    QUERY_SPLIT,
+    REQUIRED_COLUMNS,
+    TRAIN_SPLIT,
+    TRAINING_ARGS_FILE,
+    WEIGHTS_FILE,
+)
 from utils import (
     ArgumentParser,
     UserError,
@@ -52,26 +63,14 @@ from utils import (
 
 logger = logging.getLogger(__name__)
 
-NUM_CHOICES = 4
 MAX_LENGTH = 128
 MIN_LENGTH = 16
-CONTEXT_COLUMN = "sent1"
-HEADER_COLUMN = "sent2"
-ENDING_COLUMNS = [f"ending{i}" for i in range(NUM_CHOICES)]
-LABEL_COLUMN = "label"
-LABELS = "labels"  # the tokenized batches' label key (the model's inputs are all the others)
-REQUIRED_COLUMNS = [CONTEXT_COLUMN, HEADER_COLUMN, *ENDING_COLUMNS]
-GROUP_COLUMN = "video-id"  # SWAG's scene id; the demo stores its latent script here
-
-TRAIN_SPLIT = "train"
-QUERY_SPLIT = "validation"
 HUB_DATASET = ("allenai/swag", "regular")
 DATASETS = ["swag", "demo", "files"]
 DEFAULT_MODEL = "FacebookAI/roberta-base"
 DEMO_MODEL = "tiny-roberta"  # built from a config; see `build_demo_model`
 REFERENCE_NUM_TRAIN = 73_536  # kronfluence's examples/swag sizes
 REFERENCE_NUM_QUERIES = 2_000
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,91 +275,6 @@ def raw_fingerprint(split: Dataset) -> str:
 # --------------------------------------------------------------------------------------------
 # The embedded demo: short scene scripts with their own vocabulary
 # --------------------------------------------------------------------------------------------
-DEMO_SCRIPTS = {  # script: (setups, places, actions, objects)
-    "kitchen": (["chops the onions", "heats the pan"], ["in the kitchen", "at the stove"],
-                ["tastes", "serves"], ["the hot soup", "the fresh bread"]),
-    "beach": (["waxes the surfboard", "spreads a towel"], ["on the beach", "by the waves"],
-              ["paddles out to", "swims toward"], ["the big wave", "the coral reef"]),
-    "gym": (["chalks both hands", "loads the barbell"], ["in the gym", "by the rack"],
-            ["lifts", "presses"], ["the heavy weights", "the kettlebell"]),
-    "garden": (["pulls the weeds", "fills the watering can"], ["in the garden", "near the greenhouse"],
-               ["plants", "prunes"], ["the tomato vines", "the rose bushes"]),
-    "concert": (["tunes the guitar", "adjusts the microphone"], ["on the stage", "under the spotlight"],
-                ["strums", "sings"], ["the loud chorus", "the slow ballad"]),
-    "workshop": (["measures the plank", "clamps the board"], ["in the workshop", "at the workbench"],
-                 ["saws", "sands"], ["the oak board", "the table leg"]),
-    "ski": (["buckles the boots", "lowers the goggles"], ["on the slope", "at the summit"],
-            ["carves down", "slaloms through"], ["the steep run", "the powder field"]),
-    "market": (["picks up a basket", "greets the vendor"], ["at the market", "by the stall"],
-               ["haggles over", "pays for"], ["the ripe apples", "the spice jars"]),
-}
-DEMO_NAMES = ["Anna", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas",
-              "Kemal", "Lena", "Marco", "Nadia", "Oscar", "Priya"]
-DEMO_SIZES = {TRAIN_SPLIT: 600, QUERY_SPLIT: 200}
-DEMO_SEED = 2024
-
-
-def _demo_ending(rng: random.Random, script: str) -> str:
-    _, _, actions, objects = DEMO_SCRIPTS[script]
-    return f"{rng.choice(actions)} {rng.choice(objects)}."
-
-
-def make_demo_dataset(sizes: dict = DEMO_SIZES, seed: int = DEMO_SEED) -> DatasetDict:
-    """A deterministic SWAG-schema dataset. Each row belongs to a latent scene script (stored in
-    `video-id`): the context comes from the script, the gold ending continues it, and the three
-    distractors continue other scripts. A tiny model can learn it, and a query's most influential
-    training rows should come from its own script."""
-    rng = random.Random(seed)
-    names = list(DEMO_SCRIPTS)
-    splits = {}
-    for split, n in sizes.items():
-        rows = {c: [] for c in ["video-id", "fold-ind", "startphrase", "gold-source", *REQUIRED_COLUMNS, LABEL_COLUMN]}
-        for i in range(n):
-            script = names[rng.randrange(len(names))]
-            setups, places, _, _ = DEMO_SCRIPTS[script]
-            person = rng.choice(DEMO_NAMES)
-            context = f"{person} {rng.choice(setups)} {rng.choice(places)}."
-            others = rng.sample([s for s in names if s != script], NUM_CHOICES - 1)
-            label = rng.randrange(NUM_CHOICES)
-            endings = [_demo_ending(rng, s) for s in others]
-            endings.insert(label, _demo_ending(rng, script))
-            header = rng.choice([person, "Then " + person, "Next, " + person])
-            for key, value in [("video-id", script), ("fold-ind", str(i)), ("gold-source", "gen"),
-                               ("startphrase", f"{context} {header}"), (CONTEXT_COLUMN, context),
-                               (HEADER_COLUMN, header), (LABEL_COLUMN, label)]:
-                rows[key].append(value)
-            for column, ending in zip(ENDING_COLUMNS, endings):
-                rows[column].append(ending)
-        splits[split] = Dataset.from_dict(rows)
-    return DatasetDict(splits)
-
-
-def demo_corpus(raw: DatasetDict):
-    for split in raw.values():
-        for column in REQUIRED_COLUMNS:
-            yield from split[column]
-
-
-def build_demo_tokenizer(raw: DatasetDict) -> RobertaTokenizerFast:
-    """A byte-level BPE tokenizer trained on the demo text with `tokenizers` (nothing downloaded)."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    bpe.train_from_iterator(demo_corpus(raw), vocab_size=600, min_frequency=1, special_tokens=specials,
-                            show_progress=False)
-    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
-                                mask_token="<mask>", model_max_length=MAX_LENGTH)
-
-
-def build_demo_model(tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """A two-layer RoBERTa small enough to train and analyse on a laptop CPU."""
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128, max_position_embeddings=MAX_LENGTH + 4,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, type_vocab_size=1)
-    return AutoModelForMultipleChoice.from_config(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,30 +463,6 @@ def load_checkpoint(checkpoint_dir: Path):
 # --------------------------------------------------------------------------------------------
 
 
-def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
-    """Process-wide attention settings for speed; the attention is mathematically the same (on a GPU an unpadded
-    batch may now run another kernel, with rounding differences). Called by every script that runs the model;
-    `cudnn=True, mask_check=True` restores PyTorch's and transformers' defaults (for A/B timing and tests).
-
-    - cuDNN is taken out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an
-      execution plan for every new (batch, padded length) shape, about 10 ms of host time each, and with dynamic
-      padding nearly every batch is a new shape.
-    - The padding mask is always built, never checked. transformers skips building it when nothing is padded,
-      and to know that it evaluates `padding_mask.all()` in a Python `if`: the host waits for the GPU in every
-      forward, so it cannot queue the next step while the GPU works, and under DDP the ranks run in lockstep.
-      An all-true mask gives the same attention, so the check is dropped through transformers' public
-      `AttentionMaskInterface` (registered under "sdpa", for this process only; checkpoints are unchanged).
-    """
-    from transformers import AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    def sdpa_mask_always_built(*args, **kwargs):
-        return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
-
-    torch.backends.cuda.enable_cudnn_sdp(cudnn)
-    AttentionMaskInterface.register("sdpa", sdpa_mask if mask_check else sdpa_mask_always_built)
-
-
 def decode_choices(tokenizer: PreTrainedTokenizerBase, row: dict) -> list:
     """The choices of a tokenized row as "context | ending" text, without padding or special tokens."""
     texts = []
@@ -608,37 +498,3 @@ if __name__ == "__main__":
     run_script(main)
 
 
-def print_top_examples(scores: torch.Tensor, data, tokenizer, query_index: int, top_k: int) -> None:
-    """The query and its strongest proponents and opponents as text."""
-    row = scores[query_index].float()
-
-    def show(title, example):
-        label = example["labels"]
-        texts = decode_choices(tokenizer, example)
-        print(f"{title}\n    {texts[label] if label >= 0 else texts[0] + '  (unlabelled)'}")
-
-    print("=" * 100)
-    show(f"QUERY #{query_index} (correct choice)", data.queries[query_index])
-    order = torch.argsort(row, descending=True)
-    print("-" * 100 + "\nTop proponents (training examples that most raise this query's margin):")
-    for i in order[:top_k].tolist():
-        show(f"  + train #{i}  score {row[i].item():+.4g}", data.train[i])
-    print("-" * 100 + "\nTop opponents (training examples that most lower it):")
-    for i in order.flip(0)[:top_k].tolist():
-        show(f"  - train #{i}  score {row[i].item():+.4g}", data.train[i])
-    print("=" * 100)
-
-
-def print_suspicious_rows(scores: torch.Tensor, fit: dict, meta: dict, data, tokenizer, count: int) -> None:
-    """The training rows with the largest self-influence, as text: the labelled ending and the one the model
-    prefers."""
-    corrupted = set(meta.get("label_noise_rows") or [])
-    print("=" * 100 + f"\nMost suspicious training rows (largest self-influence, {meta['factor_strategy']}):")
-    for i in torch.argsort(scores, descending=True)[:count].tolist():
-        texts = decode_choices(tokenizer, data.train[i])
-        label, preferred = int(fit["label"][i]), int(fit["prediction"][i])
-        note = "  [label moved by --label_noise]" if i in corrupted else ""
-        print(f"  train #{i}  self-influence {scores[i].item():.4g}  loss {fit['loss'][i].item():.3f}{note}\n"
-              f"      labelled:  {texts[label]}")
-        print(f"      preferred: {texts[preferred]}" if preferred != label else "      (the model prefers the label)")
-    print("=" * 100)

@@ -22,7 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from formats import (
+    CONTEXT_COLUMN,
+    ENDING_COLUMNS,
+    HEADER_COLUMN,
     HISTOGRAM_FILE,
+    LABEL_COLUMN,
     METADATA_FILE,
     QUERY_FIT_FILE,
     REPORT_FILE,
@@ -32,16 +36,7 @@ from formats import (
     load_self_scores,
     scores_directory,
 )
-from pipeline import (
-    CONTEXT_COLUMN,
-    ENDING_COLUMNS,
-    HEADER_COLUMN,
-    LABEL_COLUMN,
-    load_raw,
-    raw_fingerprint,
-    resolve_data_args,
-    select_rows,
-)
+from pipeline import load_raw, raw_fingerprint, resolve_data_args, select_rows
 from utils import (
     ArgumentParser,
     UserError,

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from kronfluence.task import Task
 from torch import nn
 
-from pipeline import LABELS, NUM_CHOICES, margins, model_logits
+from formats import LABELS, NUM_CHOICES
+from pipeline import margins, model_logits
 
 Batch = Dict[str, torch.Tensor]
 

@@ -322,3 +322,27 @@ def halving_on_oom(stage: str, run, sizes: dict, device: torch.device) -> dict:
                        sizes[name] // 2)
         sizes[name] //= 2
         turn += 1
+
+
+def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:
+    """Process-wide attention settings for speed; the attention is mathematically the same (on a GPU an unpadded
+    batch may now run another kernel, with rounding differences). Called by every script that runs the model;
+    `cudnn=True, mask_check=True` restores PyTorch's and transformers' defaults (for A/B timing and tests).
+
+    - cuDNN is taken out of PyTorch's attention kernels (flash / memory-efficient remain). cuDNN builds an
+      execution plan for every new (batch, padded length) shape, about 10 ms of host time each, and with dynamic
+      padding nearly every batch is a new shape.
+    - The padding mask is always built, never checked. transformers skips building it when nothing is padded,
+      and to know that it evaluates `padding_mask.all()` in a Python `if`: the host waits for the GPU in every
+      forward, so it cannot queue the next step while the GPU works, and under DDP the ranks run in lockstep.
+      An all-true mask gives the same attention, so the check is dropped through transformers' public
+      `AttentionMaskInterface` (registered under "sdpa", for this process only; checkpoints are unchanged).
+    """
+    from transformers import AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    def sdpa_mask_always_built(*args, **kwargs):
+        return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
+
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    AttentionMaskInterface.register("sdpa", sdpa_mask if mask_check else sdpa_mask_always_built)

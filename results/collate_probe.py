@@ -49,7 +49,8 @@ def main():
     fetched = [data.train.__getitems__(pick) for pick in picks]
     cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
            if line.startswith("model name")][:1]
-    result = {"cpu": cpu[0] if cpu else platform.processor(), "python": platform.python_version(), "batch_rows": size, "sequences": size * 4, "repeats": repeats,
+    result = {"cpu": cpu[0] if cpu else platform.processor(), "python": platform.python_version(), "batch_rows": size,
+              "sequences": size * 4, "repeats": repeats,
               "fetch_ms": median_ms(data.train.__getitems__, picks),
               "collate_ms": median_ms(collator, fetched),
               "padded_length_median": statistics.median(collator(rows)["input_ids"].shape[-1] for rows in fetched)}

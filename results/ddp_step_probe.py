@@ -44,13 +44,13 @@ import train  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 from pipeline import (  # noqa: E402
-    configure_attention,
     load_pretrained,
     load_raw,
     make_collator,
     model_logits,
     prepare_data,
 )
+from utils import configure_attention  # noqa: E402
 
 
 def sync():

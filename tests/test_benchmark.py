@@ -5,7 +5,7 @@ import json
 import pytest
 
 import benchmark
-from pipeline import build_demo_tokenizer, make_demo_dataset
+from demo import build_demo_tokenizer, make_demo_dataset
 
 
 @pytest.fixture

@@ -13,10 +13,13 @@ from conftest import TINY
 from kronfluence.analyzer import Analyzer
 
 import analyze
+import demo
 import formats
 import pipeline
 import train
 import training
+import utils
+from demo import make_demo_dataset
 from influence import STRATEGIES, AnalysisConfig
 from utils import UserError
 
@@ -87,7 +90,7 @@ def test_demo_model_learns_and_influence_finds_its_group(demo_checkpoint, tmp_pa
     assert metrics["validation_accuracy"] >= 0.6  # chance is 0.25
     scores_dir = analyze.main(["--checkpoint_dir", str(demo_checkpoint), "--output_dir", str(tmp_path)])
     scores = Analyzer.load_file(scores_dir / formats.SCORES_FILE)[formats.SCORES_KEY].float()
-    raw = pipeline.make_demo_dataset()
+    raw = demo.make_demo_dataset()
     train_groups = np.array(raw["train"]["video-id"])
     query_groups = np.array(raw["validation"]["video-id"])
     top = torch.topk(scores, 10, dim=1).indices.numpy()
@@ -125,7 +128,7 @@ def test_query_index_outside_the_queries_stops_before_any_work(tiny_checkpoint, 
 def test_unlabelled_queries_stop_training_before_it_starts(lds, tmp_path, monkeypatch):
     """Margins need labels: an unlabelled query split fails at once (under DDP, one rank failing alone at its first
     validation would leave the others waiting)."""
-    demo = pipeline.make_demo_dataset()
+    demo = make_demo_dataset()
     demo["train"].select(range(32)).to_csv(tmp_path / "train.csv")
     demo["validation"].select(range(8)).remove_columns("label").to_csv(tmp_path / "validation.csv")
     args = ["--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "validation.csv"),
@@ -195,12 +198,12 @@ def test_dataloader_workers_train_identical_weights(tmp_path):
 
 @pytest.mark.parametrize("script", ["train", "analyze"])
 def test_scripts_configure_attention(script, tiny_checkpoint, tmp_path):
-    """Every entry point that runs the model applies pipeline.configure_attention: cuDNN out of attention (a plan
+    """Every entry point that runs the model applies utils.configure_attention: cuDNN out of attention (a plan
     per padded length) and a padding mask that is never read on the host (a GPU sync per forward)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    pipeline.configure_attention(cudnn=True, mask_check=True)  # PyTorch's and transformers' defaults
+    utils.configure_attention(cudnn=True, mask_check=True)  # PyTorch's and transformers' defaults
     try:
         if script == "train":
             train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(tmp_path / "ckpt")])
@@ -210,7 +213,7 @@ def test_scripts_configure_attention(script, tiny_checkpoint, tmp_path):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_mask
     finally:
-        pipeline.configure_attention(cudnn=before, mask_check=True)
+        utils.configure_attention(cudnn=before, mask_check=True)
 
 
 def test_train_does_not_import_kronfluence():

@@ -17,6 +17,7 @@ from conftest import TINY
 from filelock import FileLock
 
 import analyze
+import demo
 import evaluate_lds
 import formats
 import influence
@@ -25,6 +26,7 @@ import report
 import train
 import training
 import utils
+from demo import make_demo_dataset
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +186,7 @@ def test_a_resumed_fit_keeps_its_id(tiny_checkpoint, tmp_path):
 # --------------------------------------------------------------------------------------------
 def write_demo_csvs(directory: Path, first_row: int = 0, n_train: int = 48, n_queries: int = 12) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    demo = pipeline.make_demo_dataset()
+    demo = make_demo_dataset()
     demo["train"].select(range(first_row, first_row + n_train)).to_pandas().to_csv(directory / "train.csv",
                                                                                    index=False)
     demo["validation"].select(range(n_queries)).to_pandas().to_csv(directory / "validation.csv", index=False)
@@ -225,7 +227,7 @@ def test_excluded_rows_are_part_of_the_data_every_later_script_sees(tmp_path):
     scores, meta = formats.load_scores(scores_dir)
     assert scores.shape == (12, 45) and meta["excluded_rows"] == [0, 5, 47]
     train_rows, _, _ = report.load_rows(meta, scores_dir)  # the report reads the same 45 rows
-    full = pipeline.make_demo_dataset()["train"]
+    full = demo.make_demo_dataset()["train"]
     assert len(train_rows) == 45 and train_rows[0] == full[1] and train_rows[4] == full[6]
     # LDS runs made on all 48 rows do not belong to these scores
     masks, margins = torch.zeros(4, 48, dtype=torch.bool).numpy(), torch.zeros(4, 12).numpy()
@@ -237,10 +239,10 @@ def test_excluded_rows_are_part_of_the_data_every_later_script_sees(tmp_path):
 def test_excluded_rows_with_label_noise_keep_the_moved_rows_numbered_among_the_kept(tmp_path):
     rows = tmp_path / "rows.json"
     args = pipeline.resolve_data_args(pipeline.parse_args([*TINY, "--label_noise", "0.25"]))
-    _, _, moved, _ = pipeline.select_rows(args, pipeline.make_demo_dataset())
+    _, _, moved, _ = pipeline.select_rows(args, demo.make_demo_dataset())
     rows.write_text(json.dumps(moved[:2]))
     args = pipeline.resolve_data_args(pipeline.parse_args([*TINY, "--label_noise", "0.25", "--exclude_rows", str(rows)]))
-    kept_rows, _, kept_moved, excluded = pipeline.select_rows(args, pipeline.make_demo_dataset())
+    kept_rows, _, kept_moved, excluded = pipeline.select_rows(args, demo.make_demo_dataset())
     assert excluded == sorted(moved[:2]) and len(kept_moved) == len(moved) - 2
     kept = [r for r in range(48) if r not in excluded]
     assert [kept[i] for i in kept_moved] == moved[2:]

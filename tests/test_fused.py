@@ -8,26 +8,20 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-import fused_scores
+import fast_kernels
+from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
+from fast_kernels import fast_factor_kernels, rotated_example_gradients
 from formats import load_scores
 from fused_scores import (
     PerExampleGradients,
-    fast_factor_kernels,
     fused_pairwise_scores,
     fused_self_scores,
     longest_first,
-    rotated_example_gradients,
     tracked_linears,
     with_bias_column,
 )
 from metrics import per_query_correlations
-from pipeline import (
-    build_demo_model,
-    build_demo_tokenizer,
-    make_collator,
-    make_demo_dataset,
-    tokenize,
-)
+from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
 from utils import UserError
 
@@ -151,8 +145,8 @@ def test_fast_path_agrees_with_fp32_reference_on_the_demo_model(demo_checkpoint,
 
 def counting(monkeypatch, name):
     calls = []
-    original = getattr(fused_scores, name)
-    monkeypatch.setattr(fused_scores, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = getattr(fast_kernels, name)
+    monkeypatch.setattr(fast_kernels, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 

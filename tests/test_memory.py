@@ -15,15 +15,10 @@ import analyze
 import formats
 import fused_scores
 import utils
+from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
 from fused_scores import FusedScorer, fused_pairwise_scores, query_gradient_bytes
 from influence import AnalysisConfig
-from pipeline import (
-    build_demo_model,
-    build_demo_tokenizer,
-    make_collator,
-    make_demo_dataset,
-    tokenize,
-)
+from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
 from utils import UserError
 
@@ -200,7 +195,8 @@ def test_an_eigendecomposition_failure_names_the_module(tiny_checkpoint, tmp_pat
             raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
         return eigh(matrix, *args, **kwargs)
     monkeypatch.setattr(torch.linalg, "eigh", failing)
-    with pytest.raises(UserError, match=r"^error: eigendecomposition failed for roberta\.encoder\.layer\.0\.intermediate\.dense "
+    with pytest.raises(UserError, match=r"^error: eigendecomposition failed for "
+                                        r"roberta\.encoder\.layer\.0\.intermediate\.dense "
                                         r"\(gradient_covariance\): linalg.eigh: The algorithm failed to converge; "
                                         r"refit without --use_half_precision"):
         analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "kfac",

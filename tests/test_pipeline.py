@@ -6,8 +6,12 @@ import shutil
 import pandas as pd
 import pytest
 
+import demo
+import formats
 import pipeline
-from pipeline import load_local_files, make_demo_dataset, resolve_data_args, tokenize
+import utils
+from demo import make_demo_dataset
+from pipeline import load_local_files, resolve_data_args, tokenize
 from utils import UserError
 
 
@@ -68,19 +72,19 @@ def test_demo_is_deterministic_and_has_latent_groups():
     a, b = make_demo_dataset(), make_demo_dataset()
     assert a["train"][:20] == b["train"][:20]
     groups = set(a["train"]["video-id"])
-    assert groups == set(pipeline.DEMO_SCRIPTS)
+    assert groups == set(demo.DEMO_SCRIPTS)
     row = a["train"][0]
-    assert set(pipeline.REQUIRED_COLUMNS + [pipeline.LABEL_COLUMN]) <= set(row)
+    assert set(formats.REQUIRED_COLUMNS + [formats.LABEL_COLUMN]) <= set(row)
 
 
 def test_tokenization_pairs_context_with_each_ending():
     raw = make_demo_dataset(sizes={"train": 4})["train"]
-    tokenizer = pipeline.build_demo_tokenizer({"train": raw})
+    tokenizer = demo.build_demo_tokenizer({"train": raw})
     tokenized = tokenize(raw, tokenizer)
     row = tokenized[0]
-    assert len(row["input_ids"]) == pipeline.NUM_CHOICES
+    assert len(row["input_ids"]) == formats.NUM_CHOICES
     texts = pipeline.decode_choices(tokenizer, row)
-    for text, ending in zip(texts, pipeline.ENDING_COLUMNS):
+    for text, ending in zip(texts, formats.ENDING_COLUMNS):
         context, second = text.split(" | ")
         assert context == raw[0]["sent1"]
         assert second == f"{raw[0]['sent2']} {raw[0][ending]}"
@@ -107,9 +111,9 @@ def default_attention():
     import torch
 
     cudnn = torch.backends.cuda.cudnn_sdp_enabled()
-    pipeline.configure_attention(cudnn=cudnn, mask_check=True)
+    utils.configure_attention(cudnn=cudnn, mask_check=True)
     yield
-    pipeline.configure_attention(cudnn=cudnn, mask_check=True)
+    utils.configure_attention(cudnn=cudnn, mask_check=True)
 
 
 def test_configure_attention_never_reads_the_padding_mask(default_attention, monkeypatch):
@@ -118,9 +122,9 @@ def test_configure_attention_never_reads_the_padding_mask(default_attention, mon
     import torch
     import transformers.masking_utils as masking_utils
 
-    tokenizer = pipeline.build_demo_tokenizer(make_demo_dataset())
+    tokenizer = demo.build_demo_tokenizer(make_demo_dataset())
     torch.manual_seed(0)
-    model = pipeline.build_demo_model(tokenizer).eval()
+    model = demo.build_demo_model(tokenizer).eval()
     ids = torch.randint(5, len(tokenizer), (2, 4, 12))
     padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     padded["attention_mask"][:, :, 9:] = 0
@@ -131,7 +135,7 @@ def test_configure_attention_never_reads_the_padding_mask(default_attention, mon
     with torch.no_grad():
         before = [model(**batch).logits for batch in (padded, unpadded)]
         assert len(checks) == 2  # transformers' default reads the mask once per forward
-        pipeline.configure_attention()
+        utils.configure_attention()
         after = [model(**batch).logits for batch in (padded, unpadded)]
     assert len(checks) == 2
     assert not torch.backends.cuda.cudnn_sdp_enabled()

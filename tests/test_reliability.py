@@ -25,6 +25,7 @@ import formats
 import influence
 import pipeline
 import train
+from demo import make_demo_dataset
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def test_a_checkpoint_is_never_replaced_without_overwrite_output_dir(tiny_checkp
 # Bad input files: one line naming the file, the row and the value, before any training
 # --------------------------------------------------------------------------------------------
 def demo_files(tmp_path, n_train=32, n_queries=8):
-    demo = pipeline.make_demo_dataset()
+    demo = make_demo_dataset()
     paths = tmp_path / "train.csv", tmp_path / "validation.csv"
     demo["train"].select(range(n_train)).to_pandas().to_csv(paths[0], index=False)
     demo["validation"].select(range(n_queries)).to_pandas().to_csv(paths[1], index=False)
@@ -366,7 +367,8 @@ def test_analysis_killed_at_each_stage_resumes_to_the_same_bits(target, how, sco
     killed(tmp_path, target, how, "analyze", args)
     factors_dir = next((tmp_path / "out" / tiny_checkpoint.name).glob("factors_*"))
     finished = json.loads((factors_dir / formats.METADATA_FILE).read_text())["completed_stages"]
-    expected = influence.FACTOR_STAGES[:influence.FACTOR_STAGES.index(target)] if target != "scores" else influence.FACTOR_STAGES
+    stages = influence.FACTOR_STAGES
+    expected = stages[:stages.index(target)] if target != "scores" else stages
     assert finished == expected  # the record names exactly the stages that finished
     scores_dir = analyze.main(args)  # no flag: the unfinished stages are redone
     reference = uninterrupted[scoring]

@@ -13,7 +13,7 @@ import evaluate_lds
 import formats
 import report
 import train
-from pipeline import make_demo_dataset
+from demo import make_demo_dataset
 from utils import UserError
 
 LDS_TINY = [*TINY, "--num_train_epochs", "1", "--lds_num_masks", "4"]

@@ -14,14 +14,9 @@ import evaluate_lds
 import formats
 import metrics
 import train
+from demo import build_demo_tokenizer, make_demo_dataset
 from formats import TRAINING_ARGS_FILE
-from pipeline import (
-    DATA_ARG_NAMES,
-    build_demo_tokenizer,
-    make_demo_dataset,
-    prepare_data,
-    resolve_data_args,
-)
+from pipeline import DATA_ARG_NAMES, prepare_data, resolve_data_args
 from utils import UserError
 
 

@@ -10,15 +10,8 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from pipeline import (
-    build_demo_model,
-    build_demo_tokenizer,
-    make_collator,
-    make_demo_dataset,
-    margins,
-    model_logits,
-    tokenize,
-)
+from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
+from pipeline import make_collator, margins, model_logits, tokenize
 from task import MultipleChoiceTask
 from training import LENGTH_BUCKET, bucketed
 

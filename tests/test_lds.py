@@ -341,7 +341,7 @@ def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_check
     assert json.loads((scores_dir / formats.REMOVAL_RESULTS_FILE).read_text()) == result
     assert "removing each query's top 12 proponents changes its margin by " in capsys.readouterr().out
     other = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
-                          "--max_train_samples", "40", "--output_dir", str(tmp_path / "s40")])
+                          "--max_train_samples", "40", "--allow_other_train_rows", "--output_dir", str(tmp_path / "s40")])
     with pytest.raises(UserError, match="scores other training rows than these flags select"):
         train.main([*flags[:-2], "--removal_scores", str(other), "--removal_output_dir", str(tmp_path / "r40")])
     with pytest.raises(UserError, match="has no removal runs for"):

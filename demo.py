@@ -17,12 +17,12 @@ from formats import (
     ENDING_COLUMNS,
     HEADER_COLUMN,
     LABEL_COLUMN,
+    MAX_LENGTH,
     NUM_CHOICES,
     QUERY_SPLIT,
     REQUIRED_COLUMNS,
     TRAIN_SPLIT,
 )
-from pipeline import MAX_LENGTH
 
 DEMO_SCRIPTS = {  # script: (setups, places, actions, objects)
     "kitchen": (["chops the onions", "heats the pan"], ["in the kitchen", "at the stove"],

@@ -24,6 +24,8 @@ GROUP_COLUMN = "video-id"  # SWAG's scene id; the demo stores its latent script 
 TRAIN_SPLIT = "train"
 QUERY_SPLIT = "validation"
 LABELS = "labels"  # the model's inputs are all the other keys
+MAX_LENGTH = 128  # tokens per context/ending pair (--max_length), as kronfluence's example
+MIN_LENGTH = 16  # room for the special tokens and some of both texts
 
 # where the scripts put their outputs by default
 CHECKPOINTS_DIR = Path("checkpoints")

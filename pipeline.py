@@ -38,7 +38,9 @@ from formats import (
     HEADER_COLUMN,
     LABEL_COLUMN,
     LABELS,
+    MAX_LENGTH,
     METRICS_FILE,
+    MIN_LENGTH,
     NUM_CHOICES,
     QUERY_SPLIT,
     REQUIRED_COLUMNS,
@@ -63,8 +65,6 @@ from utils import (
 
 logger = logging.getLogger(__name__)
 
-MAX_LENGTH = 128
-MIN_LENGTH = 16
 HUB_DATASET = ("allenai/swag", "regular")
 DATASETS = ["swag", "demo", "files"]
 DEFAULT_MODEL = "FacebookAI/roberta-base"

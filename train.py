@@ -1,4 +1,4 @@
-"""Fine-tune a multiple-choice model on SWAG, and run the LDS retraining runs.
+"""Fine-tune a multiple-choice model on SWAG.
 
 Fine-tune (kronfluence's recipe: AdamW, lr 1e-5, weight decay 0.001, batch 16, 3 epochs, seed 1004):
 
@@ -11,31 +11,17 @@ Fine-tune (kronfluence's recipe: AdamW, lr 1e-5, weight decay 0.001, batch 16, 3
     torchrun --standalone --nproc-per-node=2 train.py ...               # DDP (or: accelerate launch train.py ...)
     python train.py ... --torch_compile cudagraphs --dataloader_num_workers 2   # CUDA graphs per length bucket (GPU)
 
-LDS ground truth: models retrained from the same initial weights on random halves of the training
-set. Give the same data and recipe flags as the full model, plus:
-
-    python train.py --dataset demo --lds_num_masks 100 --lds_repeats 1 --lds_subset_fraction 0.5 \\
-        --lds_output_dir lds/demo
-    torchrun --standalone --nproc-per-node=2 train.py ... --lds_num_masks 100   # runs split over ranks
-    python train.py ... --lds_num_masks 100 --lds_processes 16          # or over 16 workers forked after loading
-    CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 train.py ... --lds_num_masks 100 \\
-        --torch_compile cudagraphs --dataloader_num_workers 2           # 4 runs sharing one GPU
-    sbatch --array=0-99 --wrap "python train.py ... --lds_run_index \\$SLURM_ARRAY_TASK_ID"
-
-Each run writes one file, atomically; finished runs are skipped when the command is rerun.
+The retraining runs of the LDS ground truth and the removal test are retrain.py's.
 """
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from formats import CHECKPOINTS_DIR, LDS_DIR, REMOVAL_DIR
+from formats import CHECKPOINTS_DIR
 from pipeline import (
-    DEFAULT_MODEL,
-    DEMO_MODEL,
     add_data_args,
     data_args_dict,
     load_pretrained,
@@ -47,116 +33,38 @@ from pipeline import (
     save_checkpoint,
 )
 from training import (
-    COMPILE_MODES,
-    LENGTH_BUCKET,
     TrainingRecipe,
+    add_recipe_args,
     evaluate,
     recipe,
-    run_lds,
+    resolve_recipe_args,
     train_model,
 )
 from utils import (
     ArgumentParser,
     UserError,
-    at_least,
     configure_attention,
     configure_cpu_threads,
     finish_interrupted_swaps,
-    non_negative_float,
-    positive_float,
     run_script,
     seed_everything,
-    seed_value,
     setup_logging,
 )
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     add_data_args(parser)
-    parser.add_argument("--model_name_or_path", default=None,
-                        help=f"Hub id or local directory (default {DEFAULT_MODEL}; {DEMO_MODEL} for --dataset demo).")
+    add_recipe_args(parser)
     parser.add_argument("--output_dir", type=Path, default=None,
                         help=f"Where the checkpoint goes (default {CHECKPOINTS_DIR}/<dataset>).")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Replace an existing checkpoint in --output_dir (without it, train.py refuses).")
-    parser.add_argument("--learning_rate", type=positive_float, default=None,
-                        help=f"AdamW learning rate (default 1e-5; {DEMO_RECIPE['learning_rate']} for the demo).")
-    parser.add_argument("--weight_decay", type=non_negative_float, default=0.001, help="AdamW weight decay (>= 0).")
-    parser.add_argument("--per_device_train_batch_size", type=at_least(1), default=None,
-                        help="Examples per optimizer step on each device (default 16).")
-    parser.add_argument("--num_train_epochs", type=at_least(1), default=None,
-                        help=f"Epochs (default 3; {DEMO_RECIPE['num_train_epochs']} for the demo).")
-    parser.add_argument("--lr_scheduler", choices=["constant", "linear"], default="constant",
-                        help="constant (kronfluence's recipe) or linear decay to 0.")
-    parser.add_argument("--eval_batch_size", type=at_least(1), default=64, help="Examples per evaluation batch.")
-    parser.add_argument("--torch_compile", nargs="?", const="dynamic", choices=COMPILE_MODES, default=None,
-                        help="Compile the training forward/backward with torch.compile: 'dynamic' (the bare flag; "
-                             "dynamic shapes) or 'cudagraphs' (mode reduce-overhead: CUDA graphs replayed per "
-                             f"padded length, training batches padded to a multiple of {LENGTH_BUCKET} tokens). "
-                             "GPU only in effect; see the README for measured step times.")
-    parser.add_argument("--dataloader_num_workers", type=at_least(0), default=0,
-                        help="Worker processes that collate training batches (the batches and their order are the "
-                             "same for any value).")
-    parser.add_argument("--seed", type=seed_value, default=1004, help="Seeds the head initialisation and data order.")
-    lds = parser.add_argument_group("LDS retraining runs")
-    lds.add_argument("--lds_num_masks", type=at_least(1), default=None,
-                     help="Number of random training subsets: given, train.py does the retraining runs instead of "
-                          "fine-tuning.")
-    lds.add_argument("--lds_repeats", type=at_least(1), default=1, help="Retraining seeds per subset.")
-    lds.add_argument("--lds_subset_fraction", type=float, default=0.5, help="Fraction of the training set per subset.")
-    lds.add_argument("--lds_output_dir", type=Path, default=None, help=f"Run files (default {LDS_DIR}/<dataset>).")
-    lds.add_argument("--lds_processes", type=at_least(1), default=1,
-                     help="Worker processes this command forks once it has loaded the model and data; they split "
-                          "its runs and share the visible GPUs round-robin. Several runs per GPU without each "
-                          "process paying the imports and tokenizing (an alternative to torchrun's "
-                          "--nproc-per-node on one host; combined with torchrun, each rank forks its own).")
-    lds.add_argument("--lds_run_index", type=at_least(0), default=None,
-                     help="Do only this run (mask-major: index = mask * repeats + repeat); "
-                          "defaults to $SLURM_ARRAY_TASK_ID when set.")
-    removal = parser.add_argument_group("Removal test (retrain without each query's top proponents)")
-    removal.add_argument("--removal_scores", type=Path, default=None, metavar="SCORES_DIR",
-                         help="Scores (analyze.py) of the model these flags train: given, train.py retrains from the "
-                              "same initial weights without each query's top proponents, and without as many random "
-                              "rows, instead of fine-tuning (--lds_processes and --lds_run_index apply).")
-    removal.add_argument("--removal_num_queries", type=at_least(1), default=50, help="Queries tested (the first N).")
-    removal.add_argument("--removal_fraction", type=float, default=0.05,
-                         help="Training rows removed per run, as a fraction of the training set.")
-    removal.add_argument("--removal_output_dir", type=Path, default=None,
-                         help=f"Run files (default {REMOVAL_DIR}/<dataset>); several score sets may share one.")
-    args = parser.parse_args(argv)
-    args = resolve_data_args(args)
-    demo = args.dataset == "demo"
-    args.model_name_or_path = args.model_name_or_path or (DEMO_MODEL if demo else DEFAULT_MODEL)
-    for name, default in (("learning_rate", 1e-5), ("num_train_epochs", 3), ("per_device_train_batch_size", 16)):
-        if getattr(args, name) is None:
-            setattr(args, name, DEMO_RECIPE[name] if demo else default)
+    args = resolve_recipe_args(resolve_data_args(parser.parse_args(argv)))
     args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
-    args.lds_output_dir = args.lds_output_dir or LDS_DIR / args.dataset
-    args.removal_output_dir = args.removal_output_dir or REMOVAL_DIR / args.dataset
-    if args.exclude_rows is not None and (args.removal_scores is not None or args.lds_num_masks is not None):
-        parser.error("--exclude_rows applies to fine-tuning; the LDS and removal runs choose their own rows")
-    if args.removal_scores is not None and args.lds_num_masks is not None:
-        parser.error("--removal_scores and --lds_num_masks start different retraining runs; give one")
-    if not 0 < args.removal_fraction < 1:
-        parser.error(f"argument --removal_fraction: must lie in (0, 1), got {args.removal_fraction}")
-    removal_only = [f"--{name}" for name in ("removal_num_queries", "removal_fraction")
-                    if getattr(args, name) != parser.get_default(name)]
-    if args.removal_scores is None and removal_only:
-        parser.error(f"{', '.join(removal_only)} only apply to the removal test; add --removal_scores SCORES_DIR")
-    if not 0 < args.lds_subset_fraction < 1:
-        parser.error(f"argument --lds_subset_fraction: must lie in (0, 1), got {args.lds_subset_fraction}")
-    lds_only = [f"--{name}" for name in ("lds_repeats", "lds_processes", "lds_run_index", "lds_subset_fraction")
-                if getattr(args, name) != parser.get_default(name)
-                and not (args.removal_scores is not None and name in ("lds_processes", "lds_run_index"))]
-    if args.lds_num_masks is None and lds_only:
-        parser.error(f"{', '.join(lds_only)} only apply to the LDS runs; add --lds_num_masks N")
-    if args.lds_run_index is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        args.lds_run_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
     return args
 
 
@@ -228,8 +136,6 @@ def main(argv=None):
     setup_logging(args.verbose)
     configure_cpu_threads()
     configure_attention()
-    if args.lds_num_masks is not None or args.removal_scores is not None:
-        return run_lds(args)
     check_output_dir(args)
     return run_finetune(args)
 

@@ -32,6 +32,8 @@ from formats import (
     removal_scores_id,
 )
 from pipeline import (
+    DEFAULT_MODEL,
+    DEMO_MODEL,
     Data,
     load_pretrained,
     load_raw,
@@ -43,13 +45,57 @@ from pipeline import (
 )
 from utils import (
     UserError,
+    at_least,
     atomic_output,
+    non_negative_float,
+    positive_float,
     process_device,
     process_rank,
     seed_everything,
+    seed_value,
 )
 
 logger = logging.getLogger(__name__)
+
+
+DEMO_RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 10, "per_device_train_batch_size": 16}
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The model and training-recipe flags of train.py and retrain.py: a retraining run must be trained as the
+    model it stands in for."""
+    group = parser.add_argument_group("model and training recipe")
+    group.add_argument("--model_name_or_path", default=None,
+                       help=f"Hub id or local directory (default {DEFAULT_MODEL}; {DEMO_MODEL} for --dataset demo).")
+    group.add_argument("--learning_rate", type=positive_float, default=None,
+                       help=f"AdamW learning rate (default 1e-5; {DEMO_RECIPE['learning_rate']} for the demo).")
+    group.add_argument("--weight_decay", type=non_negative_float, default=0.001, help="AdamW weight decay (>= 0).")
+    group.add_argument("--per_device_train_batch_size", type=at_least(1), default=None,
+                       help="Examples per optimizer step on each device (default 16).")
+    group.add_argument("--num_train_epochs", type=at_least(1), default=None,
+                       help=f"Epochs (default 3; {DEMO_RECIPE['num_train_epochs']} for the demo).")
+    group.add_argument("--lr_scheduler", choices=["constant", "linear"], default="constant",
+                       help="constant (kronfluence's recipe) or linear decay to 0.")
+    group.add_argument("--eval_batch_size", type=at_least(1), default=64, help="Examples per evaluation batch.")
+    group.add_argument("--torch_compile", nargs="?", const="dynamic", choices=COMPILE_MODES, default=None,
+                       help="Compile the training forward/backward with torch.compile: 'dynamic' (the bare flag; "
+                            "dynamic shapes) or 'cudagraphs' (mode reduce-overhead: CUDA graphs replayed per "
+                            f"padded length, training batches padded to a multiple of {LENGTH_BUCKET} tokens). "
+                            "GPU only in effect; see the README for measured step times.")
+    group.add_argument("--dataloader_num_workers", type=at_least(0), default=0,
+                       help="Worker processes that collate training batches (the batches and their order are the "
+                            "same for any value).")
+    group.add_argument("--seed", type=seed_value, default=1004, help="Seeds the head initialisation and data order.")
+
+
+def resolve_recipe_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The model and recipe defaults, which differ for the demo (after `resolve_data_args`)."""
+    demo = args.dataset == "demo"
+    args.model_name_or_path = args.model_name_or_path or (DEMO_MODEL if demo else DEFAULT_MODEL)
+    for name, default in (("learning_rate", 1e-5), ("num_train_epochs", 3), ("per_device_train_batch_size", 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, DEMO_RECIPE[name] if demo else default)
+    return args
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ PART=${1:?runs, ceiling or removal}; MODEL=${2:?model dir}; DATA=${3:?anetcap di
 source results/anetcap_minilm_common.sh
 ground_truth() {  # ground_truth RUNS_DIR REPEATS PROCS [SECONDS]: the runs still missing, for at most SECONDS
   local t; t=$(date +%s.%N)
-  timeout "${4:-infinity}" torchrun --standalone --nproc-per-node="$3" train.py $D --lds_num_masks 100 \
+  timeout "${4:-infinity}" torchrun --standalone --nproc-per-node="$3" retrain.py $D --lds_num_masks 100 \
     --lds_repeats "$2" --lds_output_dir "$1" >> logs/lds_runs.log 2>&1 || true
   echo "$(ls "$1" | grep -c '^run_m.*safetensors$') of $((100 * $2)) runs in $1 after $(since "$t") s"
 }
@@ -86,7 +86,7 @@ else
     > logs/train_s1004.log 2>&1
   fast=$(analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $FAST)
   t=$(date +%s.%N)
-  torchrun --standalone --nproc-per-node="$PROCS" train.py $D --seed 1004 --removal_scores "$fast" \
+  torchrun --standalone --nproc-per-node="$PROCS" retrain.py $D --seed 1004 --removal_scores "$fast" \
     --removal_num_queries "$N" --removal_fraction 0.05 --removal_output_dir removal/anetcap > logs/removal.log 2>&1
   echo "removal runs ($N queries): $(since "$t") s"
   python evaluate_lds.py --scores "$fast" --removal_dir removal/anetcap --output_dir "$OUT/removal_ekfac" \

@@ -58,7 +58,7 @@ elif [ "$STAGE" = retrain ]; then
   python results/startup_probe.py "$OUT/startup_one_process.json" $R > logs/warmup.log 2>&1
   launch() {  # launch PROCESSES ARGS...: PROCESSES runs at once, as LDS_LAUNCH says
     local n=$1; shift
-    if [ "$LDS_LAUNCH" = fork ]; then python train.py "$@" --lds_processes "$n"; else run2 "$n" train.py "$@"; fi
+    if [ "$LDS_LAUNCH" = fork ]; then python retrain.py "$@" --lds_processes "$n"; else run2 "$n" retrain.py "$@"; fi
   }
   timed retrain_1gpu_8proc one launch 8 $R --lds_output_dir lds/one
   timed retrain_2gpu_16proc launch 16 $R --lds_output_dir lds/two

@@ -9,7 +9,7 @@ t0=$(date +%s)
 [ -f checkpoints/anetcap/model.safetensors ] || python train.py $D --output_dir checkpoints/anetcap > logs/train.log 2>&1
 t1=$(date +%s)
 # several retraining runs share the GPU: torchrun starts PROCS processes, each takes every PROCS-th run
-torchrun --standalone --nproc-per-node="$PROCS" train.py $D --lds_num_masks 100 --lds_output_dir lds/anetcap > logs/lds.log 2>&1
+torchrun --standalone --nproc-per-node="$PROCS" retrain.py $D --lds_num_masks 100 --lds_output_dir lds/anetcap > logs/lds.log 2>&1
 t2=$(date +%s)
 [ -f logs/timing.json ] || echo "{\"train_seconds\": $((t1 - t0)), \"lds_seconds\": $((t2 - t1)), \"lds_processes\": $PROCS}" > logs/timing.json
 A="--checkpoint_dir checkpoints/anetcap $FACTOR_BATCHES --query_batch_size 500"

@@ -20,7 +20,7 @@ echo "training profile written"
 python train.py $D --seed 1004 --output_dir checkpoints/s1004 > logs/train_s1004.log 2>&1
 dir=$(analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $FAST)
 t=$(date +%s.%N)
-torchrun --standalone --nproc-per-node=8 train.py $D --lds_num_masks 100 --lds_repeats 1 --torch_compile cudagraphs \
+torchrun --standalone --nproc-per-node=8 retrain.py $D --lds_num_masks 100 --lds_repeats 1 --torch_compile cudagraphs \
   --lds_output_dir lds/cudagraphs > logs/retrain_cudagraphs.log 2>&1
 wall=$(since $t)
 echo "100 CUDA-graph retraining runs, 8 processes on one GPU: $wall s"

@@ -36,7 +36,7 @@ def main():
     import datasets  # noqa: F401
     t = phase("import_datasets", t)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    import retrain
     from pipeline import (
         load_pretrained,
         load_raw,
@@ -44,9 +44,9 @@ def main():
         prepare_data,
         require_labels,
     )
-    from utils import process_device, write_json
+    from utils import process_device, process_rank, write_json
     t = phase("import_project", t)
-    args = train.parse_args(argv)
+    args = retrain.parse_args(argv)
     device = process_device()
     torch.zeros(1, device=device)
     t = phase("cuda_context", t)
@@ -64,7 +64,7 @@ def main():
     phase("model_to_device", t)
     PHASES["total"] = time.time() - float(os.environ.get("LAUNCH", T0))
     PHASES["kronfluence_imported"] = "kronfluence" in sys.modules  # train.py no longer imports it
-    rank, world, _ = train.process_rank()
+    rank, world, _ = process_rank()
     write_json(out.with_name(f"{out.stem}.rank{rank}.json"), PHASES)  # atomic: whole, for rank 0 to read
     if rank == 0:  # wait for the others' files, then summarise
         files = [out.with_name(f"{out.stem}.rank{r}.json") for r in range(world)]

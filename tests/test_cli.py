@@ -16,6 +16,7 @@ import analyze
 import demo
 import formats
 import pipeline
+import retrain
 import train
 import training
 import utils
@@ -132,11 +133,13 @@ def test_unlabelled_queries_stop_training_before_it_starts(lds, tmp_path, monkey
     demo["train"].select(range(32)).to_csv(tmp_path / "train.csv")
     demo["validation"].select(range(8)).remove_columns("label").to_csv(tmp_path / "validation.csv")
     args = ["--train_file", str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "validation.csv"),
-            "--model_name_or_path", pipeline.DEMO_MODEL, "--output_dir", str(tmp_path / "ckpt"),
-            "--lds_output_dir", str(tmp_path / "lds"), *(["--lds_num_masks", "1"] if lds else [])]
-    monkeypatch.setattr(train, "train_model", lambda *a, **k: pytest.fail("training started"))
+            "--model_name_or_path", pipeline.DEMO_MODEL,
+            *(["--lds_num_masks", "1", "--lds_output_dir", str(tmp_path / "lds")] if lds
+              else ["--output_dir", str(tmp_path / "ckpt")])]
+    for module in (train, training):
+        monkeypatch.setattr(module, "train_model", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(UserError, match=r"unlabelled rows \(label -1\), so margins cannot be measured"):
-        train.main(args)
+        (retrain if lds else train).main(args)
 
 
 def test_fast_is_the_fast_combination_and_refuses_what_contradicts_it(capsys):

@@ -79,7 +79,7 @@ def test_fused_analysis_under_torchrun_refitting_the_factors_agrees(tiny_checkpo
 
 def test_lds_runs_split_over_torchrun_ranks(tmp_path):
     out = tmp_path / "lds"
-    result = torchrun("train.py", *TINY, "--num_train_epochs", "1", "--lds_num_masks", "3", "--lds_repeats", "1",
+    result = torchrun("retrain.py", *TINY, "--num_train_epochs", "1", "--lds_num_masks", "3", "--lds_repeats", "1",
                       "--lds_output_dir", str(out))
     files = sorted(out.glob("run_*.safetensors"))
     assert [f.name for f in files] == [f"run_m{m:04d}_r00.safetensors" for m in range(3)]

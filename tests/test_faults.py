@@ -43,7 +43,7 @@ def leftovers(directory: Path) -> list:
 KILL_SWAP = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import pipeline
+    import utils
     path, kill_at = Path(sys.argv[1]), sys.argv[2]
     real_replace, real_remove, calls = os.replace, utils._remove, []
     def replace(src, dst):

@@ -18,6 +18,7 @@ import analyze
 import evaluate_lds
 import formats
 import metrics
+import retrain
 import train
 import training
 from metrics import lds_per_query, summarize
@@ -68,13 +69,13 @@ def test_runs_resume_after_interruption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_model", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        train.main(args)
+        retrain.main(args)
     first = sorted(out.glob("run_*.safetensors"))
     assert len(first) == 3
     stamps = {p: p.stat().st_mtime_ns for p in first}
     first[0].write_bytes(first[0].read_bytes()[:50])  # a truncated file is redone, not trusted
     monkeypatch.setattr(training, "train_model", real)
-    written = train.main(args)
+    written = retrain.main(args)
     files = sorted(out.glob("run_*.safetensors"))
     assert len(files) == 6 and len(written) == 4  # 3 unfinished + 1 truncated
     assert all(p.stat().st_mtime_ns == stamps[p] for p in first[1:])
@@ -94,19 +95,19 @@ def test_ranks_split_runs_without_overlap(tmp_path, monkeypatch):
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        seen.append([p.name for p in train.main(args)])
+        seen.append([p.name for p in retrain.main(args)])
     assert seen == [["run_m0000_r00.safetensors"], ["run_m0001_r00.safetensors"]]
 
 
 FORKED_RUN = """
-import sys, torch, train, training
+import sys, torch, retrain, training
 real = training.train_model
 def checked(*a, **k):  # inherited by the forked workers
     if torch.cuda._is_in_bad_fork():
         raise RuntimeError("this worker cannot initialise CUDA: the parent touched it before forking")
     return real(*a, **k)
 training.train_model = checked
-print(sorted(p.name for p in train.main(sys.argv[1:])))
+print(sorted(p.name for p in retrain.main(sys.argv[1:])))
 """
 
 
@@ -124,7 +125,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
 
     args = [*LDS_TINY, "--lds_repeats", "1"]
     with threads(1):  # a forked worker trains on one thread (training._forked_worker): the same kernels, the same bits
-        one = train.main([*args, "--lds_output_dir", str(tmp_path / "one")])
+        one = retrain.main([*args, "--lds_output_dir", str(tmp_path / "one")])
     forked = [*args, "--lds_processes", "2", "--lds_output_dir", str(tmp_path / "forked")]
     result = run_forked(forked)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,7 +148,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
 
 def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):
     lds_dir = tmp_path / "lds"
-    train.main([*LDS_TINY, "--lds_repeats", "1", "--lds_output_dir", str(lds_dir)])
+    retrain.main([*LDS_TINY, "--lds_repeats", "1", "--lds_output_dir", str(lds_dir)])
     other = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                           "--num_queries", "10", "--output_dir", str(tmp_path / "s")])
     with pytest.raises(UserError, match=r"differ in num_queries \(10 in the scores, 12 in the runs\)"):
@@ -156,7 +157,7 @@ def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):
         evaluate_lds.main(["--scores", str(other), "--lds_dir", str(tmp_path / "empty"), "--no_plots"])
     # runs of another recipe are refused, naming what differs
     other_lr = tmp_path / "lds_lr"
-    train.main([*LDS_TINY, "--lds_num_masks", "2", "--lds_repeats", "1", "--learning_rate", "0.002",
+    retrain.main([*LDS_TINY, "--lds_num_masks", "2", "--lds_repeats", "1", "--learning_rate", "0.002",
                 "--lds_output_dir", str(other_lr)])
     same_queries = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                                  "--output_dir", str(tmp_path / "s")])
@@ -164,7 +165,7 @@ def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):
         evaluate_lds.main(["--scores", str(same_queries), "--lds_dir", str(other_lr), "--no_plots"])
     # other training settings in the same directory are refused by train.py
     with pytest.raises(UserError, match="other data or training settings"):
-        train.main([*LDS_TINY, "--lds_repeats", "1", "--learning_rate", "0.5", "--lds_output_dir", str(lds_dir)])
+        retrain.main([*LDS_TINY, "--lds_repeats", "1", "--learning_rate", "0.5", "--lds_output_dir", str(lds_dir)])
 
 
 def test_demo_lds_ekfac_beats_identity(tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_demo_lds_ekfac_beats_identity(tmp_path, capsys):
     data = ["--dataset", "demo", "--max_train_samples", "400", "--num_queries", "100"]
     checkpoint, lds_dir = tmp_path / "ckpt", tmp_path / "lds"
     train.main([*data, "--output_dir", str(checkpoint)])
-    train.main([*data, "--lds_num_masks", "20", "--lds_output_dir", str(lds_dir)])
+    retrain.main([*data, "--lds_num_masks", "20", "--lds_output_dir", str(lds_dir)])
     results = {}
     for strategy in ("identity", "ekfac"):
         scores_dir = analyze.main(["--checkpoint_dir", str(checkpoint), "--factor_strategy", strategy,
@@ -263,7 +264,7 @@ def test_paired_difference_sees_what_unpaired_intervals_miss():
 
 def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, tmp_path, capsys):
     lds_dir = tmp_path / "lds"
-    train.main([*LDS_TINY, "--lds_output_dir", str(lds_dir)])  # 3 masks x 2 repeats
+    retrain.main([*LDS_TINY, "--lds_output_dir", str(lds_dir)])  # 3 masks x 2 repeats
     scores = {s: analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", s,
                                "--output_dir", str(tmp_path / "s")]) for s in ("identity", "ekfac")}
     result = evaluate_lds.main(["--scores", str(scores["ekfac"]), "--lds_dir", str(lds_dir), "--no_plots",
@@ -325,7 +326,7 @@ def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_check
     out = tmp_path / "removal"
     flags = [*TINY, "--num_train_epochs", "1", "--removal_scores", str(scores_dir), "--removal_num_queries", "2",
              "--removal_fraction", "0.25", "--removal_output_dir", str(out)]
-    written = train.main(flags)
+    written = retrain.main(flags)
     assert len(written) == 5  # the control, then top and random for each of 2 queries
     scores = formats.load_scores(scores_dir)[0]
     ident = formats.removal_scores_id(scores_dir)
@@ -335,7 +336,7 @@ def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_check
         kept = load_file(str(out / formats.REMOVAL_FILE.format(query=q, condition="random")))["mask"].bool()
         assert (~kept).sum() == 12
     assert load_file(str(out / formats.REMOVAL_FULL_FILE))["mask"].all()
-    assert train.main(flags) == []  # finished runs are skipped
+    assert retrain.main(flags) == []  # finished runs are skipped
     result = evaluate_lds.main(["--scores", str(scores_dir), "--removal_dir", str(out)])
     assert result["num_queries"] == 2 and result["removed_rows"] == 12 and result["queries"] == [0, 1]
     assert json.loads((scores_dir / formats.REMOVAL_RESULTS_FILE).read_text()) == result
@@ -343,7 +344,7 @@ def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_check
     other = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                           "--max_train_samples", "40", "--allow_other_train_rows", "--output_dir", str(tmp_path / "s40")])
     with pytest.raises(UserError, match="scores other training rows than these flags select"):
-        train.main([*flags[:-2], "--removal_scores", str(other), "--removal_output_dir", str(tmp_path / "r40")])
+        retrain.main([*flags[:-2], "--removal_scores", str(other), "--removal_output_dir", str(tmp_path / "r40")])
     with pytest.raises(UserError, match="has no removal runs for"):
         evaluate_lds.main(["--scores", str(other), "--removal_dir", str(out)])
 
@@ -355,5 +356,5 @@ def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_check
 ])
 def test_removal_flags_are_checked(flags, message, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--dataset", "demo", *flags])
+        retrain.parse_args(["--dataset", "demo", *flags])
     assert message in capsys.readouterr().err

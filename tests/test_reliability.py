@@ -24,6 +24,7 @@ import evaluate_lds
 import formats
 import influence
 import pipeline
+import retrain
 import train
 from demo import make_demo_dataset
 from utils import UserError
@@ -57,17 +58,17 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 # Flags: validated before any work, one line naming the flag and the allowed range
 # --------------------------------------------------------------------------------------------
 FLAG_CASES = [
-    (train, ["--lds_num_masks", "-1"], "argument --lds_num_masks: must be 1 or more, got -1"),
-    (train, ["--lds_num_masks", "0"], "argument --lds_num_masks: must be 1 or more, got 0"),
-    (train, ["--lds_num_masks", "2", "--lds_repeats", "0"], "argument --lds_repeats: must be 1 or more, got 0"),
-    (train, ["--lds_repeats", "3"], "--lds_repeats only apply to the LDS runs; add --lds_num_masks N"),
+    (retrain, ["--lds_num_masks", "-1"], "argument --lds_num_masks: must be 1 or more, got -1"),
+    (retrain, ["--lds_num_masks", "0"], "argument --lds_num_masks: must be 1 or more, got 0"),
+    (retrain, ["--lds_num_masks", "2", "--lds_repeats", "0"], "argument --lds_repeats: must be 1 or more, got 0"),
+    (retrain, ["--lds_repeats", "3"], "give --lds_num_masks N (the LDS runs) or --removal_scores SCORES_DIR"),
     (train, ["--num_train_epochs", "0"], "argument --num_train_epochs: must be 1 or more, got 0"),
     (train, ["--per_device_train_batch_size", "0"], "argument --per_device_train_batch_size: must be 1 or more"),
     (train, ["--eval_batch_size", "-4"], "argument --eval_batch_size: must be 1 or more, got -4"),
     (train, ["--max_length", "0"], "argument --max_length: must be 16 or more, got 0"),
     (train, ["--learning_rate", "0"], "argument --learning_rate: must be a number > 0, got 0"),
     (train, ["--learning_rate", "nan"], "argument --learning_rate: must be a number > 0, got nan"),
-    (train, ["--lds_num_masks", "2", "--lds_subset_fraction", "1.5"], "--lds_subset_fraction: must lie in (0, 1)"),
+    (retrain, ["--lds_num_masks", "2", "--lds_subset_fraction", "1.5"], "--lds_subset_fraction: must lie in (0, 1)"),
     (train, ["--max_train_samples", "x"], "argument --max_train_samples: expected an integer >= 0, got 'x'"),
     (analyze, ["--top_k", "0"], "argument --top_k: must be 1 or more, got 0"),
     (analyze, ["--factor_batch_size", "0"], "argument --factor_batch_size: must be 1 or more, got 0"),
@@ -296,7 +297,7 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 target, how, script, args = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
-import analyze, train, task
+import analyze, formats, influence, retrain, task, training
 import kronfluence.factor.covariance, kronfluence.factor.eigen, kronfluence.score.pairwise
 stage = [None]
 real_seed = influence.stage_seed
@@ -330,9 +331,9 @@ else:  # while saving: half of the file written, then killed
                 kill()
             return real(tensors, filename, metadata=metadata)
         return save_file
-    for module in (kronfluence.factor.covariance, kronfluence.factor.eigen, kronfluence.score.pairwise, analyze, train):
+    for module in (kronfluence.factor.covariance, kronfluence.factor.eigen, kronfluence.score.pairwise, formats, training):
         module.save_file = save(module.save_file)
-{"analyze": analyze, "train": train}[script].main(args)
+{"analyze": analyze, "retrain": retrain}[script].main(args)
 """
 
 
@@ -380,11 +381,11 @@ def test_analysis_killed_at_each_stage_resumes_to_the_same_bits(target, how, sco
 @pytest.mark.parametrize("how", ["fit", "save"])
 def test_lds_runs_killed_mid_run_resume_to_the_same_bits(how, tmp_path):
     args = [*TINY, "--num_train_epochs", "1", "--lds_num_masks", "3"]
-    reference = train.main([*args, "--lds_output_dir", str(tmp_path / "reference")])
+    reference = retrain.main([*args, "--lds_output_dir", str(tmp_path / "reference")])
     out = tmp_path / "killed"
-    killed(tmp_path, "run", how, "train", [*args, "--lds_output_dir", str(out)])
+    killed(tmp_path, "run", how, "retrain", [*args, "--lds_output_dir", str(out)])
     assert [p.name for p in out.glob("run_*")] == [reference[0].name]  # the second run was killed
-    train.main([*args, "--lds_output_dir", str(out)])
+    retrain.main([*args, "--lds_output_dir", str(out)])
     for ref in reference:
         with safe_open(str(ref), "pt") as a, safe_open(str(out / ref.name), "pt") as b:
             ma, mb = a.metadata(), b.metadata()
@@ -399,7 +400,7 @@ def test_lds_runs_killed_mid_run_resume_to_the_same_bits(how, tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_evaluate_checks_the_query_index_first_and_warns_on_bare_scores(tiny_checkpoint, tmp_path, caplog):
     lds_dir = tmp_path / "runs"
-    train.main([*TINY, "--num_train_epochs", "1", "--lds_num_masks", "4", "--lds_output_dir", str(lds_dir)])
+    retrain.main([*TINY, "--num_train_epochs", "1", "--lds_num_masks", "4", "--lds_output_dir", str(lds_dir)])
     scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                                "--output_dir", str(tmp_path / "s")])
     out = tmp_path / "eval"
@@ -426,10 +427,10 @@ def test_a_model_fine_tuned_under_torchrun_is_matched_by_the_named_batch(tmp_pat
     scores_dir = analyze.main(["--checkpoint_dir", str(ckpt), "--factor_strategy", "identity",
                                "--output_dir", str(tmp_path / "s")])
     same_flags = tmp_path / "runs8"
-    train.main([*recipe, "--lds_num_masks", "3", "--lds_output_dir", str(same_flags)])
+    retrain.main([*recipe, "--lds_num_masks", "3", "--lds_output_dir", str(same_flags)])
     with pytest.raises(UserError, match=r"effective_batch_size \(16 for the scored model, 8 in the runs\).*Make the "
                                         r"runs with --per_device_train_batch_size 16"):
         evaluate_lds.main(["--scores", str(scores_dir), "--lds_dir", str(same_flags), "--no_plots"])
     matched = tmp_path / "runs16"
-    train.main([*recipe[:-1], "16", "--lds_num_masks", "3", "--lds_output_dir", str(matched)])
+    retrain.main([*recipe[:-1], "16", "--lds_num_masks", "3", "--lds_output_dir", str(matched)])
     assert evaluate_lds.main(["--scores", str(scores_dir), "--lds_dir", str(matched), "--no_plots"])["num_masks"] == 3

@@ -12,6 +12,7 @@ import analyze
 import evaluate_lds
 import formats
 import report
+import retrain
 import train
 from demo import make_demo_dataset
 from utils import UserError
@@ -34,8 +35,8 @@ def hostile(tmp_path_factory):
     flags = [f for f in TINY if f not in ("--dataset", "demo")]
     train.main([*files, *flags, "--model_name_or_path", "tiny-roberta", "--learning_rate", "1e-3",
                 "--num_train_epochs", "1", "--output_dir", str(tmp / "ckpt")])
-    train.main([*files, *flags, "--model_name_or_path", "tiny-roberta", "--learning_rate", "1e-3",
-                "--num_train_epochs", "1", "--lds_num_masks", "4", "--lds_output_dir", str(tmp / "lds")])
+    retrain.main([*files, *flags, "--model_name_or_path", "tiny-roberta", "--learning_rate", "1e-3",
+                  "--num_train_epochs", "1", "--lds_num_masks", "4", "--lds_output_dir", str(tmp / "lds")])
     common = ["--checkpoint_dir", str(tmp / "ckpt"), "--factor_strategy", "identity", "--output_dir", str(tmp / "s")]
     scores = analyze.main(common)
     self_scores = analyze.main([*common, "--self_influence"])

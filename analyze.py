@@ -25,6 +25,7 @@ model's rows are first divided by their per-query standard deviation (`--combine
 evaluate_lds.py evaluates the result like any single model's scores.
 """
 
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -35,7 +36,6 @@ from contextlib import ExitStack, nullcontext
 from itertools import takewhile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
@@ -61,17 +61,17 @@ from formats import (
     save_scores,
 )
 from influence import (
-    BACKENDS,
     FACTOR_STAGES,
-    STRATEGIES,
     AnalysisConfig,
     ScoringJob,
+    add_method_args,
     check_factor_files,
     compute_scores,
     fit_factors,
     model_fit,
     print_suspicious_rows,
     print_top_examples,
+    resolve_method_args,
 )
 from pipeline import (
     add_data_args,
@@ -94,7 +94,6 @@ from utils import (
     positive_float,
     read_json,
     run_script,
-    seed_value,
     setup_logging,
     write_json,
 )
@@ -109,27 +108,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINTS_DIR / "swag",
                         help="A train.py checkpoint (save_pretrained directory).")
-    parser.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac",
-                        help="Hessian approximation used to precondition the gradients.")
-    parser.add_argument("--query_gradient_rank", type=int, default=-1,
-                        help="Rank of the low-rank query-gradient approximation (-1: full rank).")
-    parser.add_argument("--use_half_precision", action="store_true",
-                        help="bf16 for factors and scores (kronfluence's all_low_precision_* arguments).")
-    parser.add_argument("--fp32_accumulation", action="store_true",
-                        help="With --use_half_precision: bf16 forward/backward and per-example gradients, but the "
-                             "covariance and lambda factors in fp32 (their matmuls and sums; kronfluence's all-bf16 "
-                             "sums lose precision over many batches).")
-    parser.add_argument("--lambda_max_examples", type=at_least(1), default=None,
-                        help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
-                             "(default: all rows; the covariance always uses all).")
-    parser.add_argument("--scoring", choices=list(BACKENDS), default=None,
-                        help="kronfluence (default): its own pairwise-score loop (the reference); fused (default with "
-                             "--fast): the same scores from the same factors, one training pass per chunk of queries "
-                             "(fused_scores.py).")
-    parser.add_argument("--fast", action="store_true",
-                        help="The fast path: --use_half_precision --fp32_accumulation --scoring fused, the covariance "
-                             "and lambda factors fitted with faster kernels for the same sums (bf16-input matmuls "
-                             "with float32 results, EKFAC's rotation before the example gradient is formed).")
+    add_method_args(parser)
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
     parser.add_argument("--factor_batch_size", type=at_least(1), default=64,
@@ -141,13 +120,6 @@ def parse_args(argv=None):
     parser.add_argument("--max_memory_gb", type=positive_float, default=None,
                         help="Cap on the GPU memory this analysis may use, per device, in GiB (default: what is "
                              "free; on a GPU shared with other jobs, give each its share).")
-    parser.add_argument("--damping_factor", type=float, default=1e-8,
-                        help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
-                             "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
-    parser.add_argument("--use_empirical_fisher", action="store_true",
-                        help="Fit the factors with the dataset labels instead of labels sampled from the model "
-                             "(deterministic: used to compare runs, e.g. 1 GPU against several).")
-    parser.add_argument("--seed", type=seed_value, default=0, help="Seed for the sampled (true-Fisher) labels.")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's per-stage timing profile.")
     parser.add_argument("--output_dir", type=Path, default=SCORES_DIR, help="Where factors and scores go.")
     parser.add_argument("--overwrite", action="store_true",
@@ -172,23 +144,12 @@ def parse_args(argv=None):
                              "then average; mean: plain average.")
     add_data_args(parser)
     args = parser.parse_args(argv)
-    if args.fast and args.scoring == "kronfluence":
-        parser.error("--fast scores with --scoring fused; drop --scoring kronfluence (or --fast)")
-    if args.fast:
-        args.use_half_precision = args.fp32_accumulation = True
-    args.scoring = args.scoring or ("fused" if args.fast else "kronfluence")
-    if not np.isfinite(args.damping_factor) or args.damping_factor == 0:
-        parser.error(f"argument --damping_factor: must be a positive number, or negative for the heuristic; "
-                     f"got {args.damping_factor}")
-    if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
-        parser.error("--query_gradient_rank must be -1 (full rank) or a positive rank")
+    resolve_method_args(parser, args)
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
         raise UserError("--use_ddp needs the processes torchrun starts: "
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")
     if args.max_memory_gb is not None and not torch.cuda.is_available():
         parser.error("--max_memory_gb caps GPU memory, and this machine has no GPU; drop it")
-    if args.fp32_accumulation and not args.use_half_precision:
-        parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
     if args.self_influence and args.query_gradient_rank > 0:
         parser.error("--self_influence uses full-rank gradients; drop --query_gradient_rank")
     if args.scoring == "fused" and args.query_gradient_rank > 0:
@@ -301,6 +262,100 @@ def init_process_group() -> None:
         dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
 
 
+@dataclasses.dataclass
+class Outputs:
+    """An analysis's factors and scores directories: their locks, what they were computed from (provenance), and
+    their completeness records (the finished factor stages, the fit id, whether the scores are complete)."""
+
+    factors_dir: Path
+    scores_dir: Path
+    checkpoint: str
+    factor_provenance: dict  # weights, training rows, max length: what the factors were fitted on
+    provenance: dict  # the same, and the queries (or the self-influence kind): what the scores were computed from
+    self_influence: bool
+    completed: list = dataclasses.field(default_factory=list)  # finished factor stages, in order
+    fit: dict = dataclasses.field(default_factory=lambda: {"fit_id": None, "stages": {}})  # new id on each refit
+
+    def record_factors(self, stage=None, how=None) -> None:
+        """After each finished stage: the factors directory's completeness record."""
+        if stage is not None:
+            self.fit["stages"][stage] = how
+        write_json(self.factors_dir / METADATA_FILE, {"checkpoint": self.checkpoint, **self.factor_provenance,
+                                                      "completed_stages": self.completed, **self.fit})
+
+    def claim(self, stack: ExitStack, overwrite: bool) -> tuple:
+        """Lock both directories, check what they were computed from, and record this run's provenance before any
+        work. Returns (finished factor stages, whether the scores can be reused)."""
+        output_lock(self.factors_dir, stack)
+        output_lock(self.scores_dir, stack)
+        saved = check_provenance(self.factors_dir, self.factor_provenance, overwrite,
+                                 "pass --overwrite to recompute it (or delete it)")
+        finished = saved.get("completed_stages", [])
+        self.completed[:] = takewhile(lambda stage: stage in finished, FACTOR_STAGES)  # each needs those before it
+        if self.completed:
+            logger.info("reusing the finished factor stages in %s: %s", self.factors_dir, ", ".join(self.completed))
+            self.fit = {"fit_id": saved.get("fit_id"),
+                        "stages": {stage: saved.get("stages", {}).get(stage) for stage in self.completed}}
+        else:
+            self.fit = {"fit_id": uuid.uuid4().hex, "stages": {}}
+        check_factor_files(self.factors_dir, self.completed,
+                           f"delete {self.factors_dir} or pass --overwrite to refit the factors")
+        saved = check_provenance(self.scores_dir, self.provenance, overwrite,
+                                 "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
+        reuse = self.reusable_scores(saved)
+        self.record_factors()
+        if not reuse:
+            write_json(self.scores_dir / METADATA_FILE, {"checkpoint": self.checkpoint, **self.provenance,
+                                                         "complete": False})
+        return list(self.completed), reuse
+
+    def reusable_scores(self, saved: dict) -> bool:
+        """Complete scores of these factors (this fit), with their files whole."""
+        if saved.get("complete") is not True or self.completed != FACTOR_STAGES:
+            return False
+        if saved.get("factors_fit_id") != self.fit["fit_id"]:
+            logger.warning("the scores in %s come from an earlier fit of these factors (refitted since); "
+                           "recomputing them", self.scores_dir)
+            return False
+        # the queries' fit, cheap, is redone alone when it is missing
+        files = [SELF_SCORES_FILE, TRAIN_FIT_FILE] if self.self_influence else [SCORES_FILE]
+        missing = [file for file in files if not readable_safetensors(self.scores_dir / file)]
+        if missing:
+            logger.warning("%s is missing or damaged in %s; recomputing the scores (the factors are kept)",
+                           " and ".join(missing), self.scores_dir)
+            return False
+        return True
+
+
+def outputs_of(args, data, analyzer, config: AnalysisConfig) -> Outputs:
+    f_name = config.factors_name(args.max_train_samples)
+    s_name = config.scores_name(args.max_train_samples, args.num_queries)
+    factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
+                         "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
+    kind = {"kind": "self_influence"} if args.self_influence else {"query_fingerprint": data.fingerprint["queries"]}
+    return Outputs(analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name),
+                   str(args.checkpoint_dir.resolve()), factor_provenance, {**factor_provenance, **kind},
+                   args.self_influence)
+
+
+def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings: dict) -> dict:
+    """What a finished scores directory records: provenance, data, settings, shape, time and memory."""
+    return {"checkpoint": outputs.checkpoint, **outputs.provenance, "complete": True,
+            "factors_fit_id": outputs.fit["fit_id"], "recipe": trained.get("recipe"),
+            "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
+            "factors_name": outputs.factors_dir.name.removeprefix("factors_"),
+            "scores_name": outputs.scores_dir.name.removeprefix("scores_"),
+            "scores_file": str(outputs.scores_dir / (SELF_SCORES_FILE if args.self_influence else SCORES_FILE)),
+            "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
+            "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
+            "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
+            "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
+            "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
+            "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
+                            "train": args.train_batch_size},
+            **timings}
+
+
 def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     """Fit the factors and compute the scores, resuming what an interrupted run with the same settings finished;
     the output directories stay locked (by rank 0) until `stack` closes."""
@@ -312,109 +367,48 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     rank = dist.get_rank() if dist.is_initialized() else 0
-
-    checkpoint = str(args.checkpoint_dir.resolve())
     config = AnalysisConfig.from_args(args)
-    f_name, s_name = config.factors_name(args.max_train_samples), config.scores_name(args.max_train_samples,
-                                                                                    args.num_queries)
-    factors_dir, scores_dir = analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name)
-    factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
-                         "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
-    provenance = {**factor_provenance, **({"kind": "self_influence"} if args.self_influence
-                                          else {"query_fingerprint": data.fingerprint["queries"]})}
+    outputs = outputs_of(args, data, analyzer, config)
+    f_name, s_name = outputs.factors_dir.name.removeprefix("factors_"), outputs.scores_dir.name.removeprefix("scores_")
+    outputs.completed[:], reuse_scores = on_rank_zero(lambda: outputs.claim(stack, args.overwrite))
+    device = analyzer.state.device
+    if args.max_memory_gb and device.type == "cuda":
+        limit_gpu_memory(args.max_memory_gb, device)
 
-    fit = {"fit_id": None, "stages": {}}  # the fit id changes whenever the factors are fitted anew
-
-    def record_factors(stage=None, how=None):  # after each finished stage: the directory's completeness record
-        if stage is not None:
-            fit["stages"][stage] = how
-        write_json(factors_dir / METADATA_FILE, {"checkpoint": checkpoint, **factor_provenance,
-                                                 "completed_stages": completed, **fit})
-
-    def claim_output_dirs():
-        """Lock, check what the directories were computed from, and write this run's provenance before any work."""
-        output_lock(factors_dir, stack)
-        output_lock(scores_dir, stack)
-        refit = "pass --overwrite to recompute it (or delete it)"
-        saved = check_provenance(factors_dir, factor_provenance, args.overwrite, refit)
-        finished = saved.get("completed_stages", [])
-        completed[:] = takewhile(lambda stage: stage in finished, FACTOR_STAGES)  # each needs those before it
-        if completed:
-            logger.info("reusing the finished factor stages in %s: %s", factors_dir, ", ".join(completed))
-            fit["fit_id"] = saved.get("fit_id")
-            fit["stages"] = {stage: saved.get("stages", {}).get(stage) for stage in completed}
-        else:
-            fit["fit_id"] = uuid.uuid4().hex
-        check_factor_files(factors_dir, completed, f"delete {factors_dir} or pass --overwrite to refit the factors")
-        saved = check_provenance(scores_dir, provenance, args.overwrite,
-                                 "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
-        reuse = saved.get("complete") is True and completed == FACTOR_STAGES
-        if reuse and saved.get("factors_fit_id") != fit["fit_id"]:
-            logger.warning("the scores in %s come from an earlier fit of these factors (refitted since); "
-                           "recomputing them", scores_dir)
-            reuse = False
-        missing = [file for file in scores_files() if not readable_safetensors(scores_dir / file)]
-        if reuse and missing:
-            logger.warning("%s is missing or damaged in %s; recomputing the scores (the factors are kept)",
-                           " and ".join(missing), scores_dir)
-            reuse = False
-        record_factors()
-        if not reuse:
-            write_json(scores_dir / METADATA_FILE, {"checkpoint": checkpoint, **provenance, "complete": False})
-        return list(completed), reuse
-
-    def scores_files():
-        """The files the scores are reused from (the queries' fit, cheap, is redone alone when it is missing)."""
-        return [SELF_SCORES_FILE, TRAIN_FIT_FILE] if args.self_influence else [SCORES_FILE]
-
-    completed = []  # the finished factor stages, filled by claim_output_dirs on rank 0
-    completed[:], reuse_scores = on_rank_zero(claim_output_dirs)
-    trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
-
-    if args.max_memory_gb and analyzer.state.device.type == "cuda":
-        limit_gpu_memory(args.max_memory_gb, analyzer.state.device)
+    # 1. the factors: the stages a killed or earlier run left unfinished
     started = time.perf_counter()
     with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
-        factor_batch_size = fit_factors(analyzer, config, data.train, f_name, factors_dir, completed, record_factors,
-                                        args.factor_batch_size)
+        factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
+                                        outputs.record_factors, args.factor_batch_size)
     factors_seconds = time.perf_counter() - started
-    cuda = analyzer.state.device.type == "cuda"
-    factors_peak = torch.cuda.max_memory_allocated(analyzer.state.device) if cuda else 0  # the fused plan resets it
+    factors_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0  # the fused plan resets it
 
+    # 2. the scores, by the chosen backend (or the complete ones of this fit)
+    scores_dir = outputs.scores_dir
     if reuse_scores:
         logger.info("reusing the scores in %s", scores_dir)
-        scores, sizes = load_scores(scores_dir / SELF_SCORES_FILE if args.self_influence else scores_dir)[0], {}
+        scores = load_scores(scores_dir / SELF_SCORES_FILE if args.self_influence else scores_dir)[0]
     else:
         logger.info("scores: %s (%s)", f"self-influence of {len(data.train)} training rows" if args.self_influence
                     else f"{len(data.queries)} queries × {len(data.train)} training rows", args.scoring)
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
                          args.query_batch_size, rank)
         scores, sizes = compute_scores(job, scores_dir)
-    if rank == 0 and not reuse_scores:
-        write_json(scores_dir / METADATA_FILE, {
-            "checkpoint": checkpoint, **provenance, "complete": True, "factors_fit_id": fit["fit_id"],
-            "recipe": trained.get("recipe"),
-            "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
-            "factors_name": f_name, "scores_name": s_name,
-            "scores_file": str(scores_dir / (SELF_SCORES_FILE if args.self_influence else SCORES_FILE)),
-            "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
-            "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
-            "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
-            "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
-            "seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
-                        "scores": round(time.perf_counter() - started - factors_seconds, 2)},
-            "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
-            "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
-                            "train": args.train_batch_size},
-            "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after out-of-memory halving
-            "peak_gpu_memory_gib": round(max(factors_peak, torch.cuda.max_memory_allocated(analyzer.state.device))
-                                         / 2**30, 2) if cuda else None})
+        if rank == 0:
+            peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+            timings = {"seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
+                                   "scores": round(time.perf_counter() - started - factors_seconds, 2)},
+                       "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after OOM halving
+                       "peak_gpu_memory_gib": round(peak / 2**30, 2) if peak is not None else None}
+            trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
+            write_json(scores_dir / METADATA_FILE, scores_metadata(args, data, outputs, trained, scores, timings))
+
+    # 3. what the user reads: the suspicious rows, or a query's top proponents and opponents
     if rank == 0 and args.self_influence:
         logger.info("self-influence of %d training rows in %s", len(scores), scores_dir)
         print_suspicious_rows(*load_self_scores(scores_dir), data, tokenizer, args.num_suspicious)
     elif rank == 0:
         if not reuse_scores or not readable_safetensors(scores_dir / QUERY_FIT_FILE):
-            device = analyzer.state.device
             save_fit(scores_dir / QUERY_FIT_FILE, model_fit(model.to(device), data.queries, collator,
                                                             args.query_batch_size, device))
         logger.info("scores %s (queries × train) in %s", tuple(scores.shape), shown_path(scores_dir))

@@ -347,6 +347,12 @@ def main(argv=None):
                        "queries and recipe, so only their shapes are compared", args.scores)
     if args.removal_dir is not None:
         return evaluate_removal(args)
+    return evaluate_scores(args, scores, meta)
+
+
+def evaluate_scores(args, scores: np.ndarray, meta) -> dict:
+    """The LDS of the scores against --lds_dir's runs (or kronfluence's files), with the noise ceiling and the
+    paired comparison when they apply; writes lds.json and the plots, and prints the summary."""
     if args.lds_dir is not None:
         masks, margins, runs = load_runs(args.lds_dir)
     else:
@@ -388,21 +394,26 @@ def main(argv=None):
     write_json(out_dir / RESULTS_FILE, results)
     if not args.no_plots:
         plot(per_query, masks, margins, scores, results["median_query"], summary, out_dir, title)
+    print_summary(results, title, out_dir, args.compare)
+    show_examples(meta, scores, query, args.top_k)
+    return results
+
+
+def print_summary(results: dict, title: str, out_dir: Path, compare) -> None:
+    summary = results
     print(f"LDS {summary['lds']:.4f}  95% CI [{summary['ci95'][0]:.4f}, {summary['ci95'][1]:.4f}]  "
-          f"over {summary['num_queries']} queries and {runs['num_masks']} masks  ({title}); results in {out_dir}")
-    if "noise_ceiling" in extra:
-        ceiling = extra["noise_ceiling"]
+          f"over {summary['num_queries']} queries and {results['num_masks']} masks  ({title}); results in {out_dir}")
+    if "noise_ceiling" in results:
+        ceiling = results["noise_ceiling"]
         print(f"noise ceiling {ceiling['ceiling']:.4f} (reliability {ceiling['reliability']:.4f} of the mean of "
               f"{ceiling['target_repeats']} of {ceiling['repeats']} repeats): the LDS is "
               f"{summary['lds'] / ceiling['ceiling']:.0%} of it")
-    if "paired" in extra:
-        paired = extra["paired"]
-        print(f"LDS - LDS({args.compare.name}) = {paired['difference']:+.4f}  paired 95% CI "
+    if "paired" in results:
+        paired = results["paired"]
+        print(f"LDS - LDS({compare.name}) = {paired['difference']:+.4f}  paired 95% CI "
               f"[{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}] over {paired['num_queries']} queries; mean "
               f"per-query Pearson of the scores {paired['score_agreement']['pearson']:.5f} "
               f"(Spearman {paired['score_agreement']['spearman']:.4f})")
-    show_examples(meta, scores, query, args.top_k)
-    return results
 
 
 def evaluate_ground_truth(args) -> dict:

@@ -39,7 +39,7 @@ from formats import (
 )
 from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import decode_choices, model_logits
-from utils import UserError, halving_on_oom
+from utils import UserError, at_least, halving_on_oom, seed_value
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,55 @@ STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
 FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's, in order; then the scores
 
 QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
+
+
+def add_method_args(parser) -> None:
+    """The flags of `AnalysisConfig` (analyze.py's method: strategy, precision, scoring backend, damping, ...)."""
+    group = parser.add_argument_group("method")
+    group.add_argument("--factor_strategy", choices=STRATEGIES, default="ekfac",
+                       help="Hessian approximation used to precondition the gradients.")
+    group.add_argument("--query_gradient_rank", type=int, default=-1,
+                       help="Rank of the low-rank query-gradient approximation (-1: full rank).")
+    group.add_argument("--use_half_precision", action="store_true",
+                       help="bf16 for factors and scores (kronfluence's all_low_precision_* arguments).")
+    group.add_argument("--fp32_accumulation", action="store_true",
+                       help="With --use_half_precision: bf16 forward/backward and per-example gradients, but the "
+                            "covariance and lambda factors in fp32 (their matmuls and sums; kronfluence's all-bf16 "
+                            "sums lose precision over many batches).")
+    group.add_argument("--lambda_max_examples", type=at_least(1), default=None,
+                       help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
+                            "(default: all rows; the covariance always uses all).")
+    group.add_argument("--scoring", choices=list(BACKENDS), default=None,
+                       help="kronfluence (default): its own pairwise-score loop (the reference); fused (default with "
+                            "--fast): the same scores from the same factors, one training pass per chunk of queries "
+                            "(fused_scores.py).")
+    group.add_argument("--fast", action="store_true",
+                       help="The fast path: --use_half_precision --fp32_accumulation --scoring fused, the covariance "
+                            "and lambda factors fitted with faster kernels for the same sums (bf16-input matmuls "
+                            "with float32 results, EKFAC's rotation before the example gradient is formed).")
+    group.add_argument("--damping_factor", type=float, default=1e-8,
+                       help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
+                            "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
+    group.add_argument("--use_empirical_fisher", action="store_true",
+                       help="Fit the factors with the dataset labels instead of labels sampled from the model "
+                            "(deterministic: used to compare runs, e.g. 1 GPU against several).")
+    group.add_argument("--seed", type=seed_value, default=0, help="Seed for the sampled (true-Fisher) labels.")
+
+
+def resolve_method_args(parser, args) -> None:
+    """--fast's implied flags, the scoring backend's default, and the method flags' checks (parser errors)."""
+    if args.fast and args.scoring == "kronfluence":
+        parser.error("--fast scores with --scoring fused; drop --scoring kronfluence (or --fast)")
+    if args.fast:
+        args.use_half_precision = args.fp32_accumulation = True
+    args.scoring = args.scoring or ("fused" if args.fast else "kronfluence")
+    if not np.isfinite(args.damping_factor) or args.damping_factor == 0:
+        parser.error(f"argument --damping_factor: must be a positive number, or negative for the heuristic; "
+                     f"got {args.damping_factor}")
+    if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
+        parser.error("--query_gradient_rank must be -1 (full rank) or a positive rank")
+    if args.fp32_accumulation and not args.use_half_precision:
+        parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,7 +161,7 @@ def parse_args(argv=None):
     if args.fit_rows is not None and not 0 < args.fit_rows < args.num_train:
         parser.error(f"--fit_rows must be between 0 and --num_train ({args.num_train}), exclusive; got {args.fit_rows}")
     if process_rank()[1] > 1 and args.configs:
-        raise UserError("under torchrun the benchmark times concurrent training only; pass --configs with no names")
+        parser.error("under torchrun the benchmark times concurrent training only; pass --configs with no names")
     return args
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import benchmark
 from demo import build_demo_tokenizer, make_demo_dataset
+from utils import UserError
 
 
 @pytest.fixture
@@ -77,9 +78,9 @@ def test_tokenizer_from_vocab_and_merges(tmp_path):
     assert loaded(text)["input_ids"] == demo(text)["input_ids"] and len(loaded) == len(demo)
     (tmp_path / "vocab.json").write_text('{"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}')
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(SystemExit, match="maps 'A man is sitting on a horse' to unknown tokens"):
+    with pytest.raises(UserError, match="maps 'A man is sitting on a horse' to unknown tokens"):
         benchmark.load_tokenizer(tmp_path)
-    with pytest.raises(SystemExit, match="is not a directory"):
+    with pytest.raises(UserError, match="is not a directory"):
         benchmark.load_tokenizer(tmp_path / "missing")
 
 

@@ -15,8 +15,9 @@ score means upweighting the training example raises the query's margin.
 
 `--scoring fused` computes the same scores from the same kronfluence factors with fused_scores.py
 (one pass over the training set per chunk of queries, length-sorted batches); `--scoring kronfluence`
-(the default) is kronfluence's own loop. `--fast` is `--use_half_precision --fp32_accumulation --scoring
-fused` with kronfluence fitting the covariance and lambda factors through fused_scores.fast_factor_kernels
+(the default) is kronfluence's own loop. Each is a backend in influence.BACKENDS: a new scoring method is one
+class there. `--fast` is `--use_half_precision --fp32_accumulation --scoring
+fused` with kronfluence fitting the covariance and lambda factors through fast_kernels.fast_factor_kernels
 (the same sums in faster GPU kernels).
 
 `--combine` averages the scores of several models (e.g. fine-tuned with different `train.py --seed`)

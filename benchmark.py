@@ -316,7 +316,7 @@ def full_scale(result: dict, small: Optional[dict] = None) -> dict:
 
 
 def time_training(model, tokenizer, data, variant: str, profile: bool = False) -> tuple:
-    """Seconds per step of train.py's own loop (`train.train_model`: batch 16, AdamW, bf16 autocast on GPU,
+    """Seconds per step of train.py's own loop (`training.train_model`: batch 16, AdamW, bf16 autocast on GPU,
     dynamic padding, collation included) on the tokenized rows `data` under one variant's flags, and one
     50%-SWAG run (36,768 rows × 3 epochs) extrapolated; returns (result, trained model). The loop runs
     twice over the same rows in the same order: the first pass compiles and records CUDA graphs for every

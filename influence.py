@@ -107,7 +107,7 @@ class AnalysisConfig:
     factor_strategy: str = "ekfac"  # one of STRATEGIES
     use_half_precision: bool = False
     fp32_accumulation: bool = False  # with use_half_precision: the factor sums in fp32
-    fast: bool = False  # the fast factor kernels (fused_scores.fast_factor_kernels)
+    fast: bool = False  # the fast factor kernels (fast_kernels.fast_factor_kernels)
     scoring: str = "kronfluence"  # a key of BACKENDS
     damping_factor: float = 1e-8  # negative: kronfluence's heuristic
     query_gradient_rank: int = -1  # -1: full rank

@@ -3,7 +3,7 @@
 # directory); OUT, where set, is created.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=2 \
        TOKENIZERS_PARALLELISM=false  # NVLink multicast off; two threads per process
-RUNS=results/lds_anetcap_minilm_runs  # the 100 ground-truth runs of the LDS tables
+RUNS=results/lds_anetcap_minilm_runs  # the 100 ground-truth runs of the one-seed LDS table
 DATA_FLAGS="--train_file $DATA/train.csv.gz --validation_file $DATA/validation.csv.gz"
 MINILM="--model_name_or_path $MODEL $DATA_FLAGS --learning_rate 5e-5"  # + rows, queries, batch, epochs
 # the LDS setup: the first 4,000 training rows, the first 500 validation rows as queries, batch 32, 3 epochs

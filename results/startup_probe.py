@@ -4,7 +4,7 @@
         --model_name_or_path MINILM --train_file DATA/train.csv.gz --validation_file DATA/validation.csv.gz \\
         --max_train_samples 4000 --num_queries 500 --lds_num_masks 1
 
-Every argument after OUT.json is train.py's. Each process goes through the steps of `train.run_lds` up to its
+Every argument after OUT.json is retrain.py's. Each process goes through the steps of `training.run_lds` up to its
 first run, timing each one; LAUNCH (Unix time, set just before torchrun) gives the time before Python runs
 this file. Rank 0 gathers every process's seconds into OUT.json (through the file system, no collectives).
 """

@@ -130,6 +130,8 @@ try:
 except (UserError, Exception) as exc:  # torchrun stops the other ranks once one exits: print, then exit together
     print(f"rank {dist.get_rank()} raised {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     dist.barrier()
+    if isinstance(exc, UserError):
+        sys.exit(str(exc))  # as a script's entry point ends on one (utils.run_script)
     raise
 """
 

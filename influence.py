@@ -138,7 +138,7 @@ class AnalysisConfig:
             name += f"_qlr{self.query_gradient_rank}"
         if self.damping_factor != 1e-8:
             name += "_dampheur" if self.damping_factor < 0 else f"_damp{self.damping_factor:g}"
-        return name + ("_fused" if self.scoring == "fused" else "")
+        return name + ("" if self.scoring == "kronfluence" else f"_{self.scoring}")  # the reference has no suffix
 
     def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
         """kronfluence's factor arguments. Its row caps (covariance_max_examples and lambda_max_examples, 100,000

@@ -49,3 +49,13 @@ def threads(n):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+SLOW_FIXTURES = {"demo_checkpoint", "noisy", "uninterrupted"}  # each trains or analyses a full demo model
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs one of the expensive fixtures belongs to the slow tier, marked or not."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -19,6 +19,7 @@ def swag_files(tmp_path):
     return str(tmp_path / "train.csv")
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_reports(tmp_path, swag_files):
     tok = tmp_path / "tokenizer"  # the demo's byte-level BPE stands in for roberta-base's
     build_demo_tokenizer(make_demo_dataset()).save_pretrained(tok)
@@ -84,6 +85,7 @@ def test_tokenizer_from_vocab_and_merges(tmp_path):
         benchmark.load_tokenizer(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_benchmark_times_concurrent_training_under_torchrun(tmp_path, swag_files, monkeypatch, capsys):
     """Two processes train at once (as several retraining runs sharing one GPU); rank 0 reports both and
     charges one run the slowest process's time divided by the number of processes."""

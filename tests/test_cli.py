@@ -34,6 +34,7 @@ def test_checkpoint_is_save_pretrained_directory(tiny_checkpoint):
     assert model.config.num_hidden_layers == 2 and len(tokenizer) == model.config.vocab_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_train_then_analyze_each_strategy(tiny_checkpoint, tmp_path, strategy, capsys):
     scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", strategy,
@@ -60,6 +61,7 @@ def scores_name(argv) -> str:
     return AnalysisConfig.from_args(args).scores_name(args.max_train_samples, args.num_queries)
 
 
+@pytest.mark.slow
 def test_factors_are_reused_and_guarded(tiny_checkpoint, tmp_path):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "kfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
@@ -86,6 +88,7 @@ def test_names_encode_settings():
     assert factors_name(base + kfac) == factors_name(base + kfac + ["--lambda_max_examples", "5"])
 
 
+@pytest.mark.slow
 def test_demo_model_learns_and_influence_finds_its_group(demo_checkpoint, tmp_path):
     metrics = json.loads((demo_checkpoint / "metrics.json").read_text())
     assert metrics["validation_accuracy"] >= 0.6  # chance is 0.25
@@ -159,6 +162,7 @@ def test_use_ddp_outside_torchrun(monkeypatch):
         analyze.parse_args(["--use_ddp"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["cudagraphs"]], ids=["dynamic", "cudagraphs"])
 def test_torch_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, mode):
     """--torch_compile trains through the compiled module but saves the plain model (no `_orig_mod.` keys);
@@ -219,6 +223,7 @@ def test_scripts_configure_attention(script, tiny_checkpoint, tmp_path):
         utils.configure_attention(cudnn=before, mask_check=True)
 
 
+@pytest.mark.slow
 def test_train_does_not_import_kronfluence():
     """Each retraining process imports train.py; kronfluence (about 3 s of each process's start-up on the GPU host,
     results/startup_probe.py) is only needed by analyze.py."""
@@ -228,6 +233,7 @@ def test_train_does_not_import_kronfluence():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_library_logs_only_with_verbose(tiny_checkpoint, tmp_path):
     """By default a command prints its own lines and the result; kronfluence's INFO (argument dumps, the model repr)
     and its GradScaler FutureWarning appear only with --verbose."""
@@ -241,6 +247,7 @@ def test_library_logs_only_with_verbose(tiny_checkpoint, tmp_path):
         assert ("TrackedLinear(" in output) == shown and ("GradScaler" in output) == shown
 
 
+@pytest.mark.slow
 def test_readme_demo_command_runs_and_prints_a_short_result(tmp_path):
     """The README's first set-up command, as a user runs it: it exits 0 and, progress bars aside, prints about 40
     lines ending with the query and its top proponents and opponents (no library INFO dumps, no warnings)."""

@@ -20,6 +20,8 @@ import train
 import training
 from pipeline import load_checkpoint, load_raw, make_collator, prepare_data
 
+pytestmark = pytest.mark.slow  # every test here trains, analyses or launches torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

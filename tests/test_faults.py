@@ -62,6 +62,7 @@ KILL_SWAP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at,survivor", [("rename1", "old"), ("rename2", "new"), ("rename3", "new"),
                                               ("remove_old", "new")])
 def test_a_directory_swap_killed_anywhere_is_completed_by_the_next_reader(kill_at, survivor, tmp_path):
@@ -120,6 +121,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_missing_or_damaged_scores_are_recomputed_from_the_kept_factors(damage, tiny_checkpoint, tmp_path, caplog):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
@@ -147,6 +149,7 @@ def test_damaged_self_influence_files_are_recomputed(tiny_checkpoint, tmp_path, 
     assert torch.equal(formats.load_self_scores(scores_dir)[0], before)
 
 
+@pytest.mark.slow
 def test_each_factor_stage_records_how_it_ran_and_scores_from_an_older_fit_are_redone(tiny_checkpoint, tmp_path,
                                                                                        caplog):
     common = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
@@ -170,6 +173,7 @@ def test_each_factor_stage_records_how_it_ran_and_scores_from_an_older_fit_are_r
     assert json.loads((kron_dir / formats.METADATA_FILE).read_text())["factors_fit_id"] == refit
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_keeps_its_id(tiny_checkpoint, tmp_path):
     common = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(common)
@@ -192,6 +196,7 @@ def write_demo_csvs(directory: Path, first_row: int = 0, n_train: int = 48, n_qu
     demo["validation"].select(range(n_queries)).to_pandas().to_csv(directory / "validation.csv", index=False)
 
 
+@pytest.mark.slow
 def test_relative_data_paths_are_stored_resolved_and_other_rows_are_refused(tmp_path, monkeypatch):
     """Trained from one directory with relative paths; analysed from another where the same relative path names
     other rows: the checkpoint names the files it was trained on, and rows that differ are refused in one line

@@ -49,6 +49,7 @@ def fit(model, train, collator, strategy, out, dtype=torch.float64):
     return analyzer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
 @pytest.mark.parametrize("damping", [1e-8, None])
 def test_fused_scores_equal_kronfluence(setup, strategy, damping):
@@ -73,6 +74,7 @@ def test_fused_scores_equal_kronfluence(setup, strategy, damping):
     torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["identity", "kfac", "ekfac"])
 def test_fused_self_scores_equal_kronfluence(setup, strategy):
     model, train, _, collator, out = setup
@@ -122,6 +124,7 @@ def test_longest_first_sorts_by_longest_choice():
     assert list(longest_first(rows)) == [2, 0, 1]
 
 
+@pytest.mark.slow
 def test_fast_path_agrees_with_fp32_reference_on_the_demo_model(demo_checkpoint, tmp_path):
     """bf16 compute with fp32 factor sums and fused scores tracks kronfluence's fp32 EKFAC on a trained
     model more closely than kronfluence's all-bf16 arguments; fitting lambda on a quarter of the rows
@@ -150,6 +153,7 @@ def counting(monkeypatch, name):
     return calls
 
 
+@pytest.mark.slow
 def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
     """--fast's covariance and lambda kernels give kronfluence's EKFAC factors (float64; the demo's widths 64 and
     128 plus the bias column are padded to multiples of 8), and after the block kronfluence's own code is back.

@@ -117,6 +117,7 @@ def run_forked(args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
     """--lds_processes 2: two workers forked after loading write the same runs as one process, each its own share,
     and neither is in a "bad fork" (the command never touches CUDA before forking, so on a GPU each worker can set
@@ -146,6 +147,7 @@ def test_forked_workers_split_the_runs_and_can_use_cuda(tmp_path):
         retrain.parse_args([*args, "--lds_processes", "0"])
 
 
+@pytest.mark.slow
 def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):
     lds_dir = tmp_path / "lds"
     retrain.main([*LDS_TINY, "--lds_repeats", "1", "--lds_output_dir", str(lds_dir)])
@@ -168,6 +170,7 @@ def test_runs_and_scores_must_match(tiny_checkpoint, tmp_path):
         retrain.main([*LDS_TINY, "--lds_repeats", "1", "--learning_rate", "0.5", "--lds_output_dir", str(lds_dir)])
 
 
+@pytest.mark.slow
 def test_demo_lds_ekfac_beats_identity(tmp_path, capsys):
     """End to end on the demo: full model, 20 half-data retrains, EKFAC and identity scores, LDS."""
     data = ["--dataset", "demo", "--max_train_samples", "400", "--num_queries", "100"]
@@ -262,6 +265,7 @@ def test_paired_difference_sees_what_unpaired_intervals_miss():
         metrics.paired_difference(np.full(3, np.nan), base[:3])
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_ceiling_and_a_paired_comparison(tiny_checkpoint, tmp_path, capsys):
     lds_dir = tmp_path / "lds"
     retrain.main([*LDS_TINY, "--lds_output_dir", str(lds_dir)])  # 3 masks x 2 repeats
@@ -320,6 +324,7 @@ def test_removal_effect_arithmetic():
     assert effect["flipped_top"] == 0.25 and effect["flipped_random"] == 0.0  # query 1: 2.0 -> -1.0
 
 
+@pytest.mark.slow
 def test_removal_runs_leave_out_each_querys_top_proponents_and_resume(tiny_checkpoint, tmp_path, capsys):
     scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
                                "--output_dir", str(tmp_path / "s")])

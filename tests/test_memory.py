@@ -134,6 +134,7 @@ def factor_tensors(scores_dir):
     return {f.name: load_file(str(f)) for f in sorted(factors.glob("*.safetensors"))}
 
 
+@pytest.mark.slow
 def test_factor_and_score_batches_are_halved_until_they_fit(tiny_checkpoint, tmp_path, monkeypatch, caplog):
     """Covariance and lambda fail above batch 8 (from 32: two halvings), kronfluence's scores above 4 training rows
     (by turns: training batch 16 -> 8, query batch 8 -> 4, training 8 -> 4). The result is bitwise that of a run
@@ -172,6 +173,7 @@ def test_max_memory_gb_needs_a_gpu(capsys):
 # --------------------------------------------------------------------------------------------
 # NaN guard
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_factor_with_nan_stops_in_one_line_naming_the_module(tiny_checkpoint, tmp_path):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
@@ -206,7 +208,6 @@ def test_an_eigendecomposition_failure_names_the_module(tiny_checkpoint, tmp_pat
 def test_the_memory_cap_bounds_what_a_pass_plans_for(monkeypatch):
     """available_memory: the device's free memory, within --max_memory_gb less what this process reserved, plus
     what its allocator holds unused (the CUDA calls faked: 80 GiB card, 60 free, 10 reserved of which 4 in use)."""
-    import pipeline
     cuda = torch.cuda
     fraction = {}
     monkeypatch.setattr(cuda, "current_device", lambda: 0)
@@ -218,8 +219,8 @@ def test_the_memory_cap_bounds_what_a_pass_plans_for(monkeypatch):
     monkeypatch.setattr(cuda, "memory_allocated", lambda device: 4 * GiB)
     monkeypatch.setattr(utils, "_memory_caps", {})
     device = torch.device("cuda")
-    assert pipeline.available_memory(device) == 66 * GiB  # 60 free + 6 cached
-    pipeline.limit_gpu_memory(20, device)
-    assert fraction == {0: 0.25} and pipeline.available_memory(device) == 16 * GiB  # 20 - 10 reserved + 6 cached
+    assert utils.available_memory(device) == 66 * GiB  # 60 free + 6 cached
+    utils.limit_gpu_memory(20, device)
+    assert fraction == {0: 0.25} and utils.available_memory(device) == 16 * GiB  # 20 - 10 reserved + 6 cached
     with pytest.raises(UserError, match="--max_memory_gb 90 is more than the 80.0 GiB of a fake GPU; pass at most that"):
-        pipeline.limit_gpu_memory(90, device)
+        utils.limit_gpu_memory(90, device)

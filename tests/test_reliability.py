@@ -185,6 +185,7 @@ def test_hub_model_and_dataset_offline_fail_in_one_line(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Analysis outputs: complete, guarded, and never mixed by concurrent runs
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_kronfluence_row_caps_follow_the_data(tiny_checkpoint, tmp_path, monkeypatch):
     """kronfluence caps covariance and lambda at 100,000 rows by default, and its rows come length-sorted: on a
     larger set only the longest rows would be used. With a cap below the data (10 of 48 rows) the factors are
@@ -199,6 +200,7 @@ def test_kronfluence_row_caps_follow_the_data(tiny_checkpoint, tmp_path, monkeyp
     assert_same_tensors(*(tensors_of(f) for f in factors))
 
 
+@pytest.mark.slow
 def test_damaged_factor_and_scores_files_are_named(tiny_checkpoint, tmp_path):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)
@@ -240,6 +242,7 @@ def other_weights(checkpoint: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_second_analysis_waits_for_the_lock(tiny_checkpoint, tmp_path):
     """While another run holds an output directory's lock, analyze.py waits, writing nothing, then goes on."""
     from filelock import FileLock
@@ -267,6 +270,7 @@ def test_a_second_analysis_waits_for_the_lock(tiny_checkpoint, tmp_path):
     assert json.loads((factors_dir / formats.METADATA_FILE).read_text())["completed_stages"] == influence.FACTOR_STAGES
 
 
+@pytest.mark.slow
 def test_concurrent_analyses_of_two_models_never_mix(tiny_checkpoint, tmp_path):
     """Two runs at once, same checkpoint folder name (other weights) and --output_dir: one finishes, the other
     refuses the first one's outputs, and everything in the directory belongs to the one that finished."""
@@ -360,6 +364,7 @@ def uninterrupted(tiny_checkpoint, tmp_path_factory):
                                    "--output_dir", str(out)]) for scoring in ("kronfluence", "fused")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,how,scoring", ANALYSIS_KILLS, ids=["-".join(k) for k in ANALYSIS_KILLS])
 def test_analysis_killed_at_each_stage_resumes_to_the_same_bits(target, how, scoring, tiny_checkpoint, tmp_path,
                                                                 uninterrupted):
@@ -378,6 +383,7 @@ def test_analysis_killed_at_each_stage_resumes_to_the_same_bits(target, how, sco
     assert not temporaries(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["fit", "save"])
 def test_lds_runs_killed_mid_run_resume_to_the_same_bits(how, tmp_path):
     args = [*TINY, "--num_train_epochs", "1", "--lds_num_masks", "3"]
@@ -416,6 +422,7 @@ def test_evaluate_checks_the_query_index_first_and_warns_on_bare_scores(tiny_che
     assert "nothing shows that the scores and the runs share their training rows" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_model_fine_tuned_under_torchrun_is_matched_by_the_named_batch(tmp_path):
     """Fine-tuned by 2 processes × 8 rows, the model's effective batch is 16; runs made with the same flags (each
     run trains alone, batch 8) are refused with the flag that matches, and runs made with it are accepted."""

@@ -44,6 +44,7 @@ def hostile(tmp_path_factory):
     return scores, self_scores, tmp
 
 
+@pytest.mark.slow
 def test_report_holds_queries_examples_and_escapes_markup(hostile):
     scores_dir, self_dir, _ = hostile
     out = report.main(["--scores", str(scores_dir), "--self_scores", str(self_dir), "--top_k", "2"])

@@ -69,6 +69,7 @@ def noisy(tmp_path_factory):
     return checkpoint, out
 
 
+@pytest.mark.slow
 def test_noise_is_recorded_in_the_checkpoint_and_the_scores(noisy):
     checkpoint, dirs = noisy
     trained = json.loads((checkpoint / TRAINING_ARGS_FILE).read_text())

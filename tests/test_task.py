@@ -94,6 +94,7 @@ def test_sampled_loss_uses_model_distribution(tiny):
     assert any(not torch.equal(d, batch["labels"]) for d in drawn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["identity", "ekfac"])
 def test_dynamic_padding_matches_max_length_padding(tiny, tmp_path, strategy):
     raw, tokenizer, model = tiny

@@ -321,7 +321,7 @@ def time_training(model, tokenizer, data, variant: str, profile: bool = False) -
     50%-SWAG run (36,768 rows × 3 epochs) extrapolated; returns (result, trained model). The loop runs
     twice over the same rows in the same order: the first pass compiles and records CUDA graphs for every
     padded length, the second is timed. Under torchrun every process trains its own copy at the same time
-    (several retraining runs sharing a GPU, as `torchrun --nproc-per-node=P train.py --lds_num_masks ...`
+    (several retraining runs sharing a GPU, as `torchrun --nproc-per-node=P retrain.py --lds_num_masks ...`
     does with CUDA_VISIBLE_DEVICES set)."""
     _, world, _ = process_rank()
     device = process_device()

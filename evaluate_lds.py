@@ -76,9 +76,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--scores", type=Path, default=None,
                         help="A scores directory written by analyze.py, or its pairwise_scores.safetensors.")
-    parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by train.py --lds_num_masks.")
+    parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by retrain.py --lds_num_masks.")
     parser.add_argument("--removal_dir", type=Path, default=None,
-                        help="Instead of the LDS: the removal test's runs (train.py --removal_scores) for --scores.")
+                        help="Instead of the LDS: the removal test's runs (retrain.py --removal_scores) for --scores.")
     parser.add_argument("--self_scores", type=Path, nargs="+", default=None, metavar="SELF_SCORES_DIR",
                         help="Instead of the LDS: label-error detection by these analyze.py --self_influence "
                              "outputs (one model, trained with --label_noise), and by training loss.")
@@ -134,7 +134,7 @@ def parse_args(argv=None):
 
 
 def load_removal(removal_dir: Path, scores: Path) -> dict:
-    """The removal test's margins (train.py --removal_scores): the control trained on every row, and per query
+    """The removal test's margins (retrain.py --removal_scores): the control trained on every row, and per query
     the runs without its top proponents by `scores` and without as many random rows."""
 
     def margins(path: Path):
@@ -158,7 +158,7 @@ def load_removal(removal_dir: Path, scores: Path) -> dict:
         top.append(pair[0][0][q])
         random.append(pair[1][0][q])
     if not queries:
-        raise UserError(f"{removal_dir} has no removal runs for {scores}; make them with train.py --removal_scores "
+        raise UserError(f"{removal_dir} has no removal runs for {scores}; make them with retrain.py --removal_scores "
                         f"{scores} --removal_output_dir {removal_dir}")
     return {"queries": queries, "full": full[0][queries], "top": np.array(top), "random": np.array(random),
             "removed": int(removed.pop())}
@@ -173,7 +173,7 @@ def load_runs(lds_dir: Path):
 
     files = sorted(lds_dir.glob("run_m*_r*.safetensors"))
     if not files:
-        raise UserError(f"no run files in {lds_dir}; make them with train.py --lds_num_masks N --lds_output_dir {lds_dir}")
+        raise UserError(f"no run files in {lds_dir}; make them with retrain.py --lds_num_masks N --lds_output_dir {lds_dir}")
     by_mask, settings, data = {}, set(), set()
     for f in files:
         run = read_run(f)
@@ -421,7 +421,7 @@ def evaluate_ground_truth(args) -> dict:
     _, _, runs = load_runs(args.lds_dir)
     if runs["per_repeat_margins"] is None:
         raise UserError(f"{args.lds_dir} has {runs['repeats']} repeats per mask; a noise ceiling needs the same number, "
-                        f"at least 2, for every mask (train.py --lds_repeats 2 or more)")
+                        f"at least 2, for every mask (retrain.py --lds_repeats 2 or more)")
     repeats = runs["per_repeat_margins"].shape[1]
     ceilings = {str(n): {k: v for k, v in noise_ceiling(runs["per_repeat_margins"], n).items()
                          if k != "per_query_reliability"} for n in range(1, repeats + 1)}

@@ -44,7 +44,7 @@ SCORES_KEY = "all_modules"
 SELF_SCORES_FILE = "self_scores.safetensors"  # kronfluence's name for self-influence scores
 TRAIN_FIT_FILE = "train_fit.safetensors"  # per training row: loss, the model's preferred choice, the label
 QUERY_FIT_FILE = "query_fit.safetensors"  # the same per query, beside pairwise scores (report.py shows them)
-# retraining runs (train.py --lds_num_masks, --removal_scores): one file each
+# retraining runs (retrain.py --lds_num_masks, --removal_scores): one file each
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
 REMOVAL_FULL_FILE = "removal_full.safetensors"  # the control: the same recipe and seed on every row
 REMOVAL_FILE = "removal_q{query:04d}_{condition}.safetensors"  # condition: random, or top_<scores id>

@@ -91,6 +91,7 @@ from utils import (
     configure_attention,
     configure_cpu_threads,
     file_sha256,
+    finish_interrupted_swaps,
     limit_gpu_memory,
     positive_float,
     read_json,
@@ -186,7 +187,7 @@ def on_rank_zero(step):
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             result = step()
-        except (UserError, Exception) as exc:  # a UserError is a SystemExit, not an Exception
+        except Exception as exc:  # a UserError too: it reaches the other ranks as it is
             failure = exc
     if dist.is_initialized():
         verdict = [failure if failure is None or isinstance(failure, UserError)
@@ -242,7 +243,12 @@ def shown_path(path: Path) -> str:
 def check_trained_rows(checkpoint_dir: Path, data) -> None:
     """Refuse training rows other than those the checkpoint was trained on: scores for them would attribute the
     model to rows it never saw (the files its data flags name may have changed, or flags given here differ)."""
-    recorded = read_json(checkpoint_dir / TRAINING_ARGS_FILE, "training arguments").get("data_fingerprint", {})
+    trained = read_json(checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
+    recorded = trained.get("data_fingerprint", {})
+    if trained.get("excluded_rows") and "excluded_rows" not in recorded:
+        raise UserError(f"{checkpoint_dir} was trained without {len(trained['excluded_rows'])} rows by an older train.py "
+                        f"that recorded the fingerprint of all rows; retrain it with --exclude_rows, or pass "
+                        f"--allow_other_train_rows to score every row")
     if recorded.get("train") not in (None, data.fingerprint["train"]):
         raise UserError(f"these {data.fingerprint['num_train']} training rows (fingerprint "
                         f"{data.fingerprint['train'][:8]}) are not the {recorded.get('num_train')} rows "
@@ -295,10 +301,12 @@ class Outputs:
         self.completed[:] = takewhile(lambda stage: stage in finished, FACTOR_STAGES)  # each needs those before it
         if self.completed:
             logger.info("reusing the finished factor stages in %s: %s", self.factors_dir, ", ".join(self.completed))
-            self.fit = {"fit_id": saved.get("fit_id"),
-                        "stages": {stage: saved.get("stages", {}).get(stage) for stage in self.completed}}
-        else:
-            self.fit = {"fit_id": uuid.uuid4().hex, "stages": {}}
+        # a fit keeps its id when resumed; a new fit (or stages refitted under a record without an id) gets a new one
+        resumed_id = saved.get("fit_id") if self.completed else None
+        if resumed_id is None and self.completed != FACTOR_STAGES:
+            resumed_id = uuid.uuid4().hex
+        self.fit = {"fit_id": resumed_id,
+                    "stages": {stage: saved.get("stages", {}).get(stage) for stage in self.completed}}
         check_factor_files(self.factors_dir, self.completed,
                            f"delete {self.factors_dir} or pass --overwrite to refit the factors")
         saved = check_provenance(self.scores_dir, self.provenance, overwrite,
@@ -424,6 +432,7 @@ def main(argv=None):
     configure_attention()
     if args.combine:
         return combine_scores(args.combine, args.combine_mode, args.output_dir)
+    finish_interrupted_swaps(args.checkpoint_dir)  # a train.py killed while swapping its checkpoint in
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)

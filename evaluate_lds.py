@@ -143,7 +143,7 @@ def load_removal(removal_dir: Path, scores: Path) -> dict:
 
     full = margins(removal_dir / REMOVAL_FULL_FILE)
     if full is None:
-        raise UserError(f"no readable {REMOVAL_FULL_FILE} in {removal_dir}; make the runs with train.py "
+        raise UserError(f"no readable {REMOVAL_FULL_FILE} in {removal_dir}; make the runs with retrain.py "
                         f"--removal_scores {scores} --removal_output_dir {removal_dir}")
     ident, queries, top, random, removed = removal_scores_id(scores), [], [], [], set()
     for q in range(full[0].size):
@@ -178,10 +178,10 @@ def load_runs(lds_dir: Path):
     for f in files:
         run = read_run(f)
         if run is None:
-            raise UserError(f"run file {f} is unreadable (truncated?); delete it and rerun train.py to redo it")
+            raise UserError(f"run file {f} is unreadable (truncated?); delete it and rerun retrain.py to redo it")
         tensors, meta = run
         if not meta or "settings_hash" not in meta or "mask" not in meta:
-            raise UserError(f"{f} is not a train.py run file (no run metadata)")
+            raise UserError(f"{f} is not a retrain.py run file (no run metadata)")
         settings.add(meta["settings_hash"])
         data.add((meta["data"], meta.get("recipe", "null")))
         by_mask.setdefault(int(meta["mask"]), []).append(tensors)

@@ -20,7 +20,6 @@ HEADER_COLUMN = "sent2"
 ENDING_COLUMNS = [f"ending{i}" for i in range(NUM_CHOICES)]
 LABEL_COLUMN = "label"
 REQUIRED_COLUMNS = [CONTEXT_COLUMN, HEADER_COLUMN, *ENDING_COLUMNS]
-GROUP_COLUMN = "video-id"  # SWAG's scene id; the demo stores its latent script here
 TRAIN_SPLIT = "train"
 QUERY_SPLIT = "validation"
 LABELS = "labels"  # the model's inputs are all the other keys

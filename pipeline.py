@@ -1,14 +1,14 @@
 """Data and model for SWAG influence analysis.
 
-Everything the other scripts share lives here: loading SWAG (from the hub, from local SWAG-schema
-files, or the embedded demo), tokenization, dynamic padding, model construction and checkpoints.
+Loading SWAG (from the hub, from local SWAG-schema files, or the embedded demo), selecting and fingerprinting
+rows, tokenization, dynamic padding, model construction and checkpoints.
 
     python pipeline.py --dataset demo                  # print sizes and one decoded demo example
     python pipeline.py --train_file ../shared/data/anetcap/train.csv.gz \\
         --validation_file ../shared/data/anetcap/validation.csv.gz --max_train_samples 4000
 
-Data flags (`add_data_args`) are shared by train.py, analyze.py and evaluate_lds.py; a checkpoint
-records them, so later scripts reuse the exact data the model was trained on.
+Data flags (`add_data_args`) are shared by train.py, retrain.py, analyze.py, evaluate_lds.py and report.py; a
+checkpoint records them, so later scripts reuse the exact data the model was trained on.
 """
 
 import argparse
@@ -273,11 +273,6 @@ def raw_fingerprint(split: Dataset) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The embedded demo: short scene scripts with their own vocabulary
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
 # Tokenization and batching
 # --------------------------------------------------------------------------------------------
 def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH,
@@ -451,16 +446,6 @@ def load_checkpoint(checkpoint_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     model = AutoModelForMultipleChoice.from_pretrained(checkpoint_dir, dtype=torch.float32)
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# GPU memory: what a stage may use, and what an out-of-memory error says
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Small shared helpers
-# --------------------------------------------------------------------------------------------
 
 
 def decode_choices(tokenizer: PreTrainedTokenizerBase, row: dict) -> list:

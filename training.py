@@ -1,6 +1,6 @@
 """Fine-tuning and retraining: the training loop, evaluation, the recipe that identifies a model, and the
 retraining runs of the LDS ground truth and the removal test (each run one file, resumable, split over ranks or
-forked workers). train.py is the command line over it."""
+forked workers). train.py and retrain.py are the command lines over it."""
 
 import argparse
 import dataclasses
@@ -100,7 +100,7 @@ def resolve_recipe_args(args: argparse.Namespace) -> argparse.Namespace:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingRecipe:
-    """The training loop's settings (train.py's flags of the same names)."""
+    """The training loop's settings (the flags of the same names of train.py and retrain.py)."""
 
     learning_rate: float = 1e-5
     weight_decay: float = 0.001
@@ -326,7 +326,7 @@ def run_lds(args) -> list:
         return train_runs(job, rank, world, local)
     if torch.cuda.is_initialized():
         raise UserError("--lds_processes forks its workers before CUDA is set up, but this process has already "
-                        "used CUDA; run train.py as a command of its own")
+                        "used CUDA; run retrain.py as a command of its own")
     # Forked workers start from this process's imports, model and tokenized data instead of loading their own
     # (most of a process's start-up). Nothing here has touched CUDA, so each worker can set it up for itself.
     global _FORKED_JOB

@@ -2,6 +2,7 @@
 memory, processes and threads, logging. Nothing here knows about SWAG, models or scores."""
 
 import argparse
+import fcntl
 import glob
 import hashlib
 import json
@@ -46,7 +47,7 @@ def run_script(main) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with errors on one line: `train.py: error: argument --lds_repeats: ...` and exit status 2, without
+    """argparse with errors on one line: `retrain.py: error: argument --lds_repeats: ...` and exit status 2, without
     the usage block (several lines for these scripts; --help shows it)."""
 
     def __init__(self, **kwargs):
@@ -178,28 +179,49 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{socket.gethostname()}-"
 
 
+@contextmanager
+def _renames_locked(directory: Path):
+    """Hold an exclusive lock on `directory` (flock on the directory itself: no lock file) while a swap's renames,
+    or the recovery of a killed one, run: processes that recover or swap the same path at once take turns."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def finish_interrupted_swaps(path: Path) -> None:
     """Complete or undo what killed processes of this host left beside `path` in `atomic_output`: a finished
     directory waiting to be swapped in (`<pid>.new`) is moved into place, a replaced one set aside (`<pid>.old`) is
     deleted once its successor is in place or put back if none is, and unfinished temporaries (`<pid>`) are
-    removed. A process that is still running keeps its own. Writers call it first; readers may too."""
+    removed. A process that is still running keeps its own. Writers call it first; readers may too (the renames
+    run under a lock on the parent directory, so concurrent callers never act on each other's leftovers)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        return
     prefix = _temporary_prefix(path)
-    leftovers = {}
-    for found in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid, _, state = found.name[len(prefix):].partition(".")
-        if pid.isdigit() and state in ("", "new", "old") and not _process_alive(int(pid)):
-            leftovers.setdefault(int(pid), {})[state] = found
-    for pid in sorted(leftovers):
-        parts = leftovers[pid]
-        if "new" in parts:  # the block had finished: its result goes in, whatever the swap had reached
-            if path.exists():
-                _remove(path)
-            os.replace(parts["new"], path)
-        if "old" in parts:
-            _remove(parts["old"]) if path.exists() else os.replace(parts["old"], path)
-        if "" in parts:  # a block that never finished
-            _remove(parts[""])
+    with _renames_locked(path.parent):
+        leftovers = {}
+        for found in path.parent.glob(f"{glob.escape(prefix)}*"):
+            pid, _, state = found.name[len(prefix):].partition(".")
+            if pid.isdigit() and state in ("", "new", "old") and not _process_alive(int(pid)):
+                leftovers.setdefault(int(pid), {})[state] = found
+        for pid in sorted(leftovers):
+            parts = leftovers[pid]
+            if "new" in parts:  # the block had finished: its result goes in, whatever the swap had reached
+                if path.exists():
+                    _remove(path)
+                os.replace(parts["new"], path)
+            if "old" in parts:
+                _remove(parts["old"]) if path.exists() else os.replace(parts["old"], path)
+            if "" in parts:  # a block that never finished
+                _remove(parts[""])
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` holds something a writer must not replace unasked (an empty directory does not)."""
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
 
 
 @contextmanager
@@ -216,19 +238,20 @@ def atomic_output(path: Path, replace: bool = True):
     tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
     try:
         yield tmp
-        if not replace and path.exists():
-            kept = path.with_name(f"{path.name}.new-{os.getpid()}")
-            os.replace(tmp, kept)
-            raise FileExistsError(f"{path} appeared while this process wrote it; the result is in {kept}")
-        if tmp.is_dir():
-            new, old = tmp.with_name(f"{tmp.name}.new"), tmp.with_name(f"{tmp.name}.old")
-            os.replace(tmp, new)  # from here on the result is finished: a kill leaves it to be swapped in
-            if path.exists():  # os.replace cannot replace a directory that is not empty
-                os.replace(path, old)
-            os.replace(new, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
+        with _renames_locked(path.parent):
+            if not replace and _present(path):
+                kept = path.with_name(f"{path.name}.new-{os.getpid()}")
+                os.replace(tmp, kept)
+                raise FileExistsError(f"{path} appeared while this process wrote it; the result is in {kept}")
+            if tmp.is_dir():
+                new, old = tmp.with_name(f"{tmp.name}.new"), tmp.with_name(f"{tmp.name}.old")
+                os.replace(tmp, new)  # from here on the result is finished: a kill leaves it to be swapped in
+                if path.exists():  # os.replace cannot replace a directory that is not empty
+                    os.replace(path, old)
+                os.replace(new, path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
     finally:
         if tmp.exists():  # the block failed
             _remove(tmp)

@@ -15,7 +15,8 @@ FAST="--fast"
 gpu_share() { if command -v nvidia-smi > /dev/null 2>&1; then echo "--max_memory_gb $1"; fi; }  # GiB of a shared GPU
 mkdir -p logs ${OUT:+"$OUT"}
 since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
-analyze() { python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" "$@" 2>>logs/analyze.err | tail -1; }
+analyze() { python -c "import sys, analyze, utils; utils.run_script(lambda: print(analyze.main(sys.argv[1:])))" "$@" \
+  2>>logs/analyze.err | tail -1; }  # prints the scores directory
 lds() { python evaluate_lds.py --scores "$1" --lds_dir $RUNS --no_plots > "$1/evaluate.log" 2>&1 || true; grep "^LDS\|rror" "$1/evaluate.log" || true; }
 random_roberta() {  # random_roberta TOKENIZER_DIR: a randomly initialised roberta-base with that tokenizer, in /tmp/rb
   python -c "import sys; from pathlib import Path; from benchmark import load_tokenizer, random_roberta

@@ -5,7 +5,7 @@
 set -euo pipefail
 W=${1:-/tmp/report_demo}; mkdir -p "$W"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-analyze() { python -c "import sys, analyze; print(analyze.main(sys.argv[1:]))" "$@" 2>/dev/null | tail -1; }
+analyze() { python -c "import sys, analyze, utils; utils.run_script(lambda: print(analyze.main(sys.argv[1:])))" "$@" 2>/dev/null | tail -1; }
 [ -f "$W/checkpoints/demo/model.safetensors" ] || python train.py --dataset demo --output_dir "$W/checkpoints/demo" 2>/dev/null
 python retrain.py --dataset demo --lds_num_masks 20 --lds_output_dir "$W/lds" 2>/dev/null
 scores=$(analyze --checkpoint_dir "$W/checkpoints/demo" --output_dir "$W/scores")

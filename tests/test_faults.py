@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,3 +362,56 @@ def test_a_lock_held_past_the_longest_wait_stops_with_one_line(tmp_path, monkeyp
         with contextlib.ExitStack() as stack:
             analyze.output_lock(directory, stack)
     held.release()
+
+
+def test_concurrent_recoveries_take_turns(tmp_path):
+    """Recovery and swaps of one path run under a lock on its directory: a second caller waits while another holds
+    it (two recoveries acting on one listing could delete the directory the first had just moved into place)."""
+    import threading
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import fcntl, os, sys, time
+        fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)
+        open(sys.argv[2], "w").close()
+        while not os.path.exists(sys.argv[3]): time.sleep(0.01)
+    """), str(tmp_path), str(tmp_path / "locked"), str(tmp_path / "release")])
+    while not (tmp_path / "locked").exists():
+        assert holder.poll() is None
+    waiter = threading.Thread(target=utils.finish_interrupted_swaps, args=(tmp_path / "ckpt",))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # blocked on the lock
+    (tmp_path / "release").touch()
+    waiter.join(30)
+    holder.wait(30)
+    assert not waiter.is_alive()
+
+
+def test_an_empty_output_directory_is_filled_not_refused(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    train.main([*TINY, "--num_train_epochs", "1", "--output_dir", str(out)])
+    assert (out / formats.WEIGHTS_FILE).is_file() and leftovers(tmp_path) == []
+
+
+def test_analyze_completes_a_killed_checkpoint_swap_before_reading_it(tiny_checkpoint, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt.with_name(f"{utils._temporary_prefix(ckpt)}{dead.stdout.strip()}.new"))
+    scores_dir = analyze.main(["--checkpoint_dir", str(ckpt), *IDENTITY, "--output_dir", str(tmp_path / "s")])
+    assert (ckpt / formats.WEIGHTS_FILE).is_file() and formats.load_scores(scores_dir)[0].shape == (12, 48)
+
+
+def test_a_record_without_a_fit_id_gets_one_when_stages_are_refitted(tiny_checkpoint, tmp_path):
+    common = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
+    scores_dir = analyze.main(common)
+    record = next(scores_dir.parent.glob("factors_*")) / formats.METADATA_FILE
+    old = {k: v for k, v in json.loads(record.read_text()).items() if k not in ("fit_id", "stages")}
+    record.write_text(json.dumps({**old, "completed_stages": ["covariance"]}))  # an older record, cut short
+    meta = {k: v for k, v in json.loads((scores_dir / formats.METADATA_FILE).read_text()).items()
+            if k != "factors_fit_id"}
+    (scores_dir / formats.METADATA_FILE).write_text(json.dumps(meta))
+    analyze.main(common)
+    fit_id = json.loads(record.read_text())["fit_id"]
+    assert fit_id is not None  # so scores of the earlier lambda (no fit id either) are not taken for this fit's
+    assert json.loads((scores_dir / formats.METADATA_FILE).read_text())["factors_fit_id"] == fit_id

@@ -26,6 +26,7 @@ import influence
 import pipeline
 import retrain
 import train
+import training
 from demo import make_demo_dataset
 from utils import UserError
 
@@ -84,7 +85,8 @@ FLAG_CASES = [
 
 @pytest.mark.parametrize("script,flags,message", FLAG_CASES, ids=[" ".join(c[1]) for c in FLAG_CASES])
 def test_bad_flags_stop_with_one_line(script, flags, message, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_raw", lambda *a, **k: pytest.fail("work started"))
+    for module in (pipeline, train, training):  # wherever a script looks it up
+        monkeypatch.setattr(module, "load_raw", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(SystemExit) as exc:
         script.main(flags)
     err = capsys.readouterr().err
@@ -100,7 +102,7 @@ def test_a_checkpoint_is_never_replaced_without_overwrite_output_dir(tiny_checkp
     shutil.copytree(tiny_checkpoint, out)
     before = sha256(out / formats.WEIGHTS_FILE)
     args = [*TINY, "--num_train_epochs", "1", "--seed", "7", "--output_dir", str(out)]
-    with pytest.raises(SystemExit):  # once fine-tuned instead, over the checkpoint
+    with pytest.raises(SystemExit):  # a retraining flag: train.py refuses it rather than fine-tune over the checkpoint
         train.main([*args, "--lds_num_masks", "-1"])
     with pytest.raises(UserError, match=f"{out} already holds a checkpoint .*pass --overwrite_output_dir"):
         train.main(args)

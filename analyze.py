@@ -359,6 +359,7 @@ def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
             "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
+            "dropout_ensemble": args.dropout_ensemble, "dropout_rate": args.dropout_rate if args.dropout_ensemble else None,
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
                             "train": args.train_batch_size},

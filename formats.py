@@ -36,6 +36,12 @@ REMOVAL_DIR = Path("removal")
 TRAINING_ARGS_FILE = "training_args.json"  # every flag, the data fingerprint, the recipe
 METRICS_FILE = "metrics.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def epoch_checkpoint_dir(checkpoint_dir: Path, epoch: int) -> Path:
+    """Where train.py --save_epochs puts the model after `epoch` (beside the final checkpoint, named after it, so
+    that its analyses get their own directories under analyze.py's --output_dir)."""
+    return checkpoint_dir.with_name(f"{checkpoint_dir.name}_epoch{epoch}")
 # an analysis (analyze.py): factors_<name>/ and scores_<name>/, each with its metadata
 METADATA_FILE = "metadata.json"  # what the directory was computed from, and whether it is complete
 SCORES_FILE = "pairwise_scores.safetensors"  # kronfluence's name: queries × training rows

@@ -2,6 +2,7 @@
 stages, and the scoring backends that turn fitted factors into pairwise or self-influence scores. A backend is one
 class in `BACKENDS`; analyze.py is the command line over this module."""
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
@@ -81,7 +82,15 @@ def add_method_args(parser) -> None:
     group.add_argument("--use_empirical_fisher", action="store_true",
                        help="Fit the factors with the dataset labels instead of labels sampled from the model "
                             "(deterministic: used to compare runs, e.g. 1 GPU against several).")
-    group.add_argument("--seed", type=seed_value, default=0, help="Seed for the sampled (true-Fisher) labels.")
+    group.add_argument("--seed", type=seed_value, default=0,
+                       help="Seed for the sampled (true-Fisher) labels and the --dropout_ensemble masks.")
+    group.add_argument("--dropout_ensemble", type=at_least(2), default=None, metavar="K",
+                       help="Average the scores of K copies of the model, each with its own random mask on the weights "
+                            "of every nn.Linear (a fixed sub-network: the same mask for the query and the training "
+                            "gradients); the factors are fitted once, on the unmasked model.")
+    group.add_argument("--dropout_rate", type=float, default=0.1,
+                       help="With --dropout_ensemble: the share of weights each mask drops (kept weights are "
+                            "scaled by 1 / (1 - rate), as in dropout).")
 
 
 def resolve_method_args(parser, args) -> None:
@@ -96,6 +105,8 @@ def resolve_method_args(parser, args) -> None:
                      f"got {args.damping_factor}")
     if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
         parser.error("--query_gradient_rank must be -1 (full rank) or a positive rank")
+    if not 0 < args.dropout_rate < 1:
+        parser.error(f"argument --dropout_rate: must be between 0 and 1 (exclusive); got {args.dropout_rate}")
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
 
@@ -113,8 +124,10 @@ class AnalysisConfig:
     query_gradient_rank: int = -1  # -1: full rank
     lambda_max_examples: Optional[int] = None
     use_empirical_fisher: bool = False
-    seed: int = 0  # the sampled labels and the lambda rows
+    seed: int = 0  # the sampled labels, the lambda rows and the dropout masks
     self_influence: bool = False
+    dropout_ensemble: Optional[int] = None  # members, each scored with its own weight mask
+    dropout_rate: float = 0.1
 
     @classmethod
     def from_args(cls, args) -> "AnalysisConfig":
@@ -138,6 +151,8 @@ class AnalysisConfig:
             name += f"_qlr{self.query_gradient_rank}"
         if self.damping_factor != 1e-8:
             name += "_dampheur" if self.damping_factor < 0 else f"_damp{self.damping_factor:g}"
+        if self.dropout_ensemble:
+            name += f"_drop{self.dropout_ensemble}x{self.dropout_rate:g}"
         return name + ("" if self.scoring == "kronfluence" else f"_{self.scoring}")  # the reference has no suffix
 
     def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
@@ -311,15 +326,61 @@ class FusedBackend:
 BACKENDS = {"kronfluence": KronfluenceBackend(), "fused": FusedBackend()}  # --scoring's choices
 
 
+def dropout_masks(model: torch.nn.Module, rate: float, seed: int, member: int) -> dict:
+    """One member's masks: for every nn.Linear weight (by parameter name), the scale each entry gets, 0 for a
+    dropped weight and 1 / (1 - rate) for a kept one, drawn on the CPU from (seed, member) so that every device
+    and rank draws the same sub-network."""
+    generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, member]).integers(2**63)))
+    masks = {}
+    for name, module in sorted(model.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            keep = torch.rand(module.weight.shape, generator=generator) >= rate
+            masks[name] = keep.to(module.weight.dtype) / (1 - rate)
+    return masks
+
+
+@contextlib.contextmanager
+def masked_weights(model: torch.nn.Module, masks: dict):
+    """The model with its nn.Linear weights multiplied by `masks` (dropout_masks), restored bitwise on exit."""
+    modules = dict(model.named_modules())
+    saved = {name: modules[name].weight.detach().clone() for name in masks}
+    try:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                modules[name].weight.mul_(mask.to(modules[name].weight.device))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                modules[name].weight.copy_(weight)
+
+
+def score(job: ScoringJob) -> tuple:
+    """The job's pairwise or self-influence scores and the batch sizes that fitted: by its backend, or with
+    --dropout_ensemble the mean of the members' scores, each member the backend's scores of a masked model."""
+    backend = BACKENDS[job.config.scoring]
+    run = backend.self_influence if job.config.self_influence else backend.pairwise
+    members = job.config.dropout_ensemble
+    if not members:
+        return run(job)
+    total = None
+    for member in range(members):
+        logger.info("dropout ensemble: member %d of %d (rate %g)", member + 1, members, job.config.dropout_rate)
+        with masked_weights(job.model, dropout_masks(job.model, job.config.dropout_rate, job.config.seed, member)):
+            scores, sizes = run(job)
+        total = scores.double() if total is None else total.add_(scores.double())
+    return (total / members).float(), sizes
+
+
 def compute_scores(job: ScoringJob, scores_dir: Path) -> tuple:
     """Pairwise or self-influence scores by the job's backend, written to `scores_dir` (whatever a killed run left
     there is replaced), and the batch sizes that fitted in memory. With self-influence, rank 0 also writes each
     training row's loss and preferred choice."""
     backend = BACKENDS[job.config.scoring]
-    scores, sizes = (backend.self_influence if job.config.self_influence else backend.pairwise)(job)
+    scores, sizes = score(job)
     check_finite(scores)
     if job.rank == 0:
-        if backend.writes_scores:
+        if backend.writes_scores or job.config.dropout_ensemble:  # kronfluence's file holds the last member
             save_scores(scores_dir, scores, SELF_SCORES_FILE if job.config.self_influence else SCORES_FILE)
         if job.config.self_influence:
             save_fit(scores_dir / TRAIN_FIT_FILE, model_fit(job.model.to(job.device), job.data.train, job.collator,

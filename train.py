@@ -10,6 +10,7 @@ Fine-tune (kronfluence's recipe: AdamW, lr 1e-5, weight decay 0.001, batch 16, 3
         --output_dir checkpoints/anetcap
     torchrun --standalone --nproc-per-node=2 train.py ...               # DDP (or: accelerate launch train.py ...)
     python train.py ... --torch_compile cudagraphs --dataloader_num_workers 2   # CUDA graphs per length bucket (GPU)
+    python train.py ... --output_dir checkpoints/s1 --save_epochs   # also checkpoints/s1_epoch1, s1_epoch2, ...
 
 The retraining runs of the LDS ground truth and the removal test are retrain.py's.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from formats import CHECKPOINTS_DIR
+from formats import CHECKPOINTS_DIR, epoch_checkpoint_dir
 from pipeline import (
     add_data_args,
     data_args_dict,
@@ -63,6 +64,10 @@ def parse_args(argv=None):
                         help=f"Where the checkpoint goes (default {CHECKPOINTS_DIR}/<dataset>).")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Replace an existing checkpoint in --output_dir (without it, train.py refuses).")
+    parser.add_argument("--save_epochs", action="store_true",
+                        help="Also keep the model after each earlier epoch, as checkpoints beside --output_dir "
+                             "(<output_dir>_epoch1, ...; a checkpoint ensemble: analyze each, then analyze.py "
+                             "--combine). The final model is the same with or without it.")
     args = resolve_recipe_args(resolve_data_args(parser.parse_args(argv)))
     args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
     return args
@@ -90,8 +95,13 @@ def run_finetune(args):
     share = data.queries.select(range(rank * n // world, (rank + 1) * n // world))  # contiguous, maybe empty
     logger.info("rank %d validates %d of %d queries", rank, len(share), n)
 
+    epoch_states = []  # with --save_epochs: the weights after each epoch but the last, on the CPU (main process)
+
     def validate(m):
-        """Loss and accuracy on the queries, each rank evaluating its own share."""
+        """Loss and accuracy on the queries, each rank evaluating its own share (and the epoch's weights kept)."""
+        if args.save_epochs and accelerator.is_main_process and len(epoch_states) < args.num_train_epochs - 1:
+            epoch_states.append({k: v.detach().to("cpu", copy=True)
+                                 for k, v in accelerator.unwrap_model(m).state_dict().items()})
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         if len(share):
             result = evaluate(accelerator.unwrap_model(m), share, collator, args.eval_batch_size, device)
@@ -114,7 +124,18 @@ def run_finetune(args):
                          "recipe": recipe(args, world * args.per_device_train_batch_size),
                          "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-        save_checkpoint(model.to("cpu"), tokenizer, Path(args.output_dir), training_args, metrics,
+        model = model.to("cpu")
+        final_state = {k: v.clone() for k, v in model.state_dict().items()} if epoch_states else None
+        for epoch, state in enumerate(epoch_states, 1):  # the earlier epochs first: the final checkpoint ends the set
+            model.load_state_dict(state)
+            save_checkpoint(model, tokenizer, epoch_checkpoint_dir(Path(args.output_dir), epoch),
+                            {**training_args, "epoch": epoch},
+                            {**history[epoch - 1], "history": history[:epoch], "num_processes": world,
+                             "effective_batch_size": world * args.per_device_train_batch_size},
+                            overwrite=args.overwrite_output_dir)
+        if final_state is not None:
+            model.load_state_dict(final_state)
+        save_checkpoint(model, tokenizer, Path(args.output_dir), training_args, metrics,
                         overwrite=args.overwrite_output_dir)
         logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)
     accelerator.wait_for_everyone()
@@ -125,10 +146,12 @@ def run_finetune(args):
 def check_output_dir(args) -> None:
     """Refuse before any work to replace a checkpoint (Hugging Face's --overwrite_output_dir convention)."""
     out = Path(args.output_dir)
-    finish_interrupted_swaps(out)  # a checkpoint whose swap a kill interrupted is still a checkpoint
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
-        raise UserError(f"{out} already holds a checkpoint (or other files); pass --overwrite_output_dir to replace "
-                        f"it, or choose another --output_dir")
+    epochs = range(1, args.num_train_epochs) if args.save_epochs else []
+    for path in [*(epoch_checkpoint_dir(out, epoch) for epoch in epochs), out]:
+        finish_interrupted_swaps(path)  # a checkpoint whose swap a kill interrupted is still a checkpoint
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not args.overwrite_output_dir:
+            raise UserError(f"{path} already holds a checkpoint (or other files); pass --overwrite_output_dir to "
+                            f"replace it, or choose another --output_dir")
 
 
 def main(argv=None):

@@ -82,8 +82,9 @@ def test_names_encode_settings():
              for extra in ([], ["--use_half_precision"], ["--query_gradient_rank", "32"], ["--factor_strategy", "kfac"],
                            ["--damping_factor", "-1"], ["--num_queries", "6"], ["--scoring", "fused"], ["--seed", "3"],
                            ["--use_half_precision", "--fp32_accumulation"], ["--lambda_max_examples", "5"],
-                           ["--use_empirical_fisher"], ["--fast"])}
-    assert len(names) == 12
+                           ["--use_empirical_fisher"], ["--fast"], ["--dropout_ensemble", "4"],
+                           ["--dropout_ensemble", "4", "--dropout_rate", "0.2"])}
+    assert len(names) == 14
     kfac = ["--factor_strategy", "kfac"]  # fits no lambda: a lambda subset does not make other factors
     assert factors_name(base + kfac) == factors_name(base + kfac + ["--lambda_max_examples", "5"])
 

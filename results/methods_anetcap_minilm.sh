@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Cheaper ensembles and the damping, measured against the committed ground truth of the MiniLM LDS setup (one GPU;
+# each part resumes: finished checkpoints and scores are reused):
+#   one: fine-tunes seeds 1004..1011 with --save_epochs (at once), then on seed 1004 alone, one analysis at a
+#     time (so each analysis's GPU seconds are its own): fast EKFAC, its epoch-1 and epoch-2 checkpoints, the
+#     damping sweep and the dropout ensembles; combines the checkpoint ensembles; evaluates every method against
+#     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
+#   seeds: fast EKFAC, the dropout ensemble ($SEED_METHOD) and the epoch checkpoints on the other seven seeds,
+#     then the 8-seed ensembles of each, evaluated the same way -> OUT/seeds.json
+# Usage: bash results/methods_anetcap_minilm.sh one|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
+set -euo pipefail
+PART=${1:?one or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; RUNS_DIR=${5:?runs dir}
+N=${6:-5}
+source results/anetcap_minilm_common.sh
+SEEDS=$(seq 1004 1011)
+SEED_METHOD=${SEED_METHOD:---dropout_ensemble 4 --dropout_rate 0.1}
+declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
+
+train_seeds() {
+  local t; t=$(date +%s.%N)
+  for s in $SEEDS; do
+    [ -f checkpoints/s$s/model.safetensors ] || python train.py $D --seed $s --save_epochs --output_dir checkpoints/s$s \
+      > logs/train_s$s.log 2>&1 &
+  done; wait; echo "8 seeds trained at once (--save_epochs): $(since "$t") s"
+}
+fast() { analyze --checkpoint_dir "$1" $A --factor_strategy ekfac $FAST "${@:2}"; }  # fast CHECKPOINT [FLAGS]
+combine() { local mode=$1; shift; analyze --combine "$@" --combine_mode "$mode"; }
+evaluate() {  # every method in METHODS (its first directory, or the ensemble combined), paired against $PLAIN
+  for method in "${!METHODS[@]}"; do
+    for target in 1 "$N"; do
+      python evaluate_lds.py --scores "${METHODS[$method]%% *}" --lds_dir "$RUNS_DIR" --num_repeats "$target" \
+        --compare "$PLAIN" --no_plots --output_dir "$OUT/lds/${method}_r$target" > "logs/eval_${method}_r$target.log" 2>&1 &
+    done
+  done; wait
+  grep -H "^LDS\|rror" logs/eval_*_r*.log | cut -c1-160 || true
+}
+collect() {  # collect NAME: OUT/NAME.json from the lds.json files and the scores' metadata
+  declare -p METHODS > "logs/methods_$1.sh"
+  python - "$OUT" "$1" "$N" "logs/methods_$1.sh" <<'PY'
+import glob, importlib.metadata, json, re, sys, time
+from pathlib import Path
+import torch, transformers
+out, name, repeats, methods_file = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+methods = dict(re.findall(r'\[([^\]]+)\]="([^"]*)"', open(methods_file).read()))
+
+def leaves(scores_dir):
+    meta = json.load(open(Path(scores_dir) / "metadata.json"))
+    return [leaf for m in meta["members"] for leaf in leaves(m)] if "members" in meta else [meta]
+
+def gpu_seconds(scores_dir):
+    """Factor and score seconds of analyze.py's metadata; an ensemble's: the sum over its members."""
+    return sum(sum(meta["seconds"].values()) for meta in leaves(scores_dir))
+
+def fine_tune_seconds(scores_dir):
+    """train_seconds of each distinct fine-tuning run behind the scores (an epoch checkpoint is its run's)."""
+    runs = {re.sub(r"_epoch[0-9]+$", "", meta["checkpoint"]) for meta in leaves(scores_dir)}
+    return sum(json.load(open(Path(run) / "metrics.json"))["train_seconds"] for run in runs)
+
+rows = {}
+for method, dirs in sorted(methods.items()):
+    first = dirs.split()[0]
+    row = {"scores": first, "gpu_seconds": round(gpu_seconds(first), 1),
+           "fine_tune_seconds": round(fine_tune_seconds(first), 1), "models": len({re.sub(r"_epoch[0-9]+$", "",
+           meta["checkpoint"]) for meta in leaves(first)})}
+    for target in (1, repeats):
+        f = out / "lds" / f"{method}_r{target}" / "lds.json"
+        if not f.exists():
+            continue
+        r = json.load(open(f))
+        row[f"r{target}"] = {"lds": r["lds"], "ci95": r["ci95"], "num_queries": r["num_queries"],
+                             "ceiling": r["noise_ceiling"]["ceiling"],
+                             "fraction_of_ceiling": r["lds"] / r["noise_ceiling"]["ceiling"],
+                             "paired_minus_fast_ekfac": {k: r["paired"][k] for k in ("difference", "ci95", "score_agreement")}}
+    rows[method] = row
+json.dump({"command": f"bash results/methods_anetcap_minilm.sh {name} MODEL DATA OUT RUNS_DIR {repeats}",
+           "setup": "MiniLM (all-MiniLM-L6-v2) fine-tuned on the first 4,000 anetcap train rows, the first 500 "
+                    "validation rows as queries; 100 half-data masks x %d seeds of ground truth" % repeats,
+           "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "kronfluence": importlib.metadata.version("kronfluence"),
+           "gpu_seconds_note": "analyze.py's factor + score seconds (metadata.json); ensembles: summed over members. "
+                               "fine_tune_seconds: train.py's train_seconds of each model behind the scores (the 8 "
+                               "seeds were fine-tuned at once, sharing the GPU)",
+           "rows": rows}, open(out / f"{name}.json", "w"), indent=1)
+print(json.dumps({k: [round(v.get("r1", {}).get("lds", float("nan")), 4), round(v.get(f"r{repeats}", {}).get("lds", float("nan")), 4), v["gpu_seconds"]] for k, v in rows.items()}))
+PY
+}
+
+mkdir -p "$OUT"
+train_seeds
+if [ "$PART" = one ]; then
+  t=$(date +%s.%N)
+  PLAIN=$(fast checkpoints/s1004); METHODS[fast_ekfac]=$PLAIN
+  E1=$(fast checkpoints/s1004_epoch1); E2=$(fast checkpoints/s1004_epoch2)
+  for damping in 1e-6 1e-4 1e-2 1 -1; do METHODS[damping_$damping]=$(fast checkpoints/s1004 --damping_factor $damping); done
+  for spec in 4:0.05 4:0.1 4:0.2 8:0.1; do
+    METHODS[dropout_${spec/:/x}]=$(fast checkpoints/s1004 --dropout_ensemble ${spec%:*} --dropout_rate ${spec#*:})
+  done
+  echo "seed 1004's analyses, one at a time: $(since "$t") s"
+  METHODS[epoch1]=$E1; METHODS[epoch2]=$E2
+  METHODS[checkpoints_e23_mean]=$(combine mean "$E2" "$PLAIN")
+  METHODS[checkpoints_e123_mean]=$(combine mean "$E1" "$E2" "$PLAIN")
+  METHODS[checkpoints_e123_std]=$(combine standardized "$E1" "$E2" "$PLAIN")
+  evaluate; collect one
+else
+  t=$(date +%s.%N)
+  for s in $SEEDS; do  # 8 at once, 16 GiB each
+    ( m=$(gpu_share 16); fast checkpoints/s$s $m > logs/plain_$s.txt; fast checkpoints/s$s $SEED_METHOD $m > logs/method_$s.txt
+      fast checkpoints/s${s}_epoch1 $m > logs/e1_$s.txt; fast checkpoints/s${s}_epoch2 $m > logs/e2_$s.txt ) &
+  done; wait; echo "7 more seeds' analyses, at once: $(since "$t") s"
+  PLAIN=$(cat logs/plain_1004.txt); METHODS[fast_ekfac]=$PLAIN
+  cat_all() { for s in $SEEDS; do cat logs/$1_$s.txt; done; }
+  METHODS[seeds8]=$(combine standardized $(cat_all plain))
+  METHODS[seeds8_method]=$(combine standardized $(cat_all method))
+  METHODS[seeds8_checkpoints_e123]=$(combine standardized $(cat_all e1) $(cat_all e2) $(cat_all plain))
+  evaluate; collect seeds
+fi

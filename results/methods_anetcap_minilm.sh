@@ -47,9 +47,18 @@ def leaves(scores_dir):
     meta = json.load(open(Path(scores_dir) / "metadata.json"))
     return [leaf for m in meta["members"] for leaf in leaves(m)] if "members" in meta else [meta]
 
+def fit_key(meta):
+    return meta["checkpoint"], meta["factors_name"]
+
+# a method that reused a fit (the damping, the dropout members) costs that fit's seconds plus its own scores
+fit_seconds = {}
+for dirs in methods.values():
+    for meta in leaves(dirs.split()[0]):
+        fit_seconds[fit_key(meta)] = max(fit_seconds.get(fit_key(meta), 0), meta["seconds"]["factors"])
+
 def gpu_seconds(scores_dir):
-    """Factor and score seconds of analyze.py's metadata; an ensemble's: the sum over its members."""
-    return sum(sum(meta["seconds"].values()) for meta in leaves(scores_dir))
+    """Seconds of the factor fit and of the scores (analyze.py's metadata); an ensemble's: the sum over members."""
+    return sum(fit_seconds[fit_key(meta)] + meta["seconds"]["scores"] for meta in leaves(scores_dir))
 
 def fine_tune_seconds(scores_dir):
     """train_seconds of each distinct fine-tuning run behind the scores (an epoch checkpoint is its run's)."""
@@ -78,7 +87,8 @@ json.dump({"command": f"bash results/methods_anetcap_minilm.sh {name} MODEL DATA
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__,
            "kronfluence": importlib.metadata.version("kronfluence"),
-           "gpu_seconds_note": "analyze.py's factor + score seconds (metadata.json); ensembles: summed over members. "
+           "gpu_seconds_note": "analyze.py's factor + score seconds (metadata.json; a method that reused a fit counts "
+                               "that fit's seconds); ensembles: summed over members. "
                                "fine_tune_seconds: train.py's train_seconds of each model behind the scores (the 8 "
                                "seeds were fine-tuned at once, sharing the GPU)",
            "rows": rows}, open(out / f"{name}.json", "w"), indent=1)

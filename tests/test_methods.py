@@ -84,6 +84,7 @@ def test_dropout_rate_outside_zero_to_one_is_refused(capsys):
         analyze.parse_args(["--dropout_ensemble", "1"])
 
 
+@pytest.mark.slow
 def test_a_dropout_ensemble_agrees_across_backends_and_shares_the_plain_factors(tiny_checkpoint, tmp_path):
     """kronfluence's loop and the fused pass see the same masked sub-networks (the masks are drawn on the CPU from
     the seed and the member): their ensembles agree as their plain scores do (tests/test_fused.py's tolerance)."""
@@ -102,6 +103,7 @@ def test_a_dropout_ensemble_agrees_across_backends_and_shares_the_plain_factors(
     assert (reference - plain).abs().max() > 1e-3 * plain.abs().max()
 
 
+@pytest.mark.slow
 def test_save_epochs_adds_the_earlier_epochs_and_keeps_the_final_model(tmp_path):
     runs = {}
     for name, extra in (("plain", []), ("saved", ["--save_epochs"])):

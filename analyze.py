@@ -276,6 +276,8 @@ class Outputs:
 
     factors_dir: Path
     scores_dir: Path
+    factors_name: str  # kronfluence's names: the directories are factors_<factors_name> and scores_<scores_name>
+    scores_name: str
     checkpoint: str
     factor_provenance: dict  # weights, training rows, max length: what the factors were fitted on
     provenance: dict  # the same, and the queries (or the self-influence kind): what the scores were computed from
@@ -342,7 +344,7 @@ def outputs_of(args, data, analyzer, config: AnalysisConfig) -> Outputs:
     factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
                          "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
     kind = {"kind": "self_influence"} if args.self_influence else {"query_fingerprint": data.fingerprint["queries"]}
-    return Outputs(analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name),
+    return Outputs(analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name), f_name, s_name,
                    str(args.checkpoint_dir.resolve()), factor_provenance, {**factor_provenance, **kind},
                    args.self_influence)
 
@@ -352,8 +354,7 @@ def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings
     return {"checkpoint": outputs.checkpoint, **outputs.provenance, "complete": True,
             "factors_fit_id": outputs.fit["fit_id"], "recipe": trained.get("recipe"),
             "data": data_args_dict(args), "data_fingerprint": data.fingerprint,
-            "factors_name": outputs.factors_dir.name.removeprefix("factors_"),
-            "scores_name": outputs.scores_dir.name.removeprefix("scores_"),
+            "factors_name": outputs.factors_name, "scores_name": outputs.scores_name,
             "scores_file": str(outputs.scores_dir / (SELF_SCORES_FILE if args.self_influence else SCORES_FILE)),
             "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
@@ -379,7 +380,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     config = AnalysisConfig.from_args(args)
     outputs = outputs_of(args, data, analyzer, config)
-    f_name, s_name = outputs.factors_dir.name.removeprefix("factors_"), outputs.scores_dir.name.removeprefix("scores_")
+    f_name, s_name = outputs.factors_name, outputs.scores_name
     outputs.completed[:], reuse_scores = on_rank_zero(lambda: outputs.claim(stack, args.overwrite))
     device = analyzer.state.device
     if args.max_memory_gb and device.type == "cuda":

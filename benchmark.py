@@ -207,6 +207,7 @@ def top_operations(profiler, k: int = 10) -> tuple:
 
 
 def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args):
+    """One configuration on these rows: each stage's time and peak memory, its passes' costs, and its scores."""
     c = CONFIGS[name]
     many = c["scoring"] == "fused" or c["rank"] > 0  # configurations that score many queries per pass
     train = tokenize(raw_train, tokenizer, pad_to_max_length=c["pad"])
@@ -250,31 +251,49 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
         stages["scores"] = batched("scores", kronfluence_scores, {"train_batch_size": c["train_bs"],
                                                                   "query_batch_size": min(c["query_bs"], len(queries))})
     with fast_factor_kernels(task.num_choices) if c.get("fast") else nullcontext():
-        for stage, fn in stages.items():
-            torch.manual_seed(0)  # the sampled (true-Fisher) labels: the same draws in every configuration
-            result[stage] = timed(fn, args.profile)
-            logger.info("%s %s (%d rows): %.1f s, peak %.1f GiB", name, stage, len(train), result[stage]["seconds"],
-                        result[stage]["peak_gib"])
+        result.update(time_stages(name, stages, len(train), args.profile))
     for stage, sizes in fitted.items():
         result[stage]["fitted_in_memory"] = sizes
     result["num_train"] = len(train)
     if c["scoring"] == "fused":
-        # a pass over the training rows = fixed + per_query × queries, fitted on the quarter pass and the mean full pass
-        q_small, q_big = small_timings["queries_per_pass"], len(queries) / fused_timings["passes"]
-        t_small, t_big = small_timings["train_seconds"], fused_timings["train_seconds"] / fused_timings["passes"]
-        per_query = max(0.0, (t_big - t_small) / (q_big - q_small)) if q_big > q_small else 0.0
-        result["fused"] = {**{k: round(v, 2) if isinstance(v, float) else v for k, v in fused_timings.items()},
-                           "pass_fixed_s": round(t_big - per_query * q_big, 3), "pass_per_query_s": round(per_query, 6)}
+        result["fused"] = fused_pass_costs(fused_timings, small_timings, len(queries))
         scores = holder["scores"]
     else:
-        query_bs = fitted["scores"]["query_batch_size"]  # at full scale as here, unless this subset has fewer queries
-        query_bs = c["query_bs"] if query_bs == min(c["query_bs"], len(queries)) else query_bs
-        per_pass = query_bs * (QUERY_GRADIENT_ACCUMULATION if c["rank"] > 0 else 1)
-        result["kronfluence_passes"] = {"queries_per_pass": per_pass, "full_scale_passes": math.ceil(
-            REFERENCE_NUM_QUERIES / per_pass), "pass_s": round(result["scores"]["seconds"] / math.ceil(
-                len(queries) / per_pass), 3)}
+        result["kronfluence_passes"] = kronfluence_pass_costs(c, fitted["scores"]["query_batch_size"], len(queries),
+                                                              result["scores"]["seconds"])
         scores = analyzer.load_pairwise_scores("s")[SCORES_KEY].float().cpu()
     return result, scores  # rows and columns in dataset order
+
+
+def time_stages(name: str, stages: dict, num_train: int, profile: bool) -> dict:
+    """stage -> its `timed` result, run in order."""
+    result = {}
+    for stage, fn in stages.items():
+        torch.manual_seed(0)  # the sampled (true-Fisher) labels: the same draws in every configuration
+        result[stage] = timed(fn, profile)
+        logger.info("%s %s (%d rows): %.1f s, peak %.1f GiB", name, stage, num_train, result[stage]["seconds"],
+                    result[stage]["peak_gib"])
+    return result
+
+
+def fused_pass_costs(timings: dict, quarter: dict, num_queries: int) -> dict:
+    """The fused path's timings, and a pass over the training rows as fixed + per_query × queries: the line through
+    the quarter pass (`quarter`'s timings) and the mean full pass."""
+    q_small, q_big = quarter["queries_per_pass"], num_queries / timings["passes"]
+    t_small, t_big = quarter["train_seconds"], timings["train_seconds"] / timings["passes"]
+    per_query = max(0.0, (t_big - t_small) / (q_big - q_small)) if q_big > q_small else 0.0
+    return {**{k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()},
+            "pass_fixed_s": round(t_big - per_query * q_big, 3), "pass_per_query_s": round(per_query, 6)}
+
+
+def kronfluence_pass_costs(settings: dict, query_bs: int, num_queries: int, seconds: float) -> dict:
+    """kronfluence's queries per pass over the training rows, its passes at full scale and its seconds per pass,
+    from the query batch that fitted in memory and the scores stage's time."""
+    if query_bs == min(settings["query_bs"], num_queries):  # at full scale as here, unless this subset has fewer queries
+        query_bs = settings["query_bs"]
+    per_pass = query_bs * (QUERY_GRADIENT_ACCUMULATION if settings["rank"] > 0 else 1)
+    return {"queries_per_pass": per_pass, "full_scale_passes": math.ceil(REFERENCE_NUM_QUERIES / per_pass),
+            "pass_s": round(seconds / math.ceil(num_queries / per_pass), 3)}
 
 
 def along_rows(seconds: float, rows: int, small: Optional[float] = None, small_rows: Optional[int] = None) -> float:
@@ -395,6 +414,68 @@ def random_roberta(tokenizer, **size):
                                                                 **size))
 
 
+def describe_run(args, argv, tokenizer, raw_train) -> dict:
+    """The results file's head: the software, the GPU, the subset and its token lengths, the command."""
+    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
+           "gpu_memory_free_gib_at_start": round(torch.cuda.mem_get_info()[0] / 2**30, 2)
+           if torch.cuda.is_available() else None,
+           "subset": {"num_train": args.num_train, "num_queries": args.num_queries},
+           "full_scale": {"num_train": REFERENCE_NUM_TRAIN, "num_queries": REFERENCE_NUM_QUERIES},
+           "command": "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out["subset"].update(token_lengths(tokenize(raw_train, tokenizer)))
+    return out
+
+
+def time_training_variants(model, tokenizer, raw_all_train, args, out: dict, rank: int):
+    """Times each of --train_variants on --train_steps batches into out["training"] (written after each one by rank
+    0) and the fastest 50%-SWAG retraining run into out["retrain_50pct_swag_s"]; returns the first variant's
+    trained weights."""
+    rows = tokenize(raw_all_train.select(range(min(len(raw_all_train), RECIPE_BATCH * args.train_steps))), tokenizer)
+    out["training"] = {}
+    for i, variant in enumerate(args.train_variants):
+        out["training"][variant], trained = time_training(model, tokenizer, rows, variant, args.profile)
+        logger.info("training %s: %s", variant, out["training"][variant])
+        if i == 0:
+            model = trained  # the configurations score these (no longer random) weights
+        if rank == 0:
+            write_json(args.output, out)
+    out["retrain_50pct_swag_s"] = min(v["retrain_50pct_swag_seconds"] for v in out["training"].values())
+    return model
+
+
+def run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args) -> tuple:
+    """`run_config` on the subset (and first on --fit_rows rows, when given), with the extrapolation to full scale."""
+    small = None
+    if args.fit_rows:
+        small = run_config(name, model, tokenizer, raw_train.select(range(args.fit_rows)), raw_queries,
+                           raw_queries_fast, args)[0]
+        free_memory()
+    result, scores = run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args)
+    free_memory()
+    if small:
+        result["fit_subset"] = small
+    result["full_scale"] = full_scale(result, small)
+    result["full_scale_seconds"] = result["full_scale"]["seconds"]
+    return result, scores
+
+
+def compare_configs(out: dict, results: dict, scores: dict, num_queries: int) -> None:
+    """Adds each configuration's agreement with reference_fp32's scores, the full-scale times and the speed-ups."""
+    if "reference_fp32" in scores:
+        for name in scores:
+            results[name]["vs_reference_fp32"] = per_query_correlations(scores[name][:num_queries],
+                                                                        scores["reference_fp32"])
+    for name in results:
+        out[f"{name}_full_scale_s"] = results[name]["full_scale_seconds"]
+    if "reference_bf16" in results:
+        out["speedup_vs_reference_bf16"] = {name: round(out["reference_bf16_full_scale_s"] / r["full_scale_seconds"], 2)
+                                            for name, r in results.items()}
+    if "fast" in results and "vs_reference_fp32" in results["fast"]:
+        out["mean_query_pearson_vs_fp32"] = results["fast"]["vs_reference_fp32"]["pearson"]
+        out["mean_query_spearman_vs_fp32"] = results["fast"]["vs_reference_fp32"]["spearman"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -408,29 +489,13 @@ def main(argv=None):
     size = {} if args.architecture == "roberta-base" else dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                                 intermediate_size=64)
     model = random_roberta(tokenizer, **size).eval()
-    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
-           "gpu_memory_free_gib_at_start": round(torch.cuda.mem_get_info()[0] / 2**30, 2)
-           if torch.cuda.is_available() else None,
-           "subset": {"num_train": args.num_train, "num_queries": args.num_queries},
-           "full_scale": {"num_train": REFERENCE_NUM_TRAIN, "num_queries": REFERENCE_NUM_QUERIES},
-           "command": "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out["subset"].update(token_lengths(tokenize(raw_train, tokenizer)))
+    out = describe_run(args, argv, tokenizer, raw_train)
     rank, world, _ = process_rank()
     if world > 1:
         torch.distributed.init_process_group("gloo")  # barrier and gather only; each process trains alone
         out["processes"] = world
     if args.train_steps:
-        rows = tokenize(raw["train"].select(range(min(len(raw["train"]), RECIPE_BATCH * args.train_steps))), tokenizer)
-        out["training"] = {}
-        for i, variant in enumerate(args.train_variants):
-            out["training"][variant], trained = time_training(model, tokenizer, rows, variant, args.profile)
-            logger.info("training %s: %s", variant, out["training"][variant])
-            if i == 0:
-                model = trained  # the configurations score these (no longer random) weights
-            if rank == 0:
-                write_json(args.output, out)
-        out["retrain_50pct_swag_s"] = min(v["retrain_50pct_swag_seconds"] for v in out["training"].values())
+        model = time_training_variants(model, tokenizer, raw["train"], args, out, rank)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank > 0:
@@ -438,30 +503,10 @@ def main(argv=None):
     results, scores = {}, {}
     out["configs"] = results
     for name in args.configs:
-        small = None
-        if args.fit_rows:
-            small = run_config(name, model, tokenizer, raw_train.select(range(args.fit_rows)), raw_queries,
-                               raw_queries_fast, args)[0]
-            free_memory()
-        results[name], scores[name] = run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args)
-        free_memory()
-        if small:
-            results[name]["fit_subset"] = small
-        results[name]["full_scale"] = full_scale(results[name], small)
-        results[name]["full_scale_seconds"] = results[name]["full_scale"]["seconds"]
+        results[name], scores[name] = run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries,
+                                                               raw_queries_fast, args)
         write_json(args.output, out)  # an interrupted benchmark keeps what it measured
-    if "reference_fp32" in scores:
-        for name in scores:
-            results[name]["vs_reference_fp32"] = per_query_correlations(scores[name][: args.num_queries],
-                                                                        scores["reference_fp32"])
-    for name in results:
-        out[f"{name}_full_scale_s"] = results[name]["full_scale_seconds"]
-    if "reference_bf16" in results:
-        out["speedup_vs_reference_bf16"] = {name: round(out["reference_bf16_full_scale_s"] / r["full_scale_seconds"], 2)
-                                            for name, r in results.items()}
-    if "fast" in results and "vs_reference_fp32" in results["fast"]:
-        out["mean_query_pearson_vs_fp32"] = results["fast"]["vs_reference_fp32"]["pearson"]
-        out["mean_query_spearman_vs_fp32"] = results["fast"]["vs_reference_fp32"]["spearman"]
+    compare_configs(out, results, scores, args.num_queries)
     write_json(args.output, out)
     logger.info("results in %s", args.output)
     print(json.dumps({k: v for k, v in out.items() if k not in ("configs", "training")}, indent=1))

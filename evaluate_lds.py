@@ -4,7 +4,6 @@
     python evaluate_lds.py --scores scores/swag/scores_ekfac_n73536_q2000/pairwise_scores.safetensors \\
         --kronfluence_masks files/masks.pt --kronfluence_margins files/margins.pt   # kronfluence's ground truth
     python evaluate_lds.py --lds_dir lds/demo        # the ground truth alone: its noise ceiling (>= 2 repeats)
-    python evaluate_lds.py --self_scores scores/noisy/scores_self_ekfac_nall scores/noisy/scores_self_identity_nall
 
 LDS = mean over queries of Spearman(masks @ scores[q], margins[:, q]): how well the summed scores
 of each random training subset rank the query margins of the models retrained on those subsets.
@@ -16,11 +15,6 @@ are listed and left out of the mean.
 Writes `lds.json` (the LDS, a 95% bootstrap interval over queries, per-query values), a histogram
 of per-query LDS and a predicted-vs-actual scatter for the median query, next to the scores unless
 --output_dir is given, and prints the top influential training examples of --query_index.
-
-`--self_scores` instead measures label-error detection on a model trained with `train.py --label_noise`:
-rows ranked by self-influence (each directory given) and by training loss, against the rows whose label was
-moved: AUC (the chance that a moved row ranks above an intact one) and recall in the top 1%, 5% and 10%
-of the ranking, written to `detection.json` with each method's top-flagged rows (as many as were moved).
 """
 
 import argparse
@@ -33,7 +27,6 @@ import torch
 
 from formats import (
     CEILING_FILE,
-    DETECTION_FILE,
     HISTOGRAM_FILE,
     REMOVAL_FILE,
     REMOVAL_FULL_FILE,
@@ -41,15 +34,12 @@ from formats import (
     RESULTS_FILE,
     SCATTER_FILE,
     load_scores,
-    load_self_scores,
     read_run,
     removal_scores_id,
     scores_directory,
 )
 from influence import print_top_examples
 from metrics import (
-    RECALL_FRACTIONS,
-    detection_quality,
     lds_per_query,
     median_query,
     noise_ceiling,
@@ -79,9 +69,6 @@ def parse_args(argv=None):
     parser.add_argument("--lds_dir", type=Path, default=None, help="Run files written by retrain.py --lds_num_masks.")
     parser.add_argument("--removal_dir", type=Path, default=None,
                         help="Instead of the LDS: the removal test's runs (retrain.py --removal_scores) for --scores.")
-    parser.add_argument("--self_scores", type=Path, nargs="+", default=None, metavar="SELF_SCORES_DIR",
-                        help="Instead of the LDS: label-error detection by these analyze.py --self_influence "
-                             "outputs (one model, trained with --label_noise), and by training loss.")
     parser.add_argument("--kronfluence_masks", type=Path, default=None,
                         help="kronfluence's masks.pt (num_masks × num_train) instead of --lds_dir.")
     parser.add_argument("--kronfluence_margins", type=Path, default=None,
@@ -108,10 +95,6 @@ def parse_args(argv=None):
     if args.num_repeats is not None and (args.scores is None or args.lds_dir is None):
         parser.error("--num_repeats picks the target of an LDS against --lds_dir runs; give --scores and --lds_dir "
                      "(--lds_dir alone prints the ceiling for every number of repeats)")
-    if args.self_scores:
-        if args.scores or args.lds_dir or args.kronfluence_masks or args.removal_dir or args.cost_plot:
-            parser.error("--self_scores replaces the evaluation of pairwise scores; drop the other inputs")
-        return args
     if args.cost_plot:
         if args.scores or args.lds_dir or args.kronfluence_masks:
             parser.error("--cost_plot replaces the evaluation; drop --scores/--lds_dir/--kronfluence_*")
@@ -333,8 +316,6 @@ def main(argv=None):
     setup_logging(args.verbose)
     if args.cost_plot:
         return plot_cost(args.cost_plot)
-    if args.self_scores:
-        return evaluate_detection(args)
     if args.scores is None:
         return evaluate_ground_truth(args)
     scores, meta = load_scores(args.scores)
@@ -447,34 +428,6 @@ def evaluate_removal(args) -> dict:
           f"difference {paired['difference']:+.4f}, paired 95% CI [{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}]) "
           f"and flips {effect['flipped_top']:.0%} of {effect['num_queries']} predictions (random: "
           f"{effect['flipped_random']:.0%}); results in {out_dir / REMOVAL_RESULTS_FILE}")
-    return results
-
-
-def evaluate_detection(args) -> dict:
-
-    loaded = [(d, *load_self_scores(d)) for d in args.self_scores]
-    first, _, fit, meta = loaded[0]
-    corrupted = meta.get("label_noise_rows") or []
-    if not corrupted:
-        raise UserError(f"{first} is from a model trained without label noise, so there are no known wrong labels "
-                        f"to find; train with train.py --label_noise 0.05 and analyse that checkpoint")
-    methods = {}
-    for d, scores, _, other in loaded:
-        if other.get("data_fingerprint", {}).get("train") != meta["data_fingerprint"]["train"] or \
-                other.get("checkpoint") != meta.get("checkpoint"):
-            raise UserError(f"{d} scores another model or other training rows than {first}; give one model's outputs")
-        methods[other["scores_name"]] = detection_quality(scores.numpy(), corrupted)
-    methods["training_loss"] = detection_quality(fit["loss"].numpy(), corrupted)
-    out_dir = args.output_dir or first
-    results = {"checkpoint": meta.get("checkpoint"), "num_train": len(fit["loss"]), "num_corrupted": len(corrupted),
-               "corrupted_rows": corrupted, "self_scores": [str(d) for d in args.self_scores], "methods": methods}
-    write_json(out_dir / DETECTION_FILE, results)
-    recalls = "".join(f"{f'recall@{f:.0%}':>12}" for f in RECALL_FRACTIONS)
-    print(f"finding the {len(corrupted)} moved labels among {len(fit['loss'])} training rows "
-          f"(chance: AUC 0.5, recall = the fraction ranked)\n{'method':<44}{'AUC':>7}{recalls}")
-    for name, q in methods.items():
-        print(f"{name:<44}{q['auc']:7.3f}" + "".join(f"{v:12.3f}" for v in q["recall_at"].values()))
-    print(f"results in {out_dir / DETECTION_FILE}")
     return results
 
 

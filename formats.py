@@ -53,7 +53,7 @@ QUERY_FIT_FILE = "query_fit.safetensors"  # the same per query, beside pairwise 
 RUN_FILE = "run_m{mask:04d}_r{repeat:02d}.safetensors"
 REMOVAL_FULL_FILE = "removal_full.safetensors"  # the control: the same recipe and seed on every row
 REMOVAL_FILE = "removal_q{query:04d}_{condition}.safetensors"  # condition: random, or top_<scores id>
-# evaluations (evaluate_lds.py) and reports (report.py), beside the scores by default
+# evaluations (evaluate_lds.py, detect.py) and reports (report.py), beside the scores by default
 RESULTS_FILE = "lds.json"
 REMOVAL_RESULTS_FILE = "removal.json"
 DETECTION_FILE = "detection.json"
@@ -105,7 +105,7 @@ def load_scores(path: Path):
     """Scores (queries × train, float32) and the metadata analyze.py wrote beside them (None if absent)."""
     file = scores_file(path)
     if not file.is_file():
-        hint = (" (it holds self-influence scores: pass it to --self_scores)"
+        hint = (" (it holds self-influence scores: pass it to --self_scores of detect.py or report.py)"
                 if (file.parent / SELF_SCORES_FILE).is_file() else "")
         raise UserError(f"no scores at {path}{hint}; run analyze.py first, or pass the scores directory it printed")
     meta_file = file.parent / METADATA_FILE

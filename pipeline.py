@@ -109,9 +109,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="Seed picking the rows --label_noise changes and their new labels (default 0).")
     group.add_argument("--exclude_rows", default=None, metavar="JSON_FILE",
                        help="Leave these training rows out: a JSON list of row indices (after --label_noise; e.g. a "
-                            "method's 'flagged' rows in evaluate_lds.py --self_scores' detection.json). Recorded in "
-                            "the checkpoint, so the later scripts use the rows the model was trained on; rows are "
-                            "then numbered among those kept.")
+                            "method's 'flagged' rows in detect.py's detection.json). Recorded in the checkpoint, so "
+                            "the later scripts use the rows the model was trained on; rows are then numbered among "
+                            "those kept.")
 
 
 DATA_ARG_NAMES = ["dataset", "train_file", "validation_file", "max_train_samples", "num_queries",

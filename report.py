@@ -115,13 +115,7 @@ def build_context(args) -> dict:
     scores, meta = load_scores(args.scores)
     scores_dir = scores_directory(args.scores)
     train, queries, corrupted = load_rows(meta, scores_dir)
-    lds_file = args.lds or scores_dir / RESULTS_FILE
-    if args.lds is not None and not args.lds.is_file():
-        raise UserError(f"--lds {args.lds} does not exist; run evaluate_lds.py first or drop --lds")
-    lds = read_json(lds_file, "LDS results") if lds_file.is_file() else None
-    if lds is not None and len(lds["per_query"]) != scores.shape[0]:
-        raise UserError(f"{lds_file} holds {len(lds['per_query'])} queries, the scores {scores.shape[0]}; "
-                        f"pass the --lds of these scores")
+    lds_file, lds = load_lds(args.lds, scores_dir, scores.shape[0])
     fit_file = scores_dir / QUERY_FIT_FILE
     fit = load_file(str(fit_file)) if fit_file.is_file() else None
     per_query_lds = lds["per_query"] if lds else None
@@ -131,50 +125,74 @@ def build_context(args) -> dict:
     def example(i: int, score: float) -> dict:
         return {"index": i, "score": score, "moved": i in moved, **training_text(train[i])}
 
-    query_views = []
     k = min(args.top_k, scores.shape[1])
-    for q in chosen:
-        row = scores[q]
-        top, bottom = torch.topk(row, k), torch.topk(-row, k)
-        query = queries[q]
-        query_views.append({
-            "index": q, "context": query[CONTEXT_COLUMN], "header": query[HEADER_COLUMN],
-            "endings": [query[c] for c in ENDING_COLUMNS], "label": int(query[LABEL_COLUMN]),
-            "choice": int(fit["prediction"][q]) if fit is not None else None,
-            "margin_loss": float(fit["loss"][q]) if fit is not None else None,
-            "lds": per_query_lds[q] if per_query_lds else None,
-            "proponents": [example(i, v) for v, i in zip(top.values.tolist(), top.indices.tolist())],
-            "opponents": [example(i, -v) for v, i in zip(bottom.values.tolist(), bottom.indices.tolist())]})
+    query_views = [query_view(q, scores[q], queries[q], fit, per_query_lds, k, example) for q in chosen]
+    suspicious = None if args.self_scores is None else suspicious_rows(args, meta, scores_dir, train, example)
+    return {"summary": scores_summary(meta, scores_dir, scores.shape, corrupted),
+            "evaluation": lds_view(lds, lds_file), "queries": query_views, "suspicious": suspicious,
+            "page_size": args.page_size, "top_k": k, "choices": "ABCD",
+            "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
 
-    suspicious = None
-    if args.self_scores is not None:
-        self_scores, self_fit, self_meta = load_self_scores(args.self_scores)
-        if self_meta["data_fingerprint"]["train"] != meta["data_fingerprint"]["train"]:
-            raise UserError(f"{args.self_scores} scores other training rows than {scores_dir}; pass self-influence "
-                            f"scores of the same data")
-        order = torch.argsort(self_scores, descending=True)[:args.num_suspicious].tolist()
-        suspicious = {"strategy": self_meta["factor_strategy"], "rows": [{
-            **example(i, float(self_scores[i])), "loss": float(self_fit["loss"][i]),
-            "preferred": int(self_fit["prediction"][i]),
-            "preferred_ending": f"{train[i][HEADER_COLUMN]} {train[i][ENDING_COLUMNS[int(self_fit['prediction'][i])]]}"}
-            for i in order]}
 
-    summary = {
+def load_lds(lds_arg, scores_dir: Path, num_queries: int) -> tuple:
+    """The LDS results file (--lds, or the one beside the scores) and its contents, None when there is none."""
+    lds_file = lds_arg or scores_dir / RESULTS_FILE
+    if lds_arg is not None and not lds_arg.is_file():
+        raise UserError(f"--lds {lds_arg} does not exist; run evaluate_lds.py first or drop --lds")
+    lds = read_json(lds_file, "LDS results") if lds_file.is_file() else None
+    if lds is not None and len(lds["per_query"]) != num_queries:
+        raise UserError(f"{lds_file} holds {len(lds['per_query'])} queries, the scores {num_queries}; "
+                        f"pass the --lds of these scores")
+    return lds_file, lds
+
+
+def query_view(q: int, row, query: dict, fit, per_query_lds, k: int, example) -> dict:
+    """Query q's text, the model's choice, its LDS and its k strongest proponents and opponents (`row`: its scores)."""
+    top, bottom = torch.topk(row, k), torch.topk(-row, k)
+    return {
+        "index": q, "context": query[CONTEXT_COLUMN], "header": query[HEADER_COLUMN],
+        "endings": [query[c] for c in ENDING_COLUMNS], "label": int(query[LABEL_COLUMN]),
+        "choice": int(fit["prediction"][q]) if fit is not None else None,
+        "margin_loss": float(fit["loss"][q]) if fit is not None else None,
+        "lds": per_query_lds[q] if per_query_lds else None,
+        "proponents": [example(i, v) for v, i in zip(top.values.tolist(), top.indices.tolist())],
+        "opponents": [example(i, -v) for v, i in zip(bottom.values.tolist(), bottom.indices.tolist())]}
+
+
+def suspicious_rows(args, meta: dict, scores_dir: Path, train, example) -> dict:
+    """The --num_suspicious training rows with the largest self-influence (--self_scores), with the model's choice."""
+    self_scores, self_fit, self_meta = load_self_scores(args.self_scores)
+    if self_meta["data_fingerprint"]["train"] != meta["data_fingerprint"]["train"]:
+        raise UserError(f"{args.self_scores} scores other training rows than {scores_dir}; pass self-influence "
+                        f"scores of the same data")
+    order = torch.argsort(self_scores, descending=True)[:args.num_suspicious].tolist()
+    return {"strategy": self_meta["factor_strategy"], "rows": [{
+        **example(i, float(self_scores[i])), "loss": float(self_fit["loss"][i]),
+        "preferred": int(self_fit["prediction"][i]),
+        "preferred_ending": f"{train[i][HEADER_COLUMN]} {train[i][ENDING_COLUMNS[int(self_fit['prediction'][i])]]}"}
+        for i in order]}
+
+
+def scores_summary(meta: dict, scores_dir: Path, shape, corrupted: list) -> dict:
+    """What the scores are: their model, data, method and size (`shape`: queries × train)."""
+    return {
         "scores": str(scores_dir), "checkpoint": meta.get("checkpoint"), "model": (meta.get("recipe") or {}).get("model"),
         "data": {k: v for k, v in meta["data"].items() if v not in (None, False, 0, 0.0)},
         "strategy": meta.get("factor_strategy", "ensemble" if meta.get("members") else None),
         "scoring": meta.get("scoring"), "half_precision": meta.get("use_half_precision"),
         "damping": meta.get("damping_factor"), "members": len(meta.get("members") or []) or None,
-        "num_train": scores.shape[1], "num_queries": scores.shape[0], "label_noise_rows": len(corrupted)}
-    evaluation = None
-    if lds is not None:
-        plots = lds_file.parent
-        evaluation = {key: lds.get(key) for key in ("lds", "ci95", "num_queries", "num_masks", "repeats")}
-        evaluation["noise_ceiling"] = (lds.get("noise_ceiling") or {}).get("ceiling")
-        evaluation["histogram"], evaluation["scatter"] = image_uri(plots / HISTOGRAM_FILE), image_uri(plots / SCATTER_FILE)
-    return {"summary": summary, "evaluation": evaluation, "queries": query_views, "suspicious": suspicious,
-            "page_size": args.page_size, "top_k": k, "choices": "ABCD",
-            "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+        "num_train": shape[1], "num_queries": shape[0], "label_noise_rows": len(corrupted)}
+
+
+def lds_view(lds, lds_file: Path):
+    """The LDS, its interval and noise ceiling, and its plots inlined; None without LDS results."""
+    if lds is None:
+        return None
+    plots = lds_file.parent
+    evaluation = {key: lds.get(key) for key in ("lds", "ci95", "num_queries", "num_masks", "repeats")}
+    evaluation["noise_ceiling"] = (lds.get("noise_ceiling") or {}).get("ceiling")
+    evaluation["histogram"], evaluation["scatter"] = image_uri(plots / HISTOGRAM_FILE), image_uri(plots / SCATTER_FILE)
+    return evaluation
 
 
 TEMPLATE = """<!DOCTYPE html>

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Finding wrong labels on the MiniLM setup (one GPU): MiniLM fine-tuned on the first 4,000 anetcap rows with 5% of
 # the labels moved (train.py --label_noise 0.05), self-influence by EKFAC (kronfluence fp32 and the fast path) and
-# identity, detection AUC and recall against the moved rows (evaluate_lds.py --self_scores, which adds the training
+# identity, detection AUC and recall against the moved rows (detect.py --self_scores, which adds the training
 # loss), then fine-tunes with seeds 1004-1006 without EKFAC's top-flagged rows, without as many random rows, without
 # the moved rows themselves, and on the clean labels; and the 10 rows EKFAC flags on the clean data
 # -> OUT_DIR/cleaning.json (+ the printed rows in OUT_DIR/suspicious_clean.txt).
@@ -21,7 +21,7 @@ analyze "${self[@]}" --factor_strategy identity > logs/self_identity.txt &
 python analyze.py --checkpoint_dir checkpoints/s1004 $FACTOR_BATCHES --self_influence --factor_strategy ekfac \
   > "$OUT/suspicious_clean.txt" 2>> logs/analyze.err &
 wait; echo "4 self-influence analyses at once: $(since "$t") s"
-python evaluate_lds.py --self_scores "$(cat logs/self_ekfac.txt)" "$(cat logs/self_fast.txt)" \
+python detect.py --self_scores "$(cat logs/self_ekfac.txt)" "$(cat logs/self_fast.txt)" \
   "$(cat logs/self_identity.txt)" --output_dir "$OUT" | tee logs/detection.txt
 python - "$OUT" <<'PY'
 import json, sys

@@ -1,15 +1,17 @@
 """Finding wrong labels: --label_noise, self-influence scores (analyze.py --self_influence), their detection quality
-(evaluate_lds.py --self_scores) and retraining without flagged rows (train.py --exclude_rows)."""
+(detect.py) and retraining without flagged rows (train.py --exclude_rows)."""
 
 import argparse
 import json
 import re
+from functools import partial
 
 import numpy as np
 import pytest
 from conftest import TINY
 
 import analyze
+import detect
 import evaluate_lds
 import formats
 import metrics
@@ -18,7 +20,7 @@ import train
 from demo import build_demo_tokenizer, make_demo_dataset
 from formats import TRAINING_ARGS_FILE
 from pipeline import DATA_ARG_NAMES, prepare_data, resolve_data_args
-from utils import UserError
+from utils import UserError, run_script
 
 
 def demo_data(**flags):
@@ -86,8 +88,8 @@ def test_self_influence_ranks_moved_labels_first(noisy, tmp_path, capsys):
     = 0.039, so 0.75 is over six s.d. above chance (the demo measures ~0.94: the threshold leaves room for other
     CPUs' rounding, which moves the scores but not the ranking this much)."""
     _, dirs = noisy
-    results = evaluate_lds.main(["--self_scores", str(dirs["ekfac"]), str(dirs["fused"]), str(dirs["identity"]),
-                                 "--output_dir", str(tmp_path)])
+    results = detect.main(["--self_scores", str(dirs["ekfac"]), str(dirs["fused"]), str(dirs["identity"]),
+                           "--output_dir", str(tmp_path)])
     methods = results["methods"]
     assert set(methods) == {"self_ekfac_nall", "self_ekfac_nall_fused", "self_identity_nall", "training_loss"}
     for name, quality in methods.items():
@@ -127,9 +129,21 @@ def test_detection_needs_known_wrong_labels(tiny_checkpoint, tmp_path):
     clean = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--self_influence", "--factor_strategy",
                           "identity", "--output_dir", str(tmp_path)])
     with pytest.raises(UserError, match="trained without label noise, so there are no known wrong labels"):
-        evaluate_lds.main(["--self_scores", str(clean)])
+        detect.main(["--self_scores", str(clean)])
     with pytest.raises(UserError, match=r"holds self-influence scores: pass it to --self_scores"):
         evaluate_lds.main(["--scores", str(clean), "--lds_dir", str(tmp_path)])
+
+
+def test_detect_refuses_a_directory_without_self_influence_in_one_line(tiny_checkpoint, tmp_path):
+    """Pairwise scores, or an empty directory, stop detect.py with one line naming the directory and the way out."""
+    pairwise = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity",
+                             "--output_dir", str(tmp_path / "scores")])
+    (tmp_path / "empty").mkdir()
+    for bad in (pairwise, tmp_path / "empty"):
+        with pytest.raises(SystemExit) as exc:  # as `python detect.py` ends (utils.run_script)
+            run_script(partial(detect.main, ["--self_scores", str(bad), "--output_dir", str(tmp_path / "out")]))
+        assert exc.value.code == f"error: {bad} holds no self-influence scores; make them with analyze.py --self_influence"
+    assert not list(tmp_path.rglob(formats.DETECTION_FILE))
 
 
 def test_exclude_rows_trains_without_them(tmp_path, caplog):

@@ -125,22 +125,30 @@ def run_finetune(args):
                          "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         model = model.to("cpu")
-        final_state = {k: v.clone() for k, v in model.state_dict().items()} if epoch_states else None
-        for epoch, state in enumerate(epoch_states, 1):  # the earlier epochs first: the final checkpoint ends the set
-            model.load_state_dict(state)
-            save_checkpoint(model, tokenizer, epoch_checkpoint_dir(Path(args.output_dir), epoch),
-                            {**training_args, "epoch": epoch},
-                            {**history[epoch - 1], "history": history[:epoch], "num_processes": world,
-                             "effective_batch_size": world * args.per_device_train_batch_size},
-                            overwrite=args.overwrite_output_dir)
-        if final_state is not None:
-            model.load_state_dict(final_state)
+        save_epoch_checkpoints(model, tokenizer, args, epoch_states, training_args, metrics)
         save_checkpoint(model, tokenizer, Path(args.output_dir), training_args, metrics,
                         overwrite=args.overwrite_output_dir)
         logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return history[-1]
+
+
+def save_epoch_checkpoints(model, tokenizer, args, epoch_states: list, training_args: dict, metrics: dict) -> None:
+    """--save_epochs: the weights after each earlier epoch as checkpoints of their own, written before the final
+    one (whose presence ends the set); `model` is left with its own (final) weights."""
+    if not epoch_states:
+        return
+    final_state = {k: v.clone() for k, v in model.state_dict().items()}
+    history = metrics["history"]
+    for epoch, state in enumerate(epoch_states, 1):
+        model.load_state_dict(state)
+        save_checkpoint(model, tokenizer, epoch_checkpoint_dir(Path(args.output_dir), epoch),
+                        {**training_args, "epoch": epoch},
+                        {**history[epoch - 1], "history": history[:epoch], "num_processes": metrics["num_processes"],
+                         "effective_batch_size": metrics["effective_batch_size"]},
+                        overwrite=args.overwrite_output_dir)
+    model.load_state_dict(final_state)
 
 
 def check_output_dir(args) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from utils import UserError, available_memory, out_of_memory_detail
+from utils import UserError, available_memory, out_of_memory_detail, retry_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -342,24 +342,20 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                         len(queries), len(train), plan.per_pass, rank, world)
             start, passes = 0, 0
             while start < len(queries):
-                rows = slice(start, min(start + plan.per_pass, len(queries)))
-                desc = f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
-                try:
-                    query_s, train_s = scorer.score_pass(queries.select(range(rows.start, rows.stop)), train,
-                                                         scores[rows], plan, train_batch_size, desc, disable_tqdm)
-                except Exception as exc:
-                    if not should_reduce_batch_size(exc):
-                        raise
-                    detail = out_of_memory_detail(exc, device)
-                else:
-                    seconds["query_seconds"] += query_s
-                    seconds["train_seconds"] += train_s
-                    start, passes = rows.stop, passes + 1
-                    continue
-                scorer.query_grads.clear()  # the failed pass is redone from scratch; the finished rows stay
-                scores[rows] = 0
-                clear_device_cache(garbage_collection=True)
-                plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
+                def one_pass(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
+                    rows = slice(start, min(start + plan.per_pass, len(queries)))
+                    desc = f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
+                    return rows, scorer.score_pass(queries.select(range(rows.start, rows.stop)), train, scores[rows],
+                                                   plan, train_batch_size, desc, disable_tqdm)
+
+                def shrink(detail, start=start):  # the failed pass is redone from scratch; the finished rows stay
+                    scorer.query_grads.clear()
+                    scores[start:] = 0
+                    plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
+                rows, (query_s, train_s) = retry_on_oom(one_pass, shrink, device)
+                seconds["query_seconds"] += query_s
+                seconds["train_seconds"] += train_s
+                start, passes = rows.stop, passes + 1
     finally:
         undo()
     if timings is not None:
@@ -384,7 +380,7 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
     order = longest_first(train_dataset)
     train = train_dataset.select(order)
     scores = torch.zeros(len(train), dtype=torch.float32, device=device)
-    plan = PassPlan(1, 1, min(train_batch_size, len(train)))
+    plan = PassPlan(1, 1, min(train_batch_size, len(train)))  # one row per pass: only micro-batches halve
     undo = _activation_grads_only(model)
     try:
         with scorer.hooks:
@@ -394,21 +390,17 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
                 if step % world != rank:  # ranks share whole training batches, as in the pairwise pass
                     continue
                 stop = min(start + train_batch_size, len(train))
-                while True:
-                    try:
-                        for micro in range(start, stop, plan.train_micro):
-                            end = min(micro + plan.train_micro, stop)
-                            scorer.hooks.block = scores[micro:end]
-                            scorer._backward(train.select(range(micro, end)), measurement=False)
-                        break
-                    except Exception as exc:
-                        if not should_reduce_batch_size(exc):
-                            raise
-                        detail = out_of_memory_detail(exc, device)
+
+                def one_batch(start=start, stop=stop):
+                    for micro in range(start, stop, plan.train_micro):
+                        end = min(micro + plan.train_micro, stop)
+                        scorer.hooks.block = scores[micro:end]
+                        scorer._backward(train.select(range(micro, end)), measurement=False)
+
+                def shrink(detail, start=start, stop=stop):  # the batch is redone with smaller micro-batches
                     scores[start:stop] = 0
-                    clear_device_cache(garbage_collection=True)
-                    plan.per_pass = 1
                     plan.shrink("fused self-influence", detail, "free memory on the GPU or lower --max_length")
+                retry_on_oom(one_batch, shrink, device)
     finally:
         undo()
     if world > 1:

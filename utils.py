@@ -319,33 +319,44 @@ def process_device(local_rank: Optional[int] = None) -> torch.device:
     return device
 
 
+def retry_on_oom(run, shrink, device: torch.device):
+    """run() until it fits in GPU memory, returning its result: after each out-of-memory error, shrink(detail)
+    makes the next attempt smaller (or raises a UserError when nothing is left to shrink), then the cache is
+    emptied. The one retry loop of the project: halving_on_oom and the fused pass's PassPlan use it."""
+    while True:
+        try:
+            return run()
+        except Exception as exc:  # the error's frames hold tensors: leave the except block before freeing them
+            if not should_reduce_batch_size(exc):
+                raise
+            detail = out_of_memory_detail(exc, device)
+        shrink(detail)
+        clear_device_cache(garbage_collection=True)
+
+
 def halving_on_oom(stage: str, run, sizes: dict, device: torch.device) -> dict:
     """run(**sizes) until it fits in memory: after each out-of-memory error the next of `sizes` (by turns) is
     halved and the stage reruns. Returns the sizes that fit. Not under torch.distributed, where the other ranks
     would wait in a collective: there the error names the flag to halve. kronfluence's own batch-size search
     is not used: it probes the first rows, which are the shortest in length order, and not under DDP."""
-    sizes, turn = dict(sizes), 0
-    while True:
-        try:
-            run(**sizes)
-            return sizes
-        except Exception as exc:  # the error's frames hold tensors: leave the except block before freeing them
-            if not should_reduce_batch_size(exc):
-                raise
-            detail = out_of_memory_detail(exc, device)
-        clear_device_cache(garbage_collection=True)
+    sizes, turns = dict(sizes), [0]
+
+    def halve(detail: str) -> None:
         names = [name for name in sizes if sizes[name] > 1]
         flags = ", ".join(f"--{name} {sizes[name]}" for name in sizes)
         if not names:
             raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); free memory on the GPU (other jobs, "
                             f"a larger --max_memory_gb) or lower --max_length")
-        name = names[turn % len(names)]
+        name = names[turns[0] % len(names)]
         if dist.is_initialized():
             raise UserError(f"{stage}: out of GPU memory at {flags} ({detail}); pass --{name} {sizes[name] // 2}")
         logger.warning("%s: out of GPU memory at %s (%s); retrying with --%s %d", stage, flags, detail, name,
                        sizes[name] // 2)
         sizes[name] //= 2
-        turn += 1
+        turns[0] += 1
+
+    retry_on_oom(lambda: run(**sizes), halve, device)
+    return sizes
 
 
 def configure_attention(cudnn: bool = False, mask_check: bool = False) -> None:

@@ -62,6 +62,7 @@ from formats import (
     save_scores,
 )
 from influence import (
+    BACKENDS,
     FACTOR_STAGES,
     AnalysisConfig,
     ScoringJob,
@@ -154,10 +155,12 @@ def parse_args(argv=None):
         parser.error("--max_memory_gb caps GPU memory, and this machine has no GPU; drop it")
     if args.self_influence and args.query_gradient_rank > 0:
         parser.error("--self_influence uses full-rank gradients; drop --query_gradient_rank")
-    if args.scoring == "fused" and args.query_gradient_rank > 0:
-        parser.error("--scoring fused uses full-rank query gradients; drop --query_gradient_rank")
-    if args.use_ddp and not torch.cuda.is_available() and args.scoring != "fused":
-        raise UserError("kronfluence's DDP needs CUDA; on CPU use --use_ddp with --scoring fused (gloo)")
+    backend = BACKENDS[args.scoring]
+    if args.query_gradient_rank > 0 and not backend.low_rank_queries:
+        parser.error(f"--scoring {args.scoring} uses full-rank query gradients; drop --query_gradient_rank")
+    if args.use_ddp and not torch.cuda.is_available() and not backend.cpu_processes:
+        raise UserError(f"--scoring {args.scoring} under torchrun needs CUDA; on CPU use --use_ddp with "
+                        f"--scoring fused (gloo)")
     return args
 
 

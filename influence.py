@@ -277,6 +277,8 @@ class KronfluenceBackend:
     """kronfluence's own score loops (the reference); kronfluence writes the scores files itself."""
 
     writes_scores = False
+    low_rank_queries = True  # --query_gradient_rank
+    cpu_processes = False  # torchrun on CPU (gloo): kronfluence's DDP needs CUDA
 
     def pairwise(self, job: ScoringJob) -> tuple:
         def scores(train_batch_size, query_batch_size):
@@ -306,6 +308,8 @@ class FusedBackend:
     (fused_scores.py); the pass plans its own micro-batches from the memory available."""
 
     writes_scores = True
+    low_rank_queries = False
+    cpu_processes = True
 
     def pairwise(self, job: ScoringJob) -> tuple:
         torch.manual_seed(stage_seed(job.config.seed, "scores", job.rank))

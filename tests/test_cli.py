@@ -163,6 +163,14 @@ def test_use_ddp_outside_torchrun(monkeypatch):
         analyze.parse_args(["--use_ddp"])
 
 
+def test_a_backend_that_needs_cuda_under_torchrun_is_refused_on_cpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserError, match="--scoring kronfluence under torchrun needs CUDA; on CPU use --use_ddp with "
+                                        "--scoring fused"):
+        analyze.parse_args(["--use_ddp"])
+    assert analyze.parse_args(["--use_ddp", "--scoring", "fused"]).scoring == "fused"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["cudagraphs"]], ids=["dynamic", "cudagraphs"])
 def test_torch_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, mode):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -438,6 +439,9 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             torch.manual_seed(stage_seed(config.seed, name, rank))
             stage(factor_batch_size)
         batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
+        started = time.perf_counter()
+        if analyzer.state.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(analyzer.state.device)
         try:
             sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
                                    analyzer.state.device)
@@ -451,9 +455,13 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
         completed.append(name)
         if rank == 0:
+            peak = (torch.cuda.max_memory_allocated(analyzer.state.device) / 2**30
+                    if analyzer.state.device.type == "cuda" else None)
             record(name, {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                           "factor_batch_size": batch_size if batched else None, "cpu_threads": torch.get_num_threads(),
-                          "device": str(analyzer.state.device), "versions": library_versions()})
+                          "device": str(analyzer.state.device), "versions": library_versions(),
+                          "seconds": round(time.perf_counter() - started, 2),  # with out-of-memory retries
+                          "peak_gpu_memory_gib": None if peak is None else round(peak, 2)})
     if single_fitter and rank == 0:
         dist.barrier()
     return fitted

@@ -163,6 +163,7 @@ def test_each_factor_stage_records_how_it_ran_and_scores_from_an_older_fit_are_r
         assert how["world_size"] == 1 and how["cpu_threads"] == torch.get_num_threads()
         assert set(how["versions"]) == {"torch", "transformers", "kronfluence"}
         assert (how["factor_batch_size"] is None) == (stage == "eigendecomposition")
+        assert how["seconds"] >= 0 and how["peak_gpu_memory_gib"] is None  # no GPU here
     assert json.loads((kron_dir / formats.METADATA_FILE).read_text())["factors_fit_id"] == fit["fit_id"]
     # another scores directory refits the shared factors with --overwrite: the first scores are now stale
     analyze.main([*common, "--scoring", "fused", "--overwrite"])

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import socket
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -51,6 +52,7 @@ from typing import Optional
 import numpy as np
 import torch
 import transformers
+from datasets import concatenate_datasets
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
 from transformers import (
@@ -61,7 +63,7 @@ from transformers import (
 )
 
 from fast_kernels import fast_factor_kernels
-from formats import SCORES_KEY
+from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores
 from influence import (
     QUERY_GRADIENT_ACCUMULATION,
@@ -83,10 +85,12 @@ from training import TrainingRecipe, train_model
 from utils import (
     ArgumentParser,
     UserError,
+    atomic_output,
     configure_attention,
     halving_on_oom,
     process_device,
     process_rank,
+    read_json,
     run_script,
     setup_logging,
     write_json,
@@ -151,13 +155,23 @@ def parse_args(argv=None):
                         help="roberta-base or a 2-layer model for smoke tests on CPU.")
     parser.add_argument("--profile", action="store_true",
                         help="Record each stage's and each training variant's top GPU operations and device-busy time.")
+    parser.add_argument("--direct", action="store_true",
+                        help="Also run analyze.py --fast itself, as a user does, on --direct_train training rows (the "
+                             "training file's rows repeated to reach them) × --direct_queries queries, scoring the "
+                             "benchmark's weights: wall clock to scores on disk, each stage's seconds and peak GPU "
+                             "memory. Killed, a rerun resumes the finished factor stages; the stage times are summed.")
+    parser.add_argument("--direct_train", type=int, default=REFERENCE_NUM_TRAIN,
+                        help="Training rows of the direct run (default: kronfluence's SWAG example).")
+    parser.add_argument("--direct_queries", type=int, default=REFERENCE_NUM_QUERIES,
+                        help="Queries of the direct run (default: kronfluence's SWAG example).")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark.json"), help="Results JSON.")
     parser.add_argument("--work_dir", type=Path, default=Path("scores/benchmark"), help="Factors and scores go here.")
     args = parser.parse_args(argv)
     if args.train_variants is None:
         args.train_variants = list(TRAIN_VARIANTS) if torch.cuda.is_available() else ["eager"]
-    if min(args.num_train, args.num_queries, args.num_fast_queries) <= 0:
-        parser.error("--num_train, --num_queries and --num_fast_queries must be positive")
+    if min(args.num_train, args.num_queries, args.num_fast_queries, args.direct_train, args.direct_queries) <= 0:
+        parser.error("--num_train, --num_queries, --num_fast_queries, --direct_train and --direct_queries must be "
+                     "positive")
     if args.fit_rows is not None and not 0 < args.fit_rows < args.num_train:
         parser.error(f"--fit_rows must be between 0 and --num_train ({args.num_train}), exclusive; got {args.fit_rows}")
     if process_rank()[1] > 1 and args.configs:
@@ -476,6 +490,45 @@ def compare_configs(out: dict, results: dict, scores: dict, num_queries: int) ->
         out["mean_query_spearman_vs_fp32"] = results["fast"]["vs_reference_fp32"]["spearman"]
 
 
+DIRECT_DIR = "direct"  # under --work_dir: the checkpoint, the training file and analyze.py's outputs
+
+
+def direct_run(model, tokenizer, raw, args) -> dict:
+    """analyze.py --fast in a process of its own, as a user runs it: the benchmark's weights saved as a checkpoint,
+    the training rows repeated to --direct_train. Returns the wall clock of this invocation and each stage's seconds
+    and peak GPU memory as analyze.py recorded them (a stage finished by an earlier, killed invocation keeps its
+    own time: `stages_seconds` sums them)."""
+    work = (args.work_dir / DIRECT_DIR).resolve()
+    checkpoint, train_file = work / "checkpoint", work / "train.csv"
+    if not (checkpoint / WEIGHTS_FILE).exists():
+        rows = raw["train"]
+        repeated = concatenate_datasets([rows] * math.ceil(args.direct_train / len(rows))).select(range(args.direct_train))
+        with atomic_output(train_file) as tmp:
+            repeated.to_csv(str(tmp), index=False)
+        with atomic_output(checkpoint) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / TRAINING_ARGS_FILE, {"data": {}, "recipe": None, "note": "benchmark.py --direct"})
+    command = [sys.executable, str(Path(__file__).with_name("analyze.py")), "--checkpoint_dir", str(checkpoint),
+               "--fast", "--train_file", str(train_file), "--validation_file", str(Path(args.validation_file).resolve()),
+               "--num_queries", str(args.direct_queries), "--allow_other_train_rows", "--output_dir", str(work / "scores")]
+    logger.info("direct run: %s", " ".join(command))
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - started
+    (factors_dir,), (scores_dir,) = (list((work / "scores" / checkpoint.name).glob(f"{kind}_*"))
+                                     for kind in ("factors", "scores"))
+    factors, scores = (read_json(d / METADATA_FILE, "analyze.py's record") for d in (factors_dir, scores_dir))
+    stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size")}
+              for name, how in factors["stages"].items()}
+    stages["scores"] = {"seconds": scores["seconds"]["scores"], "peak_gpu_memory_gib": scores["peak_gpu_memory_gib"],
+                        **scores["fitted_in_memory"]}
+    return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,
+            "wall_seconds": round(wall, 1), "stages": stages,
+            "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
+            "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -508,6 +561,9 @@ def main(argv=None):
         write_json(args.output, out)  # an interrupted benchmark keeps what it measured
     compare_configs(out, results, scores, args.num_queries)
     write_json(args.output, out)
+    if args.direct:
+        out["direct"] = direct_run(model, tokenizer, raw, args)
+        write_json(args.output, out)
     logger.info("results in %s", args.output)
     print(json.dumps({k: v for k, v in out.items() if k not in ("configs", "training")}, indent=1))
     return out

@@ -120,3 +120,26 @@ def test_benchmark_profiles_training(tmp_path, swag_files):
     profile = out["training"]["eager"]["profile"]
     assert profile["steps"] == 1 and profile["top_ops"] and profile["device_busy_seconds"] > 0
     assert 0 < sum(op["share"] for op in profile["top_ops"]) <= 1 + 1e-3  # shares of one total
+
+
+@pytest.mark.slow
+def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, swag_files):
+    """--direct runs analyze.py --fast in its own process on the training rows repeated to --direct_train, and
+    reports the stage times analyze.py recorded; a rerun reuses what the first run finished."""
+    tok = tmp_path / "tokenizer"
+    build_demo_tokenizer(make_demo_dataset()).save_pretrained(tok)
+    common = ["--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files,
+              "--num_train", "16", "--num_queries", "4", "--num_fast_queries", "8", "--train_steps", "0",
+              "--architecture", "tiny", "--configs", "--direct",
+              "--direct_train", "40", "--direct_queries", "6", "--work_dir", str(tmp_path / "w")]
+    first = benchmark.main([*common, "--output", str(tmp_path / "a.json")])["direct"]
+    assert (first["num_train"], first["num_queries"]) == (40, 6)
+    assert list(first["stages"]) == ["covariance", "eigendecomposition", "lambda", "scores"]
+    assert first["stages_seconds"] == pytest.approx(sum(s["seconds"] for s in first["stages"].values()), abs=0.1)
+    assert first["wall_seconds"] > first["stages_seconds"] > 0  # the wall clock includes start-up and tokenizing
+    import formats
+    scores, meta = formats.load_scores(next((tmp_path / "w" / "direct" / "scores" / "checkpoint").glob("scores_*")))
+    assert scores.shape == (6, 40) and meta["fast"] and meta["data_fingerprint"]["num_train"] == 40
+    again = benchmark.main([*common, "--output", str(tmp_path / "b.json")])["direct"]
+    assert again["stages"] == first["stages"]  # everything reused: the recorded times are the first run's
+    assert json.loads((tmp_path / "b.json").read_text())["direct"] == again

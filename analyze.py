@@ -4,6 +4,7 @@
     python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
     python analyze.py --checkpoint_dir checkpoints/swag --fast                  # the fast path
+    python analyze.py --checkpoint_dir checkpoints/swag --fast --dropout_ensemble 4   # 4 sub-networks, averaged
     python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
 
@@ -19,6 +20,9 @@ score means upweighting the training example raises the query's margin.
 class there. `--fast` is `--use_half_precision --fp32_accumulation --scoring
 fused` with kronfluence fitting the covariance and lambda factors through fast_kernels.fast_factor_kernels
 (the same sums in faster GPU kernels).
+
+`--dropout_ensemble K` averages the scores of K random sub-networks of the model (a fixed mask on the weights of
+every nn.Linear per member, `--dropout_rate` of them dropped); the factors are the plain model's, fitted once.
 
 `--combine` averages the scores of several models (e.g. fine-tuned with different `train.py --seed`)
 on the same data into `<output_dir>/ensembles/scores_<name>_ens<K><std|mean>_<id>/`: by default each
@@ -159,8 +163,9 @@ def parse_args(argv=None):
     if args.query_gradient_rank > 0 and not backend.low_rank_queries:
         parser.error(f"--scoring {args.scoring} uses full-rank query gradients; drop --query_gradient_rank")
     if args.use_ddp and not torch.cuda.is_available() and not backend.cpu_processes:
+        able = " or ".join(name for name, other in BACKENDS.items() if other.cpu_processes)
         raise UserError(f"--scoring {args.scoring} under torchrun needs CUDA; on CPU use --use_ddp with "
-                        f"--scoring fused (gloo)")
+                        f"--scoring {able} (gloo)")
     return args
 
 
@@ -363,7 +368,8 @@ def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings
             "shape": list(scores.shape), "factor_strategy": args.factor_strategy,
             "use_half_precision": args.use_half_precision, "query_gradient_rank": args.query_gradient_rank,
             "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
-            "dropout_ensemble": args.dropout_ensemble, "dropout_rate": args.dropout_rate if args.dropout_ensemble else None,
+            "dropout_ensemble": args.dropout_ensemble, **({"dropout_rate": args.dropout_rate,
+                                                           "dropout_seed": args.dropout_seed} if args.dropout_ensemble else {}),
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
                             "train": args.train_batch_size},
@@ -395,7 +401,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
                                         outputs.record_factors, args.factor_batch_size)
     factors_seconds = time.perf_counter() - started
-    factors_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0  # the fused plan resets it
+    # each stage records its own peak (and resets the counter); the fused plan resets it too
+    factors_peak = max([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+                        *(how["peak_gpu_memory_gib"] * 2**30 for how in outputs.fit["stages"].values()
+                          if how and how.get("peak_gpu_memory_gib") is not None)])
 
     # 2. the scores, by the chosen backend (or the complete ones of this fit)
     scores_dir = outputs.scores_dir

@@ -33,6 +33,14 @@ cost follows the line through both sizes, so that fixed costs are counted once; 
 --num_train. `--profile` records the ten most expensive GPU operations of each stage (torch.profiler) instead
 of timing alone, and for each training variant a third, profiled pass with the GPU's busy time (a step far
 longer than it is overhead-bound).
+
+`--direct` measures instead of extrapolating: it runs `analyze.py --fast` in a process of its own, as a user
+does, on the benchmark's weights and the training file's rows repeated to --direct_train (default 73,536) ×
+--direct_queries (default 2,000) queries, and records the wall clock and each stage's seconds and peak memory
+(analyze.py's own records). Killed, it resumes: a rerun reuses the finished factor stages and sums the times.
+
+    python benchmark.py --tokenizer_dir ../shared/tokenizers/roberta-base --train_file ... --validation_file ... \\
+        --configs --train_variants eager --train_steps 20 --direct --output results/benchmark_direct_h200.json
 """
 
 import copy
@@ -496,11 +504,18 @@ DIRECT_DIR = "direct"  # under --work_dir: the checkpoint, the training file and
 def direct_run(model, tokenizer, raw, args) -> dict:
     """analyze.py --fast in a process of its own, as a user runs it: the benchmark's weights saved as a checkpoint,
     the training rows repeated to --direct_train. Returns the wall clock of this invocation and each stage's seconds
-    and peak GPU memory as analyze.py recorded them (a stage finished by an earlier, killed invocation keeps its
-    own time: `stages_seconds` sums them)."""
+    and peak GPU memory as analyze.py recorded them; a stage finished by an earlier, killed invocation keeps its own
+    time (`stages_seconds` sums them; `reused_stages` names them)."""
     work = (args.work_dir / DIRECT_DIR).resolve()
     checkpoint, train_file = work / "checkpoint", work / "train.csv"
-    if not (checkpoint / WEIGHTS_FILE).exists():
+    manifest = {"direct_train": args.direct_train, "architecture": args.architecture, "train_steps": args.train_steps,
+                "tokenizer_dir": str(Path(args.tokenizer_dir).resolve()), "train_file": str(Path(args.train_file).resolve())}
+    if (checkpoint / WEIGHTS_FILE).exists():
+        saved = read_json(checkpoint / TRAINING_ARGS_FILE, "the direct run's checkpoint record").get("benchmark")
+        if saved != manifest:
+            raise UserError(f"{work} holds a direct run of other settings ({saved}); pass another --work_dir or "
+                            f"delete {work}")
+    else:
         rows = raw["train"]
         repeated = concatenate_datasets([rows] * math.ceil(args.direct_train / len(rows))).select(range(args.direct_train))
         with atomic_output(train_file) as tmp:
@@ -508,23 +523,28 @@ def direct_run(model, tokenizer, raw, args) -> dict:
         with atomic_output(checkpoint) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            write_json(tmp / TRAINING_ARGS_FILE, {"data": {}, "recipe": None, "note": "benchmark.py --direct"})
+            write_json(tmp / TRAINING_ARGS_FILE, {"data": {}, "recipe": None, "benchmark": manifest})
+    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused")
+    factors_dir = work / "scores" / checkpoint.name / f"factors_{config.factors_name(0)}"
+    scores_dir = work / "scores" / checkpoint.name / f"scores_{config.scores_name(0, args.direct_queries)}"
+    reused = (read_json(factors_dir / METADATA_FILE, "analyze.py's record").get("completed_stages", [])
+              if (factors_dir / METADATA_FILE).exists() else [])
     command = [sys.executable, str(Path(__file__).with_name("analyze.py")), "--checkpoint_dir", str(checkpoint),
                "--fast", "--train_file", str(train_file), "--validation_file", str(Path(args.validation_file).resolve()),
                "--num_queries", str(args.direct_queries), "--allow_other_train_rows", "--output_dir", str(work / "scores")]
     logger.info("direct run: %s", " ".join(command))
+    model.to("cpu")  # the GPU is the analysis's alone, as in a user's run
+    free_memory()
     started = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
-    (factors_dir,), (scores_dir,) = (list((work / "scores" / checkpoint.name).glob(f"{kind}_*"))
-                                     for kind in ("factors", "scores"))
     factors, scores = (read_json(d / METADATA_FILE, "analyze.py's record") for d in (factors_dir, scores_dir))
     stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size")}
               for name, how in factors["stages"].items()}
     stages["scores"] = {"seconds": scores["seconds"]["scores"], "peak_gpu_memory_gib": scores["peak_gpu_memory_gib"],
-                        **scores["fitted_in_memory"]}
+                        **{k: v for k, v in scores["fitted_in_memory"].items() if k != "factor_batch_size"}}
     return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,
-            "wall_seconds": round(wall, 1), "stages": stages,
+            "wall_seconds": round(wall, 1), "reused_stages": reused, "stages": stages,
             "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
 

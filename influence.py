@@ -50,6 +50,7 @@ STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
 
 FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's, in order; then the scores
 
+DROPOUT_RATE = 0.1  # --dropout_rate's default: the rate BERT-style models train with
 QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
 
 
@@ -83,15 +84,16 @@ def add_method_args(parser) -> None:
     group.add_argument("--use_empirical_fisher", action="store_true",
                        help="Fit the factors with the dataset labels instead of labels sampled from the model "
                             "(deterministic: used to compare runs, e.g. 1 GPU against several).")
-    group.add_argument("--seed", type=seed_value, default=0,
-                       help="Seed for the sampled (true-Fisher) labels and the --dropout_ensemble masks.")
+    group.add_argument("--seed", type=seed_value, default=0, help="Seed for the sampled (true-Fisher) labels.")
     group.add_argument("--dropout_ensemble", type=at_least(2), default=None, metavar="K",
                        help="Average the scores of K copies of the model, each with its own random mask on the weights "
                             "of every nn.Linear (a fixed sub-network: the same mask for the query and the training "
                             "gradients); the factors are fitted once, on the unmasked model.")
-    group.add_argument("--dropout_rate", type=float, default=0.1,
-                       help="With --dropout_ensemble: the share of weights each mask drops (kept weights are "
-                            "scaled by 1 / (1 - rate), as in dropout).")
+    group.add_argument("--dropout_rate", type=float, default=None,
+                       help="With --dropout_ensemble: the share of weights each mask drops (default 0.1; kept weights "
+                            "are scaled by 1 / (1 - rate), as in dropout).")
+    group.add_argument("--dropout_seed", type=seed_value, default=None,
+                       help="With --dropout_ensemble: the seed of the masks (default 0); other masks reuse the factors.")
 
 
 def resolve_method_args(parser, args) -> None:
@@ -106,6 +108,10 @@ def resolve_method_args(parser, args) -> None:
                      f"got {args.damping_factor}")
     if args.query_gradient_rank == 0 or args.query_gradient_rank < -1:
         parser.error("--query_gradient_rank must be -1 (full rank) or a positive rank")
+    if not args.dropout_ensemble and (args.dropout_rate is not None or args.dropout_seed is not None):
+        parser.error("--dropout_rate and --dropout_seed shape the masks of --dropout_ensemble K; add it, or drop them")
+    args.dropout_rate = DROPOUT_RATE if args.dropout_rate is None else args.dropout_rate
+    args.dropout_seed = args.dropout_seed or 0
     if not 0 < args.dropout_rate < 1:
         parser.error(f"argument --dropout_rate: must be between 0 and 1 (exclusive); got {args.dropout_rate}")
     if args.fp32_accumulation and not args.use_half_precision:
@@ -125,10 +131,11 @@ class AnalysisConfig:
     query_gradient_rank: int = -1  # -1: full rank
     lambda_max_examples: Optional[int] = None
     use_empirical_fisher: bool = False
-    seed: int = 0  # the sampled labels, the lambda rows and the dropout masks
+    seed: int = 0  # the sampled labels and the lambda rows
     self_influence: bool = False
     dropout_ensemble: Optional[int] = None  # members, each scored with its own weight mask
-    dropout_rate: float = 0.1
+    dropout_rate: float = DROPOUT_RATE
+    dropout_seed: int = 0
 
     @classmethod
     def from_args(cls, args) -> "AnalysisConfig":
@@ -153,7 +160,8 @@ class AnalysisConfig:
         if self.damping_factor != 1e-8:
             name += "_dampheur" if self.damping_factor < 0 else f"_damp{self.damping_factor:g}"
         if self.dropout_ensemble:
-            name += f"_drop{self.dropout_ensemble}x{self.dropout_rate:g}"
+            name += f"_drop{self.dropout_ensemble}x{self.dropout_rate!r}" + (f"s{self.dropout_seed}"
+                                                                            if self.dropout_seed else "")
         return name + ("" if self.scoring == "kronfluence" else f"_{self.scoring}")  # the reference has no suffix
 
     def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
@@ -371,7 +379,8 @@ def score(job: ScoringJob) -> tuple:
     total = None
     for member in range(members):
         logger.info("dropout ensemble: member %d of %d (rate %g)", member + 1, members, job.config.dropout_rate)
-        with masked_weights(job.model, dropout_masks(job.model, job.config.dropout_rate, job.config.seed, member)):
+        masks = dropout_masks(job.model, job.config.dropout_rate, job.config.dropout_seed, member)
+        with masked_weights(job.model, masks):
             scores, sizes = run(job)
         total = scores.double() if total is None else total.add_(scores.double())
     return (total / members).float(), sizes
@@ -436,12 +445,12 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
         logger.info("%s: %s factors", name, config.factor_strategy)
 
         def run(factor_batch_size=None, name=name, stage=stage):  # called at once, in this iteration
+            if analyzer.state.device.type == "cuda":  # the peak of the attempt that fits
+                torch.cuda.reset_peak_memory_stats(analyzer.state.device)
             torch.manual_seed(stage_seed(config.seed, name, rank))
             stage(factor_batch_size)
         batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
         started = time.perf_counter()
-        if analyzer.state.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(analyzer.state.device)
         try:
             sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
                                    analyzer.state.device)
@@ -451,16 +460,17 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             raise UserError(f"eigendecomposition failed for {module}: {str(exc).splitlines()[0]}; refit without "
                             f"--use_half_precision, or use --factor_strategy diagonal") from None
         fitted = batch_size if batched else fitted
+        seconds = time.perf_counter() - started  # with out-of-memory retries
+        peak = (torch.cuda.max_memory_allocated(analyzer.state.device) / 2**30
+                if analyzer.state.device.type == "cuda" else None)
         if rank == 0:
             check_factor_files(factors_dir, [name], f"delete {factors_dir} and refit")
         completed.append(name)
         if rank == 0:
-            peak = (torch.cuda.max_memory_allocated(analyzer.state.device) / 2**30
-                    if analyzer.state.device.type == "cuda" else None)
             record(name, {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                           "factor_batch_size": batch_size if batched else None, "cpu_threads": torch.get_num_threads(),
                           "device": str(analyzer.state.device), "versions": library_versions(),
-                          "seconds": round(time.perf_counter() - started, 2),  # with out-of-memory retries
+                          "seconds": round(seconds, 2),
                           "peak_gpu_memory_gib": None if peak is None else round(peak, 2)})
     if single_fitter and rank == 0:
         dist.barrier()

@@ -17,6 +17,7 @@ The retraining runs of the LDS ground truth and the removal test are retrain.py'
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -63,12 +64,15 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=Path, default=None,
                         help=f"Where the checkpoint goes (default {CHECKPOINTS_DIR}/<dataset>).")
     parser.add_argument("--overwrite_output_dir", action="store_true",
-                        help="Replace an existing checkpoint in --output_dir (without it, train.py refuses).")
+                        help="Replace an existing checkpoint in --output_dir, and with --save_epochs its epoch "
+                             "checkpoints (without it, train.py refuses).")
     parser.add_argument("--save_epochs", action="store_true",
                         help="Also keep the model after each earlier epoch, as checkpoints beside --output_dir "
                              "(<output_dir>_epoch1, ...; a checkpoint ensemble: analyze each, then analyze.py "
                              "--combine). The final model is the same with or without it.")
     args = resolve_recipe_args(resolve_data_args(parser.parse_args(argv)))
+    if args.save_epochs and args.num_train_epochs < 2:
+        parser.error("--save_epochs keeps the epochs before the last, and one epoch has none; drop it or train longer")
     args.output_dir = args.output_dir or CHECKPOINTS_DIR / args.dataset
     return args
 
@@ -125,9 +129,12 @@ def run_finetune(args):
                          "label_noise_rows": data.corrupted_rows, "excluded_rows": data.excluded_rows,
                          **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         model = model.to("cpu")
-        save_epoch_checkpoints(model, tokenizer, args, epoch_states, training_args, metrics)
-        save_checkpoint(model, tokenizer, Path(args.output_dir), training_args, metrics,
-                        overwrite=args.overwrite_output_dir)
+        training_args["run_id"] = uuid.uuid4().hex  # shared by the final checkpoint and its epoch checkpoints
+        try:
+            save_epoch_checkpoints(model, tokenizer, args, epoch_states, training_args, metrics)
+        finally:  # the final model is written even if an epoch checkpoint could not be
+            save_checkpoint(model, tokenizer, Path(args.output_dir), training_args, metrics,
+                            overwrite=args.overwrite_output_dir)
         logger.info("validation accuracy %.4f; checkpoint in %s", history[-1]["validation_accuracy"], args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -135,20 +142,23 @@ def run_finetune(args):
 
 
 def save_epoch_checkpoints(model, tokenizer, args, epoch_states: list, training_args: dict, metrics: dict) -> None:
-    """--save_epochs: the weights after each earlier epoch as checkpoints of their own, written before the final
-    one (whose presence ends the set); `model` is left with its own (final) weights."""
+    """--save_epochs: the weights after each earlier epoch as checkpoints of their own (with the final one's
+    run_id), written before the final one; `model` is left with its own (final) weights, whatever happens."""
     if not epoch_states:
         return
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
     history = metrics["history"]
-    for epoch, state in enumerate(epoch_states, 1):
-        model.load_state_dict(state)
-        save_checkpoint(model, tokenizer, epoch_checkpoint_dir(Path(args.output_dir), epoch),
-                        {**training_args, "epoch": epoch},
-                        {**history[epoch - 1], "history": history[:epoch], "num_processes": metrics["num_processes"],
-                         "effective_batch_size": metrics["effective_batch_size"]},
-                        overwrite=args.overwrite_output_dir)
-    model.load_state_dict(final_state)
+    try:
+        for epoch, state in enumerate(epoch_states, 1):
+            model.load_state_dict(state)
+            save_checkpoint(model, tokenizer, epoch_checkpoint_dir(Path(args.output_dir), epoch),
+                            {**training_args, "epoch": epoch},
+                            {**history[epoch - 1], "history": history[:epoch],
+                             "num_processes": metrics["num_processes"],
+                             "effective_batch_size": metrics["effective_batch_size"]},
+                            overwrite=args.overwrite_output_dir)
+    finally:
+        model.load_state_dict(final_state)
 
 
 def check_output_dir(args) -> None:

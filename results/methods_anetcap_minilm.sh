@@ -5,8 +5,9 @@
 #     time (so each analysis's GPU seconds are its own): fast EKFAC, its epoch-1 and epoch-2 checkpoints, the
 #     damping sweep and the dropout ensembles; combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
-#   seeds: fast EKFAC, the dropout ensemble ($SEED_METHOD) and the epoch checkpoints on the other seven seeds,
-#     then the 8-seed ensembles of each, evaluated the same way -> OUT/seeds.json
+#   seeds: fast EKFAC, the dropout ensemble ($SEED_METHOD) and the epoch checkpoints on all 8 seeds (8 at once;
+#     seed 1004's finished ones reused), then the 8-seed ensembles of each, evaluated the same way -> OUT/seeds.json
+# A failed step stops the part; the models go to checkpoints/methods_s<seed> (with their _epoch1, _epoch2).
 # Usage: bash results/methods_anetcap_minilm.sh one|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
 set -euo pipefail
 PART=${1:?one or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; RUNS_DIR=${5:?runs dir}
@@ -16,32 +17,46 @@ SEEDS=$(seq 1004 1011)
 SEED_METHOD=${SEED_METHOD:---dropout_ensemble 4 --dropout_rate 0.1}
 declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
 
+CK=checkpoints/methods_s
+wait_all() { local pid; for pid in "$@"; do wait "$pid" || { echo "a step failed (see logs/)"; exit 1; }; done; }
 train_seeds() {
-  local t; t=$(date +%s.%N)
+  local t pids=(); t=$(date +%s.%N)
   for s in $SEEDS; do
-    [ -f checkpoints/s$s/model.safetensors ] || python train.py $D --seed $s --save_epochs --output_dir checkpoints/s$s \
-      > logs/train_s$s.log 2>&1 &
-  done; wait; echo "8 seeds trained at once (--save_epochs): $(since "$t") s"
+    [ -f $CK${s}/model.safetensors ] || { python train.py $D --seed $s --save_epochs --output_dir $CK$s \
+      > logs/train_s$s.log 2>&1 & pids+=($!); }
+  done; wait_all "${pids[@]}"; echo "8 seeds trained at once (--save_epochs): $(since "$t") s"
 }
-fast() { analyze --checkpoint_dir "$1" $A --factor_strategy ekfac $FAST "${@:2}"; }  # fast CHECKPOINT [FLAGS]
-combine() { local mode=$1; shift; analyze --combine "$@" --combine_mode "$mode"; }
-evaluate() {  # every method in METHODS (its first directory, or the ensemble combined), paired against $PLAIN
+fast() {  # fast CHECKPOINT [FLAGS]: prints the scores directory, or stops the part
+  local dir; dir=$(analyze --checkpoint_dir "$1" $A --factor_strategy ekfac $FAST "${@:2}")
+  [ -f "$dir/metadata.json" ] || { echo "analyze.py failed on $1 ${*:2} (logs/analyze.err)" >&2; exit 1; }
+  echo "$dir"
+}
+combine() {
+  local mode=$1 dir; shift; dir=$(analyze --combine "$@" --combine_mode "$mode")
+  [ -f "$dir/metadata.json" ] || { echo "analyze.py --combine failed (logs/analyze.err)" >&2; exit 1; }
+  echo "$dir"
+}
+evaluate() {  # every method in METHODS, paired against $PLAIN
+  local pids=() method target
   for method in "${!METHODS[@]}"; do
     for target in 1 "$N"; do
-      python evaluate_lds.py --scores "${METHODS[$method]%% *}" --lds_dir "$RUNS_DIR" --num_repeats "$target" \
-        --compare "$PLAIN" --no_plots --output_dir "$OUT/lds/${method}_r$target" > "logs/eval_${method}_r$target.log" 2>&1 &
+      rm -rf "$OUT/lds/${method}_r$target"
+      python evaluate_lds.py --scores "${METHODS[$method]}" --lds_dir "$RUNS_DIR" --num_repeats "$target" \
+        --compare "$PLAIN" --no_plots --output_dir "$OUT/lds/${method}_r$target" \
+        > "logs/eval_${PART}_${method}_r$target.log" 2>&1 & pids+=($!)
     done
-  done; wait
-  grep -H "^LDS\|rror" logs/eval_*_r*.log | cut -c1-160 || true
+  done; wait_all "${pids[@]}"
+  grep -H "^LDS" logs/eval_"${PART}"_*_r*.log | cut -c1-160 || true
 }
 collect() {  # collect NAME: OUT/NAME.json from the lds.json files and the scores' metadata
-  declare -p METHODS > "logs/methods_$1.sh"
-  python - "$OUT" "$1" "$N" "logs/methods_$1.sh" <<'PY'
-import glob, importlib.metadata, json, re, sys, time
+  local method; for method in "${!METHODS[@]}"; do printf '%s\t%s\n' "$method" "${METHODS[$method]}"; done \
+    > "logs/methods_$1.tsv"
+  python - "$OUT" "$1" "$N" "logs/methods_$1.tsv" <<'PY'
+import importlib.metadata, json, re, sys, time
 from pathlib import Path
 import torch, transformers
 out, name, repeats, methods_file = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-methods = dict(re.findall(r'\[([^\]]+)\]="([^"]*)"', open(methods_file).read()))
+methods = dict(line.rstrip("\n").split("\t") for line in open(methods_file))
 
 def leaves(scores_dir):
     meta = json.load(open(Path(scores_dir) / "metadata.json"))
@@ -52,8 +67,8 @@ def fit_key(meta):
 
 # a method that reused a fit (the damping, the dropout members) costs that fit's seconds plus its own scores
 fit_seconds = {}
-for dirs in methods.values():
-    for meta in leaves(dirs.split()[0]):
+for first in methods.values():
+    for meta in leaves(first):
         fit_seconds[fit_key(meta)] = max(fit_seconds.get(fit_key(meta), 0), meta["seconds"]["factors"])
 
 def gpu_seconds(scores_dir):
@@ -66,15 +81,12 @@ def fine_tune_seconds(scores_dir):
     return sum(json.load(open(Path(run) / "metrics.json"))["train_seconds"] for run in runs)
 
 rows = {}
-for method, dirs in sorted(methods.items()):
-    first = dirs.split()[0]
+for method, first in sorted(methods.items()):
     row = {"scores": first, "gpu_seconds": round(gpu_seconds(first), 1),
            "fine_tune_seconds": round(fine_tune_seconds(first), 1), "models": len({re.sub(r"_epoch[0-9]+$", "",
            meta["checkpoint"]) for meta in leaves(first)})}
     for target in (1, repeats):
         f = out / "lds" / f"{method}_r{target}" / "lds.json"
-        if not f.exists():
-            continue
         r = json.load(open(f))
         row[f"r{target}"] = {"lds": r["lds"], "ci95": r["ci95"], "num_queries": r["num_queries"],
                              "ceiling": r["noise_ceiling"]["ceiling"],
@@ -100,11 +112,11 @@ mkdir -p "$OUT"
 train_seeds
 if [ "$PART" = one ]; then
   t=$(date +%s.%N)
-  PLAIN=$(fast checkpoints/s1004); METHODS[fast_ekfac]=$PLAIN
-  E1=$(fast checkpoints/s1004_epoch1); E2=$(fast checkpoints/s1004_epoch2)
-  for damping in 1e-6 1e-4 1e-2 1 -1; do METHODS[damping_$damping]=$(fast checkpoints/s1004 --damping_factor $damping); done
+  PLAIN=$(fast ${CK}1004); METHODS[fast_ekfac]=$PLAIN
+  E1=$(fast ${CK}1004_epoch1); E2=$(fast ${CK}1004_epoch2)
+  for damping in 1e-6 1e-4 1e-2 1 -1; do METHODS[damping_$damping]=$(fast ${CK}1004 --damping_factor $damping); done
   for spec in 4:0.05 4:0.1 4:0.2 8:0.1; do
-    METHODS[dropout_${spec/:/x}]=$(fast checkpoints/s1004 --dropout_ensemble ${spec%:*} --dropout_rate ${spec#*:})
+    METHODS[dropout_${spec/:/x}]=$(fast ${CK}1004 --dropout_ensemble ${spec%:*} --dropout_rate ${spec#*:})
   done
   echo "seed 1004's analyses, one at a time: $(since "$t") s"
   METHODS[epoch1]=$E1; METHODS[epoch2]=$E2
@@ -113,15 +125,17 @@ if [ "$PART" = one ]; then
   METHODS[checkpoints_e123_std]=$(combine standardized "$E1" "$E2" "$PLAIN")
   evaluate; collect one
 else
-  t=$(date +%s.%N)
+  t=$(date +%s.%N); pids=()
   for s in $SEEDS; do  # 8 at once, 16 GiB each
-    ( m=$(gpu_share 16); fast checkpoints/s$s $m > logs/plain_$s.txt; fast checkpoints/s$s $SEED_METHOD $m > logs/method_$s.txt
-      fast checkpoints/s${s}_epoch1 $m > logs/e1_$s.txt; fast checkpoints/s${s}_epoch2 $m > logs/e2_$s.txt ) &
-  done; wait; echo "7 more seeds' analyses, at once: $(since "$t") s"
+    ( m=$(gpu_share 16); fast $CK$s $m > logs/plain_$s.txt && fast $CK$s $SEED_METHOD $m > logs/method_$s.txt &&
+      fast $CK${s}_epoch1 $m > logs/e1_$s.txt && fast $CK${s}_epoch2 $m > logs/e2_$s.txt ) & pids+=($!)
+  done; wait_all "${pids[@]}"; echo "8 seeds' analyses, at once: $(since "$t") s"
   PLAIN=$(cat logs/plain_1004.txt); METHODS[fast_ekfac]=$PLAIN
-  cat_all() { for s in $SEEDS; do cat logs/$1_$s.txt; done; }
-  METHODS[seeds8]=$(combine standardized $(cat_all plain))
-  METHODS[seeds8_method]=$(combine standardized $(cat_all method))
-  METHODS[seeds8_checkpoints_e123]=$(combine standardized $(cat_all e1) $(cat_all e2) $(cat_all plain))
+  cat_all() { local s; for s in $SEEDS; do cat "logs/$1_$s.txt"; done; }
+  mapfile -t plain < <(cat_all plain); mapfile -t method < <(cat_all method)
+  mapfile -t e1 < <(cat_all e1); mapfile -t e2 < <(cat_all e2)
+  METHODS[seeds8]=$(combine standardized "${plain[@]}")
+  METHODS[seeds8_method]=$(combine standardized "${method[@]}")
+  METHODS[seeds8_checkpoints_e123]=$(combine standardized "${e1[@]}" "${e2[@]}" "${plain[@]}")
   evaluate; collect seeds
 fi

@@ -143,3 +143,7 @@ def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, 
     again = benchmark.main([*common, "--output", str(tmp_path / "b.json")])["direct"]
     assert again["stages"] == first["stages"]  # everything reused: the recorded times are the first run's
     assert json.loads((tmp_path / "b.json").read_text())["direct"] == again
+    assert first["reused_stages"] == [] and again["reused_stages"] == ["covariance", "eigendecomposition", "lambda"]
+    with pytest.raises(UserError, match="holds a direct run of other settings"):  # other rows: not silently reused
+        benchmark.main([*common[:-6], "--direct_train", "48", "--direct_queries", "6", "--work_dir", str(tmp_path / "w"),
+                        "--output", str(tmp_path / "c.json")])

@@ -83,8 +83,9 @@ def test_names_encode_settings():
                            ["--damping_factor", "-1"], ["--num_queries", "6"], ["--scoring", "fused"], ["--seed", "3"],
                            ["--use_half_precision", "--fp32_accumulation"], ["--lambda_max_examples", "5"],
                            ["--use_empirical_fisher"], ["--fast"], ["--dropout_ensemble", "4"],
-                           ["--dropout_ensemble", "4", "--dropout_rate", "0.2"])}
-    assert len(names) == 14
+                           ["--dropout_ensemble", "4", "--dropout_rate", "0.2"],
+                           ["--dropout_ensemble", "4", "--dropout_seed", "1"])}
+    assert len(names) == 15
     kfac = ["--factor_strategy", "kfac"]  # fits no lambda: a lambda subset does not make other factors
     assert factors_name(base + kfac) == factors_name(base + kfac + ["--lambda_max_examples", "5"])
 

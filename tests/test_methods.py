@@ -63,7 +63,7 @@ def test_the_dropout_ensemble_is_the_mean_of_its_members_and_off_is_the_plain_sc
     job = influence.ScoringJob(None, model, influence.AnalysisConfig(scoring="sums"), "f", "s", None, None, 1, 1)
     plain, _ = influence.score(job)
     assert torch.equal(plain, WeightSums().pairwise(job)[0])  # no ensemble: the backend's scores, bitwise
-    job.config = influence.AnalysisConfig(scoring="sums", dropout_ensemble=3, dropout_rate=0.3, seed=5)
+    job.config = influence.AnalysisConfig(scoring="sums", dropout_ensemble=3, dropout_rate=0.3, dropout_seed=5)
     ensemble, _ = influence.score(job)
     members = []
     for member in range(3):
@@ -82,6 +82,12 @@ def test_dropout_rate_outside_zero_to_one_is_refused(capsys):
         assert "--dropout_rate: must be between 0 and 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         analyze.parse_args(["--dropout_ensemble", "1"])
+    for flags in (["--dropout_rate", "0.2"], ["--dropout_seed", "3"]):  # without an ensemble they would do nothing
+        with pytest.raises(SystemExit):
+            analyze.parse_args(flags)
+        assert "shape the masks of --dropout_ensemble K; add it" in capsys.readouterr().err
+    args = analyze.parse_args(["--dropout_ensemble", "2"])
+    assert (args.dropout_rate, args.dropout_seed) == (0.1, 0)
 
 
 @pytest.mark.slow
@@ -119,10 +125,17 @@ def test_save_epochs_adds_the_earlier_epochs_and_keeps_the_final_model(tmp_path)
         args = json.loads((directory / formats.TRAINING_ARGS_FILE).read_text())
         metrics = json.loads((directory / formats.METRICS_FILE).read_text())
         assert args["epoch"] == epoch and metrics["history"] == final["history"][:epoch]
+        assert args["run_id"] == json.loads((saved / formats.TRAINING_ARGS_FILE).read_text())["run_id"]
         weights = load_file(str(directory / formats.WEIGHTS_FILE))
         assert not all(torch.equal(weights[k], runs["saved"][k]) for k in weights)
     with pytest.raises(UserError, match="saved_epoch1 already holds a checkpoint"):
         train.main([*TINY, "--num_train_epochs", "3", "--output_dir", str(tmp_path / "saved"), "--save_epochs"])
+
+
+def test_save_epochs_with_one_epoch_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([*TINY, "--num_train_epochs", "1", "--save_epochs"])
+    assert "one epoch has none" in capsys.readouterr().err
 
 
 def test_a_one_checkpoint_ensemble_is_the_single_model(tmp_path):

@@ -13,6 +13,11 @@ FACTOR_BATCHES="--factor_batch_size 128 --train_batch_size 256"
 A="$FACTOR_BATCHES --query_batch_size 100"
 FAST="--fast"
 gpu_share() { if command -v nvidia-smi > /dev/null 2>&1; then echo "--max_memory_gb $1"; fi; }  # GiB of a shared GPU
+gpu_split() {  # gpu_split N: --max_memory_gb for one of N processes sharing this GPU (90% of its memory split N ways)
+  if command -v nvidia-smi > /dev/null 2>&1; then
+    echo "--max_memory_gb $(( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) * 9 / 10240 / $1 ))"
+  fi
+}
 mkdir -p logs ${OUT:+"$OUT"}
 since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
 analyze() { python -c "import sys, analyze, utils; utils.run_script(lambda: print(analyze.main(sys.argv[1:])))" "$@" \

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Cheaper ensembles and the damping, measured against the committed ground truth of the MiniLM LDS setup (one GPU;
 # each part resumes: finished checkpoints and scores are reused):
-#   one: fine-tunes seeds 1004..1011 with --save_epochs (at once), then on seed 1004 alone, one analysis at a
-#     time (so each analysis's GPU seconds are its own): fast EKFAC, its epoch-1 and epoch-2 checkpoints, the
-#     damping sweep and the dropout ensembles; combines the checkpoint ensembles; evaluates every method against
+#   one: fine-tunes seeds 1004..1011 with --save_epochs (at once), then on seed 1004: fast EKFAC and the 4 x 0.1
+#     dropout ensemble one at a time (so their GPU seconds are their own), then its epoch-1 and epoch-2
+#     checkpoints, the damping sweep and the other dropout ensembles at once (sharing the GPU: "gpu_shared");
+#     combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
 #   seeds: fast EKFAC, the dropout ensemble ($SEED_METHOD) and the epoch checkpoints on all 8 seeds (8 at once;
 #     seed 1004's finished ones reused), then the 8-seed ensembles of each, evaluated the same way -> OUT/seeds.json
@@ -16,6 +17,7 @@ source results/anetcap_minilm_common.sh
 SEEDS=$(seq 1004 1011)
 SEED_METHOD=${SEED_METHOD:---dropout_ensemble 4 --dropout_rate 0.1}
 declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
+declare -A SHARED   # methods whose analyses ran beside others on the GPU (their seconds include the sharing)
 
 CK=checkpoints/methods_s
 wait_all() { local pid; for pid in "$@"; do wait "$pid" || { echo "a step failed (see logs/)"; exit 1; }; done; }
@@ -49,14 +51,16 @@ evaluate() {  # every method in METHODS, paired against $PLAIN
   grep -H "^LDS" logs/eval_"${PART}"_*_r*.log | cut -c1-160 || true
 }
 collect() {  # collect NAME: OUT/NAME.json from the lds.json files and the scores' metadata
-  local method; for method in "${!METHODS[@]}"; do printf '%s\t%s\n' "$method" "${METHODS[$method]}"; done \
+  local method; for method in "${!METHODS[@]}"; do printf '%s\t%s\t%s\n' "$method" "${METHODS[$method]}" "${SHARED[$method]:-0}"; done \
     > "logs/methods_$1.tsv"
   python - "$OUT" "$1" "$N" "logs/methods_$1.tsv" <<'PY'
 import importlib.metadata, json, re, sys, time
 from pathlib import Path
 import torch, transformers
 out, name, repeats, methods_file = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-methods = dict(line.rstrip("\n").split("\t") for line in open(methods_file))
+table = [line.rstrip("\n").split("\t") for line in open(methods_file)]
+methods = {method: dirs for method, dirs, _ in table}
+shared = {method for method, _, flag in table if flag == "1"}
 
 def leaves(scores_dir):
     meta = json.load(open(Path(scores_dir) / "metadata.json"))
@@ -83,7 +87,7 @@ def fine_tune_seconds(scores_dir):
 rows = {}
 for method, first in sorted(methods.items()):
     row = {"scores": first, "gpu_seconds": round(gpu_seconds(first), 1),
-           "fine_tune_seconds": round(fine_tune_seconds(first), 1), "models": len({re.sub(r"_epoch[0-9]+$", "",
+           "fine_tune_seconds": round(fine_tune_seconds(first), 1), "gpu_shared": method in shared, "models": len({re.sub(r"_epoch[0-9]+$", "",
            meta["checkpoint"]) for meta in leaves(first)})}
     for target in (1, repeats):
         f = out / "lds" / f"{method}_r{target}" / "lds.json"
@@ -100,7 +104,8 @@ json.dump({"command": f"bash results/methods_anetcap_minilm.sh {name} MODEL DATA
            "torch": torch.__version__, "transformers": transformers.__version__,
            "kronfluence": importlib.metadata.version("kronfluence"),
            "gpu_seconds_note": "analyze.py's factor + score seconds (metadata.json; a method that reused a fit counts "
-                               "that fit's seconds); ensembles: summed over members. "
+                               "that fit's seconds); ensembles: summed over members; gpu_shared: the analyses ran "
+                               "beside others on one GPU, so their seconds include the sharing. "
                                "fine_tune_seconds: train.py's train_seconds of each model behind the scores (the 8 "
                                "seeds were fine-tuned at once, sharing the GPU)",
            "rows": rows}, open(out / f"{name}.json", "w"), indent=1)
@@ -111,23 +116,34 @@ PY
 mkdir -p "$OUT"
 train_seeds
 if [ "$PART" = one ]; then
+  # fast EKFAC and the 4 x 0.1 dropout ensemble alone (their GPU seconds are their own), then the rest at once
   t=$(date +%s.%N)
   PLAIN=$(fast ${CK}1004); METHODS[fast_ekfac]=$PLAIN
-  E1=$(fast ${CK}1004_epoch1); E2=$(fast ${CK}1004_epoch2)
-  for damping in 1e-6 1e-4 1e-2 1 -1; do METHODS[damping_$damping]=$(fast ${CK}1004 --damping_factor $damping); done
-  for spec in 4:0.05 4:0.1 4:0.2 8:0.1; do
-    METHODS[dropout_${spec/:/x}]=$(fast ${CK}1004 --dropout_ensemble ${spec%:*} --dropout_rate ${spec#*:})
-  done
-  echo "seed 1004's analyses, one at a time: $(since "$t") s"
-  METHODS[epoch1]=$E1; METHODS[epoch2]=$E2
-  METHODS[checkpoints_e23_mean]=$(combine mean "$E2" "$PLAIN")
-  METHODS[checkpoints_e123_mean]=$(combine mean "$E1" "$E2" "$PLAIN")
-  METHODS[checkpoints_e123_std]=$(combine standardized "$E1" "$E2" "$PLAIN")
+  METHODS[dropout_4x0.1]=$(fast ${CK}1004 --dropout_ensemble 4 --dropout_rate 0.1)
+  echo "seed 1004's fast EKFAC and dropout 4 x 0.1, one at a time: $(since "$t") s"
+  t=$(date +%s.%N); pids=(); declare -A FLAGS=([epoch1]="" [epoch2]="")
+  for damping in 1e-6 1e-4 1e-2 1 -1; do FLAGS[damping_$damping]="--damping_factor $damping"; done
+  for spec in 4:0.05 4:0.2 8:0.1; do FLAGS[dropout_${spec/:/x}]="--dropout_ensemble ${spec%:*} --dropout_rate ${spec#*:}"; done
+  m=$(gpu_split ${#FLAGS[@]})
+  for method in "${!FLAGS[@]}"; do
+    case $method in epoch*) ck=${CK}1004_$method ;; *) ck=${CK}1004 ;; esac
+    fast "$ck" ${FLAGS[$method]} $m > "logs/one_$method.txt" & pids+=($!); SHARED[$method]=1
+  done; wait_all "${pids[@]}"
+  for method in "${!FLAGS[@]}"; do METHODS[$method]=$(cat "logs/one_$method.txt"); done
+  echo "seed 1004's other ${#FLAGS[@]} analyses, at once: $(since "$t") s"
+  E1=${METHODS[epoch1]}; E2=${METHODS[epoch2]}
+  combine mean "$E2" "$PLAIN" > logs/one_c1.txt & c1=$!
+  combine mean "$E1" "$E2" "$PLAIN" > logs/one_c2.txt & c2=$!
+  combine standardized "$E1" "$E2" "$PLAIN" > logs/one_c3.txt & c3=$!
+  wait_all $c1 $c2 $c3
+  METHODS[checkpoints_e23_mean]=$(cat logs/one_c1.txt); METHODS[checkpoints_e123_mean]=$(cat logs/one_c2.txt)
+  METHODS[checkpoints_e123_std]=$(cat logs/one_c3.txt)
+  for method in epoch1 epoch2 checkpoints_e23_mean checkpoints_e123_mean checkpoints_e123_std; do SHARED[$method]=1; done
   evaluate; collect one
 else
   t=$(date +%s.%N); pids=()
   for s in $SEEDS; do  # 8 at once, 16 GiB each
-    ( m=$(gpu_share 16); fast $CK$s $m > logs/plain_$s.txt && fast $CK$s $SEED_METHOD $m > logs/method_$s.txt &&
+    ( m=$(gpu_split 8); fast $CK$s $m > logs/plain_$s.txt && fast $CK$s $SEED_METHOD $m > logs/method_$s.txt &&
       fast $CK${s}_epoch1 $m > logs/e1_$s.txt && fast $CK${s}_epoch2 $m > logs/e2_$s.txt ) & pids+=($!)
   done; wait_all "${pids[@]}"; echo "8 seeds' analyses, at once: $(since "$t") s"
   PLAIN=$(cat logs/plain_1004.txt); METHODS[fast_ekfac]=$PLAIN

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import TINY
@@ -124,3 +125,11 @@ def test_report_renders_in_chromium_without_console_errors(demo_checkpoint, host
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,900", pages[0].resolve().as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_the_summary_names_a_dropout_ensemble():
+    meta = {"checkpoint": "c", "data": {"num_queries": 2}, "factor_strategy": "ekfac", "scoring": "fused",
+            "dropout_ensemble": 4, "dropout_rate": 0.1}
+    summary = report.scores_summary(meta, Path("s"), (2, 3), [])
+    assert summary["dropout"] == (4, 0.1) and summary["num_train"] == 3
+    assert report.scores_summary({**meta, "dropout_ensemble": None}, Path("s"), (2, 3), [])["dropout"] is None

@@ -6,8 +6,9 @@
 #     checkpoints, the damping sweep and the other dropout ensembles at once (sharing the GPU: "gpu_shared");
 #     combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
-#   seeds: fast EKFAC, the dropout ensemble ($SEED_METHOD) and the epoch checkpoints on all 8 seeds (8 at once;
-#     seed 1004's finished ones reused), then the 8-seed ensembles of each, evaluated the same way -> OUT/seeds.json
+#   seeds: fast EKFAC, $SEED_METHOD and the epoch checkpoints on all 8 seeds (8 at once; seed 1004's finished
+#     ones reused), then the 8-seed ensembles of each (and of the epoch-1 checkpoints alone), evaluated the same
+#     way -> OUT/seeds.json
 # A failed step stops the part; the models go to checkpoints/methods_s<seed> (with their _epoch1, _epoch2).
 # Usage: bash results/methods_anetcap_minilm.sh one|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
 set -euo pipefail
@@ -15,7 +16,7 @@ PART=${1:?one or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:
 N=${6:-5}
 source results/anetcap_minilm_common.sh
 SEEDS=$(seq 1004 1011)
-SEED_METHOD=${SEED_METHOD:---dropout_ensemble 4 --dropout_rate 0.1}
+SEED_METHOD=${SEED_METHOD:---damping_factor 1e-6}  # the best of the one-model sweep that costs no more
 declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
 declare -A SHARED   # methods whose analyses ran beside others on the GPU (their seconds include the sharing)
 
@@ -153,5 +154,6 @@ else
   METHODS[seeds8]=$(combine standardized "${plain[@]}")
   METHODS[seeds8_method]=$(combine standardized "${method[@]}")
   METHODS[seeds8_checkpoints_e123]=$(combine standardized "${e1[@]}" "${e2[@]}" "${plain[@]}")
+  METHODS[seeds8_epoch1]=$(combine standardized "${e1[@]}")
   evaluate; collect seeds
 fi

@@ -75,6 +75,25 @@ def test_the_dropout_ensemble_is_the_mean_of_its_members_and_off_is_the_plain_sc
         scoring="sums")}))[0], plain)  # the weights were restored
 
 
+class HalvesOnce(WeightSums):
+    """A backend that runs out of memory at the full train batch size and fits at half of it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def pairwise(self, job):
+        self.seen.append(job.train_batch_size)
+        return super().pairwise(job)[0], {"train_batch_size": min(job.train_batch_size, 4), "queries_per_pass": 1}
+
+
+def test_each_dropout_member_starts_from_the_batch_sizes_that_fitted(monkeypatch):
+    backend = HalvesOnce()
+    monkeypatch.setitem(influence.BACKENDS, "halves", backend)
+    config = influence.AnalysisConfig(scoring="halves", dropout_ensemble=3)
+    _, sizes = influence.score(influence.ScoringJob(None, linear_model(), config, "f", "s", None, None, 8, 2))
+    assert backend.seen == [8, 4, 4] and sizes["train_batch_size"] == 4
+
+
 def test_dropout_rate_outside_zero_to_one_is_refused(capsys):
     for rate in ("0", "1", "-0.1"):
         with pytest.raises(SystemExit):

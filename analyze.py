@@ -4,6 +4,7 @@
     python analyze.py --checkpoint_dir checkpoints/swag --factor_strategy ekfac # the reference job
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --query_gradient_rank 32
     python analyze.py --checkpoint_dir checkpoints/swag --fast                  # the fast path
+    python analyze.py --checkpoint_dir checkpoints/swag --fast --checkpoint_epoch 1   # train.py --save_epochs
     python analyze.py --checkpoint_dir checkpoints/swag --fast --dropout_ensemble 4   # 4 sub-networks, averaged
     python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
@@ -59,6 +60,7 @@ from formats import (
     TRAINING_ARGS_FILE,
     WEIGHTS_FILE,
     check_provenance,
+    epoch_checkpoint,
     load_scores,
     load_self_scores,
     readable_safetensors,
@@ -115,6 +117,10 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINTS_DIR / "swag",
                         help="A train.py checkpoint (save_pretrained directory).")
+    parser.add_argument("--checkpoint_epoch", type=at_least(1), default=None,
+                        help="Analyze the model saved after this epoch of the run in --checkpoint_dir (train.py "
+                             "--save_epochs) instead of its final model: on the MiniLM setup the epoch-1 model's "
+                             "scores predict retrained final models better than the final model's.")
     add_method_args(parser)
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
@@ -447,6 +453,9 @@ def main(argv=None):
     if args.combine:
         return combine_scores(args.combine, args.combine_mode, args.output_dir)
     finish_interrupted_swaps(args.checkpoint_dir)  # a train.py killed while swapping its checkpoint in
+    if args.checkpoint_epoch:
+        args.checkpoint_dir = epoch_checkpoint(args.checkpoint_dir, args.checkpoint_epoch)
+        finish_interrupted_swaps(args.checkpoint_dir)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)

@@ -42,6 +42,23 @@ def epoch_checkpoint_dir(checkpoint_dir: Path, epoch: int) -> Path:
     """Where train.py --save_epochs puts the model after `epoch` (beside the final checkpoint, named after it, so
     that its analyses get their own directories under analyze.py's --output_dir)."""
     return checkpoint_dir.with_name(f"{checkpoint_dir.name}_epoch{epoch}")
+
+
+def epoch_checkpoint(checkpoint_dir: Path, epoch: int) -> Path:
+    """The checkpoint train.py --save_epochs wrote after `epoch` of the run in `checkpoint_dir`, checked to be
+    that run's (the same run_id) when the final checkpoint is there too."""
+    path = epoch_checkpoint_dir(checkpoint_dir, epoch)
+    if not (path / WEIGHTS_FILE).exists():
+        raise UserError(f"no epoch-{epoch} checkpoint of {checkpoint_dir} ({path} has no {WEIGHTS_FILE}); train it "
+                        f"with: python train.py --output_dir {checkpoint_dir} --save_epochs (over more than {epoch} "
+                        f"epochs)")
+    kept = read_json(path / TRAINING_ARGS_FILE, "training arguments")
+    final = checkpoint_dir / TRAINING_ARGS_FILE
+    if kept.get("epoch") != epoch or (final.exists() and read_json(final, "training arguments").get("run_id")
+                                      != kept.get("run_id")):
+        raise UserError(f"{path} is not the epoch-{epoch} model of the run in {checkpoint_dir} (another training run "
+                        f"wrote one of them); retrain with --save_epochs --overwrite_output_dir")
+    return path
 # an analysis (analyze.py): factors_<name>/ and scores_<name>/, each with its metadata
 METADATA_FILE = "metadata.json"  # what the directory was computed from, and whether it is complete
 SCORES_FILE = "pairwise_scores.safetensors"  # kronfluence's name: queries × training rows

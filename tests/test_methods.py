@@ -149,6 +149,26 @@ def test_save_epochs_adds_the_earlier_epochs_and_keeps_the_final_model(tmp_path)
         assert not all(torch.equal(weights[k], runs["saved"][k]) for k in weights)
     with pytest.raises(UserError, match="saved_epoch1 already holds a checkpoint"):
         train.main([*TINY, "--num_train_epochs", "3", "--output_dir", str(tmp_path / "saved"), "--save_epochs"])
+    # --checkpoint_epoch 1 is the epoch-1 checkpoint's analysis, bitwise
+    common = ["--factor_strategy", "identity", "--output_dir", str(tmp_path / "scores")]
+    by_flag = analyze.main(["--checkpoint_dir", str(saved), "--checkpoint_epoch", "1", *common])
+    assert by_flag.parent.name == "saved_epoch1"
+    by_path = analyze.main(["--checkpoint_dir", str(saved) + "_epoch1", *common, "--output_dir", str(tmp_path / "s2")])
+    assert torch.equal(formats.load_scores(by_flag)[0], formats.load_scores(by_path)[0])
+
+
+def test_an_epoch_checkpoint_must_exist_and_belong_to_the_run(tmp_path):
+    final = tmp_path / "run"
+    for directory, record in ((final, {"run_id": "a"}), (tmp_path / "run_epoch1", {"run_id": "a", "epoch": 1}),
+                              (tmp_path / "run_epoch2", {"run_id": "b", "epoch": 2})):
+        directory.mkdir()
+        (directory / formats.WEIGHTS_FILE).write_bytes(b"")
+        (directory / formats.TRAINING_ARGS_FILE).write_text(json.dumps(record))
+    assert formats.epoch_checkpoint(final, 1) == tmp_path / "run_epoch1"
+    with pytest.raises(UserError, match="run_epoch2 is not the epoch-2 model of the run"):
+        formats.epoch_checkpoint(final, 2)  # another run's
+    with pytest.raises(UserError, match=r"no epoch-3 checkpoint of .*--save_epochs \(over more than 3 epochs\)"):
+        formats.epoch_checkpoint(final, 3)
 
 
 def test_save_epochs_with_one_epoch_is_refused(capsys):

@@ -21,8 +21,9 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 """
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -39,6 +40,9 @@ from utils import UserError, available_memory, out_of_memory_detail, retry_on_oo
 logger = logging.getLogger(__name__)
 
 MEMORY_HEADROOM = 0.9  # of the available memory a pass plans to use; the allocator's fragmentation takes the rest
+# Training rows per micro-batch below which a smaller micro-batch is not taken to save passes: each pass is a
+# forward and backward over the whole training set, and below this the GPU's kernels run far from full width.
+MIN_TRAIN_MICRO = 32
 
 
 def longest_first(dataset) -> np.ndarray:
@@ -311,13 +315,33 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
             plan.capacity = int((room * MEMORY_HEADROOM - working) // per_query)
             if plan.capacity >= 1:
                 plan.per_pass = min(plan.capacity, len(queries))
-                logger.info("fused scoring: %.1f GiB available, %.1f GiB per micro-batch, %.2f GiB per query "
-                            "gradient: %d queries per pass", room / 2**30, working / 2**30, per_query / 2**30,
+                plan = fewer_passes(scorer, queries, train, plan, room, per_query)
+                logger.info("fused scoring: %.1f GiB available, %d training rows per micro-batch, %.2f GiB per "
+                            "query gradient: %d queries per pass", room / 2**30, plan.train_micro, per_query / 2**30,
                             plan.per_pass)
                 return plan
             detail = (f"a pass needs {(working + per_query) / 2**30:.1f} GiB, {room / 2**30:.1f} GiB available")
         plan.per_pass = 1  # only the micro-batches are left to halve
         plan.shrink("fused scores", detail, hint)
+
+
+def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, per_query: int) -> PassPlan:
+    """While the queries take several passes, a training micro-batch half as large leaves room for more query
+    gradients: take it while it saves passes, down to MIN_TRAIN_MICRO rows (the scores are the same sums)."""
+    passes = math.ceil(len(queries) / plan.per_pass)
+    while passes > 1 and plan.train_micro // 2 >= MIN_TRAIN_MICRO:
+        trial = replace(plan, train_micro=plan.train_micro // 2)
+        try:
+            trial.capacity = int((room * MEMORY_HEADROOM - scorer.working_memory(queries, train, trial)) // per_query)
+        except Exception as exc:
+            if not should_reduce_batch_size(exc):
+                raise
+            break
+        trial.per_pass = min(max(trial.capacity, 1), len(queries))
+        if math.ceil(len(queries) / trial.per_pass) >= passes:
+            break
+        plan, passes = trial, math.ceil(len(queries) / trial.per_pass)
+    return plan
 
 
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,

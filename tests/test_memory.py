@@ -72,6 +72,36 @@ def test_a_pass_holds_the_query_gradients_that_fit_beside_the_working_memory(set
     torch.testing.assert_close(planned, one_pass, rtol=1e-10, atol=1e-12 * one_pass.abs().max().item())
 
 
+def test_a_smaller_training_micro_batch_is_taken_while_it_saves_passes(setup, monkeypatch):
+    """Working memory proportional to the training micro-batch (one query gradient per row): with 8 rows a
+    micro-batch, the room holds 2 query gradients (4 passes for 8 queries); with 4 rows, 6 (2 passes); with 2
+    rows, 8 (1 pass). The floor (MIN_TRAIN_MICRO, 2 here) stops the halving."""
+    model, train, queries, collator = setup
+    per_query = per_query_bytes(setup)
+    monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: int(10.5 * per_query / fused_scores.MEMORY_HEADROOM))
+    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan: plan.train_micro * per_query)
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
+
+    def run(train_batch_size):
+        timings = {}
+        scores = fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, queries,
+                                       train, collator, query_batch_size=2, train_batch_size=train_batch_size,
+                                       device=torch.device("cpu"), disable_tqdm=True, timings=timings)
+        return scores, timings
+    scores, timings = run(8)
+    assert (timings["train_micro_batch"], timings["passes"]) == (2, 1)
+    monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 4)  # the floor: 4 rows, 2 passes
+    floored = run(8)[1]
+    assert (floored["train_micro_batch"], floored["passes"]) == (4, 2)
+    monkeypatch.undo()
+    # the same sums in other micro-batches and passes: float64, only the padding of the batches differs, so the
+    # scores agree to rounding (~1e-16 relative per operation), far inside 1e-10
+    one_pass = identity_scores(setup)
+    torch.testing.assert_close(scores, one_pass, rtol=1e-10, atol=1e-12 * one_pass.abs().max().item())
+
+
 def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_line(setup, monkeypatch):
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, per_query // 2, 0)

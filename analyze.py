@@ -109,6 +109,10 @@ from utils import (
 
 logger = logging.getLogger(__name__)
 
+FACTOR_BATCH = 64  # rows per factor batch (kronfluence's example)
+# --fast's factor kernels leave each batch's fixed cost (hooks and launches over every module) dominant at small
+# batches; a larger first try costs a card that cannot hold it one failed batch (the longest rows come first)
+FAST_FACTOR_BATCH = 256
 LOCK_WAIT = datetime.timedelta(hours=12)  # the longest wait for another analysis writing the same directories
 PROCESS_GROUP_TIMEOUT = LOCK_WAIT + datetime.timedelta(hours=1)  # collectives outlast that wait and the work after
 
@@ -124,8 +128,9 @@ def parse_args(argv=None):
     add_method_args(parser)
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
-    parser.add_argument("--factor_batch_size", type=at_least(1), default=64,
-                        help="Per-device batch size for fitting factors (halved while it does not fit in memory).")
+    parser.add_argument("--factor_batch_size", type=at_least(1), default=None,
+                        help=f"Per-device batch size for fitting factors (default {FACTOR_BATCH}, {FAST_FACTOR_BATCH} "
+                             f"with --fast; halved while it does not fit in memory).")
     parser.add_argument("--query_batch_size", type=at_least(1), default=100,
                         help="Per-device batch size for query gradients (halved while it does not fit in memory).")
     parser.add_argument("--train_batch_size", type=at_least(1), default=128,
@@ -158,6 +163,8 @@ def parse_args(argv=None):
     add_data_args(parser)
     args = parser.parse_args(argv)
     resolve_method_args(parser, args)
+    if args.factor_batch_size is None:
+        args.factor_batch_size = FAST_FACTOR_BATCH if args.fast else FACTOR_BATCH
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
         raise UserError("--use_ddp needs the processes torchrun starts: "
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")

@@ -110,8 +110,8 @@ from utils import (
 logger = logging.getLogger(__name__)
 
 FACTOR_BATCH = 64  # rows per factor batch (kronfluence's example)
-# --fast's factor kernels leave each batch's fixed cost (hooks and launches over every module) dominant at small
-# batches; a larger first try costs a card that cannot hold it one failed batch (the longest rows come first)
+# --fast's batches: larger ones spread each batch's fixed cost (hooks and kernel launches over every module), and
+# benchmark.py times --fast at this size; a card that cannot hold it loses one failed batch (longest rows first)
 FAST_FACTOR_BATCH = 256
 LOCK_WAIT = datetime.timedelta(hours=12)  # the longest wait for another analysis writing the same directories
 PROCESS_GROUP_TIMEOUT = LOCK_WAIT + datetime.timedelta(hours=1)  # collectives outlast that wait and the work after

@@ -6,9 +6,9 @@
 #     checkpoints, the damping sweep and the other dropout ensembles at once (sharing the GPU: "gpu_shared");
 #     combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
-#   seeds: fast EKFAC, $SEED_METHOD and the epoch checkpoints on all 8 seeds (8 at once; seed 1004's finished
-#     ones reused), then the 8-seed ensembles of each (and of the epoch-1 checkpoints alone), evaluated the same
-#     way -> OUT/seeds.json
+#   seeds: fast EKFAC of the final and the epoch-1 models of all 8 seeds (8 at once; seed 1004's finished ones
+#     reused), then the 8-seed ensembles of the final models, of the epoch-1 models, and of both, evaluated the
+#     same way -> OUT/seeds.json
 # A failed step stops the part; the models go to checkpoints/methods_s<seed> (with their _epoch1, _epoch2).
 # Usage: bash results/methods_anetcap_minilm.sh one|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
 set -euo pipefail
@@ -16,7 +16,6 @@ PART=${1:?one or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:
 N=${6:-5}
 source results/anetcap_minilm_common.sh
 SEEDS=$(seq 1004 1011)
-SEED_METHOD=${SEED_METHOD:---damping_factor 1e-6}  # the best of the one-model sweep that costs no more
 declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
 declare -A SHARED   # methods whose analyses ran beside others on the GPU (their seconds include the sharing)
 
@@ -143,17 +142,18 @@ if [ "$PART" = one ]; then
   evaluate; collect one
 else
   t=$(date +%s.%N); pids=()
-  for s in $SEEDS; do  # 8 at once, 16 GiB each
-    ( m=$(gpu_split 8); fast $CK$s $m > logs/plain_$s.txt && fast $CK$s $SEED_METHOD $m > logs/method_$s.txt &&
-      fast $CK${s}_epoch1 $m > logs/e1_$s.txt && fast $CK${s}_epoch2 $m > logs/e2_$s.txt ) & pids+=($!)
-  done; wait_all "${pids[@]}"; echo "8 seeds' analyses, at once: $(since "$t") s"
-  PLAIN=$(cat logs/plain_1004.txt); METHODS[fast_ekfac]=$PLAIN
+  for s in $SEEDS; do  # 8 at once, each its share of the GPU
+    ( m=$(gpu_split 8); fast $CK$s $m > logs/plain_$s.txt && fast $CK${s}_epoch1 $m > logs/e1_$s.txt ) & pids+=($!)
+  done; wait_all "${pids[@]}"; echo "8 seeds' final and epoch-1 analyses, at once: $(since "$t") s"
+  PLAIN=$(cat logs/plain_1004.txt); METHODS[fast_ekfac]=$PLAIN; METHODS[epoch1]=$(cat logs/e1_1004.txt)
   cat_all() { local s; for s in $SEEDS; do cat "logs/$1_$s.txt"; done; }
-  mapfile -t plain < <(cat_all plain); mapfile -t method < <(cat_all method)
-  mapfile -t e1 < <(cat_all e1); mapfile -t e2 < <(cat_all e2)
-  METHODS[seeds8]=$(combine standardized "${plain[@]}")
-  METHODS[seeds8_method]=$(combine standardized "${method[@]}")
-  METHODS[seeds8_checkpoints_e123]=$(combine standardized "${e1[@]}" "${e2[@]}" "${plain[@]}")
-  METHODS[seeds8_epoch1]=$(combine standardized "${e1[@]}")
+  mapfile -t plain < <(cat_all plain); mapfile -t e1 < <(cat_all e1)
+  combine standardized "${plain[@]}" > logs/seeds_c1.txt & c1=$!
+  combine standardized "${e1[@]}" > logs/seeds_c2.txt & c2=$!
+  combine standardized "${e1[@]}" "${plain[@]}" > logs/seeds_c3.txt & c3=$!
+  wait_all $c1 $c2 $c3
+  METHODS[seeds8]=$(cat logs/seeds_c1.txt); METHODS[seeds8_epoch1]=$(cat logs/seeds_c2.txt)
+  METHODS[seeds8_epoch1_and_final]=$(cat logs/seeds_c3.txt)
+  for method in "${!METHODS[@]}"; do SHARED[$method]=1; done
   evaluate; collect seeds
 fi

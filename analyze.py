@@ -122,9 +122,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint_dir", type=Path, default=CHECKPOINTS_DIR / "swag",
                         help="A train.py checkpoint (save_pretrained directory).")
     parser.add_argument("--checkpoint_epoch", type=at_least(1), default=None,
-                        help="Analyze the model saved after this epoch of the run in --checkpoint_dir (train.py "
-                             "--save_epochs) instead of its final model: on the MiniLM setup the epoch-1 model's "
-                             "scores predict retrained final models better than the final model's.")
+                        help="Analyze the model train.py --save_epochs saved after this epoch of the run in "
+                             "--checkpoint_dir instead of its final model (outputs under <checkpoint name>_epoch<K>).")
     add_method_args(parser)
     parser.add_argument("--use_ddp", action="store_true",
                         help="Distribute over the processes started by torchrun (kronfluence wraps the model).")
@@ -172,6 +171,8 @@ def parse_args(argv=None):
         parser.error("--max_memory_gb caps GPU memory, and this machine has no GPU; drop it")
     if args.self_influence and args.query_gradient_rank > 0:
         parser.error("--self_influence uses full-rank gradients; drop --query_gradient_rank")
+    if args.combine and args.checkpoint_epoch:
+        parser.error("--combine reads scores directories, not a checkpoint; drop --checkpoint_epoch")
     backend = BACKENDS[args.scoring]
     if args.query_gradient_rank > 0 and not backend.low_rank_queries:
         parser.error(f"--scoring {args.scoring} uses full-rank query gradients; drop --query_gradient_rank")
@@ -462,7 +463,6 @@ def main(argv=None):
     finish_interrupted_swaps(args.checkpoint_dir)  # a train.py killed while swapping its checkpoint in
     if args.checkpoint_epoch:
         args.checkpoint_dir = epoch_checkpoint(args.checkpoint_dir, args.checkpoint_epoch)
-        finish_interrupted_swaps(args.checkpoint_dir)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
     model, tokenizer = load_checkpoint(args.checkpoint_dir)
     data = prepare_data(args, tokenizer)

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from utils import UserError, atomic_output, file_sha256, read_json
+from utils import UserError, atomic_output, file_sha256, finish_interrupted_swaps, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +47,25 @@ def epoch_checkpoint_dir(checkpoint_dir: Path, epoch: int) -> Path:
 def epoch_checkpoint(checkpoint_dir: Path, epoch: int) -> Path:
     """The checkpoint train.py --save_epochs wrote after `epoch` of the run in `checkpoint_dir`, checked to be
     that run's (the same run_id) when the final checkpoint is there too."""
+    checkpoint_dir = checkpoint_dir.resolve()
     path = epoch_checkpoint_dir(checkpoint_dir, epoch)
-    if not (path / WEIGHTS_FILE).exists():
-        raise UserError(f"no epoch-{epoch} checkpoint of {checkpoint_dir} ({path} has no {WEIGHTS_FILE}); train it "
-                        f"with: python train.py --output_dir {checkpoint_dir} --save_epochs (over more than {epoch} "
-                        f"epochs)")
-    kept = read_json(path / TRAINING_ARGS_FILE, "training arguments")
+    finish_interrupted_swaps(path)  # a train.py killed while swapping it in
     final = checkpoint_dir / TRAINING_ARGS_FILE
-    if kept.get("epoch") != epoch or (final.exists() and read_json(final, "training arguments").get("run_id")
-                                      != kept.get("run_id")):
+    run = read_json(final, "training arguments") if final.exists() else {}
+    epochs = run.get("num_train_epochs")
+    if epochs is not None and epoch >= epochs:
+        raise UserError(f"{checkpoint_dir} was trained for {epochs} epochs: --checkpoint_epoch takes 1 to {epochs - 1} "
+                        f"(epoch {epochs} is the checkpoint itself; drop the flag for it)")
+    if not (path / WEIGHTS_FILE).exists():
+        raise UserError(f"no epoch-{epoch} checkpoint of {checkpoint_dir} ({path} has no {WEIGHTS_FILE}): its run "
+                        f"was trained without --save_epochs; retrain with --save_epochs --overwrite_output_dir")
+    kept = read_json(path / TRAINING_ARGS_FILE, "training arguments")
+    if kept.get("epoch") != epoch or (run and run.get("run_id") != kept.get("run_id")):
         raise UserError(f"{path} is not the epoch-{epoch} model of the run in {checkpoint_dir} (another training run "
                         f"wrote one of them); retrain with --save_epochs --overwrite_output_dir")
     return path
+
+
 # an analysis (analyze.py): factors_<name>/ and scores_<name>/, each with its metadata
 METADATA_FILE = "metadata.json"  # what the directory was computed from, and whether it is complete
 SCORES_FILE = "pairwise_scores.safetensors"  # kronfluence's name: queries × training rows

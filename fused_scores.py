@@ -40,9 +40,14 @@ from utils import UserError, available_memory, out_of_memory_detail, retry_on_oo
 logger = logging.getLogger(__name__)
 
 MEMORY_HEADROOM = 0.9  # of the available memory a pass plans to use; the allocator's fragmentation takes the rest
-# Training rows per micro-batch below which a smaller micro-batch is not taken to save passes: each pass is a
-# forward and backward over the whole training set, and below this the GPU's kernels run far from full width.
+# Training rows per micro-batch below which a smaller micro-batch is not taken to save passes (below this the GPU's
+# kernels run far from full width).
 MIN_TRAIN_MICRO = 32
+# A pass costs a forward and backward over every training row; its contraction reads every query gradient of the
+# pass once per training micro-batch. One training row's forward and backward costs about as much as reading this
+# many query gradients (benchmark_h200.json, --fast on roberta-base, one H200: 0.821 s a pass of 2,048 rows and
+# 0.000881 s a query per pass at 128 rows a micro-batch, so (0.821 / 2048) / (0.000881 / 16) = 7.3).
+PASS_ROW_COST = 7.3
 
 
 def longest_first(dataset) -> np.ndarray:
@@ -315,33 +320,41 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
             plan.capacity = int((room * MEMORY_HEADROOM - working) // per_query)
             if plan.capacity >= 1:
                 plan.per_pass = min(plan.capacity, len(queries))
-                plan = fewer_passes(scorer, queries, train, plan, room, per_query)
-                logger.info("fused scoring: %.1f GiB available, %d training rows per micro-batch, %.2f GiB per "
-                            "query gradient: %d queries per pass", room / 2**30, plan.train_micro, per_query / 2**30,
-                            plan.per_pass)
-                return plan
+                logger.info("fused scoring: %.1f GiB available, %.1f GiB per micro-batch of %d training rows, %.2f "
+                            "GiB per query gradient: %d queries per pass", room / 2**30, working / 2**30,
+                            plan.train_micro, per_query / 2**30, plan.per_pass)
+                chosen = fewer_passes(scorer, queries, train, plan, room, per_query)
+                if chosen is not plan:
+                    logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per pass",
+                                chosen.train_micro, chosen.per_pass)
+                return chosen
             detail = (f"a pass needs {(working + per_query) / 2**30:.1f} GiB, {room / 2**30:.1f} GiB available")
         plan.per_pass = 1  # only the micro-batches are left to halve
         plan.shrink("fused scores", detail, hint)
 
 
 def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, per_query: int) -> PassPlan:
-    """While the queries take several passes, a training micro-batch half as large leaves room for more query
-    gradients: take it while it saves passes, down to MIN_TRAIN_MICRO rows (the scores are the same sums)."""
-    passes = math.ceil(len(queries) / plan.per_pass)
-    while passes > 1 and plan.train_micro // 2 >= MIN_TRAIN_MICRO:
-        trial = replace(plan, train_micro=plan.train_micro // 2)
+    """While the queries take several passes, a smaller training micro-batch leaves room for more query gradients
+    per pass but reads them more often: among the micro-batches halved down to MIN_TRAIN_MICRO rows, the one with
+    the least estimated time, per training row passes × PASS_ROW_COST + queries / rows per micro-batch (the scores
+    are the same sums)."""
+    def cost(p: PassPlan) -> float:
+        return math.ceil(len(queries) / p.per_pass) * PASS_ROW_COST + len(queries) / p.train_micro
+
+    best = trial = plan
+    while trial.per_pass < len(queries) and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
+        trial = replace(trial, train_micro=trial.train_micro // 2)
         try:
             trial.capacity = int((room * MEMORY_HEADROOM - scorer.working_memory(queries, train, trial)) // per_query)
         except Exception as exc:
             if not should_reduce_batch_size(exc):
                 raise
+            clear_device_cache(garbage_collection=True)
             break
         trial.per_pass = min(max(trial.capacity, 1), len(queries))
-        if math.ceil(len(queries) / trial.per_pass) >= passes:
-            break
-        plan, passes = trial, math.ceil(len(queries) / trial.per_pass)
-    return plan
+        if cost(trial) < cost(best):
+            best = trial
+    return best
 
 
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,

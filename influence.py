@@ -383,7 +383,8 @@ def score(job: ScoringJob) -> tuple:
         with masked_weights(job.model, masks):
             scores, sizes = run(job)
         total = scores.double() if total is None else total.add_(scores.double())
-        # the next member starts from the batch sizes that fitted, not from a full size that ran out of memory
+        # kronfluence's loop: the next member starts from the batch sizes that fitted, not from a full size that ran
+        # out of memory (the fused backend plans each pass from the memory free at the time)
         job = dataclasses.replace(job, **{k: v for k, v in sizes.items() if k in ("train_batch_size", "query_batch_size")})
     return (total / members).float(), sizes
 

@@ -3,8 +3,9 @@
 # each part resumes: finished checkpoints and scores are reused):
 #   one: fine-tunes seeds 1004..1011 with --save_epochs (at once), then on seed 1004: fast EKFAC and the 4 x 0.1
 #     dropout ensemble one at a time (so their GPU seconds are their own), then its epoch-1 and epoch-2
-#     checkpoints, the damping sweep and the other dropout ensembles at once (sharing the GPU: "gpu_shared");
-#     combines the checkpoint ensembles; evaluates every method against
+#     checkpoints, the damping sweep and the other dropout ensembles started at once, each capped at a tenth of
+#     the GPU's memory ("gpu_shared"; the final model's variants share its factors, whose lock lets them in one
+#     at a time, while the two epoch models run beside them); combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
 #   seeds: fast EKFAC of the final and the epoch-1 models of all 8 seeds (8 at once; seed 1004's finished ones
 #     reused), then the 8-seed ensembles of the final models, of the epoch-1 models, and of both, evaluated the
@@ -104,8 +105,8 @@ json.dump({"command": f"bash results/methods_anetcap_minilm.sh {name} MODEL DATA
            "torch": torch.__version__, "transformers": transformers.__version__,
            "kronfluence": importlib.metadata.version("kronfluence"),
            "gpu_seconds_note": "analyze.py's factor + score seconds (metadata.json; a method that reused a fit counts "
-                               "that fit's seconds); ensembles: summed over members; gpu_shared: the analyses ran "
-                               "beside others on one GPU, so their seconds include the sharing. "
+                               "that fit's seconds); ensembles: summed over members; gpu_shared: the analysis ran "
+                               "with a share of the GPU's memory (--max_memory_gb) beside other analyses. "
                                "fine_tune_seconds: train.py's train_seconds of each model behind the scores (the 8 "
                                "seeds were fine-tuned at once, sharing the GPU)",
            "rows": rows}, open(out / f"{name}.json", "w"), indent=1)
@@ -143,7 +144,8 @@ if [ "$PART" = one ]; then
 else
   t=$(date +%s.%N); pids=()
   for s in $SEEDS; do  # 8 at once, each its share of the GPU
-    ( m=$(gpu_split 8); fast $CK$s $m > logs/plain_$s.txt && fast $CK${s}_epoch1 $m > logs/e1_$s.txt ) & pids+=($!)
+    ( m=$(gpu_split 8); fast $CK$s $m > logs/plain_$s.txt && fast $CK$s --checkpoint_epoch 1 $m > logs/e1_$s.txt ) &
+    pids+=($!)
   done; wait_all "${pids[@]}"; echo "8 seeds' final and epoch-1 analyses, at once: $(since "$t") s"
   PLAIN=$(cat logs/plain_1004.txt); METHODS[fast_ekfac]=$PLAIN; METHODS[epoch1]=$(cat logs/e1_1004.txt)
   cat_all() { local s; for s in $SEEDS; do cat "logs/$1_$s.txt"; done; }

@@ -72,10 +72,11 @@ def test_a_pass_holds_the_query_gradients_that_fit_beside_the_working_memory(set
     torch.testing.assert_close(planned, one_pass, rtol=1e-10, atol=1e-12 * one_pass.abs().max().item())
 
 
-def test_a_smaller_training_micro_batch_is_taken_while_it_saves_passes(setup, monkeypatch):
+def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monkeypatch):
     """Working memory proportional to the training micro-batch (one query gradient per row): with 8 rows a
     micro-batch, the room holds 2 query gradients (4 passes for 8 queries); with 4 rows, 6 (2 passes); with 2
-    rows, 8 (1 pass). The floor (MIN_TRAIN_MICRO, 2 here) stops the halving."""
+    rows, 8 (1 pass). At PASS_ROW_COST 7.3 the estimates are 30.2, 16.6 and 11.3: 2 rows. The floor
+    (MIN_TRAIN_MICRO) stops the halving."""
     model, train, queries, collator = setup
     per_query = per_query_bytes(setup)
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
@@ -95,6 +96,12 @@ def test_a_smaller_training_micro_batch_is_taken_while_it_saves_passes(setup, mo
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 4)  # the floor: 4 rows, 2 passes
     floored = run(8)[1]
     assert (floored["train_micro_batch"], floored["passes"]) == (4, 2)
+    # the estimated time decides, not the passes alone: with a pass costing 1 query gradient read per training row,
+    # 8 rows (4 passes) cost 4 + 8/8 = 5, 4 rows (2 passes) 2 + 8/4 = 4, 2 rows (1 pass) 1 + 8/2 = 5
+    monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
+    monkeypatch.setattr(fused_scores, "PASS_ROW_COST", 1.0)
+    cheapest = run(8)[1]
+    assert (cheapest["train_micro_batch"], cheapest["passes"]) == (4, 2)
     monkeypatch.undo()
     # the same sums in other micro-batches and passes: float64, only the padding of the batches differs, so the
     # scores agree to rounding (~1e-16 relative per operation), far inside 1e-10

@@ -159,7 +159,8 @@ def test_save_epochs_adds_the_earlier_epochs_and_keeps_the_final_model(tmp_path)
 
 def test_an_epoch_checkpoint_must_exist_and_belong_to_the_run(tmp_path):
     final = tmp_path / "run"
-    for directory, record in ((final, {"run_id": "a"}), (tmp_path / "run_epoch1", {"run_id": "a", "epoch": 1}),
+    for directory, record in ((final, {"run_id": "a", "num_train_epochs": 4}),
+                              (tmp_path / "run_epoch1", {"run_id": "a", "epoch": 1}),
                               (tmp_path / "run_epoch2", {"run_id": "b", "epoch": 2})):
         directory.mkdir()
         (directory / formats.WEIGHTS_FILE).write_bytes(b"")
@@ -167,8 +168,13 @@ def test_an_epoch_checkpoint_must_exist_and_belong_to_the_run(tmp_path):
     assert formats.epoch_checkpoint(final, 1) == tmp_path / "run_epoch1"
     with pytest.raises(UserError, match="run_epoch2 is not the epoch-2 model of the run"):
         formats.epoch_checkpoint(final, 2)  # another run's
-    with pytest.raises(UserError, match=r"no epoch-3 checkpoint of .*--save_epochs \(over more than 3 epochs\)"):
+    with pytest.raises(UserError, match=r"no epoch-3 checkpoint of .*: its run was trained without --save_epochs; "
+                                        r"retrain with --save_epochs --overwrite_output_dir"):
         formats.epoch_checkpoint(final, 3)
+    with pytest.raises(UserError, match=r"trained for 4 epochs: --checkpoint_epoch takes 1 to 3 \(epoch 4 is the "):
+        formats.epoch_checkpoint(final, 4)
+    with pytest.raises(SystemExit):
+        analyze.parse_args(["--combine", str(final), "--checkpoint_epoch", "1"])
 
 
 def test_save_epochs_with_one_epoch_is_refused(capsys):

@@ -92,6 +92,7 @@ from pipeline import (
 )
 from task import MultipleChoiceTask
 from utils import (
+    LOADER_WORKERS,
     ArgumentParser,
     UserError,
     at_least,
@@ -100,6 +101,7 @@ from utils import (
     file_sha256,
     finish_interrupted_swaps,
     limit_gpu_memory,
+    loader_workers,
     positive_float,
     read_json,
     run_script,
@@ -137,6 +139,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_memory_gb", type=positive_float, default=None,
                         help="Cap on the GPU memory this analysis may use, per device, in GiB (default: what is "
                              "free; on a GPU shared with other jobs, give each its share).")
+    parser.add_argument("--dataloader_num_workers", type=at_least(0), default=None,
+                        help=f"Worker processes that collate batches ahead of the GPU (default {LOADER_WORKERS} on a "
+                             "GPU, 0 on a CPU; the results are the same for any value).")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's per-stage timing profile.")
     parser.add_argument("--output_dir", type=Path, default=SCORES_DIR, help="Where factors and scores go.")
     parser.add_argument("--overwrite", action="store_true",
@@ -399,13 +404,15 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
                         profile=args.profile, output_dir=str(args.output_dir),
                         log_level=None)  # its default INFO would set the root logger's level too: setup_logging
     collator = make_collator(tokenizer, args.pad_to_max_length, args.max_length)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
+    device = analyzer.state.device
+    workers = loader_workers(args.dataloader_num_workers, device)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator, num_workers=workers,
+                                                    pin_memory=device.type == "cuda"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     config = AnalysisConfig.from_args(args)
     outputs = outputs_of(args, data, analyzer, config)
     f_name, s_name = outputs.factors_name, outputs.scores_name
     outputs.completed[:], reuse_scores = on_rank_zero(lambda: outputs.claim(stack, args.overwrite))
-    device = analyzer.state.device
     if args.max_memory_gb and device.type == "cuda":
         limit_gpu_memory(args.max_memory_gb, device)
 
@@ -429,7 +436,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
         logger.info("scores: %s (%s)", f"self-influence of {len(data.train)} training rows" if args.self_influence
                     else f"{len(data.queries)} queries × {len(data.train)} training rows", args.scoring)
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
-                         args.query_batch_size, rank)
+                         args.query_batch_size, rank, workers)
         scores, sizes = compute_scores(job, scores_dir)
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None

@@ -96,6 +96,7 @@ from utils import (
     atomic_output,
     configure_attention,
     halving_on_oom,
+    loader_workers,
     process_device,
     process_rank,
     read_json,
@@ -245,9 +246,13 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     prepared = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(analysis_name=name, model=prepared, task=task, output_dir=str(args.work_dir), disable_tqdm=True,
                         log_level=None)  # see analyze.py
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
-    result = {"settings": {**c, "num_queries_timed": len(queries)}}
     device = process_device()
+    # the configurations of analyze.py (length-sorted rows) collate in its default worker processes; the reference
+    # configurations are kronfluence's example, which collates in the main process
+    workers = loader_workers(None, device) if c["sort"] else 0
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator, num_workers=workers,
+                                                    pin_memory=bool(workers) and device.type == "cuda"))
+    result = {"settings": {**c, "num_queries_timed": len(queries), "dataloader_num_workers": workers}}
     fitted = {}  # per stage: the sizes that fitted in memory (analyze.py halves them after an out-of-memory error)
 
     def batched(stage, fn, sizes):
@@ -259,7 +264,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
         def fused(rows=queries, timings=fused_timings, key="scores"):
             holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
-                c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings)
+                c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings, num_workers=workers)
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
         stages["scores"] = fused
         stages["scores_quarter_pass"] = lambda: fused(

@@ -13,7 +13,9 @@ gradients with its own `FactorConfig` code; only the training side differs from 
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
 - batches are sorted by length, longest first, so dynamic padding wastes little and a batch size that
-  does not fit fails at once; scores return in dataset order.
+  does not fit fails at once; scores return in dataset order;
+- the training micro-batches of a pass are collated by DataLoader workers into pinned memory while the GPU
+  works on the previous ones (collation in the main process would leave the GPU idle about half the pass).
 
 Scores are linear in the training gradient, so this is the same computation as kronfluence's
 pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Under
@@ -203,9 +205,11 @@ class PassPlan:
 class FusedScorer:
     """The per-module state of the fused pass: tracked modules, prepared factors, hooks, query gradients."""
 
-    def __init__(self, model, task, factors: dict, strategy: str, score_args, collator, device: torch.device):
+    def __init__(self, model, task, factors: dict, strategy: str, score_args, collator, device: torch.device,
+                 num_workers: int = 0):
         names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
         self.model, self.task, self.collator, self.device, self.score_args = model, task, collator, device, score_args
+        self.num_workers = num_workers
         self.modules = tracked_linears(model, names)
         self.storages = prepared_storages(factors, strategy, names, score_args, device)
         self.config = FactorConfig.CONFIGS[strategy]
@@ -243,8 +247,25 @@ class FusedScorer:
     def _backward(self, rows, measurement: bool):
         """One forward/backward over `rows`, the hooks handing each module's per-example gradients on."""
         for batch in DataLoader(rows, batch_size=len(rows), collate_fn=self.collator):
-            self.hooks.num_examples = batch["labels"].size(0)
-            _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement)
+            self._run(batch, measurement)
+
+    def _run(self, batch: dict, measurement: bool):
+        self.hooks.num_examples = batch["labels"].size(0)
+        _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement)
+
+    def train_batches(self, train, train_batch_size: int, train_micro: int, desc: str, disable_tqdm: bool):
+        """(start, stop, collated batch) for this rank's training micro-batches, in order: ranks share whole training
+        batches, whatever their micro-batches; DataLoader workers collate ahead into pinned memory."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        spans = [(micro, min(micro + train_micro, stop))
+                 for step, start in enumerate(range(0, len(train), train_batch_size)) if step % world == rank
+                 for stop in [min(start + train_batch_size, len(train))]
+                 for micro in range(start, stop, train_micro)]
+        loader = DataLoader(train, batch_sampler=[range(a, b) for a, b in spans], collate_fn=self.collator,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        batches = tqdm(loader, desc=desc, total=len(spans), disable=disable_tqdm or rank != 0)
+        for (start, stop), batch in zip(spans, batches):
+            yield start, stop, batch
 
     def working_memory(self, queries, train, plan: PassPlan) -> int:
         """Peak bytes above the current allocation that the first (longest) query and training micro-batches
@@ -280,16 +301,9 @@ class FusedScorer:
             raise RuntimeError(f"query gradients reached {sorted(set(self.filled.values()))} of {len(chunk)} rows")
         query_seconds = clock.lap()
         self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        starts = range(0, len(train), train_batch_size)
-        for step, start in enumerate(tqdm(starts, desc=desc, disable=disable_tqdm or rank != 0)):
-            if step % world != rank:  # ranks share whole training batches, whatever their micro-batches
-                continue
-            stop = min(start + train_batch_size, len(train))
-            for micro in range(start, stop, plan.train_micro):
-                end = min(micro + plan.train_micro, stop)
-                self.hooks.block = block[:, micro:end]
-                self._backward(train.select(range(micro, end)), measurement=False)
+        for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc, disable_tqdm):
+            self.hooks.block = block[:, start:stop]
+            self._run(batch, measurement=False)
         self.query_grads.clear()
         return query_seconds, clock.lap()
 
@@ -360,13 +374,14 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
-                          timings: dict = None):
+                          timings: dict = None, num_workers: int = 0):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a pass halves the pass (then the micro-batches) and redoes that pass alone.
-    `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan."""
+    `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan.
+    `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
-    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device)
+    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers)
     q_order, t_order = longest_first(query_dataset), longest_first(train_dataset)
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
@@ -407,13 +422,13 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,
-                      train_batch_size: int, device: torch.device, disable_tqdm: bool = False):
+                      train_batch_size: int, device: torch.device, disable_tqdm: bool = False, num_workers: int = 0):
     """(train,) float32 self-influence scores <H^-1 g_i, g_i> of every training row, in dataset order: kronfluence's
     `compute_self_scores` for the same factors, from the per-example gradients formed as in the pairwise pass.
-    An out-of-memory error halves the micro-batch and redoes that batch."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    An out-of-memory error halves the micro-batch and redoes the pass (the longest batch, where it fails, is first)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     model.eval()
-    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device)
+    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers)
     order = longest_first(train_dataset)
     train = train_dataset.select(order)
     scores = torch.zeros(len(train), dtype=torch.float32, device=device)
@@ -422,22 +437,17 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
     try:
         with scorer.hooks:
             scorer.hooks.callback, scorer.hooks.dtype = scorer._add_self_scores, score_args.per_sample_gradient_dtype
-            starts = range(0, len(train), train_batch_size)
-            for step, start in enumerate(tqdm(starts, desc="fused self-influence", disable=disable_tqdm or rank != 0)):
-                if step % world != rank:  # ranks share whole training batches, as in the pairwise pass
-                    continue
-                stop = min(start + train_batch_size, len(train))
 
-                def one_batch(start=start, stop=stop):
-                    for micro in range(start, stop, plan.train_micro):
-                        end = min(micro + plan.train_micro, stop)
-                        scorer.hooks.block = scores[micro:end]
-                        scorer._backward(train.select(range(micro, end)), measurement=False)
+            def one_pass():
+                for start, stop, batch in scorer.train_batches(train, train_batch_size, plan.train_micro,
+                                                               "fused self-influence", disable_tqdm):
+                    scorer.hooks.block = scores[start:stop]
+                    scorer._run(batch, measurement=False)
 
-                def shrink(detail, start=start, stop=stop):  # the batch is redone with smaller micro-batches
-                    scores[start:stop] = 0
-                    plan.shrink("fused self-influence", detail, "free memory on the GPU or lower --max_length")
-                retry_on_oom(one_batch, shrink, device)
+            def shrink(detail):
+                scores.zero_()
+                plan.shrink("fused self-influence", detail, "free memory on the GPU or lower --max_length")
+            retry_on_oom(one_pass, shrink, device)
     finally:
         undo()
     if world > 1:

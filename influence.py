@@ -273,6 +273,7 @@ class ScoringJob:
     train_batch_size: int
     query_batch_size: int
     rank: int = 0
+    num_workers: int = 0  # DataLoader processes collating the training batches (utils.loader_workers)
 
     @property
     def device(self) -> torch.device:
@@ -326,13 +327,13 @@ class FusedBackend:
         scores = fused_pairwise_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
                                        job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
                                        job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
-                                       device=job.device, timings=plan)
+                                       device=job.device, timings=plan, num_workers=job.num_workers)
         return scores, {key: plan[key] for key in ("train_micro_batch", "query_micro_batch", "queries_per_pass")}
 
     def self_influence(self, job: ScoringJob) -> tuple:
         scores = fused_self_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
                                    job.config.factor_strategy, job.config.score_arguments(), job.data.train,
-                                   job.collator, job.train_batch_size, job.device)
+                                   job.collator, job.train_batch_size, job.device, num_workers=job.num_workers)
         return scores, {"train_batch_size": job.train_batch_size}
 
 

@@ -16,7 +16,7 @@ import formats
 import fused_scores
 import utils
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
-from fused_scores import FusedScorer, fused_pairwise_scores, query_gradient_bytes
+from fused_scores import FusedScorer, fused_pairwise_scores, fused_self_scores, query_gradient_bytes
 from influence import AnalysisConfig
 from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
@@ -150,6 +150,45 @@ def test_an_out_of_memory_error_that_never_clears_stops_in_one_line(setup, monke
     with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row per "
                                         r"batch \(it asked for 2.00 GiB more\); free memory"):
         identity_scores(setup, max_queries_per_pass=4)
+
+
+def identity_self_scores(setup, train_batch_size=4, **kwargs):
+    model, train, _, collator = setup
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
+    return fused_self_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, train, collator,
+                             train_batch_size=train_batch_size, device=torch.device("cpu"), disable_tqdm=True, **kwargs)
+
+
+def test_an_out_of_memory_self_influence_pass_is_redone_with_halved_micro_batches(setup, monkeypatch, caplog):
+    """Batches of 4 rows: an OOM in the third micro-batch halves the micro-batches to 2 and redoes the whole pass,
+    whose rows then go through in the same batches of 2 as a run asked for 2: equal bitwise."""
+    direct = identity_self_scores(setup, train_batch_size=2)
+    calls = failing_backward(monkeypatch, {3})
+    retried = identity_self_scores(setup)
+    assert calls[0] == 3 + 6  # the failed attempt's three calls, then 12 rows in micro-batches of 2
+    assert torch.equal(retried, direct)
+    assert "fused self-influence: out of GPU memory (it asked for 2.00 GiB more); retrying with 2 training rows" \
+        in caplog.text
+
+
+def test_worker_processes_collate_the_same_batches(setup):
+    """DataLoader workers change where the batches are collated, not what is computed: the scores are equal
+    bitwise, pairwise (several passes) and self-influence."""
+    assert torch.equal(identity_scores(setup, max_queries_per_pass=3, num_workers=2),
+                       identity_scores(setup, max_queries_per_pass=3))
+    assert torch.equal(identity_self_scores(setup, num_workers=2), identity_self_scores(setup))
+
+
+def test_loader_workers_default_to_none_on_a_cpu_and_keep_a_core_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(utils.os, "cpu_count", lambda: 3)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "unset")  # so that the undo removes what loader_workers sets
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    assert utils.loader_workers(None, torch.device("cpu")) == 0
+    assert "TOKENIZERS_PARALLELISM" not in utils.os.environ
+    assert utils.loader_workers(None, torch.device("cuda")) == 2
+    assert utils.os.environ["TOKENIZERS_PARALLELISM"] == "false"  # before the workers fork
+    assert utils.loader_workers(1, torch.device("cpu")) == 1
 
 
 # --------------------------------------------------------------------------------------------

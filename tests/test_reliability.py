@@ -75,6 +75,7 @@ FLAG_CASES = [
     (analyze, ["--factor_batch_size", "0"], "argument --factor_batch_size: must be 1 or more, got 0"),
     (analyze, ["--train_batch_size", "0"], "argument --train_batch_size: must be 1 or more, got 0"),
     (analyze, ["--query_batch_size", "0"], "argument --query_batch_size: must be 1 or more, got 0"),
+    (analyze, ["--dataloader_num_workers", "-1"], "argument --dataloader_num_workers: must be 0 or more, got -1"),
     (analyze, ["--lambda_max_examples", "0"], "argument --lambda_max_examples: must be 1 or more, got 0"),
     (analyze, ["--query_index", "-1"], "argument --query_index: must be 0 or more, got -1"),
     (analyze, ["--damping_factor", "0"], "argument --damping_factor: must be a positive number"),

@@ -9,12 +9,13 @@
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
 #   seeds: fast EKFAC of the final and the epoch-1 models of all 8 seeds (8 at once; seed 1004's finished ones
 #     reused), then the 8-seed ensembles of the final models, of the epoch-1 models, and of both, evaluated the
-#     same way -> OUT/seeds.json
+#     same way -> OUT/seeds.json (its lds.json files in OUT/lds_seeds, the one part's in OUT/lds)
 # A failed step stops the part; the models go to checkpoints/methods_s<seed> (with their _epoch1, _epoch2).
 # Usage: bash results/methods_anetcap_minilm.sh one|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
 set -euo pipefail
 PART=${1:?one or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; RUNS_DIR=${5:?runs dir}
 N=${6:-5}
+LDS_OUT=$OUT/lds; [ "$PART" = seeds ] && LDS_OUT=$OUT/lds_seeds  # both parts evaluate fast_ekfac and epoch1
 source results/anetcap_minilm_common.sh
 SEEDS=$(seq 1004 1011)
 declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
@@ -43,9 +44,9 @@ evaluate() {  # every method in METHODS, paired against $PLAIN
   local pids=() method target
   for method in "${!METHODS[@]}"; do
     for target in 1 "$N"; do
-      rm -rf "$OUT/lds/${method}_r$target"
+      rm -rf "$LDS_OUT/${method}_r$target"
       python evaluate_lds.py --scores "${METHODS[$method]}" --lds_dir "$RUNS_DIR" --num_repeats "$target" \
-        --compare "$PLAIN" --no_plots --output_dir "$OUT/lds/${method}_r$target" \
+        --compare "$PLAIN" --no_plots --output_dir "$LDS_OUT/${method}_r$target" \
         > "logs/eval_${PART}_${method}_r$target.log" 2>&1 & pids+=($!)
     done
   done; wait_all "${pids[@]}"
@@ -54,11 +55,11 @@ evaluate() {  # every method in METHODS, paired against $PLAIN
 collect() {  # collect NAME: OUT/NAME.json from the lds.json files and the scores' metadata
   local method; for method in "${!METHODS[@]}"; do printf '%s\t%s\t%s\n' "$method" "${METHODS[$method]}" "${SHARED[$method]:-0}"; done \
     > "logs/methods_$1.tsv"
-  python - "$OUT" "$1" "$N" "logs/methods_$1.tsv" <<'PY'
+  python - "$OUT" "$1" "$N" "logs/methods_$1.tsv" "$LDS_OUT" <<'PY'
 import importlib.metadata, json, re, sys, time
 from pathlib import Path
 import torch, transformers
-out, name, repeats, methods_file = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+out, name, repeats, methods_file, lds_out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
 table = [line.rstrip("\n").split("\t") for line in open(methods_file)]
 methods = {method: dirs for method, dirs, _ in table}
 shared = {method for method, _, flag in table if flag == "1"}
@@ -91,7 +92,7 @@ for method, first in sorted(methods.items()):
            "fine_tune_seconds": round(fine_tune_seconds(first), 1), "gpu_shared": method in shared, "models": len({re.sub(r"_epoch[0-9]+$", "",
            meta["checkpoint"]) for meta in leaves(first)})}
     for target in (1, repeats):
-        f = out / "lds" / f"{method}_r{target}" / "lds.json"
+        f = lds_out / f"{method}_r{target}" / "lds.json"
         r = json.load(open(f))
         row[f"r{target}"] = {"lds": r["lds"], "ci95": r["ci95"], "num_queries": r["num_queries"],
                              "ceiling": r["noise_ceiling"]["ceiling"],

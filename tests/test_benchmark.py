@@ -45,6 +45,12 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     assert fp32["kronfluence_passes"]["full_scale_passes"] == 20  # 2,000 queries in passes of 100
     assert fp32["full_scale"]["scores"] == pytest.approx(20 * line(fp32, lambda x: x["kronfluence_passes"]["pass_s"]),
                                                          abs=0.1)
+    assert saved["warm_up_seconds"] > 0  # an untimed run of the first configuration before any timing
+    for r in saved["configs"].values():  # the extrapolation per stage, which a direct run is compared with
+        stages = r["full_scale"]["stages"]
+        assert list(stages) == ["covariance", "lambda", "eigendecomposition", "scores"]
+        assert sum(stages.values()) == pytest.approx(r["full_scale"]["seconds"], abs=0.3)  # each rounded to 0.1
+        assert stages["covariance"] == pytest.approx(line(r, lambda x: x["covariance"]["seconds"]), abs=0.1)
     fast = saved["configs"]["fast"]
     assert fast["settings"]["scoring"] == "fused" and fast["fused"]["passes"] == 1  # CPU: all 8 queries in one pass
     f, full = fast["fused"], fast["full_scale"]["fused"]
@@ -66,6 +72,15 @@ def test_extrapolation_counts_a_fixed_cost_once():
     # 1 s fixed + 1 ms a row, timed at 1,000 and 500 rows
     assert benchmark.along_rows(2.0, 1_000, 1.5, 500) == pytest.approx(1.0 + 0.001 * 73_536)
     assert benchmark.along_rows(2.0, 1_000, 2.5, 500) == 2.0  # noise: the smaller subset slower
+
+
+def test_a_direct_run_is_compared_with_the_extrapolation_stage_by_stage():
+    direct = {"stages": {"covariance": {"seconds": 53.4}, "eigendecomposition": {"seconds": 5.4},
+                         "lambda": {"seconds": 106.5}, "scores": {"seconds": 203.1}}, "stages_seconds": 368.4}
+    extrapolated = {"seconds": 344.2, "stages": {"covariance": 21.2, "lambda": 136.0, "eigendecomposition": 6.7,
+                                                 "scores": 180.3}}
+    assert benchmark.measured_over_extrapolated(direct, extrapolated) == {
+        "covariance": 2.52, "lambda": 0.78, "eigendecomposition": 0.81, "scores": 1.13, "stages": 1.07}
 
 
 def test_tokenizer_from_vocab_and_merges(tmp_path):

@@ -49,6 +49,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -374,9 +375,10 @@ def measured_over_extrapolated(direct: dict, extrapolated: dict) -> dict:
 
 
 def warm_up(name, model, tokenizer, raw_train, raw_queries, args) -> float:
-    """One untimed run of configuration `name` on a few rows: CUDA's and the libraries' one-time start-up costs
-    (context, handles, the first use of each kernel) would otherwise fall into the first timed stage, the smaller
-    subset's covariance, and flatten the line through both subset sizes. Returns its seconds."""
+    """One untimed run of configuration `name` on a few rows before its timed ones: one-time costs (the first use of
+    its kernels, its worker processes, CUDA's start-up if nothing ran before) would otherwise fall into its first
+    timed stage, the smaller subset's covariance, and flatten the line through both subset sizes. Returns its
+    seconds."""
     started = time.perf_counter()
     rows = min(len(raw_train), 2 * CONFIGS[name]["factor_bs"])
     queries = raw_queries.select(range(min(len(raw_queries), 4)))
@@ -499,6 +501,7 @@ def time_training_variants(model, tokenizer, raw_all_train, args, out: dict, ran
 
 def run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args) -> tuple:
     """`run_config` on the subset (and first on --fit_rows rows, when given), with the extrapolation to full scale."""
+    warm_up_seconds = warm_up(name, model, tokenizer, raw_train, raw_queries, args)
     small = None
     if args.fit_rows:
         small = run_config(name, model, tokenizer, raw_train.select(range(args.fit_rows)), raw_queries,
@@ -506,6 +509,7 @@ def run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries, raw
         free_memory()
     result, scores = run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args)
     free_memory()
+    result["warm_up_seconds"] = warm_up_seconds
     if small:
         result["fit_subset"] = small
     result["full_scale"] = full_scale(result, small)
@@ -530,6 +534,9 @@ def compare_configs(out: dict, results: dict, scores: dict, num_queries: int) ->
 
 
 DIRECT_DIR = "direct"  # under --work_dir: the checkpoint, the training file and analyze.py's outputs
+# the direct run's process starts from the user's environment, not from one in which the configurations' loaders have
+# switched the tokenizers' parallelism off (it would tokenize the 73,536 + 2,000 rows on one thread)
+USER_ENVIRONMENT = dict(os.environ)
 
 
 def direct_run(model, tokenizer, raw, args) -> dict:
@@ -567,7 +574,7 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     model.to("cpu")  # the GPU is the analysis's alone, as in a user's run
     free_memory()
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=USER_ENVIRONMENT)
     wall = time.perf_counter() - started
     factors, scores = (read_json(d / METADATA_FILE, "analyze.py's record") for d in (factors_dir, scores_dir))
     stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size")}
@@ -606,8 +613,6 @@ def main(argv=None):
         return out
     results, scores = {}, {}
     out["configs"] = results
-    if args.configs:
-        out["warm_up_seconds"] = warm_up(args.configs[0], model, tokenizer, raw_train, raw_queries, args)
     for name in args.configs:
         results[name], scores[name] = run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries,
                                                                raw_queries_fast, args)
@@ -616,7 +621,8 @@ def main(argv=None):
     write_json(args.output, out)
     if args.direct:
         out["direct"] = direct_run(model, tokenizer, raw, args)
-        if "fast" in results:
+        if "fast" in results and (args.direct_train, args.direct_queries) == (REFERENCE_NUM_TRAIN,
+                                                                               REFERENCE_NUM_QUERIES):
             out["direct"]["measured_over_extrapolated"] = measured_over_extrapolated(out["direct"],
                                                                                     results["fast"]["full_scale"])
         write_json(args.output, out)

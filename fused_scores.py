@@ -264,7 +264,7 @@ class FusedScorer:
         loader = DataLoader(train, batch_sampler=[range(a, b) for a, b in spans], collate_fn=self.collator,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         batches = tqdm(loader, desc=desc, total=len(spans), disable=disable_tqdm or rank != 0)
-        for (start, stop), batch in zip(spans, batches):
+        for batch, (start, stop) in zip(batches, spans):  # the loader first: its bar closes when it ends
             yield start, stop, batch
 
     def working_memory(self, queries, train, plan: PassPlan) -> int:

@@ -295,15 +295,18 @@ LOADER_WORKERS = 4
 
 
 def loader_workers(requested: Optional[int], device: torch.device) -> int:
-    """DataLoader worker processes for the analysis: `requested`, else LOADER_WORKERS on a GPU (at most the cores
-    but one) and none on a CPU, where the workers would take the cores the computation runs on. Forked workers
-    only collate; HF tokenizers' parallelism is switched off before they fork (it would warn, then turn itself
-    off in each worker)."""
-    workers = requested if requested is not None else (
-        min(LOADER_WORKERS, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0)
+    """DataLoader worker processes for the analysis: `requested`, else on a GPU LOADER_WORKERS, at most this process's
+    share of the cores it may run on (torchrun's processes on one host split them) less one, and none on a CPU,
+    where the workers would take the cores the computation runs on. Forked workers only collate; unless the user
+    set it, HF tokenizers' parallelism is switched off before they fork (it would warn, then turn itself off in
+    each worker)."""
+    if requested is None and device.type == "cuda":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        requested = min(LOADER_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    workers = max(requested or 0, 0)
     if workers:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return max(workers, 0)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return workers
 
 
 QUIET_LOGGERS = ["kronfluence"]  # INFO floods: every argument dataclass, the model repr, the tokenizer's vocabulary

@@ -1,8 +1,10 @@
 """benchmark.py end to end on a tiny architecture (CPU), and its length sorting keeps score order."""
 
+import argparse
 import json
 
 import pytest
+from datasets import Dataset
 
 import benchmark
 from demo import build_demo_tokenizer, make_demo_dataset
@@ -45,9 +47,9 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     assert fp32["kronfluence_passes"]["full_scale_passes"] == 20  # 2,000 queries in passes of 100
     assert fp32["full_scale"]["scores"] == pytest.approx(20 * line(fp32, lambda x: x["kronfluence_passes"]["pass_s"]),
                                                          abs=0.1)
-    assert saved["warm_up_seconds"] > 0  # an untimed run of the first configuration before any timing
-    for r in saved["configs"].values():  # the extrapolation per stage, which a direct run is compared with
-        stages = r["full_scale"]["stages"]
+    for r in saved["configs"].values():
+        assert r["warm_up_seconds"] > 0  # an untimed run of each configuration before its timed ones
+        stages = r["full_scale"]["stages"]  # the extrapolation per stage, which a direct run is compared with
         assert list(stages) == ["covariance", "lambda", "eigendecomposition", "scores"]
         assert sum(stages.values()) == pytest.approx(r["full_scale"]["seconds"], abs=0.3)  # each rounded to 0.1
         assert stages["covariance"] == pytest.approx(line(r, lambda x: x["covariance"]["seconds"]), abs=0.1)
@@ -81,6 +83,22 @@ def test_a_direct_run_is_compared_with_the_extrapolation_stage_by_stage():
                                                  "scores": 180.3}}
     assert benchmark.measured_over_extrapolated(direct, extrapolated) == {
         "covariance": 2.52, "lambda": 0.78, "eigendecomposition": 0.81, "scores": 1.13, "stages": 1.07}
+
+
+def test_each_configuration_is_warmed_up_untimed_before_its_timed_runs(monkeypatch):
+    calls = []
+
+    def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args):
+        calls.append((name, len(raw_train), len(raw_queries_fast), args.profile))
+        return {"num_train": len(raw_train)}, None
+    monkeypatch.setattr(benchmark, "run_config", run_config)
+    monkeypatch.setattr(benchmark, "full_scale", lambda result, small: {"seconds": 1.0})
+    rows = Dataset.from_dict({"x": list(range(1_000))})
+    result, _ = benchmark.run_config_at_full_scale("fast", None, None, rows, rows, rows,
+                                                   argparse.Namespace(fit_rows=8, profile=True))
+    # two factor batches of 256 and 4 queries, never profiled; then the timed runs on --fit_rows and all rows
+    assert calls == [("fast", 512, 4, False), ("fast", 8, 1_000, True), ("fast", 1_000, 1_000, True)]
+    assert result["warm_up_seconds"] >= 0 and result["fit_subset"] == {"num_train": 8}
 
 
 def test_tokenizer_from_vocab_and_merges(tmp_path):

@@ -181,6 +181,7 @@ def test_worker_processes_collate_the_same_batches(setup):
 
 
 def test_loader_workers_default_to_none_on_a_cpu_and_keep_a_core_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(utils.os, "cpu_count", lambda: 3)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "unset")  # so that the undo removes what loader_workers sets
     monkeypatch.delenv("TOKENIZERS_PARALLELISM")
@@ -189,6 +190,10 @@ def test_loader_workers_default_to_none_on_a_cpu_and_keep_a_core_on_a_gpu(monkey
     assert utils.loader_workers(None, torch.device("cuda")) == 2
     assert utils.os.environ["TOKENIZERS_PARALLELISM"] == "false"  # before the workers fork
     assert utils.loader_workers(1, torch.device("cpu")) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # three torchrun processes share the three cores: no workers
+    assert utils.loader_workers(None, torch.device("cuda")) == 0
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's setting stands
+    assert utils.loader_workers(2, torch.device("cuda")) == 2 and utils.os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 # --------------------------------------------------------------------------------------------

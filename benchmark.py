@@ -34,6 +34,10 @@ cost follows the line through both sizes, so that fixed costs are counted once; 
 of timing alone, and for each training variant a third, profiled pass with the GPU's busy time (a step far
 longer than it is overhead-bound).
 
+Killed, a rerun of the same command (on the same GPU and software) goes on from where it stopped: the timed
+training's weights and each finished configuration's scores are kept under --work_dir, its timings in --output. To
+measure anew, pass another --output or --work_dir.
+
 `--direct` measures instead of extrapolating: it runs `analyze.py --fast` in a process of its own, as a user
 does, on the benchmark's weights and the training file's rows repeated to --direct_train (default 73,536) ×
 --direct_queries (default 2,000) queries, and records the wall clock and each stage's seconds and peak memory
@@ -45,6 +49,7 @@ does, on the benchmark's weights and the training file's rows repeated to --dire
 
 import copy
 import gc
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -64,6 +69,7 @@ import transformers
 from datasets import concatenate_datasets
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForMultipleChoice,
     AutoTokenizer,
@@ -587,6 +593,20 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
 
 
+RESUME_DIR = "resume"  # under --work_dir, per command: the timed weights and each finished configuration's scores
+
+
+def earlier_results(path: Path, out: dict) -> dict:
+    """The results an interrupted invocation of the same command on the same GPU and software left in --output, which
+    this one goes on from (its finished configurations are reused); {} otherwise, and the file is written anew."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(earlier.get(key) == out[key] for key in ("command", "gpu", "torch", "transformers", "kronfluence"))
+    return earlier if same else {}
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -605,8 +625,20 @@ def main(argv=None):
     if world > 1:
         torch.distributed.init_process_group("gloo")  # barrier and gather only; each process trains alone
         out["processes"] = world
-    if args.train_steps:
+    earlier = earlier_results(args.output, out) if world == 1 else {}
+    resume_dir = args.work_dir / RESUME_DIR / hashlib.sha256(out["command"].encode()).hexdigest()[:12]  # per command
+    weights_dir = resume_dir / "trained"
+    reuse = bool(earlier) and (not args.train_steps or ("retrain_50pct_swag_s" in earlier
+                                                        and (weights_dir / WEIGHTS_FILE).exists()))
+    if args.train_steps and reuse:  # the timed weights of the interrupted invocation, which its configurations scored
+        out["training"], out["retrain_50pct_swag_s"] = earlier["training"], earlier["retrain_50pct_swag_s"]
+        model = AutoModelForMultipleChoice.from_pretrained(weights_dir).eval()
+        logger.info("resuming %s: its training timings and weights (%s) are reused", args.output, weights_dir)
+    elif args.train_steps:
         model = time_training_variants(model, tokenizer, raw["train"], args, out, rank)
+        if rank == 0:
+            with atomic_output(weights_dir) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank > 0:
@@ -614,9 +646,16 @@ def main(argv=None):
     results, scores = {}, {}
     out["configs"] = results
     for name in args.configs:
-        results[name], scores[name] = run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries,
-                                                               raw_queries_fast, args)
-        write_json(args.output, out)  # an interrupted benchmark keeps what it measured
+        saved = resume_dir / f"scores_{name}.safetensors"
+        if reuse and name in (earlier.get("configs") or {}) and saved.exists():
+            results[name], scores[name] = earlier["configs"][name], load_file(str(saved))[SCORES_KEY]
+            logger.info("%s: reusing the interrupted invocation's timings and scores", name)
+        else:
+            results[name], scores[name] = run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries,
+                                                                   raw_queries_fast, args)
+            with atomic_output(saved) as tmp:
+                save_file({SCORES_KEY: scores[name].contiguous()}, str(tmp))
+        write_json(args.output, out)  # an interrupted benchmark keeps what it measured; a rerun goes on from here
     compare_configs(out, results, scores, args.num_queries)
     write_json(args.output, out)
     if args.direct:

@@ -68,6 +68,52 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     assert saved["retrain_50pct_swag_s"] == saved["training"]["eager"]["retrain_50pct_swag_seconds"]
 
 
+@pytest.mark.slow
+def test_a_killed_benchmark_goes_on_from_its_finished_configurations(tmp_path, swag_files, monkeypatch):
+    tok = tmp_path / "tokenizer"
+    build_demo_tokenizer(make_demo_dataset()).save_pretrained(tok)
+    out = tmp_path / "bench.json"
+    argv = ["--tokenizer_dir", str(tok), "--train_file", swag_files, "--validation_file", swag_files, "--num_train", "16",
+            "--num_queries", "4", "--num_fast_queries", "8", "--train_steps", "1", "--architecture", "tiny",
+            "--configs", "reference_fp32", "fast", "--output", str(out), "--work_dir", str(tmp_path / "w")]
+    original, ran = benchmark.run_config_at_full_scale, []
+
+    def killed_at_fast(name, *args):
+        if name == "fast":
+            raise RuntimeError("killed")
+        return original(name, *args)
+    monkeypatch.setattr(benchmark, "run_config_at_full_scale", killed_at_fast)
+    with pytest.raises(RuntimeError, match="killed"):
+        benchmark.main(argv)
+    first = json.loads(out.read_text())
+    assert list(first["configs"]) == ["reference_fp32"]
+
+    def counting(name, *args):
+        ran.append(name)
+        return original(name, *args)
+    monkeypatch.setattr(benchmark, "run_config_at_full_scale", counting)
+    monkeypatch.setattr(benchmark, "time_training_variants", lambda *args: pytest.fail("the training was timed again"))
+    result = benchmark.main(argv)
+    assert ran == ["fast"]  # reference_fp32 and the training come from the killed invocation
+    assert result["training"] == first["training"]
+    assert result["configs"]["reference_fp32"]["full_scale"] == first["configs"]["reference_fp32"]["full_scale"]
+    # fast's agreement is computed against the kept fp32 scores of the same (kept) weights
+    assert result["configs"]["fast"]["vs_reference_fp32"]["nonfinite_scores"] == 0
+    assert json.loads(out.read_text())["configs"].keys() == {"reference_fp32", "fast"}
+
+
+def test_only_the_same_command_on_the_same_gpu_and_software_is_resumed(tmp_path):
+    out = {"command": "python benchmark.py --x", "gpu": "H200", "torch": "2", "transformers": "5", "kronfluence": "1"}
+    path = tmp_path / "bench.json"
+    assert benchmark.earlier_results(path, out) == {}  # none
+    path.write_text("{")
+    assert benchmark.earlier_results(path, out) == {}  # unreadable
+    path.write_text(json.dumps({**out, "configs": {"fast": {}}}))
+    assert benchmark.earlier_results(path, out)["configs"] == {"fast": {}}
+    for key, other in (("command", "python benchmark.py --y"), ("gpu", "H100"), ("kronfluence", "2")):
+        assert benchmark.earlier_results(path, {**out, key: other}) == {}
+
+
 def test_extrapolation_counts_a_fixed_cost_once():
     """Along the rows: proportional to one size; with two, the fixed cost once and the per-row cost times the rows."""
     assert benchmark.along_rows(2.0, 1_000) == pytest.approx(2.0 * 73.536)

@@ -31,6 +31,7 @@ model's rows are first divided by their per-query standard deviation (`--combine
 evaluate_lds.py evaluates the result like any single model's scores.
 """
 
+import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
 from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.factor.eigen import load_eigendecomposition, load_lambda_matrices
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 from fast_kernels import fast_factor_kernels
@@ -67,6 +69,7 @@ from formats import (
     save_fit,
     save_scores,
 )
+from fused_scores import model_weights
 from influence import (
     BACKENDS,
     FACTOR_STAGES,
@@ -90,6 +93,7 @@ from pipeline import (
     require_labels,
     resolve_data_args,
 )
+from source import Segment, learning_rate_shares
 from task import MultipleChoiceTask
 from utils import (
     LOADER_WORKERS,
@@ -174,6 +178,10 @@ def parse_args(argv=None):
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")
     if args.max_memory_gb is not None and not torch.cuda.is_available():
         parser.error("--max_memory_gb caps GPU memory, and this machine has no GPU; drop it")
+    if args.self_influence and args.source_horizon:
+        parser.error("--source_horizon scores queries against training rows; drop --self_influence")
+    if args.combine and args.source_horizon:
+        parser.error("--combine reads scores directories; drop --source_horizon")
     if args.self_influence and args.query_gradient_rank > 0:
         parser.error("--self_influence uses full-rank gradients; drop --query_gradient_rank")
     if args.combine and args.checkpoint_epoch:
@@ -319,11 +327,13 @@ class Outputs:
         write_json(self.factors_dir / METADATA_FILE, {"checkpoint": self.checkpoint, **self.factor_provenance,
                                                       "completed_stages": self.completed, **self.fit})
 
-    def claim(self, stack: ExitStack, overwrite: bool) -> tuple:
-        """Lock both directories, check what they were computed from, and record this run's provenance before any
-        work. Returns (finished factor stages, whether the scores can be reused)."""
+    def claim(self, stack: ExitStack, overwrite: bool, scores: bool = True) -> tuple:
+        """Lock both directories (the factors' alone without `scores`), check what they were computed from, and
+        record this run's provenance before any work. Returns (finished factor stages, whether the scores can be
+        reused)."""
         output_lock(self.factors_dir, stack)
-        output_lock(self.scores_dir, stack)
+        if scores:
+            output_lock(self.scores_dir, stack)
         saved = check_provenance(self.factors_dir, self.factor_provenance, overwrite,
                                  "pass --overwrite to recompute it (or delete it)")
         finished = saved.get("completed_stages", [])
@@ -338,6 +348,9 @@ class Outputs:
                     "stages": {stage: saved.get("stages", {}).get(stage) for stage in self.completed}}
         check_factor_files(self.factors_dir, self.completed,
                            f"delete {self.factors_dir} or pass --overwrite to refit the factors")
+        if not scores:
+            self.record_factors()
+            return list(self.completed), False
         saved = check_provenance(self.scores_dir, self.provenance, overwrite,
                                  "delete it to recompute the scores alone, or pass --overwrite to refit the factors too")
         reuse = self.reusable_scores(saved)
@@ -365,12 +378,14 @@ class Outputs:
         return True
 
 
-def outputs_of(args, data, analyzer, config: AnalysisConfig) -> Outputs:
+def outputs_of(args, data, analyzer, config: AnalysisConfig, earlier: list = ()) -> Outputs:
     f_name = config.factors_name(args.max_train_samples)
     s_name = config.scores_name(args.max_train_samples, args.num_queries)
     factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
                          "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
     kind = {"kind": "self_influence"} if args.self_influence else {"query_fingerprint": data.fingerprint["queries"]}
+    if earlier:  # SOURCE's scores depend on the earlier segments' models too
+        kind["source_weights_sha256"] = [file_sha256(Path(directory) / WEIGHTS_FILE) for directory in earlier]
     return Outputs(analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name), f_name, s_name,
                    str(args.checkpoint_dir.resolve()), factor_provenance, {**factor_provenance, **kind},
                    args.self_influence)
@@ -389,15 +404,18 @@ def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings
             "damping_factor": args.damping_factor, "scoring": args.scoring, "fast": args.fast,
             "dropout_ensemble": args.dropout_ensemble, **({"dropout_rate": args.dropout_rate,
                                                            "dropout_seed": args.dropout_seed} if args.dropout_ensemble else {}),
+            "source_horizon": args.source_horizon, "source_segments": args.source_segments,
             "num_processes": dist.get_world_size() if dist.is_initialized() else 1,
             "batch_sizes": {"factor": args.factor_batch_size, "query": args.query_batch_size,
                             "train": args.train_batch_size},
             **timings}
 
 
-def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
+def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = None,
+                 factors_only: bool = False) -> Path:
     """Fit the factors and compute the scores, resuming what an interrupted run with the same settings finished;
-    the output directories stay locked (by rank 0) until `stack` closes."""
+    the output directories stay locked (by rank 0) until `stack` closes. Returns the scores directory (the factors
+    directory with `factors_only`). `source`: SOURCE's earlier segments and shares (earlier_segments)."""
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
@@ -410,9 +428,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
                                                     pin_memory=device.type == "cuda"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     config = AnalysisConfig.from_args(args)
-    outputs = outputs_of(args, data, analyzer, config)
+    earlier = source["checkpoints"] if source else []
+    outputs = outputs_of(args, data, analyzer, config, earlier)
     f_name, s_name = outputs.factors_name, outputs.scores_name
-    outputs.completed[:], reuse_scores = on_rank_zero(lambda: outputs.claim(stack, args.overwrite))
+    outputs.completed[:], reuse_scores = on_rank_zero(lambda: outputs.claim(stack, args.overwrite, not factors_only))
     if args.max_memory_gb and device.type == "cuda":
         limit_gpu_memory(args.max_memory_gb, device)
 
@@ -421,7 +440,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
                                         outputs.record_factors, args.factor_batch_size)
-    factors_seconds = time.perf_counter() - started
+    scores_started = time.perf_counter()
+    factors_seconds = scores_started - started + (source["factor_seconds"] if source else 0)  # SOURCE: all segments'
+    if factors_only:
+        return outputs.factors_dir
     # each stage records its own peak (and resets the counter); the fused plan resets it too
     factors_peak = max([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
                         *(how["peak_gpu_memory_gib"] * 2**30 for how in outputs.fit["stages"].values()
@@ -435,16 +457,25 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     else:
         logger.info("scores: %s (%s)", f"self-influence of {len(data.train)} training rows" if args.self_influence
                     else f"{len(data.queries)} queries × {len(data.train)} training rows", args.scoring)
+        segments = None
+        if config.source_horizon:  # the earlier segments, then the analysed model's own
+            weights = {name: p.detach().clone() for name, p in model_weights(model).items()}
+            segments = [*(Segment(w, load_factors(directory), share) for w, directory, share in
+                          zip(source["weights"], source["factors_dirs"], source["shares"])),
+                        Segment(weights, analyzer.load_all_factors(f_name), source["shares"][-1])]
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
-                         args.query_batch_size, rank, workers)
+                         args.query_batch_size, rank, workers, segments)
         scores, sizes = compute_scores(job, scores_dir)
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             timings = {"seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
-                                   "scores": round(time.perf_counter() - started - factors_seconds, 2)},
+                                   "scores": round(time.perf_counter() - scores_started, 2)},
                        "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after OOM halving
                        "peak_gpu_memory_gib": round(peak / 2**30, 2) if peak is not None else None}
             trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
+            if source:
+                timings["source"] = {"horizon": args.source_horizon, "shares": source["shares"],
+                                     "checkpoints": [*map(str, source["checkpoints"]), outputs.checkpoint]}
             write_json(scores_dir / METADATA_FILE, scores_metadata(args, data, outputs, trained, scores, timings))
 
     # 3. what the user reads: the suspicious rows, or a query's top proponents and opponents
@@ -460,6 +491,44 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack) -> Path:
     return scores_dir
 
 
+def load_factors(factors_dir: Path) -> dict:
+    """EK-FAC's factors as fitted in `factors_dir` (its eigendecomposition and lambda matrices)."""
+    return {**load_eigendecomposition(factors_dir), **load_lambda_matrices(factors_dir)}
+
+
+def earlier_segments(args, run_dir: Path, tokenizer, data) -> dict:
+    """SOURCE's segments before the analysed model: for each epoch checkpoint that ends one, its weights and its
+    factors (fitted here as analyze.py --checkpoint_epoch would fit them, or reused), and every segment's share of
+    the run's summed learning rate (source.learning_rate_shares)."""
+    source = {"checkpoints": [], "weights": [], "factors_dirs": [], "shares": [1.0], "factor_seconds": 0.0}
+    if args.source_segments == 1:
+        return source
+    trained = read_json(run_dir / TRAINING_ARGS_FILE, "training arguments")
+    epochs = trained.get("num_train_epochs")
+    analysed = args.checkpoint_epoch or epochs
+    if not analysed or args.source_segments > analysed:
+        raise UserError(f"--source_segments {args.source_segments}: the analysed model ends epoch {analysed} of its "
+                        f"run in {run_dir}, so it has at most {analysed} segments; lower --source_segments")
+    scheduler = (trained.get("recipe") or {}).get("lr_scheduler", "constant")
+    source["shares"] = learning_rate_shares(epochs, analysed, args.source_segments, scheduler)
+    directories = [epoch_checkpoint(run_dir, epoch) for epoch in range(analysed - args.source_segments + 1, analysed)]
+    for directory in directories if not args.allow_other_train_rows else ():  # all checked before any work
+        check_trained_rows(directory, data)
+    for directory in directories:
+        model, _ = load_checkpoint(directory)
+        logger.info("SOURCE: the factors of segment %d of %d (%s)", len(source["checkpoints"]) + 1,
+                    args.source_segments, shown_path(directory))
+        started = time.perf_counter()
+        with ExitStack() as locks:
+            factors_dir = run_analysis(argparse.Namespace(**{**vars(args), "checkpoint_dir": directory}), model,
+                                       tokenizer, data, locks, factors_only=True)
+        source["factor_seconds"] += time.perf_counter() - started
+        source["checkpoints"].append(directory)
+        source["weights"].append({name: p.detach().cpu().clone() for name, p in model_weights(model).items()})
+        source["factors_dirs"].append(factors_dir)
+    return source
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose or args.profile)  # kronfluence logs its profile at INFO
@@ -468,6 +537,7 @@ def main(argv=None):
     if args.combine:
         return combine_scores(args.combine, args.combine_mode, args.output_dir)
     finish_interrupted_swaps(args.checkpoint_dir)  # a train.py killed while swapping its checkpoint in
+    run_dir = args.checkpoint_dir
     if args.checkpoint_epoch:
         args.checkpoint_dir = epoch_checkpoint(args.checkpoint_dir, args.checkpoint_epoch)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
@@ -483,8 +553,10 @@ def main(argv=None):
     external_group = dist.is_initialized()  # a caller's process group is left alone at the end
     if args.use_ddp and not dist.is_initialized():
         init_process_group()
+    # SOURCE's earlier segments first: their factors, each as its own analysis would fit them
+    source = earlier_segments(args, run_dir, tokenizer, data) if args.source_horizon else None
     with ExitStack() as locks:
-        scores_dir = run_analysis(args, model, tokenizer, data, locks)
+        scores_dir = run_analysis(args, model, tokenizer, data, locks, source)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
         dist.barrier()                                 # in a gloo collective can abort it. (kronfluence's State
         dist.destroy_process_group()                   # still counts the ranks: main runs once per process.)

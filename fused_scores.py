@@ -118,6 +118,23 @@ class PerExampleGradients:
         return weight, (output_grad.sum(dim=1) if has_bias else None)
 
 
+def model_weights(model: nn.Module) -> dict:
+    """The model's parameters by their own names (without kronfluence's wrappers and the constants they add)."""
+    return {name.replace(".original_module", ""): p for name, p in model.named_parameters()
+            if not name.endswith("._constant")}
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, weights: dict) -> None:
+    """Copy `weights` (model_weights's names) into the model's parameters, every one of them."""
+    params = model_weights(model)
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise ValueError(f"the weights lack {missing[:3]}")
+    for name, p in params.items():
+        p.copy_(weights[name])
+
+
 def with_bias_column(weight: torch.Tensor, bias) -> torch.Tensor:
     """kronfluence's layout: the bias gradient as the last input column."""
     return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
@@ -206,20 +223,28 @@ class FusedScorer:
     """The per-module state of the fused pass: tracked modules, prepared factors, hooks, query gradients."""
 
     def __init__(self, model, task, factors: dict, strategy: str, score_args, collator, device: torch.device,
-                 num_workers: int = 0):
+                 num_workers: int = 0, precondition=None, query_weights: dict = None):
         names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
         self.model, self.task, self.collator, self.device, self.score_args = model, task, collator, device, score_args
         self.num_workers = num_workers
         self.modules = tracked_linears(model, names)
-        self.storages = prepared_storages(factors, strategy, names, score_args, device)
         self.config = FactorConfig.CONFIGS[strategy]
+        if precondition is None:  # kronfluence's own preconditioning of the strategy
+            storages = prepared_storages(factors, strategy, names, score_args, device)
+            precondition = lambda name, gradient: self.config.precondition_gradient(  # noqa: E731
+                gradient=gradient, storage=storages[name])
+        self.precondition = precondition
+        # the query side's weights, when they are not the training side's (source.py: the analysed model's queries
+        # against an earlier checkpoint's training gradients)
+        self.query_weights = query_weights
+        self.train_weights = ({name: p.detach().clone() for name, p in model_weights(model).items()}
+                              if query_weights is not None else None)
         self.hooks = PerExampleGradients(self.modules, score_args.per_sample_gradient_dtype)
         self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
 
     def _precondition(self, name, weight, bias):
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
-        return self.config.precondition_gradient(gradient=gradient, storage=self.storages[name]).to(
-            self.score_args.score_dtype)
+        return self.precondition(name, gradient).to(self.score_args.score_dtype)
 
     def _keep_query(self, name, weight, bias):
         gradient = self._precondition(name, weight, bias)
@@ -295,8 +320,14 @@ class FusedScorer:
             self.filled[name] = 0
         # kronfluence: the query side in the per-sample gradient dtype, the training side in the score dtype
         self.hooks.callback, self.hooks.dtype = self._keep_query, self.score_args.per_sample_gradient_dtype
-        for start in range(0, len(chunk), plan.query_micro):
-            self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))), measurement=True)
+        if self.query_weights is not None:
+            load_weights(self.model, self.query_weights)
+        try:
+            for start in range(0, len(chunk), plan.query_micro):
+                self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))), measurement=True)
+        finally:
+            if self.query_weights is not None:
+                load_weights(self.model, self.train_weights)
         if any(count != len(chunk) for count in self.filled.values()):
             raise RuntimeError(f"query gradients reached {sorted(set(self.filled.values()))} of {len(chunk)} rows")
         query_seconds = clock.lap()
@@ -374,14 +405,18 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
-                          timings: dict = None, num_workers: int = 0):
+                          timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a pass halves the pass (then the micro-batches) and redoes that pass alone.
     `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan.
-    `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it)."""
+    `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it).
+    `precondition(module name, gradient)`, if given, replaces the strategy's preconditioning of the query gradients
+    (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
+    query gradients are taken at, the model's own being the training side's."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
-    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers)
+    scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
+                         query_weights)
     q_order, t_order = longest_first(query_dataset), longest_first(train_dataset)
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)

@@ -41,7 +41,8 @@ from formats import (
 )
 from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import decode_choices, model_logits
-from utils import UserError, at_least, halving_on_oom, seed_value
+from source import source_pairwise_scores
+from utils import UserError, at_least, halving_on_oom, positive_float, seed_value
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,16 @@ def add_method_args(parser) -> None:
                             "are scaled by 1 / (1 - rate), as in dropout).")
     group.add_argument("--dropout_seed", type=seed_value, default=None,
                        help="With --dropout_ensemble: the seed of the masks (default 0); other masks reuse the factors.")
+    group.add_argument("--source_horizon", type=positive_float, default=None, metavar="T",
+                       help="SOURCE (source.py): EK-FAC's inverse replaced by the unrolled training's "
+                            "(1 - exp(-c lambda)) / lambda, c = T x the segment's share of the run's learning rate / "
+                            "the module's mean eigenvalue (T: the whole run's summed step; needs --factor_strategy "
+                            "ekfac, scores with --scoring fused).")
+    group.add_argument("--source_segments", type=at_least(1), default=1, metavar="N",
+                       help="With --source_horizon: the run as N segments, the last ending at the analysed model and "
+                            "the others at the epoch checkpoints train.py --save_epochs kept before it, each with its "
+                            "own factors (fitted here, or reused from analyze.py --checkpoint_epoch) and its own "
+                            "training gradients (default 1: the analysed model alone).")
 
 
 def resolve_method_args(parser, args) -> None:
@@ -102,7 +113,9 @@ def resolve_method_args(parser, args) -> None:
         parser.error("--fast scores with --scoring fused; drop --scoring kronfluence (or --fast)")
     if args.fast:
         args.use_half_precision = args.fp32_accumulation = True
-    args.scoring = args.scoring or ("fused" if args.fast else "kronfluence")
+    if args.source_horizon and args.scoring == "kronfluence":
+        parser.error("--source_horizon scores with --scoring fused; drop --scoring kronfluence")
+    args.scoring = args.scoring or ("fused" if args.fast or args.source_horizon else "kronfluence")
     if not np.isfinite(args.damping_factor) or args.damping_factor == 0:
         parser.error(f"argument --damping_factor: must be a positive number, or negative for the heuristic; "
                      f"got {args.damping_factor}")
@@ -114,6 +127,14 @@ def resolve_method_args(parser, args) -> None:
     args.dropout_seed = args.dropout_seed or 0
     if not 0 < args.dropout_rate < 1:
         parser.error(f"argument --dropout_rate: must be between 0 and 1 (exclusive); got {args.dropout_rate}")
+    if args.source_segments > 1 and not args.source_horizon:
+        parser.error("--source_segments splits SOURCE's run; add --source_horizon T (or drop it)")
+    if args.source_horizon:
+        for clash, given in (("--factor_strategy other than ekfac", args.factor_strategy != "ekfac"),
+                             ("--damping_factor (SOURCE needs no damping)", args.damping_factor != 1e-8),
+                             ("--dropout_ensemble", bool(args.dropout_ensemble))):
+            if given:
+                parser.error(f"--source_horizon is EK-FAC's, undamped, on the model itself: drop {clash}")
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
 
@@ -136,6 +157,8 @@ class AnalysisConfig:
     dropout_ensemble: Optional[int] = None  # members, each scored with its own weight mask
     dropout_rate: float = DROPOUT_RATE
     dropout_seed: int = 0
+    source_horizon: Optional[float] = None  # SOURCE (source.py) in place of EK-FAC's damped inverse
+    source_segments: int = 1
 
     @classmethod
     def from_args(cls, args) -> "AnalysisConfig":
@@ -162,6 +185,8 @@ class AnalysisConfig:
         if self.dropout_ensemble:
             name += f"_drop{self.dropout_ensemble}x{self.dropout_rate!r}" + (f"s{self.dropout_seed}"
                                                                             if self.dropout_seed else "")
+        if self.source_horizon:
+            name += f"_source{self.source_horizon:g}" + (f"x{self.source_segments}" if self.source_segments > 1 else "")
         return name + ("" if self.scoring == "kronfluence" else f"_{self.scoring}")  # the reference has no suffix
 
     def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
@@ -274,6 +299,7 @@ class ScoringJob:
     query_batch_size: int
     rank: int = 0
     num_workers: int = 0  # DataLoader processes collating the training batches (utils.loader_workers)
+    segments: Optional[list] = None  # with --source_horizon: source.Segment per segment, the analysed model's last
 
     @property
     def device(self) -> torch.device:
@@ -372,6 +398,8 @@ def masked_weights(model: torch.nn.Module, masks: dict):
 def score(job: ScoringJob) -> tuple:
     """The job's pairwise or self-influence scores and the batch sizes that fitted: by its backend, or with
     --dropout_ensemble the mean of the members' scores, each member the backend's scores of a masked model."""
+    if job.config.source_horizon:
+        return source_scores(job)
     backend = BACKENDS[job.config.scoring]
     run = backend.self_influence if job.config.self_influence else backend.pairwise
     members = job.config.dropout_ensemble
@@ -388,6 +416,17 @@ def score(job: ScoringJob) -> tuple:
         # out of memory (the fused backend plans each pass from the memory free at the time)
         job = dataclasses.replace(job, **{k: v for k, v in sizes.items() if k in ("train_batch_size", "query_batch_size")})
     return (total / members).float(), sizes
+
+
+def source_scores(job: ScoringJob) -> tuple:
+    """SOURCE's pairwise scores over the job's segments (one fused pass per segment)."""
+    torch.manual_seed(stage_seed(job.config.seed, "scores", job.rank))
+    plan = {}
+    scores = source_pairwise_scores(job.model.to(job.device), job.analyzer.task, job.segments, job.config.source_horizon,
+                                    job.config.score_arguments(), job.data.queries, job.data.train, job.collator,
+                                    job.query_batch_size, job.train_batch_size, job.device, timings=plan,
+                                    num_workers=job.num_workers)
+    return scores, {key: plan[key] for key in ("train_micro_batch", "query_micro_batch", "queries_per_pass")}
 
 
 def compute_scores(job: ScoringJob, scores_dir: Path) -> tuple:

@@ -7,17 +7,21 @@
 #     the GPU's memory ("gpu_shared"; the final model's variants share its factors, whose lock lets them in one
 #     at a time, while the two epoch models run beside them); combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
+#   source: SOURCE (source.py) on seed 1004 alone: fast EKFAC of its final, epoch-1 and epoch-2 models one at a time
+#     (the epoch models' factors are SOURCE's earlier segments), SOURCE over 3 segments at horizon 10 alone (its
+#     seconds its own), then the horizon sweep (1 and 3 segments; 2 at two horizons) at once -> OUT/source.json
+#     (its lds.json files in OUT/lds_source)
 #   seeds: fast EKFAC of the final and the epoch-1 models of all 8 seeds (8 at once; seed 1004's finished ones
 #     reused), then the 8-seed ensembles of the final models, of the epoch-1 models, and of both, evaluated the
 #     same way -> OUT/seeds.json (its lds.json files in OUT/lds_seeds, the one part's in OUT/lds)
 # A failed step stops the part; the models go to checkpoints/methods_s<seed> (with their _epoch1, _epoch2).
-# Usage: bash results/methods_anetcap_minilm.sh one|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
+# Usage: bash results/methods_anetcap_minilm.sh one|source|seeds MODEL_DIR DATA_DIR OUT_DIR RUNS_DIR [REPEATS]
 set -euo pipefail
-PART=${1:?one or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; RUNS_DIR=${5:?runs dir}
+PART=${1:?one, source or seeds}; MODEL=${2:?model dir}; DATA=${3:?anetcap dir}; OUT=${4:?output dir}; RUNS_DIR=${5:?runs dir}
 N=${6:-5}
-LDS_OUT=$OUT/lds; [ "$PART" = seeds ] && LDS_OUT=$OUT/lds_seeds  # both parts evaluate fast_ekfac and epoch1
+LDS_OUT=$OUT/lds; [ "$PART" = one ] || LDS_OUT=$OUT/lds_$PART  # every part evaluates fast_ekfac and epoch1
 source results/anetcap_minilm_common.sh
-SEEDS=$(seq 1004 1011)
+SEEDS=$(seq 1004 1011); [ "$PART" = source ] && SEEDS=1004
 declare -A METHODS  # method name -> scores directories (one, or the members of an ensemble, space-separated)
 declare -A SHARED   # methods whose analyses ran beside others on the GPU (their seconds include the sharing)
 
@@ -78,8 +82,11 @@ for first in methods.values():
         fit_seconds[fit_key(meta)] = max(fit_seconds.get(fit_key(meta), 0), meta["seconds"]["factors"])
 
 def gpu_seconds(scores_dir):
-    """Seconds of the factor fit and of the scores (analyze.py's metadata); an ensemble's: the sum over members."""
-    return sum(fit_seconds[fit_key(meta)] + meta["seconds"]["scores"] for meta in leaves(scores_dir))
+    """Seconds of the factor fits and of the scores (analyze.py's metadata); an ensemble's: the sum over members;
+    SOURCE's: the fits of all its segments' models."""
+    return sum(sum(fit_seconds[(checkpoint, meta["factors_name"])]
+                   for checkpoint in (meta.get("source") or {}).get("checkpoints", [meta["checkpoint"]]))
+               + meta["seconds"]["scores"] for meta in leaves(scores_dir))
 
 def fine_tune_seconds(scores_dir):
     """train_seconds of each distinct fine-tuning run behind the scores (an epoch checkpoint is its run's)."""
@@ -142,6 +149,23 @@ if [ "$PART" = one ]; then
   METHODS[checkpoints_e123_std]=$(cat logs/one_c3.txt)
   for method in epoch1 epoch2 checkpoints_e23_mean checkpoints_e123_mean checkpoints_e123_std; do SHARED[$method]=1; done
   evaluate; collect one
+elif [ "$PART" = source ]; then
+  t=$(date +%s.%N)
+  PLAIN=$(fast ${CK}1004); METHODS[fast_ekfac]=$PLAIN
+  METHODS[epoch1]=$(fast ${CK}1004_epoch1); METHODS[epoch2]=$(fast ${CK}1004_epoch2)
+  METHODS[source_10x3]=$(fast ${CK}1004 --source_horizon 10 --source_segments 3)
+  echo "seed 1004's fast EKFAC, its epoch models and SOURCE 10 x 3, one at a time: $(since "$t") s"
+  t=$(date +%s.%N); pids=(); declare -A FLAGS=()
+  for T in 1 10 100 1000; do FLAGS[source_$T]="--source_horizon $T"; done
+  for T in 1 100 1000; do FLAGS[source_${T}x3]="--source_horizon $T --source_segments 3"; done
+  for T in 10 100; do FLAGS[source_${T}x2]="--source_horizon $T --source_segments 2"; done
+  m=$(gpu_split ${#FLAGS[@]})
+  for method in "${!FLAGS[@]}"; do
+    fast ${CK}1004 ${FLAGS[$method]} $m > "logs/source_$method.txt" & pids+=($!); SHARED[$method]=1
+  done; wait_all "${pids[@]}"
+  for method in "${!FLAGS[@]}"; do METHODS[$method]=$(cat "logs/source_$method.txt"); done
+  echo "the other ${#FLAGS[@]} SOURCE settings, at once: $(since "$t") s"
+  evaluate; collect source
 else
   t=$(date +%s.%N); pids=()
   for s in $SEEDS; do  # 8 at once, each its share of the GPU

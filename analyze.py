@@ -6,6 +6,7 @@
     python analyze.py --checkpoint_dir checkpoints/swag --fast                  # the fast path
     python analyze.py --checkpoint_dir checkpoints/swag --fast --checkpoint_epoch 1   # train.py --save_epochs
     python analyze.py --checkpoint_dir checkpoints/swag --fast --dropout_ensemble 4   # 4 sub-networks, averaged
+    python analyze.py --checkpoint_dir checkpoints/swag --fast --source_horizon 10 --source_segments 3   # SOURCE
     python analyze.py --combine scores/seed1/scores_ekfac_n73536_q2000 scores/seed2/scores_ekfac_n73536_q2000
     torchrun --standalone --nnodes=1 --nproc-per-node=2 analyze.py --checkpoint_dir checkpoints/swag --use_ddp
 
@@ -24,6 +25,9 @@ fused` with kronfluence fitting the covariance and lambda factors through fast_k
 
 `--dropout_ensemble K` averages the scores of K random sub-networks of the model (a fixed mask on the weights of
 every nn.Linear per member, `--dropout_rate` of them dropped); the factors are the plain model's, fitted once.
+
+`--source_horizon T [--source_segments N]` is SOURCE (source.py): EK-FAC's inverse replaced by unrolled training's
+matrix function, over the last N segments of a train.py --save_epochs run, each with its own checkpoint's factors.
 
 `--combine` averages the scores of several models (e.g. fine-tuned with different `train.py --seed`)
 on the same data into `<output_dir>/ensembles/scores_<name>_ens<K><std|mean>_<id>/`: by default each

@@ -180,8 +180,10 @@ def scores_summary(meta: dict, scores_dir: Path, shape, corrupted: list) -> dict
         "data": {k: v for k, v in meta["data"].items() if v not in (None, False, 0, 0.0)},
         "strategy": meta.get("factor_strategy", "ensemble" if meta.get("members") else None),
         "scoring": meta.get("scoring"), "half_precision": meta.get("use_half_precision"),
-        "damping": meta.get("damping_factor"), "members": len(meta.get("members") or []) or None,
+        "damping": None if meta.get("source_horizon") else meta.get("damping_factor"),  # SOURCE has none
+        "members": len(meta.get("members") or []) or None,
         "dropout": (meta.get("dropout_ensemble"), meta.get("dropout_rate")) if meta.get("dropout_ensemble") else None,
+        "source": (meta["source_horizon"], meta.get("source_segments", 1)) if meta.get("source_horizon") else None,
         "num_train": shape[1], "num_queries": shape[0], "label_noise_rows": len(corrupted)}
 
 
@@ -222,7 +224,7 @@ ol.endings { list-style: upper-alpha; margin: .3em 0; } .gold { font-weight: 600
 <tr><th>model</th><td>{{ summary.model or "unknown" }}{% if summary.checkpoint %} <span class="muted">({{ summary.checkpoint }})</span>{% endif %}</td></tr>
 <tr><th>data</th><td>{% for k, v in summary.data.items() %}{{ k }}={{ v }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
 <tr><th>sizes</th><td>{{ summary.num_queries }} queries × {{ summary.num_train }} training rows{% if summary.label_noise_rows %} ({{ summary.label_noise_rows }} labels moved by --label_noise){% endif %}</td></tr>
-<tr><th>strategy</th><td>{{ summary.strategy }}{% if summary.members %} of {{ summary.members }} models{% endif %}{% if summary.scoring %}, {{ summary.scoring }} scoring{% endif %}{% if summary.half_precision %}, bf16{% endif %}{% if summary.damping %}, damping {{ summary.damping }}{% endif %}{% if summary.dropout %}, dropout ensemble of {{ summary.dropout[0] }} (rate {{ summary.dropout[1] }}){% endif %}</td></tr>
+<tr><th>strategy</th><td>{{ summary.strategy }}{% if summary.members %} of {{ summary.members }} models{% endif %}{% if summary.scoring %}, {{ summary.scoring }} scoring{% endif %}{% if summary.half_precision %}, bf16{% endif %}{% if summary.damping %}, damping {{ summary.damping }}{% endif %}{% if summary.dropout %}, dropout ensemble of {{ summary.dropout[0] }} (rate {{ summary.dropout[1] }}){% endif %}{% if summary.source %}, SOURCE (horizon {{ summary.source[0] }}, {{ summary.source[1] }} segment{{ "s" if summary.source[1] > 1 }}){% endif %}</td></tr>
 {% if evaluation %}<tr><th>LDS</th><td><b>{{ "%.4f"|format(evaluation.lds) }}</b> (95% CI {{ "%.4f"|format(evaluation.ci95[0]) }}–{{ "%.4f"|format(evaluation.ci95[1]) }}) over {{ evaluation.num_queries }} queries and {{ evaluation.num_masks }} masks{% if evaluation.noise_ceiling %}; noise ceiling {{ "%.4f"|format(evaluation.noise_ceiling) }}{% endif %}</td></tr>
 {% else %}<tr><th>LDS</th><td class="muted">not evaluated (run evaluate_lds.py on these scores)</td></tr>{% endif %}
 </table>

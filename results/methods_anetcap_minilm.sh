@@ -156,8 +156,8 @@ elif [ "$PART" = source ]; then
   METHODS[source_10x3]=$(fast ${CK}1004 --source_horizon 10 --source_segments 3)
   echo "seed 1004's fast EKFAC, its epoch models and SOURCE 10 x 3, one at a time: $(since "$t") s"
   t=$(date +%s.%N); pids=(); declare -A FLAGS=()
-  for T in 1 10 100 1000; do FLAGS[source_$T]="--source_horizon $T"; done
-  for T in 1 100 1000; do FLAGS[source_${T}x3]="--source_horizon $T --source_segments 3"; done
+  for T in 1 10 100 1000 10000; do FLAGS[source_$T]="--source_horizon $T"; done
+  for T in 1 100 1000 10000; do FLAGS[source_${T}x3]="--source_horizon $T --source_segments 3"; done
   for T in 10 100; do FLAGS[source_${T}x2]="--source_horizon $T --source_segments 2"; done
   m=$(gpu_split ${#FLAGS[@]})
   for method in "${!FLAGS[@]}"; do

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jinja2
 import pytest
 from conftest import TINY
 
@@ -133,3 +134,15 @@ def test_the_summary_names_a_dropout_ensemble():
     summary = report.scores_summary(meta, Path("s"), (2, 3), [])
     assert summary["dropout"] == (4, 0.1) and summary["num_train"] == 3
     assert report.scores_summary({**meta, "dropout_ensemble": None}, Path("s"), (2, 3), [])["dropout"] is None
+
+
+def test_the_summary_names_source_and_no_damping():
+    meta = {"checkpoint": "c", "data": {}, "factor_strategy": "ekfac", "scoring": "fused", "damping_factor": 1e-8,
+            "source_horizon": 10.0, "source_segments": 3}
+    summary = report.scores_summary(meta, Path("s"), (2, 3), [])
+    assert summary["source"] == (10.0, 3) and summary["damping"] is None
+    row = next(line for line in report.TEMPLATE.splitlines() if "summary.strategy" in line)
+    html = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(row).render(summary=summary)
+    assert "ekfac, fused scoring, SOURCE (horizon 10.0, 3 segments)</td>" in html and "damping" not in html
+    plain = report.scores_summary({**meta, "source_horizon": None}, Path("s"), (2, 3), [])
+    assert plain["source"] is None and plain["damping"] == 1e-8

@@ -382,14 +382,16 @@ class Outputs:
         return True
 
 
-def outputs_of(args, data, analyzer, config: AnalysisConfig, earlier: list = ()) -> Outputs:
+def outputs_of(args, data, analyzer, config: AnalysisConfig, source: dict = None) -> Outputs:
     f_name = config.factors_name(args.max_train_samples)
     s_name = config.scores_name(args.max_train_samples, args.num_queries)
     factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
                          "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
     kind = {"kind": "self_influence"} if args.self_influence else {"query_fingerprint": data.fingerprint["queries"]}
-    if earlier:  # SOURCE's scores depend on the earlier segments' models too
-        kind["source_weights_sha256"] = [file_sha256(Path(directory) / WEIGHTS_FILE) for directory in earlier]
+    if source:  # SOURCE's scores depend on its horizon and on the earlier segments' models and factors too
+        kind["source"] = {"horizon": args.source_horizon, "shares": source["shares"],
+                          "weights_sha256": [file_sha256(Path(d) / WEIGHTS_FILE) for d in source["checkpoints"]],
+                          "factors_fit_ids": source["fit_ids"]}
     return Outputs(analyzer.factors_output_dir(f_name), analyzer.scores_output_dir(s_name), f_name, s_name,
                    str(args.checkpoint_dir.resolve()), factor_provenance, {**factor_provenance, **kind},
                    args.self_influence)
@@ -432,8 +434,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
                                                     pin_memory=device.type == "cuda"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     config = AnalysisConfig.from_args(args)
-    earlier = source["checkpoints"] if source else []
-    outputs = outputs_of(args, data, analyzer, config, earlier)
+    outputs = outputs_of(args, data, analyzer, config, source)
     f_name, s_name = outputs.factors_name, outputs.scores_name
     outputs.completed[:], reuse_scores = on_rank_zero(lambda: outputs.claim(stack, args.overwrite, not factors_only))
     if args.max_memory_gb and device.type == "cuda":
@@ -445,7 +446,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
                                         outputs.record_factors, args.factor_batch_size)
     scores_started = time.perf_counter()
-    factors_seconds = scores_started - started + (source["factor_seconds"] if source else 0)  # SOURCE: all segments'
+    factors_seconds = scores_started - started
     if factors_only:
         return outputs.factors_dir
     # each stage records its own peak (and resets the counter); the fused plan resets it too
@@ -463,23 +464,23 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
                     else f"{len(data.queries)} queries × {len(data.train)} training rows", args.scoring)
         segments = None
         if config.source_horizon:  # the earlier segments, then the analysed model's own
-            weights = {name: p.detach().clone() for name, p in model_weights(model).items()}
             segments = [*(Segment(w, load_factors(directory), share) for w, directory, share in
                           zip(source["weights"], source["factors_dirs"], source["shares"])),
-                        Segment(weights, analyzer.load_all_factors(f_name), source["shares"][-1])]
+                        Segment(None, analyzer.load_all_factors(f_name), source["shares"][-1])]
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
                          args.query_batch_size, rank, workers, segments)
         scores, sizes = compute_scores(job, scores_dir)
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             timings = {"seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
-                                   "scores": round(time.perf_counter() - scores_started, 2)},
+                                   "scores": round(time.perf_counter() - scores_started, 2),
+                                   # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)
+                                   **({"source_factors": round(source["factor_seconds"], 2)} if source else {})},
                        "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after OOM halving
                        "peak_gpu_memory_gib": round(peak / 2**30, 2) if peak is not None else None}
             trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
             if source:
-                timings["source"] = {"horizon": args.source_horizon, "shares": source["shares"],
-                                     "checkpoints": [*map(str, source["checkpoints"]), outputs.checkpoint]}
+                timings["source_checkpoints"] = [*map(str, source["checkpoints"]), outputs.checkpoint]  # segments' ends
             write_json(scores_dir / METADATA_FILE, scores_metadata(args, data, outputs, trained, scores, timings))
 
     # 3. what the user reads: the suspicious rows, or a query's top proponents and opponents
@@ -504,13 +505,20 @@ def earlier_segments(args, run_dir: Path, tokenizer, data) -> dict:
     """SOURCE's segments before the analysed model: for each epoch checkpoint that ends one, its weights and its
     factors (fitted here as analyze.py --checkpoint_epoch would fit them, or reused), and every segment's share of
     the run's summed learning rate (source.learning_rate_shares)."""
-    source = {"checkpoints": [], "weights": [], "factors_dirs": [], "shares": [1.0], "factor_seconds": 0.0}
+    source = {"checkpoints": [], "weights": [], "factors_dirs": [], "fit_ids": [], "shares": [1.0],
+              "factor_seconds": 0.0}
     if args.source_segments == 1:
         return source
     trained = read_json(run_dir / TRAINING_ARGS_FILE, "training arguments")
     epochs = trained.get("num_train_epochs")
+    if trained.get("epoch") is not None:  # an epoch checkpoint given as the run
+        raise UserError(f"{run_dir} is the epoch-{trained['epoch']} model of a run: pass the run's final checkpoint "
+                        f"with --checkpoint_epoch {trained['epoch']} (its earlier epochs are found beside it)")
+    if epochs is None:
+        raise UserError(f"{run_dir} does not record its number of epochs (an older train.py); retrain it with "
+                        f"--save_epochs to use --source_segments")
     analysed = args.checkpoint_epoch or epochs
-    if not analysed or args.source_segments > analysed:
+    if args.source_segments > analysed:
         raise UserError(f"--source_segments {args.source_segments}: the analysed model ends epoch {analysed} of its "
                         f"run in {run_dir}, so it has at most {analysed} segments; lower --source_segments")
     scheduler = (trained.get("recipe") or {}).get("lr_scheduler", "constant")
@@ -530,6 +538,8 @@ def earlier_segments(args, run_dir: Path, tokenizer, data) -> dict:
         source["checkpoints"].append(directory)
         source["weights"].append({name: p.detach().cpu().clone() for name, p in model_weights(model).items()})
         source["factors_dirs"].append(factors_dir)
+        # a refit of these factors (a new fit id) makes SOURCE's scores stale: it is part of their provenance
+        source["fit_ids"].append(read_json(factors_dir / METADATA_FILE, "the factors' record").get("fit_id"))
     return source
 
 

@@ -223,7 +223,7 @@ class FusedScorer:
     """The per-module state of the fused pass: tracked modules, prepared factors, hooks, query gradients."""
 
     def __init__(self, model, task, factors: dict, strategy: str, score_args, collator, device: torch.device,
-                 num_workers: int = 0, precondition=None, query_weights: dict = None):
+                 num_workers: int = 0, precondition=None, query_weights: dict = None, train_weights: dict = None):
         names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
         self.model, self.task, self.collator, self.device, self.score_args = model, task, collator, device, score_args
         self.num_workers = num_workers
@@ -237,8 +237,9 @@ class FusedScorer:
         # the query side's weights, when they are not the training side's (source.py: the analysed model's queries
         # against an earlier checkpoint's training gradients)
         self.query_weights = query_weights
-        self.train_weights = ({name: p.detach().clone() for name, p in model_weights(model).items()}
-                              if query_weights is not None else None)
+        if query_weights is not None and train_weights is None:
+            train_weights = {name: p.detach().clone() for name, p in model_weights(model).items()}
+        self.train_weights = train_weights  # what the model holds, put back after each pass's query side
         self.hooks = PerExampleGradients(self.modules, score_args.per_sample_gradient_dtype)
         self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
 
@@ -405,18 +406,20 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
 def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, query_dataset,
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
-                          timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None):
+                          timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
+                          train_weights: dict = None):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a pass halves the pass (then the micro-batches) and redoes that pass alone.
     `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan.
     `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it).
     `precondition(module name, gradient)`, if given, replaces the strategy's preconditioning of the query gradients
     (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
-    query gradients are taken at, the model's own being the training side's."""
+    query gradients are taken at, the model's own being the training side's (`train_weights`, if given, a copy of
+    them that is put back after each pass's query side; else one is made)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
-                         query_weights)
+                         query_weights, train_weights)
     q_order, t_order = longest_first(query_dataset), longest_first(train_dataset)
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)

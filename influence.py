@@ -186,7 +186,7 @@ class AnalysisConfig:
             name += f"_drop{self.dropout_ensemble}x{self.dropout_rate!r}" + (f"s{self.dropout_seed}"
                                                                             if self.dropout_seed else "")
         if self.source_horizon:
-            name += f"_source{self.source_horizon:g}" + (f"x{self.source_segments}" if self.source_segments > 1 else "")
+            name += f"_source{self.source_horizon!r}" + (f"x{self.source_segments}" if self.source_segments > 1 else "")
         return name + ("" if self.scoring == "kronfluence" else f"_{self.scoring}")  # the reference has no suffix
 
     def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:

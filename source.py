@@ -28,6 +28,7 @@ segment, its queries preconditioned by S_L ... S_{l+1} F_l.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from kronfluence.utils.constants import (
@@ -46,7 +47,7 @@ class Segment:
     """One segment of the run: the model at its end, the EK-FAC factors fitted on that model, and its share of the
     run's summed learning rate (the shares of a run's segments add to 1)."""
 
-    weights: dict  # parameter name (the model's own names) -> tensor
+    weights: Optional[dict]  # parameter name (model_weights's names) -> tensor; None: the analysed model's own
     factors: dict  # kronfluence's factor dict: factor name -> module name -> tensor
     share: float
 
@@ -119,7 +120,8 @@ def source_pairwise_scores(model: nn.Module, task, segments: list, horizon: floa
                            train_dataset, collator, query_batch_size: int, train_batch_size: int,
                            device: torch.device, timings: dict = None, **fused) -> torch.Tensor:
     """(queries × train) float32 SOURCE scores. The query gradients come from `model` as it is (the analysed
-    model, the end of the last segment); the training gradients of segment l from segments[l].weights. One fused
+    model, the end of the last segment, whose Segment.weights may be None); the training gradients of segment l
+    from segments[l].weights. One fused
     scoring pass per segment; `model` is left with its own weights. `fused`: fused_pairwise_scores's options."""
     names = sorted(next(iter(segments[-1].factors.values())))
     precondition = SourcePreconditioner(segments, horizon, names, device, score_args.precondition_dtype)
@@ -127,11 +129,14 @@ def source_pairwise_scores(model: nn.Module, task, segments: list, horizon: floa
     total, plans = None, []
     try:
         for index, segment in enumerate(segments):
-            load_weights(model, segment.weights)
+            # the last segment ends at the analysed model: both sides at its weights, nothing to swap
+            swap = index < len(segments) - 1
+            load_weights(model, segment.weights if swap else query_weights)
             plan = {}
             scores = fused_pairwise_scores(
                 model, task, segments[-1].factors, "ekfac", score_args, query_dataset, train_dataset, collator,
-                query_batch_size, train_batch_size, device=device, timings=plan, query_weights=query_weights,
+                query_batch_size, train_batch_size, device=device, timings=plan,
+                query_weights=query_weights if swap else None, train_weights=segment.weights if swap else None,
                 precondition=lambda name, gradient, index=index: precondition(index, name, gradient), **fused)
             plans.append(plan)
             total = scores.double() if total is None else total.add_(scores.double())

@@ -7,10 +7,9 @@
 #     the GPU's memory ("gpu_shared"; the final model's variants share its factors, whose lock lets them in one
 #     at a time, while the two epoch models run beside them); combines the checkpoint ensembles; evaluates every method against
 #     the first repeat and the mean of all repeats, paired against fast EKFAC of the same model -> OUT/one.json
-#   source: SOURCE (source.py) on seed 1004 alone: fast EKFAC of its final, epoch-1 and epoch-2 models one at a time
-#     (the epoch models' factors are SOURCE's earlier segments), SOURCE over 3 segments at horizon 10 alone (its
-#     seconds its own), then the horizon sweep (1 and 3 segments; 2 at two horizons) at once -> OUT/source.json
-#     (its lds.json files in OUT/lds_source)
+#   source: SOURCE (source.py) on seed 1004 alone: fast EKFAC of its final, epoch-1 and epoch-2 models (the epoch
+#     models' factors are SOURCE's earlier segments), then SOURCE at horizons 1 to 10^4 over 1 and 3 segments, and at
+#     10 and 100 over 2, one at a time -> OUT/source.json (its lds.json files in OUT/lds_source)
 #   seeds: fast EKFAC of the final and the epoch-1 models of all 8 seeds (8 at once; seed 1004's finished ones
 #     reused), then the 8-seed ensembles of the final models, of the epoch-1 models, and of both, evaluated the
 #     same way -> OUT/seeds.json (its lds.json files in OUT/lds_seeds, the one part's in OUT/lds)
@@ -32,7 +31,7 @@ train_seeds() {
   for s in $SEEDS; do
     [ -f $CK${s}/model.safetensors ] || { python train.py $D --seed $s --save_epochs --output_dir $CK$s \
       > logs/train_s$s.log 2>&1 & pids+=($!); }
-  done; wait_all "${pids[@]}"; echo "8 seeds trained at once (--save_epochs): $(since "$t") s"
+  done; wait_all "${pids[@]}"; echo "$(echo $SEEDS | wc -w) seed(s) trained at once (--save_epochs): $(since "$t") s"
 }
 fast() {  # fast CHECKPOINT [FLAGS]: prints the scores directory, or stops the part
   local dir; dir=$(analyze --checkpoint_dir "$1" $A --factor_strategy ekfac $FAST "${@:2}")
@@ -85,7 +84,7 @@ def gpu_seconds(scores_dir):
     """Seconds of the factor fits and of the scores (analyze.py's metadata); an ensemble's: the sum over members;
     SOURCE's: the fits of all its segments' models."""
     return sum(sum(fit_seconds[(checkpoint, meta["factors_name"])]
-                   for checkpoint in (meta.get("source") or {}).get("checkpoints", [meta["checkpoint"]]))
+                   for checkpoint in meta.get("source_checkpoints", [meta["checkpoint"]]))
                + meta["seconds"]["scores"] for meta in leaves(scores_dir))
 
 def fine_tune_seconds(scores_dir):
@@ -113,10 +112,11 @@ json.dump({"command": f"bash results/methods_anetcap_minilm.sh {name} MODEL DATA
            "torch": torch.__version__, "transformers": transformers.__version__,
            "kronfluence": importlib.metadata.version("kronfluence"),
            "gpu_seconds_note": "analyze.py's factor + score seconds (metadata.json; a method that reused a fit counts "
-                               "that fit's seconds); ensembles: summed over members; gpu_shared: the analysis ran "
+                               "that fit's seconds); ensembles: summed over members; SOURCE: the fits of every segment's model plus its own "
+                               "scores (its query side preconditions in float32, plain --fast in bf16); gpu_shared: the analysis ran "
                                "with a share of the GPU's memory (--max_memory_gb) beside other analyses. "
-                               "fine_tune_seconds: train.py's train_seconds of each model behind the scores (the 8 "
-                               "seeds were fine-tuned at once, sharing the GPU)",
+                               "fine_tune_seconds: train.py's train_seconds of each model behind the scores (seeds "
+                               "fine-tuned at once share the GPU)",
            "rows": rows}, open(out / f"{name}.json", "w"), indent=1)
 print(json.dumps({k: [round(v.get("r1", {}).get("lds", float("nan")), 4), round(v.get(f"r{repeats}", {}).get("lds", float("nan")), 4), v["gpu_seconds"]] for k, v in rows.items()}))
 PY
@@ -153,18 +153,13 @@ elif [ "$PART" = source ]; then
   t=$(date +%s.%N)
   PLAIN=$(fast ${CK}1004); METHODS[fast_ekfac]=$PLAIN
   METHODS[epoch1]=$(fast ${CK}1004_epoch1); METHODS[epoch2]=$(fast ${CK}1004_epoch2)
-  METHODS[source_10x3]=$(fast ${CK}1004 --source_horizon 10 --source_segments 3)
-  echo "seed 1004's fast EKFAC, its epoch models and SOURCE 10 x 3, one at a time: $(since "$t") s"
-  t=$(date +%s.%N); pids=(); declare -A FLAGS=()
-  for T in 1 10 100 1000 10000; do FLAGS[source_$T]="--source_horizon $T"; done
-  for T in 1 100 1000 10000; do FLAGS[source_${T}x3]="--source_horizon $T --source_segments 3"; done
-  for T in 10 100; do FLAGS[source_${T}x2]="--source_horizon $T --source_segments 2"; done
-  m=$(gpu_split ${#FLAGS[@]})
-  for method in "${!FLAGS[@]}"; do
-    fast ${CK}1004 ${FLAGS[$method]} $m > "logs/source_$method.txt" & pids+=($!); SHARED[$method]=1
-  done; wait_all "${pids[@]}"
-  for method in "${!FLAGS[@]}"; do METHODS[$method]=$(cat "logs/source_$method.txt"); done
-  echo "the other ${#FLAGS[@]} SOURCE settings, at once: $(since "$t") s"
+  echo "seed 1004's fast EKFAC and its epoch-1 and epoch-2 models' analyses: $(since "$t") s"
+  # one at a time (each holds the final model's factors while it scores), so each one's seconds are its own
+  t=$(date +%s.%N)
+  for T in 1 10 100 1000 10000; do METHODS[source_$T]=$(fast ${CK}1004 --source_horizon $T); done
+  for T in 1 10 100 1000 10000; do METHODS[source_${T}x3]=$(fast ${CK}1004 --source_horizon $T --source_segments 3); done
+  for T in 10 100; do METHODS[source_${T}x2]=$(fast ${CK}1004 --source_horizon $T --source_segments 2); done
+  echo "12 SOURCE settings, one at a time: $(since "$t") s"
   evaluate; collect source
 else
   t=$(date +%s.%N); pids=()

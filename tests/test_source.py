@@ -18,6 +18,7 @@ from kronfluence.utils.constants import (
     NUM_LAMBDA_PROCESSED,
 )
 from kronfluence.utils.dataset import DataLoaderKwargs
+from test_memory import failing_backward
 
 import analyze
 import formats
@@ -185,6 +186,21 @@ def test_source_scores_are_the_segments_preconditioned_query_gradients_against_t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fail_on", [{1}, {4}, {13}], ids=["first query side", "first training side", "third segment"])
+def test_an_out_of_memory_pass_is_redone_with_the_weights_in_place(three_checkpoints, monkeypatch, fail_on):
+    """An out-of-memory error on the query side (at the swapped-in query weights) or the training side of any segment:
+    the pass is halved and redone, and the scores and the model's weights come out as without it."""
+    ends, train_rows, queries, collator = three_checkpoints
+    clean, _ = source_scores(ends, train_rows, queries, collator, 4.0, [0.2, 0.3, 0.5], max_queries_per_pass=4)
+    calls = failing_backward(monkeypatch, fail_on)
+    scores, final = source_scores(ends, train_rows, queries, collator, 4.0, [0.2, 0.3, 0.5], max_queries_per_pass=4)
+    assert calls[0] > max(fail_on)
+    assert all(torch.equal(p, q) for p, q in zip(final.parameters(), ends[-1][0].parameters()))
+    # float64 sums over other query groupings after the halving; the float32 result rounds them alike (6e-8)
+    torch.testing.assert_close(scores, clean, rtol=1e-6, atol=1e-7 * clean.abs().max().item())
+
+
+@pytest.mark.slow
 def test_identical_segments_telescope_into_one(three_checkpoints):
     """sum_l S^(L-l) F_l over segments of one model is (I - exp(-c_total H)) H^-1: one segment of the whole horizon."""
     ends, train_rows, queries, collator = three_checkpoints
@@ -203,7 +219,7 @@ def test_identical_segments_telescope_into_one(three_checkpoints):
     (["--source_horizon", "1", "--factor_strategy", "kfac"], "drop --factor_strategy other than ekfac"),
     (["--source_horizon", "1", "--dropout_ensemble", "2"], "drop --dropout_ensemble"),
     (["--source_horizon", "1", "--self_influence"], "drop --self_influence"),
-    (["--source_horizon", "0"], "--source_horizon"),
+    (["--source_horizon", "0"], "argument --source_horizon: must be a number > 0, got 0"),
 ])
 def test_source_flags_are_checked(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -215,9 +231,12 @@ def test_source_defaults_to_fused_scoring_and_names_its_outputs():
     args = analyze.parse_args(["--source_horizon", "10", "--source_segments", "3"])
     assert args.scoring == "fused"
     config = analyze.AnalysisConfig.from_args(args)
-    assert config.scores_name(100, 10) == "ekfac_n100_q10_source10x3_fused"
-    assert analyze.AnalysisConfig.from_args(analyze.parse_args(["--source_horizon", "0.5"])).scores_name(
-        None, None) == "ekfac_nall_qall_source0.5_fused"
+    assert config.scores_name(100, 10) == "ekfac_n100_q10_source10.0x3_fused"
+    # the horizon exactly (repr): nearby horizons never share a directory
+    names = {analyze.AnalysisConfig.from_args(analyze.parse_args(["--source_horizon", t])).scores_name(None, None)
+             for t in ("0.5", "1234567", "1234568", "10.000001")}
+    assert names == {"ekfac_nall_qall_source0.5_fused", "ekfac_nall_qall_source1234567.0_fused",
+                     "ekfac_nall_qall_source1234568.0_fused", "ekfac_nall_qall_source10.000001_fused"}
 
 
 @pytest.mark.slow
@@ -234,11 +253,24 @@ def test_source_over_epoch_checkpoints_reuses_their_analyses_factors(tmp_path):
     assert (tmp_path / "scores" / "run_epoch2" / "factors_ekfac_n48" / formats.METADATA_FILE).exists()
     assert not list((tmp_path / "scores" / "run_epoch2").glob("scores_*"))  # its factors alone
     meta = json.loads((scores_dir / formats.METADATA_FILE).read_text())
-    assert meta["source"]["shares"] == pytest.approx([1 / 3] * 3)
-    assert [p.rsplit("/", 1)[-1] for p in meta["source"]["checkpoints"]] == ["run_epoch1", "run_epoch2", "run"]
-    assert len(meta["source_weights_sha256"]) == 2 and meta["scores_name"] == "ekfac_n48_q12_source3x3_fused"
+    assert meta["source"]["shares"] == pytest.approx([1 / 3] * 3) and meta["source"]["horizon"] == 3
+    assert [p.rsplit("/", 1)[-1] for p in meta["source_checkpoints"]] == ["run_epoch1", "run_epoch2", "run"]
+    assert len(meta["source"]["weights_sha256"]) == len(meta["source"]["factors_fit_ids"]) == 2
+    assert meta["scores_name"] == "ekfac_n48_q12_source3.0x3_fused" and meta["seconds"]["source_factors"] > 0
     scores = formats.load_scores(scores_dir)[0]
     assert scores.shape == (12, 48) and torch.isfinite(scores).all()
+    source = ["--checkpoint_dir", str(run), "--source_horizon", "3", "--source_segments", "3", *common]
+    assert analyze.main(source) == scores_dir  # reused as it is
+    assert torch.equal(formats.load_scores(scores_dir)[0], scores)
+    # epoch 1's factors refitted: the SOURCE scores built on the old ones are refused, not reused
+    analyze.main(["--checkpoint_dir", str(run), "--checkpoint_epoch", "1", "--scoring", "fused", "--overwrite", *common])
+    with pytest.raises(UserError, match="was computed from other source than this run's; delete it"):
+        analyze.main(source)
+    # an epoch checkpoint given as the run
+    with pytest.raises(UserError, match=r"run_epoch2 is the epoch-2 model of a run: pass the run's final checkpoint "
+                                        r"with --checkpoint_epoch 2"):
+        analyze.main(["--checkpoint_dir", str(run) + "_epoch2", "--source_horizon", "3", "--source_segments", "2",
+                      *common])
     # the analysed epoch-2 model has two segments at most
     with pytest.raises(UserError, match=r"ends epoch 2 of its run .* at most 2 segments; lower --source_segments"):
         analyze.main(["--checkpoint_dir", str(run), "--checkpoint_epoch", "2", "--source_horizon", "3",

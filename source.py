@@ -121,8 +121,8 @@ def source_pairwise_scores(model: nn.Module, task, segments: list, horizon: floa
                            device: torch.device, timings: dict = None, **fused) -> torch.Tensor:
     """(queries × train) float32 SOURCE scores. The query gradients come from `model` as it is (the analysed
     model, the end of the last segment, whose Segment.weights may be None); the training gradients of segment l
-    from segments[l].weights. One fused
-    scoring pass per segment; `model` is left with its own weights. `fused`: fused_pairwise_scores's options."""
+    from segments[l].weights. One fused scoring pass per segment; `model` is left with its own weights.
+    `fused`: fused_pairwise_scores's options."""
     names = sorted(next(iter(segments[-1].factors.values())))
     precondition = SourcePreconditioner(segments, horizon, names, device, score_args.precondition_dtype)
     query_weights = {name: p.detach().clone() for name, p in model_weights(model).items()}

@@ -339,6 +339,9 @@ class KronfluenceBackend:
         return job.analyzer.load_self_scores(job.scores_name)[SCORES_KEY].float(), sizes
 
 
+FUSED_PLAN_SIZES = ("train_micro_batch", "query_micro_batch", "queries_per_pass")  # a fused run's sizes that fitted
+
+
 class FusedBackend:
     """The same scores from the same factors in one pass over the training set per chunk of queries
     (fused_scores.py); the pass plans its own micro-batches from the memory available."""
@@ -354,7 +357,7 @@ class FusedBackend:
                                        job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
                                        job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
                                        device=job.device, timings=plan, num_workers=job.num_workers)
-        return scores, {key: plan[key] for key in ("train_micro_batch", "query_micro_batch", "queries_per_pass")}
+        return scores, {key: plan[key] for key in FUSED_PLAN_SIZES}
 
     def self_influence(self, job: ScoringJob) -> tuple:
         scores = fused_self_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
@@ -426,7 +429,7 @@ def source_scores(job: ScoringJob) -> tuple:
                                     job.config.score_arguments(), job.data.queries, job.data.train, job.collator,
                                     job.query_batch_size, job.train_batch_size, job.device, timings=plan,
                                     num_workers=job.num_workers)
-    return scores, {key: plan[key] for key in ("train_micro_batch", "query_micro_batch", "queries_per_pass")}
+    return scores, {key: plan[key] for key in FUSED_PLAN_SIZES}
 
 
 def compute_scores(job: ScoringJob, scores_dir: Path) -> tuple:

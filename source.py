@@ -131,12 +131,14 @@ def source_pairwise_scores(model: nn.Module, task, segments: list, horizon: floa
         for index, segment in enumerate(segments):
             # the last segment ends at the analysed model: both sides at its weights, nothing to swap
             swap = index < len(segments) - 1
-            load_weights(model, segment.weights if swap else query_weights)
+            # on the device once: each pass puts them back after its query side
+            train_weights = {name: w.to(device) for name, w in segment.weights.items()} if swap else None
+            load_weights(model, train_weights if swap else query_weights)
             plan = {}
             scores = fused_pairwise_scores(
                 model, task, segments[-1].factors, "ekfac", score_args, query_dataset, train_dataset, collator,
                 query_batch_size, train_batch_size, device=device, timings=plan,
-                query_weights=query_weights if swap else None, train_weights=segment.weights if swap else None,
+                query_weights=query_weights if swap else None, train_weights=train_weights,
                 precondition=lambda name, gradient, index=index: precondition(index, name, gradient), **fused)
             plans.append(plan)
             total = scores.double() if total is None else total.add_(scores.double())

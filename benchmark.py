@@ -271,7 +271,8 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
         def fused(rows=queries, timings=fused_timings, key="scores"):
             holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
-                c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings, num_workers=workers)
+                c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings, num_workers=workers,
+                plan_queries=REFERENCE_NUM_QUERIES)  # the module groups of the full-scale run
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
         stages["scores"] = fused
         stages["scores_quarter_pass"] = lambda: fused(
@@ -311,13 +312,15 @@ def time_stages(name: str, stages: dict, num_train: int, profile: bool) -> dict:
 
 
 def fused_pass_costs(timings: dict, quarter: dict, num_queries: int) -> dict:
-    """The fused path's timings, and a pass over the training rows as fixed + per_query × queries: the line through
-    the quarter pass (`quarter`'s timings) and the mean full pass."""
-    q_small, q_big = quarter["queries_per_pass"], num_queries / timings["passes"]
-    t_small, t_big = quarter["train_seconds"], timings["train_seconds"] / timings["passes"]
+    """The fused path's timings, and a chunk's passes over the training rows (one per module group, the groups of the
+    full-scale run) as fixed + per_query × queries: the line through the quarter chunk (`quarter`'s timings) and
+    the mean full chunk."""
+    chunks = math.ceil(num_queries / timings["queries_per_pass"])
+    q_small, q_big = quarter["queries_per_pass"], num_queries / chunks
+    t_small, t_big = quarter["train_seconds"], timings["train_seconds"] / chunks
     per_query = max(0.0, (t_big - t_small) / (q_big - q_small)) if q_big > q_small else 0.0
     return {**{k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()},
-            "pass_fixed_s": round(t_big - per_query * q_big, 3), "pass_per_query_s": round(per_query, 6)}
+            "chunk_fixed_s": round(t_big - per_query * q_big, 3), "chunk_per_query_s": round(per_query, 6)}
 
 
 def kronfluence_pass_costs(settings: dict, query_bs: int, num_queries: int, seconds: float) -> dict:
@@ -355,14 +358,14 @@ def full_scale(result: dict, small: Optional[dict] = None) -> dict:
     out = {}
     if "fused" in result:
         f = result["fused"]
-        per_pass = min(REFERENCE_NUM_QUERIES, f["pass_capacity"] or REFERENCE_NUM_QUERIES)
-        passes = math.ceil(REFERENCE_NUM_QUERIES / per_pass)
-        fixed = line(lambda r: r["fused"]["pass_fixed_s"])
-        per_query = f["pass_per_query_s"] * REFERENCE_NUM_TRAIN / rows  # no fixed part: a matmul per query and row
+        per_chunk = min(REFERENCE_NUM_QUERIES, f["chunk_capacity"] or REFERENCE_NUM_QUERIES)
+        chunks = math.ceil(REFERENCE_NUM_QUERIES / per_chunk)
+        fixed = line(lambda r: r["fused"]["chunk_fixed_s"])
+        per_query = f["chunk_per_query_s"] * REFERENCE_NUM_TRAIN / rows  # no fixed part: a matmul per query and row
         scores = f["query_seconds"] * REFERENCE_NUM_QUERIES / result["settings"]["num_queries_timed"] \
-            + passes * fixed + per_query * REFERENCE_NUM_QUERIES
-        out["fused"] = {"queries_per_pass": per_pass, "passes": passes, "pass_fixed_s": round(fixed, 1),
-                        "train_pass_s": round(fixed + per_query * per_pass, 1)}
+            + chunks * fixed + per_query * REFERENCE_NUM_QUERIES
+        out["fused"] = {"queries_per_chunk": per_chunk, "chunks": chunks, "module_groups": f["module_groups"],
+                        "chunk_fixed_s": round(fixed, 1), "train_chunk_s": round(fixed + per_query * per_chunk, 1)}
     else:
         k = result["kronfluence_passes"]
         scores = k["full_scale_passes"] * line(lambda r: r["kronfluence_passes"]["pass_s"])

@@ -2,13 +2,16 @@
 
     python analyze.py --checkpoint_dir checkpoints/swag --use_half_precision --scoring fused
 
-kronfluence fits the factors (covariance, eigendecomposition, lambda) and preconditions the query
-gradients with its own `FactorConfig` code; only the training side differs from its loop:
+kronfluence fits the factors (covariance, eigendecomposition, lambda) and prepares them (damping, inverse
+eigenvalues); EKFAC's query preconditioning is its arithmetic with the odd input width padded (AlignedEkfac), other
+strategies use its `FactorConfig` code. The training side differs from its loop:
 
 - one pass over the training set scores a whole chunk of queries with one (queries × params) @
-  (params × examples) matmul per module and batch; a pass holds as many preconditioned query gradients
-  as fit in the memory available when scoring starts (all 2,000 SWAG queries in about four passes on an
-  H200), and an out-of-memory error halves the pass and redoes it, keeping the finished passes;
+  (params × examples) matmul per module and batch. The preconditioned query gradients that fit in the memory
+  available when scoring starts are held at once: every query of a chunk (all 2,000 SWAG queries on an H200),
+  for a group of modules, the top layers' first. Each module group is a pass whose backward stops below its
+  lowest module; the per-example gradients of a module are formed once, whatever the number of groups. An
+  out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
@@ -25,7 +28,7 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -33,10 +36,13 @@ import torch
 import torch.distributed as dist
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from kronfluence.factor.config import FactorConfig
+from kronfluence.utils.constants import ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fast_kernels import ALIGN
 from utils import UserError, available_memory, out_of_memory_detail, retry_on_oom
 
 logger = logging.getLogger(__name__)
@@ -79,18 +85,25 @@ def tracked_linears(model: nn.Module, names) -> dict:
 
 
 class PerExampleGradients:
-    """Hooks that hand `callback(name, weight_grad, bias_grad)` each module's per-example gradient
+    """Hooks that hand `callback(name, weight_grad, bias_grad)` each active module's per-example gradient
     during the backward pass: (examples, d_out, d_in) and (examples, d_out) (None without a bias),
     summed over the choices. Weight and bias stay apart so that every matmul keeps aligned shapes
-    (a d_in + 1 column falls back to slow GPU kernels)."""
+    (a d_in + 1 column falls back to slow GPU kernels).
+
+    The backward starts at the active modules: an active module's input that needs no gradient yet is replaced by
+    a copy that does (with frozen parameters nothing else does). A module's output gradient is exact wherever the
+    graph starts, since everything computed from the output is in it; and nothing below the lowest active module is
+    differentiated, so a pass over the top layers' modules backpropagates through the top layers only."""
 
     def __init__(self, modules: dict, dtype: torch.dtype):
         self.modules, self.dtype = modules, dtype
+        self.active = set(modules)  # the modules of the current pass (a module group)
         self.num_examples, self.callback, self.handles = 0, None, []
         self.block = None  # the (queries × batch) slice of the score matrix being filled
 
     def __enter__(self):
         for name, module in self.modules.items():
+            self.handles.append(module.register_forward_pre_hook(self._start_backward(name)))
             self.handles.append(module.register_forward_hook(self._forward_hook(name, module.bias is not None)))
         return self
 
@@ -99,8 +112,16 @@ class PerExampleGradients:
             handle.remove()
         self.handles = []
 
+    def _start_backward(self, name: str):
+        def hook(module, inputs):
+            if name in self.active and torch.is_grad_enabled() and not inputs[0].requires_grad:
+                return (inputs[0].detach().requires_grad_(), *inputs[1:])
+        return hook
+
     def _forward_hook(self, name: str, has_bias: bool):
         def hook(module, inputs, output):
+            if name not in self.active:
+                return
             activation = inputs[0].detach()
 
             def on_grad(grad):
@@ -157,24 +178,44 @@ def _backward(model, task, batch, device, amp_dtype, measurement: bool):
     loss.backward()
 
 
-def _activation_grads_only(model: nn.Module):
-    """Freeze the parameters and let gradients start at the input embeddings instead; returns an undo."""
-    embeddings = model.get_input_embeddings()
+def _frozen(model: nn.Module):
+    """Freeze the parameters (only activation gradients flow: PerExampleGradients starts the backward at the pass's
+    modules); returns an undo."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    handle = embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_())
 
     def undo():
-        handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
     return undo
 
 
-def query_gradient_bytes(modules: dict, dtype: torch.dtype) -> int:
-    """Bytes of one preconditioned query gradient: a full copy of the tracked weights (and biases)."""
-    return sum(m.out_features * (m.in_features + (m.bias is not None)) for m in modules.values()) * dtype.itemsize
+def query_gradient_bytes(modules: dict, dtype: torch.dtype) -> dict:
+    """Per module, the bytes of one preconditioned query gradient: a copy of its weight (and bias)."""
+    return {name: m.out_features * (m.in_features + (m.bias is not None)) * dtype.itemsize
+            for name, m in modules.items()}
+
+
+def module_groups(order: list, sizes: dict, budget: Optional[int]) -> list:
+    """`order` (module names in the order the backward reaches them) cut into contiguous groups whose `sizes` add
+    up to at most `budget` (a module larger than it goes alone): as few groups as packing each one full gives,
+    their sizes evened out. One group when `budget` is None."""
+    def pack(limit):
+        groups, used = [[]], 0
+        for name in order:
+            if groups[-1] and used + sizes[name] > limit:
+                groups, used = groups + [[]], 0
+            groups[-1].append(name)
+            used += sizes[name]
+        return groups
+
+    total = sum(sizes[name] for name in order)
+    if budget is None or total <= budget:
+        return [list(order)]
+    fewest = pack(budget)
+    even = pack(max(max(sizes.values()), math.ceil(total / len(fewest))))
+    return even if len(even) == len(fewest) else fewest
 
 
 class _Clock:
@@ -197,21 +238,43 @@ class _Clock:
 
 @dataclass
 class PassPlan:
-    """How one rank splits the work: queries per pass, and the rows of each forward/backward (micro-batches of the
-    query and training batches; a training batch stays the unit that ranks share)."""
-    per_pass: int
+    """How one rank splits the work: the queries of a chunk, the module groups a chunk is scored in (one pass over
+    the training rows per group, the queries' gradients of the group's modules held at once), and the rows of each
+    forward/backward (micro-batches of the query and training batches; a training batch stays the unit that ranks
+    share)."""
+    per_pass: int  # queries per chunk
     query_micro: int
     train_micro: int
-    capacity: Optional[int] = None  # queries that fit in one pass by the memory plan (None: no limit known)
+    budget: Optional[int] = None  # bytes of query gradients one pass may hold (None: no limit, one group)
+    capacity: Optional[int] = None  # queries whose gradients for every module fit in the budget (None: no limit)
+    chunk_capacity: Optional[int] = None  # queries whose gradients for the largest module fit (None: no limit)
+    order: list = field(default_factory=list)  # module names in the order the backward reaches them
+    sizes: dict = field(default_factory=dict)  # module name -> bytes of one query's preconditioned gradient
     retries: int = 0
 
+    def groups(self, queries: int) -> list:
+        """The module groups of a chunk of `queries` queries, in backward order (the top layers' first)."""
+        return module_groups(self.order, {name: queries * size for name, size in self.sizes.items()}, self.budget)
+
     def shrink(self, stage: str, detail: str, flag_hint: str) -> None:
-        """After an out-of-memory error: halve the pass, else the training micro-batch, else the query one."""
-        for field, what in (("per_pass", "queries per pass"), ("train_micro", "training rows per micro-batch"),
-                            ("query_micro", "queries per micro-batch")):
-            size = getattr(self, field)
+        """After an out-of-memory error: at most half the bytes of the largest pass in each pass, by more module groups
+        where the largest passes hold several modules, else by half the queries; then the training micro-batch, then
+        the query one."""
+        groups = self.groups(self.per_pass)
+        pass_bytes = [sum(self.per_pass * self.sizes[name] for name in group) for group in groups]
+        largest = max(pass_bytes)
+        if all(len(group) > 1 for group, size in zip(groups, pass_bytes) if size == largest):
+            self.budget, self.retries = largest // 2, self.retries + 1
+            logger.warning("%s: out of GPU memory (%s); retrying in %d module groups", stage, detail,
+                           len(self.groups(self.per_pass)))
+            return
+        for name, what in (("per_pass", "queries per pass"), ("train_micro", "training rows per micro-batch"),
+                           ("query_micro", "queries per micro-batch")):
+            size = getattr(self, name)
             if size > 1:
-                setattr(self, field, size // 2)
+                setattr(self, name, size // 2)
+                if name == "per_pass":  # the passes stay within half the bytes that failed
+                    self.budget = largest // 2
                 self.retries += 1
                 logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what)
                 return
@@ -228,11 +291,11 @@ class FusedScorer:
         self.model, self.task, self.collator, self.device, self.score_args = model, task, collator, device, score_args
         self.num_workers = num_workers
         self.modules = tracked_linears(model, names)
-        self.config = FactorConfig.CONFIGS[strategy]
-        if precondition is None:  # kronfluence's own preconditioning of the strategy
+        if precondition is None:  # the strategy's preconditioning, from kronfluence's prepared factors
             storages = prepared_storages(factors, strategy, names, score_args, device)
-            precondition = lambda name, gradient: self.config.precondition_gradient(  # noqa: E731
-                gradient=gradient, storage=storages[name])
+            config = FactorConfig.CONFIGS[strategy]
+            precondition = AlignedEkfac(storages) if strategy == "ekfac" else (
+                lambda name, gradient: config.precondition_gradient(gradient=gradient, storage=storages[name]))
         self.precondition = precondition
         # the query side's weights, when they are not the training side's (source.py: the analysed model's queries
         # against an earlier checkpoint's training gradients)
@@ -275,6 +338,15 @@ class FusedScorer:
         for batch in DataLoader(rows, batch_size=len(rows), collate_fn=self.collator):
             self._run(batch, measurement)
 
+    def backward_order(self, queries) -> list:
+        """The tracked modules in the order the backward reaches them (recorded on one query; a module the loss does
+        not reach comes last)."""
+        order = []
+        self.hooks.active, self.hooks.dtype = set(self.modules), self.score_args.per_sample_gradient_dtype
+        self.hooks.callback = lambda name, *_: order.append(name)
+        self._backward(queries.select(range(1)), measurement=True)
+        return order + sorted(set(self.modules) - set(order))
+
     def _run(self, batch: dict, measurement: bool):
         self.hooks.num_examples = batch["labels"].size(0)
         _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement)
@@ -295,9 +367,10 @@ class FusedScorer:
 
     def working_memory(self, queries, train, plan: PassPlan) -> int:
         """Peak bytes above the current allocation that the first (longest) query and training micro-batches
-        need, preconditioning included. 0 on CPU."""
+        need with every module in the pass, preconditioning included. 0 on CPU."""
         if self.device.type != "cuda":
             return 0
+        self.hooks.active = set(self.modules)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
@@ -306,19 +379,21 @@ class FusedScorer:
         self._backward(train.select(range(min(plan.train_micro, len(train)))), measurement=False)
         return torch.cuda.max_memory_allocated(self.device) - base
 
-    def score_pass(self, chunk, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
+    def score_pass(self, chunk, group: list, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
                    desc: str, disable_tqdm: bool) -> tuple:
-        """Scores of the queries `chunk` against every training row of this rank, added into `block`
-        (chunk × train); returns the seconds of the query side and of the training side."""
+        """Scores of the queries `chunk` against every training row of this rank through the modules `group`, added
+        into `block` (chunk × train); returns the seconds of the query side and of the training side."""
         clock = _Clock(self.device)
         self.query_grads.clear()
-        for name, m in self.modules.items():
+        for name in group:
+            m = self.modules[name]
             self.query_grads[name] = (
                 torch.empty(len(chunk), m.out_features * m.in_features, dtype=self.score_args.score_dtype,
                             device=self.device),
                 torch.empty(len(chunk), m.out_features, dtype=self.score_args.score_dtype, device=self.device)
                 if m.bias is not None else None)
             self.filled[name] = 0
+        self.hooks.active = set(group)
         # kronfluence: the query side in the per-sample gradient dtype, the training side in the score dtype
         self.hooks.callback, self.hooks.dtype = self._keep_query, self.score_args.per_sample_gradient_dtype
         if self.query_weights is not None:
@@ -329,28 +404,59 @@ class FusedScorer:
         finally:
             if self.query_weights is not None:
                 load_weights(self.model, self.train_weights)
-        if any(count != len(chunk) for count in self.filled.values()):
-            raise RuntimeError(f"query gradients reached {sorted(set(self.filled.values()))} of {len(chunk)} rows")
+        if any(self.filled[name] != len(chunk) for name in group):
+            raise RuntimeError(f"query gradients reached {sorted({self.filled[n] for n in group})} of {len(chunk)} rows")
         query_seconds = clock.lap()
         self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
         for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc, disable_tqdm):
             self.hooks.block = block[:, start:stop]
             self._run(batch, measurement=False)
         self.query_grads.clear()
+        self.hooks.active = set(self.modules)
         return query_seconds, clock.lap()
 
 
+class AlignedEkfac:
+    """kronfluence's EKFAC preconditioning of a query gradient G (d_out × d_in, the bias as the last input column),
+    Q_g ((Q_gᵀ G Q_a) ⊙ Λ⁻¹) Q_aᵀ, from its prepared factors (the inverse Λ⁻¹ includes the damping), with the input
+    width zero-padded to a multiple of fast_kernels.ALIGN: the padded columns stay zero through every product, so the
+    sums are the same, in aligned GPU kernels (a d_in + 1 width falls back to kernels several times slower)."""
+
+    def __init__(self, storages: dict):
+        self.factors = {}
+        for name, storage in storages.items():
+            q_a = storage[ACTIVATION_EIGENVECTORS_NAME]
+            width = q_a.size(0)
+            pad = -width % ALIGN
+            self.factors[name] = (F.pad(q_a, (0, pad, 0, pad)), storage[GRADIENT_EIGENVECTORS_NAME],
+                                  F.pad(storage[LAMBDA_MATRIX_NAME], (0, pad)), width)
+
+    def __call__(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
+        q_a, q_g, inverse_lambda, width = self.factors[name]
+        rotated = q_g.t() @ (F.pad(gradient, (0, q_a.size(0) - width)) @ q_a)
+        rotated.mul_(inverse_lambda)
+        return (q_g @ (rotated @ q_a.t()))[..., :width]
+
+
 def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, train_batch_size: int,
-                max_queries_per_pass: int = 0) -> PassPlan:
-    """Queries per pass from the memory available now: what is left after the longest micro-batches' working
-    memory, in MEMORY_HEADROOM of it, holds that many preconditioned query gradients. A micro-batch that does not
-    fit at all is halved first."""
-    plan = PassPlan(len(queries), min(query_batch_size, len(queries)), min(train_batch_size, len(train)))
+                max_queries_per_pass: int = 0, plan_queries: int = 0) -> PassPlan:
+    """The passes from the memory available now: what is left after the longest micro-batches' working memory, in
+    MEMORY_HEADROOM of it, is the budget of one pass's query gradients. A chunk holds as many queries as the largest
+    module's gradients fit for (all of them on most GPUs) and is scored in as few module groups as the budget allows.
+    A micro-batch that does not fit at all is halved first. `plan_queries`: see with_budget."""
+    hint = "free memory on the GPU (other jobs, a larger --max_memory_gb) or lower --max_length"
+    try:
+        order = scorer.backward_order(queries)
+    except Exception as exc:
+        if not should_reduce_batch_size(exc):
+            raise
+        raise UserError(f"fused scores: out of GPU memory in one query's backward "
+                        f"({out_of_memory_detail(exc, scorer.device)}); {hint}") from None
+    plan = PassPlan(len(queries), min(query_batch_size, len(queries)), min(train_batch_size, len(train)),
+                    order=order, sizes=query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype))
     if max_queries_per_pass:
         plan.per_pass = min(max_queries_per_pass, len(queries))
         return plan
-    per_query = query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype)
-    hint = "free memory on the GPU (other jobs, a larger --max_memory_gb) or lower --max_length"
     while True:
         clear_device_cache(garbage_collection=True)
         room = available_memory(scorer.device)
@@ -363,41 +469,65 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                 raise
             detail = out_of_memory_detail(exc, scorer.device)
         else:
-            plan.capacity = int((room * MEMORY_HEADROOM - working) // per_query)
-            if plan.capacity >= 1:
-                plan.per_pass = min(plan.capacity, len(queries))
+            budgeted = with_budget(plan, int(room * MEMORY_HEADROOM - working), len(queries), plan_queries)
+            if budgeted.per_pass >= 1:
                 logger.info("fused scoring: %.1f GiB available, %.1f GiB per micro-batch of %d training rows, %.2f "
-                            "GiB per query gradient: %d queries per pass", room / 2**30, working / 2**30,
-                            plan.train_micro, per_query / 2**30, plan.per_pass)
-                chosen = fewer_passes(scorer, queries, train, plan, room, per_query)
-                if chosen is not plan:
-                    logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per pass",
-                                chosen.train_micro, chosen.per_pass)
+                            "GiB per query gradient: %d queries per chunk in %d module groups", room / 2**30,
+                            working / 2**30, plan.train_micro, sum(plan.sizes.values()) / 2**30, budgeted.per_pass,
+                            len(budgeted.groups(budgeted.per_pass)))
+                chosen = fewer_passes(scorer, queries, train, budgeted, room, plan_queries)
+                if chosen is not budgeted:
+                    logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per chunk in %d "
+                                "module groups", chosen.train_micro, chosen.per_pass, len(chosen.groups(chosen.per_pass)))
                 return chosen
-            detail = (f"a pass needs {(working + per_query) / 2**30:.1f} GiB, {room / 2**30:.1f} GiB available")
+            detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
+                      f"{room / 2**30:.1f} GiB available")
         plan.per_pass = 1  # only the micro-batches are left to halve
         plan.shrink("fused scores", detail, hint)
 
 
-def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, per_query: int) -> PassPlan:
+def with_budget(plan: PassPlan, budget: int, num_queries: int, plan_queries: int = 0) -> PassPlan:
+    """`plan` with `budget` bytes for a pass's query gradients: as many queries per chunk as the largest module
+    holds (`chunk_capacity`; 0: not one), and the queries whose gradients for every module fit (`capacity`). With
+    `plan_queries` above `num_queries` (benchmark.py's subsets), the module groups are those of a chunk of the
+    larger run: its budget is scaled down to this chunk's queries."""
+    budget = max(budget, 0)
+    chunk_capacity = budget // max(plan.sizes.values())
+    capacity = budget // sum(plan.sizes.values())
+    full_chunk = min(max(num_queries, plan_queries), chunk_capacity)
+    per_pass = min(num_queries, chunk_capacity)
+    if full_chunk > per_pass:
+        budget = budget * per_pass // full_chunk
+    return replace(plan, budget=budget, per_pass=per_pass, chunk_capacity=chunk_capacity, capacity=capacity)
+
+
+def pass_count(plan: PassPlan, num_queries: int) -> int:
+    """Passes over the training rows: a pass per module group of each chunk of queries."""
+    return sum(len(plan.groups(min(plan.per_pass, num_queries - start)))
+               for start in range(0, num_queries, plan.per_pass))
+
+
+def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, plan_queries: int = 0) -> PassPlan:
     """While the queries take several passes, a smaller training micro-batch leaves room for more query gradients
     per pass but reads them more often: among the micro-batches halved down to MIN_TRAIN_MICRO rows, the one with
     the least estimated time, per training row passes × PASS_ROW_COST + queries / rows per micro-batch (the scores
-    are the same sums)."""
+    are the same sums; a module group's pass counts as a whole pass, an upper bound)."""
     def cost(p: PassPlan) -> float:
-        return math.ceil(len(queries) / p.per_pass) * PASS_ROW_COST + len(queries) / p.train_micro
+        return pass_count(p, len(queries)) * PASS_ROW_COST + max(len(queries), plan_queries) / p.train_micro
 
     best = trial = plan
-    while trial.per_pass < len(queries) and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
+    while pass_count(trial, len(queries)) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
         trial = replace(trial, train_micro=trial.train_micro // 2)
         try:
-            trial.capacity = int((room * MEMORY_HEADROOM - scorer.working_memory(queries, train, trial)) // per_query)
+            working = scorer.working_memory(queries, train, trial)
         except Exception as exc:
             if not should_reduce_batch_size(exc):
                 raise
             clear_device_cache(garbage_collection=True)
             break
-        trial.per_pass = min(max(trial.capacity, 1), len(queries))
+        trial = with_budget(trial, int(room * MEMORY_HEADROOM - working), len(queries), plan_queries)
+        if trial.per_pass < 1:
+            break
         if cost(trial) < cost(best):
             best = trial
     return best
@@ -407,15 +537,17 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
-                          train_weights: dict = None):
+                          train_weights: dict = None, plan_queries: int = 0):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
-    out-of-memory error inside a pass halves the pass (then the micro-batches) and redoes that pass alone.
+    out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
+    that chunk alone.
     `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan.
     `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it).
     `precondition(module name, gradient)`, if given, replaces the strategy's preconditioning of the query gradients
     (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
     query gradients are taken at, the model's own being the training side's (`train_weights`, if given, a copy of
-    them that is put back after each pass's query side; else one is made)."""
+    them that is put back after each pass's query side; else one is made). `plan_queries`: the module groups of a run
+    of that many queries (benchmark.py's subsets, with_budget)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
@@ -424,32 +556,40 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
     seconds = {"query_seconds": 0.0, "train_seconds": 0.0}
-    undo = _activation_grads_only(model)
+    undo = _frozen(model)
     try:
         with scorer.hooks:
-            plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass)
-            logger.info("fused scoring: %d queries × %d train rows, %d queries per pass, rank %d of %d",
+            plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass,
+                               plan_queries)
+            logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
-            start, passes = 0, 0
+            start, passes, groups = 0, 0, []
             while start < len(queries):
-                def one_pass(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
+                def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
-                    desc = f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
-                    return rows, scorer.score_pass(queries.select(range(rows.start, rows.stop)), train, scores[rows],
-                                                   plan, train_batch_size, desc, disable_tqdm)
+                    groups = plan.groups(rows.stop - rows.start)
+                    chunk, spent = queries.select(range(rows.start, rows.stop)), (0.0, 0.0)
+                    for i, group in enumerate(groups):  # the top layers' modules first: each score adds its modules'
+                        # terms in the backward's order, as one pass over all of them would (the same bits)
+                        desc = (f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
+                                + (f", module group {i + 1} of {len(groups)}" if len(groups) > 1 else ""))
+                        spent = np.add(spent, scorer.score_pass(chunk, group, train, scores[rows], plan,
+                                                                train_batch_size, desc, disable_tqdm))
+                    return rows, groups, spent
 
-                def shrink(detail, start=start):  # the failed pass is redone from scratch; the finished rows stay
+                def shrink(detail, start=start):  # the failed chunk is redone from scratch; the finished rows stay
                     scorer.query_grads.clear()
                     scores[start:] = 0
                     plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
-                rows, (query_s, train_s) = retry_on_oom(one_pass, shrink, device)
+                rows, groups, (query_s, train_s) = retry_on_oom(one_chunk, shrink, device)
                 seconds["query_seconds"] += query_s
                 seconds["train_seconds"] += train_s
-                start, passes = rows.stop, passes + 1
+                start, passes = rows.stop, passes + len(groups)
     finally:
         undo()
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
+                       module_groups=len(groups), chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, out_of_memory_retries=plan.retries)
     if world > 1:
@@ -471,7 +611,7 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
     train = train_dataset.select(order)
     scores = torch.zeros(len(train), dtype=torch.float32, device=device)
     plan = PassPlan(1, 1, min(train_batch_size, len(train)))  # one row per pass: only micro-batches halve
-    undo = _activation_grads_only(model)
+    undo = _frozen(model)
     try:
         with scorer.hooks:
             scorer.hooks.callback, scorer.hooks.dtype = scorer._add_self_scores, score_args.per_sample_gradient_dtype

@@ -339,7 +339,7 @@ class KronfluenceBackend:
         return job.analyzer.load_self_scores(job.scores_name)[SCORES_KEY].float(), sizes
 
 
-FUSED_PLAN_SIZES = ("train_micro_batch", "query_micro_batch", "queries_per_pass")  # a fused run's sizes that fitted
+FUSED_PLAN_SIZES = ("train_micro_batch", "query_micro_batch", "queries_per_pass", "module_groups")  # a fused run's plan
 
 
 class FusedBackend:

@@ -6,6 +6,8 @@ import pytest
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.config import FactorConfig
+from kronfluence.utils.constants import ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 import fast_kernels
@@ -13,6 +15,7 @@ from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
 from fast_kernels import fast_factor_kernels, rotated_example_gradients
 from formats import load_scores
 from fused_scores import (
+    AlignedEkfac,
     PerExampleGradients,
     fused_pairwise_scores,
     fused_self_scores,
@@ -93,6 +96,24 @@ def test_fused_self_scores_equal_kronfluence(setup, strategy):
     # the pairwise test's argument: float64, other summation orders, rounding amplified by at most 1 / damping
     # (~1e-8 relative) -- the float32 result vector adds its own 6e-8
     torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+
+
+def test_aligned_ekfac_preconditioning_equals_kronfluences():
+    """The width padded to a multiple of ALIGN with zeros changes no sum: float64, each entry a sum of ~100 products,
+    so the two agree to rounding (~1e-16 relative each), far inside 1e-12."""
+    torch.manual_seed(0)
+    d_out, width = 6, 11  # an odd width (d_in + 1 with the bias column): padded to 16
+    f64 = dict(dtype=torch.float64)
+    storage = {ACTIVATION_EIGENVECTORS_NAME: torch.linalg.qr(torch.randn(width, width, **f64))[0],
+               GRADIENT_EIGENVECTORS_NAME: torch.linalg.qr(torch.randn(d_out, d_out, **f64))[0],
+               LAMBDA_MATRIX_NAME: torch.rand(d_out, width, **f64) + 0.1}
+    gradient = torch.randn(3, d_out, width, **f64)
+    expected = FactorConfig.CONFIGS["ekfac"].precondition_gradient(gradient=gradient.clone(), storage=storage)
+    aligned = AlignedEkfac({"m": storage})
+    assert aligned.factors["m"][0].shape == (16, 16)
+    got = aligned("m", gradient)
+    assert got.shape == expected.shape == (3, d_out, width)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
 
 
 def test_per_example_gradient_is_the_summed_choice_gradient(setup):

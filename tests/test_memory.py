@@ -52,31 +52,71 @@ def fake_memory(monkeypatch, room: int, working: int):
 
 def per_query_bytes(setup) -> int:
     model = setup[0]
-    return query_gradient_bytes(fused_scores.tracked_linears(model, fused_scores.linear_module_names(model)),
-                                torch.float64)
+    modules = fused_scores.tracked_linears(model, fused_scores.linear_module_names(model))
+    return sum(query_gradient_bytes(modules, torch.float64).values())
 
 
-def test_a_pass_holds_the_query_gradients_that_fit_beside_the_working_memory(setup, monkeypatch):
+def test_a_pass_holds_the_module_groups_that_fit_beside_the_working_memory(setup, monkeypatch):
+    """The room, less the working memory, holds 3.5 queries' gradients: the 8 queries go in one chunk of 3 module
+    groups (8 / 3.5 → at least 3, and the model's modules are small enough to pack 3). Each score then adds the
+    same terms in the same order as one pass over every module does: equal bitwise."""
     per_query = per_query_bytes(setup)
     working = 5 * per_query
-    # MEMORY_HEADROOM of the room, less the working memory, holds 3 query gradients (and a fraction)
     room = int((working + 3.5 * per_query) / fused_scores.MEMORY_HEADROOM)
     fake_memory(monkeypatch, room, working)
     timings = {}
     planned = identity_scores(setup, timings)
-    assert (timings["pass_capacity"], timings["queries_per_pass"], timings["passes"]) == (3, 3, 3)  # 8 queries
-    # the same scores as one pass: float64, only the query batches' padding differs (pass boundaries cut them),
-    # so the rows agree to rounding, ~1e-16 relative per operation, far inside 1e-10
+    assert (timings["pass_capacity"], timings["queries_per_pass"], timings["module_groups"], timings["passes"]) \
+        == (3, 8, 3, 3)
     monkeypatch.undo()
-    one_pass = identity_scores(setup)
-    torch.testing.assert_close(planned, one_pass, rtol=1e-10, atol=1e-12 * one_pass.abs().max().item())
+    one_pass = {}
+    assert torch.equal(planned, identity_scores(setup, one_pass))
+    assert (one_pass["module_groups"], one_pass["passes"]) == (1, 1)
+
+
+def test_a_module_groups_pass_backpropagates_down_to_its_lowest_module_only(setup, monkeypatch):
+    """With the room for 1.2 queries' gradients the first group holds the top layer's modules: in its pass the first
+    encoder layer's output needs no gradient (the backward stops above it); the last group's pass reaches it."""
+    model = setup[0]
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
+    seen = []
+    original = fused_scores.FusedScorer.score_pass
+
+    def score_pass(self, chunk, group, *args, **kwargs):
+        layer = next(m for n, m in self.model.named_modules() if n.endswith("encoder.layer.0"))
+        handle = layer.register_forward_hook(lambda m, i, out: seen.append((group, out[0].requires_grad)))
+        try:
+            return original(self, chunk, group, *args, **kwargs)
+        finally:
+            handle.remove()
+    monkeypatch.setattr(fused_scores.FusedScorer, "score_pass", score_pass)
+    timings = {}
+    grouped = identity_scores(setup, timings)
+    assert timings["module_groups"] > 1
+    first, last = seen[0][0], seen[-1][0]
+    assert not any(grad for group, grad in seen if group is first)
+    assert all(grad for group, grad in seen if group is last) and any("layer.0." in name for name in last)
+    assert not any("layer.0." in name for name in first)
+    monkeypatch.undo()
+    assert torch.equal(grouped, identity_scores(setup))
+    del model
+
+
+def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():
+    order, sizes = list("abcde"), dict(a=4, b=1, c=1, d=1, e=4)
+    assert fused_scores.module_groups(order, sizes, None) == [order]
+    assert fused_scores.module_groups(order, sizes, 11) == [order]
+    assert fused_scores.module_groups(order, sizes, 7) == [["a", "b", "c"], ["d", "e"]]  # 6 + 5, not 7 + 4
+    assert fused_scores.module_groups(order, sizes, 5) == [["a"], ["b", "c", "d"], ["e"]]  # 4 + 3 + 4, not 5 + 2 + 4
+    assert fused_scores.module_groups(order, sizes, 2) == [["a"], ["b", "c"], ["d"], ["e"]]  # a module above the budget
 
 
 def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monkeypatch):
-    """Working memory proportional to the training micro-batch (one query gradient per row): with 8 rows a
-    micro-batch, the room holds 2 query gradients (4 passes for 8 queries); with 4 rows, 6 (2 passes); with 2
-    rows, 8 (1 pass). At PASS_ROW_COST 7.3 the estimates are 30.2, 16.6 and 11.3: 2 rows. The floor
-    (MIN_TRAIN_MICRO) stops the halving."""
+    """Working memory proportional to the training micro-batch (one query gradient per row), room for 10.5: with 8
+    rows a micro-batch, 2.5 queries' gradients fit beside it (8 queries: at least 4 module groups, one pass each);
+    with 4 rows, 6.5 (2 groups); with 2 rows, 8.5 (1). At PASS_ROW_COST 7.3 the estimates are at least 30.2, then
+    16.6 and 11.3: 2 rows. The floor (MIN_TRAIN_MICRO) stops the halving."""
     model, train, queries, collator = setup
     per_query = per_query_bytes(setup)
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
@@ -97,21 +137,23 @@ def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monk
     floored = run(8)[1]
     assert (floored["train_micro_batch"], floored["passes"]) == (4, 2)
     # the estimated time decides, not the passes alone: with a pass costing 1 query gradient read per training row,
-    # 8 rows (4 passes) cost 4 + 8/8 = 5, 4 rows (2 passes) 2 + 8/4 = 4, 2 rows (1 pass) 1 + 8/2 = 5
+    # 8 rows (4 or more passes) cost at least 4 + 8/8 = 5, 4 rows (2 passes) 2 + 8/4 = 4, 2 rows (1 pass) 1 + 8/2 = 5
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
     monkeypatch.setattr(fused_scores, "PASS_ROW_COST", 1.0)
     cheapest = run(8)[1]
     assert (cheapest["train_micro_batch"], cheapest["passes"]) == (4, 2)
     monkeypatch.undo()
-    # the same sums in other micro-batches and passes: float64, only the padding of the batches differs, so the
-    # scores agree to rounding (~1e-16 relative per operation), far inside 1e-10
+    # the same sums in other micro-batches: float64, only the padding of the batches differs, so the scores agree
+    # to rounding (~1e-16 relative per operation), far inside 1e-10
     one_pass = identity_scores(setup)
     torch.testing.assert_close(scores, one_pass, rtol=1e-10, atol=1e-12 * one_pass.abs().max().item())
 
 
 def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_line(setup, monkeypatch):
-    per_query = per_query_bytes(setup)
-    fake_memory(monkeypatch, per_query // 2, 0)
+    model = setup[0]
+    largest = max(query_gradient_bytes(fused_scores.tracked_linears(model, fused_scores.linear_module_names(model)),
+                                       torch.float64).values())
+    fake_memory(monkeypatch, largest // 2, 0)  # not even the largest module's gradient of one query fits
     with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row per "
                                         r"batch \(a pass needs .* GiB, .* GiB available\); free memory on the GPU"):
         identity_scores(setup)
@@ -130,25 +172,53 @@ def failing_backward(monkeypatch, fail_on: set):
     return calls
 
 
-@pytest.mark.parametrize("fail_on", [{1}, {9}], ids=["first pass", "second pass"])
-def test_an_out_of_memory_pass_is_halved_and_redone_to_the_same_scores(setup, monkeypatch, caplog, fail_on):
-    """4 queries per pass, 8 queries: an OOM in the first pass's query side, or in the second pass's training
-    side (call 9: 2 query batches + 6 training batches in pass one, then 2 query batches), halves the pass to 2.
-    Every pass of 2 starts at a multiple of 2, so the query batches (of 2) are the same as in a run planned at 2
-    queries per pass: the scores are equal bitwise."""
-    direct = identity_scores(setup, max_queries_per_pass=2)
+@pytest.mark.parametrize("fail_on", [{2}, {10}], ids=["first chunk", "second chunk"])
+def test_an_out_of_memory_chunk_is_split_into_module_groups_and_redone_to_the_same_scores(setup, monkeypatch, caplog,
+                                                                                         fail_on):
+    """4 queries a chunk, 8 queries, one module group: an OOM in the first chunk's query side (call 2, after the
+    one-query backward that records the modules' order), or in the second chunk's (call 10: 2 query batches + 6
+    training batches in chunk one) halves the modules' bytes a pass holds (3 groups, at the demo model's module
+    sizes) and redoes the chunk. Module groups change
+    which pass adds a score's terms, not their order: equal bitwise to the run without the error."""
+    direct = identity_scores(setup, max_queries_per_pass=4)
     failing_backward(monkeypatch, fail_on)
     timings = {}
     retried = identity_scores(setup, timings, max_queries_per_pass=4)
     assert torch.equal(retried, direct)
-    assert timings["out_of_memory_retries"] == 1 and timings["queries_per_pass"] == 2
-    assert "fused scores: out of GPU memory (it asked for 2.00 GiB more); retrying with 2 queries per pass" in caplog.text
+    assert (timings["out_of_memory_retries"], timings["queries_per_pass"], timings["module_groups"]) == (1, 4, 3)
+    assert "fused scores: out of GPU memory (it asked for 2.00 GiB more); retrying in 3 module groups" in caplog.text
+
+
+def test_out_of_memory_splits_the_module_groups_then_halves_the_queries():
+    """Each out-of-memory error halves the bytes of the largest pass: by more module groups where the largest passes
+    hold several modules, else by half the queries (whose smaller gradients may share a group again); with one query
+    left, the micro-batches; then one line."""
+    plan = fused_scores.PassPlan(4, 2, 2, order=["a", "b", "c"], sizes={"a": 10, "b": 10, "c": 20})
+    steps = []
+    for _ in range(5):
+        plan.shrink("fused scores", "detail", "hint")
+        groups = plan.groups(plan.per_pass)
+        steps.append((plan.per_pass, groups, max(sum(plan.per_pass * plan.sizes[n] for n in g) for g in groups),
+                      plan.train_micro, plan.query_micro))
+    assert steps == [(4, [["a", "b"], ["c"]], 80, 2, 2),  # from 160 bytes in one pass
+                     (2, [["a", "b"], ["c"]], 40, 2, 2),  # c alone held 80
+                     (1, [["a", "b"], ["c"]], 20, 2, 2),
+                     (1, [["a", "b"], ["c"]], 20, 1, 2),
+                     (1, [["a", "b"], ["c"]], 20, 1, 1)]
+    assert plan.retries == 5
+    with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row "
+                                        r"per batch \(detail\); hint$"):
+        plan.shrink("fused scores", "detail", "hint")
 
 
 def test_an_out_of_memory_error_that_never_clears_stops_in_one_line(setup, monkeypatch):
-    failing_backward(monkeypatch, set(range(1, 1000)))
+    failing_backward(monkeypatch, set(range(2, 1000)))
     with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row per "
                                         r"batch \(it asked for 2.00 GiB more\); free memory"):
+        identity_scores(setup, max_queries_per_pass=4)
+    failing_backward(monkeypatch, {1})
+    with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory in one query's backward \(it asked "
+                                        r"for 2.00 GiB more\); free memory on the GPU"):
         identity_scores(setup, max_queries_per_pass=4)
 
 

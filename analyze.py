@@ -77,6 +77,7 @@ from fused_scores import model_weights
 from influence import (
     BACKENDS,
     FACTOR_STAGES,
+    FUSED_SECONDS,
     AnalysisConfig,
     ScoringJob,
     add_method_args,
@@ -470,10 +471,11 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
                          args.query_batch_size, rank, workers, segments)
         scores, sizes = compute_scores(job, scores_dir)
+        split = {f"scores_{key}": round(float(sizes.pop(key)), 2) for key in FUSED_SECONDS if key in sizes}
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             timings = {"seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
-                                   "scores": round(time.perf_counter() - scores_started, 2),
+                                   "scores": round(time.perf_counter() - scores_started, 2), **split,
                                    # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)
                                    **({"source_factors": round(source["factor_seconds"], 2)} if source else {})},
                        "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after OOM halving

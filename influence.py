@@ -339,7 +339,8 @@ class KronfluenceBackend:
         return job.analyzer.load_self_scores(job.scores_name)[SCORES_KEY].float(), sizes
 
 
-FUSED_PLAN_SIZES = ("train_micro_batch", "query_micro_batch", "queries_per_pass", "module_groups")  # a fused run's plan
+FUSED_PLAN_SIZES = ("train_micro_batch", "query_micro_batch", "queries_per_pass", "module_groups", "passes")  # its plan
+FUSED_SECONDS = ("query_seconds", "train_seconds")  # a fused run's time on query gradients and on training passes
 
 
 class FusedBackend:
@@ -357,7 +358,7 @@ class FusedBackend:
                                        job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
                                        job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
                                        device=job.device, timings=plan, num_workers=job.num_workers)
-        return scores, {key: plan[key] for key in FUSED_PLAN_SIZES}
+        return scores, {key: plan[key] for key in FUSED_PLAN_SIZES + FUSED_SECONDS}
 
     def self_influence(self, job: ScoringJob) -> tuple:
         scores = fused_self_scores(job.model.to(job.device), job.analyzer.task, job.factors(),

@@ -72,24 +72,58 @@ def rotated_example_gradients(activation: torch.Tensor, output_gradient: torch.T
     return rotated[..., :d_in]
 
 
-def _covariance_updates(tracker_class):
-    """Replacements for kronfluence's two covariance updates: its own bookkeeping (storage, counts) on an empty
-    batch, then the batch's xᵀx from `gram` added to its storage."""
-    activation_update = tracker_class._update_activation_covariance_matrix
-    gradient_update = tracker_class._update_gradient_covariance_matrix
+def _covariance_hooks(original_register):
+    """A replacement for kronfluence's CovarianceTracker.register_hooks: for nn.Linear, each batch's xᵀx by `gram`
+    from the activations and output gradients as the forward and backward hand them over, kronfluence's bias column
+    (ones, masked like the activations) added as the activations' column sums and the count of rows, without its
+    float32 copies of the activations (masked, with the column appended) and output gradients; anything else goes to
+    kronfluence's own hooks. kronfluence's bookkeeping (storage, counts) runs on an empty batch."""
 
-    def update_activation(self, input_activation, count):
-        activation_update(self, input_activation[:0], count)  # allocates the storage on the first batch, counts
-        storage = self.module.storage[ACTIVATION_COVARIANCE_MATRIX_NAME]
-        storage.add_(gram(input_activation, storage.dtype))
+    def register_hooks(self):
+        module = self.module
+        if not isinstance(module.original_module, nn.Linear):
+            return original_register(self)
+        args, has_bias = module.factor_args, module.original_module.bias is not None
 
-    def update_gradient(self, output_gradient, count):
-        gradient_update(self, output_gradient[:0], count)
-        storage = self.module.storage[GRADIENT_COVARIANCE_MATRIX_NAME]
-        scale = self.module.gradient_scale ** 2 if self.module.gradient_scale != 1.0 else 1
-        storage.add_(gram(output_gradient, storage.dtype), alpha=scale)
+        @torch.no_grad()
+        def forward_hook(_, inputs, outputs):
+            activation = inputs[0].detach().flatten(0, -2)
+            if activation.is_cuda and args.activation_covariance_dtype == torch.float32:
+                activation = activation.bfloat16()  # what the autocast matmul multiplies; gram's products are exact
+            else:
+                activation = activation.to(args.activation_covariance_dtype)
+            mask, count = module.attention_mask, activation.size(0)
+            if mask is not None and activation.size(0) == mask.numel():  # kronfluence's rule: token rows are masked
+                mask = mask.reshape(-1, 1)
+                activation, count = activation * mask.to(activation.dtype), mask.sum()
+            width = activation.size(1) + has_bias
+            empty = activation.new_empty(0, width, dtype=args.activation_covariance_dtype)
+            self._update_activation_covariance_matrix(empty, count)  # allocates the storage on the first batch, counts
+            storage = module.storage[ACTIVATION_COVARIANCE_MATRIX_NAME]
+            d = activation.size(1)
+            storage[:d, :d].add_(gram(activation, storage.dtype))
+            if has_bias:  # Σ_t [a_t, m_t]ᵀ[a_t, m_t] with m_t ∈ {0, 1}: the masked sums of a, and Σ m_t = the count
+                sums = activation.sum(dim=0, dtype=storage.dtype)
+                storage[:d, d].add_(sums)
+                storage[d, :d].add_(sums)
+                storage[d, d].add_(count)
+            self.cached_hooks.append(outputs.register_hook(backward_hook))
 
-    return update_activation, update_gradient
+        @torch.no_grad()
+        def backward_hook(output_gradient):
+            self.cached_hooks.pop().remove()
+            gradient = output_gradient.detach().flatten(0, -2)
+            mask = module.attention_mask
+            count = mask.sum() if mask is not None and gradient.size(0) == mask.numel() else gradient.size(0)
+            empty = gradient.new_empty(0, gradient.size(1), dtype=args.gradient_covariance_dtype)
+            self._update_gradient_covariance_matrix(empty, count)
+            storage = module.storage[GRADIENT_COVARIANCE_MATRIX_NAME]
+            scale = module.gradient_scale ** 2 if module.gradient_scale != 1.0 else 1
+            storage.add_(gram(gradient, storage.dtype), alpha=scale)
+
+        self.registered_hooks.append(module.register_forward_hook(forward_hook))
+
+    return register_hooks
 
 
 def _lambda_hooks(original_register, group: int):
@@ -147,13 +181,10 @@ def fast_factor_kernels(num_choices: int = 1):
     equal kronfluence's in float64."""
     from kronfluence.module.tracker.factor import CovarianceTracker, LambdaTracker
 
-    saved = (CovarianceTracker._update_activation_covariance_matrix,
-             CovarianceTracker._update_gradient_covariance_matrix, LambdaTracker.register_hooks)
-    (CovarianceTracker._update_activation_covariance_matrix,
-     CovarianceTracker._update_gradient_covariance_matrix) = _covariance_updates(CovarianceTracker)
-    LambdaTracker.register_hooks = _lambda_hooks(saved[2], num_choices)
+    saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks)
+    CovarianceTracker.register_hooks = _covariance_hooks(saved[0])
+    LambdaTracker.register_hooks = _lambda_hooks(saved[1], num_choices)
     try:
         yield
     finally:
-        (CovarianceTracker._update_activation_covariance_matrix,
-         CovarianceTracker._update_gradient_covariance_matrix, LambdaTracker.register_hooks) = saved
+        CovarianceTracker.register_hooks, LambdaTracker.register_hooks = saved

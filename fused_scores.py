@@ -281,6 +281,21 @@ class PassPlan:
         raise UserError(f"{stage}: out of GPU memory with one query per pass and one row per batch ({detail}); "
                         f"{flag_hint}")
 
+    def halve_micro(self, side: str, stage: str, detail: str, flag_hint: str) -> None:
+        """A micro-batch does not fit beside any query gradient: halve the `side` one ("query" or "train": the side
+        that ran out of memory, or needs the more), else the other."""
+        names = ["query_micro", "train_micro"] if side == "query" else ["train_micro", "query_micro"]
+        for name in names:
+            size = getattr(self, name)
+            if size > 1:
+                setattr(self, name, size // 2)
+                self.retries += 1
+                what = "queries per micro-batch" if name == "query_micro" else "training rows per micro-batch"
+                logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what)
+                return
+        raise UserError(f"{stage}: out of GPU memory with one query per pass and one row per batch ({detail}); "
+                        f"{flag_hint}")
+
 
 class FusedScorer:
     """The per-module state of the fused pass: tracked modules, prepared factors, hooks, query gradients."""
@@ -304,6 +319,7 @@ class FusedScorer:
             train_weights = {name: p.detach().clone() for name, p in model_weights(model).items()}
         self.train_weights = train_weights  # what the model holds, put back after each pass's query side
         self.hooks = PerExampleGradients(self.modules, score_args.per_sample_gradient_dtype)
+        self.probing = "train"  # working_memory's side: "query" or "train"
         self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
 
     def _precondition(self, name, weight, bias):
@@ -373,11 +389,17 @@ class FusedScorer:
         self.hooks.active = set(self.modules)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self.probing = "query"  # the side a probe that runs out of memory was on (plan_passes halves its micro-batch)
         self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
         self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True)
+        query_peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.probing = "train"
         self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
         self._backward(train.select(range(min(plan.train_micro, len(train)))), measurement=False)
-        return torch.cuda.max_memory_allocated(self.device) - base
+        train_peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.probing = "query" if query_peak > train_peak else "train"  # the larger, if none fails
+        return max(query_peak, train_peak)
 
     def score_pass(self, chunk, group: list, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
                    desc: str, disable_tqdm: bool) -> tuple:
@@ -482,8 +504,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                 return chosen
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
-        plan.per_pass = 1  # only the micro-batches are left to halve
-        plan.shrink("fused scores", detail, hint)
+        plan.halve_micro(scorer.probing, "fused scores", detail, hint)
 
 
 def with_budget(plan: PassPlan, budget: int, num_queries: int, plan_queries: int = 0) -> PassPlan:

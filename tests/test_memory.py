@@ -159,6 +159,23 @@ def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_li
         identity_scores(setup)
 
 
+def test_a_query_micro_batch_that_does_not_fit_is_halved_not_the_training_one(setup, monkeypatch, caplog):
+    """The working-memory probe runs out of memory on the query side (100 queries' gradients preconditioned at once
+    can outweigh a training micro-batch): the query micro-batch halves, the training one stays."""
+    def probe(self, queries, train, plan):
+        self.probing = "query"
+        if plan.query_micro > 1:
+            raise torch.OutOfMemoryError(OOM)
+        self.probing = "train"
+        return 0
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100 * per_query_bytes(setup))
+    monkeypatch.setattr(FusedScorer, "working_memory", probe)
+    timings = {}
+    identity_scores(setup, timings)
+    assert (timings["query_micro_batch"], timings["train_micro_batch"], timings["out_of_memory_retries"]) == (1, 2, 1)
+    assert "retrying with 1 queries per micro-batch" in caplog.text
+
+
 def failing_backward(monkeypatch, fail_on: set):
     """fused_scores._backward raising torch.OutOfMemoryError on the given calls (counted from 1)."""
     calls, original = [0], fused_scores._backward

@@ -163,7 +163,8 @@ def _lambda_hooks(original_register, group: int):
                 rotated.mul_(module.gradient_scale)
             storage[NUM_LAMBDA_PROCESSED].add_(examples)
             # the sum of squares over the examples in one read of the rotated gradients (squaring them in place,
-            # then summing, reads them twice and writes them once: the batch's largest memory traffic)
+            # then summing, reads them twice and writes them once: the batch's largest memory traffic); the same sum
+            # to rounding (a square root, then its square: about one float32 ulp)
             storage[LAMBDA_MATRIX_NAME].add_(torch.linalg.vector_norm(rotated, dim=0).square_())
 
         self.registered_hooks.append(module.register_forward_hook(forward_hook))

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from kronfluence.factor.config import FactorConfig
+from kronfluence.module.tracked_module import TrackedModule
 from kronfluence.utils.constants import ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME
 from torch import nn
 from torch.nn import functional as F
@@ -180,14 +181,24 @@ def _backward(model, task, batch, device, amp_dtype, measurement: bool):
 
 def _frozen(model: nn.Module):
     """Freeze the parameters (only activation gradients flow: PerExampleGradients starts the backward at the pass's
-    modules); returns an undo."""
+    modules) and run kronfluence's wrappers as their original modules; returns an undo. A wrapper adds a float32
+    constant to an output that needs no gradient, so that kronfluence's own backward reaches it: below a pass's
+    modules that would cost a kernel per module and turn bf16 outputs into float32 ones, which the modules above
+    would then see in place of the bf16 values one pass over every module sees."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
+    wrappers = [m for m in model.modules() if isinstance(m, TrackedModule)]
+    for wrapper in wrappers:
+        # a bound method (a module would be registered as a submodule named "forward"), as an instance attribute:
+        # nn.Module.__call__ finds it before the class's forward; hooks on the original module still run
+        wrapper.forward = wrapper.original_module.__call__
 
     def undo():
         for p, flag in flags:
             p.requires_grad_(flag)
+        for wrapper in wrappers:
+            del wrapper.forward
     return undo
 
 
@@ -214,7 +225,7 @@ def module_groups(order: list, sizes: dict, budget: Optional[int]) -> list:
     if budget is None or total <= budget:
         return [list(order)]
     fewest = pack(budget)
-    even = pack(max(max(sizes.values()), math.ceil(total / len(fewest))))
+    even = pack(min(budget, math.ceil(total / len(fewest))))
     return even if len(even) == len(fewest) else fewest
 
 
@@ -293,7 +304,7 @@ class PassPlan:
                 what = "queries per micro-batch" if name == "query_micro" else "training rows per micro-batch"
                 logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what)
                 return
-        raise UserError(f"{stage}: out of GPU memory with one query per pass and one row per batch ({detail}); "
+        raise UserError(f"{stage}: out of GPU memory with one query and one training row per micro-batch ({detail}); "
                         f"{flag_hint}")
 
 
@@ -522,8 +533,11 @@ def with_budget(plan: PassPlan, budget: int, num_queries: int, plan_queries: int
     return replace(plan, budget=budget, per_pass=per_pass, chunk_capacity=chunk_capacity, capacity=capacity)
 
 
-def pass_count(plan: PassPlan, num_queries: int) -> int:
-    """Passes over the training rows: a pass per module group of each chunk of queries."""
+def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
+    """Passes over the training rows: a pass per module group of each chunk of queries (with `plan_queries` above
+    `num_queries`: the larger run's chunks, each cut into this chunk's groups, as with_budget plans them)."""
+    if plan_queries > num_queries and plan.chunk_capacity:
+        return math.ceil(plan_queries / min(plan_queries, plan.chunk_capacity)) * len(plan.groups(plan.per_pass))
     return sum(len(plan.groups(min(plan.per_pass, num_queries - start)))
                for start in range(0, num_queries, plan.per_pass))
 
@@ -534,10 +548,10 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
     the least estimated time, per training row passes × PASS_ROW_COST + queries / rows per micro-batch (the scores
     are the same sums; a module group's pass counts as a whole pass, an upper bound)."""
     def cost(p: PassPlan) -> float:
-        return pass_count(p, len(queries)) * PASS_ROW_COST + max(len(queries), plan_queries) / p.train_micro
+        return pass_count(p, len(queries), plan_queries) * PASS_ROW_COST + max(len(queries), plan_queries) / p.train_micro
 
     best = trial = plan
-    while pass_count(trial, len(queries)) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
+    while pass_count(trial, len(queries), plan_queries) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
         trial = replace(trial, train_micro=trial.train_micro // 2)
         try:
             working = scorer.working_memory(queries, train, trial)
@@ -584,7 +598,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                plan_queries)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
-            start, passes, groups = 0, 0, []
+            start, passes, most_groups = 0, 0, 0
             while start < len(queries):
                 def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
@@ -605,12 +619,12 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 rows, groups, (query_s, train_s) = retry_on_oom(one_chunk, shrink, device)
                 seconds["query_seconds"] += query_s
                 seconds["train_seconds"] += train_s
-                start, passes = rows.stop, passes + len(groups)
+                start, passes, most_groups = rows.stop, passes + len(groups), max(most_groups, len(groups))
     finally:
         undo()
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
-                       module_groups=len(groups), chunk_capacity=plan.chunk_capacity,
+                       module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, out_of_memory_retries=plan.retries)
     if world > 1:

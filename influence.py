@@ -409,17 +409,19 @@ def score(job: ScoringJob) -> tuple:
     members = job.config.dropout_ensemble
     if not members:
         return run(job)
-    total = None
+    total, seconds = None, dict.fromkeys(FUSED_SECONDS, 0.0)
     for member in range(members):
         logger.info("dropout ensemble: member %d of %d (rate %g)", member + 1, members, job.config.dropout_rate)
         masks = dropout_masks(job.model, job.config.dropout_rate, job.config.dropout_seed, member)
         with masked_weights(job.model, masks):
             scores, sizes = run(job)
         total = scores.double() if total is None else total.add_(scores.double())
+        for key in seconds:  # the fused backend's time split, summed over the members
+            seconds[key] += sizes.pop(key, 0.0)
         # kronfluence's loop: the next member starts from the batch sizes that fitted, not from a full size that ran
         # out of memory (the fused backend plans each pass from the memory free at the time)
         job = dataclasses.replace(job, **{k: v for k, v in sizes.items() if k in ("train_batch_size", "query_batch_size")})
-    return (total / members).float(), sizes
+    return (total / members).float(), {**sizes, **{key: value for key, value in seconds.items() if value}}
 
 
 def source_scores(job: ScoringJob) -> tuple:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from kronfluence.analyzer import Analyzer
+from kronfluence.analyzer import Analyzer, prepare_model
 from safetensors.torch import load_file, save_file
 
 import analyze
@@ -103,6 +103,28 @@ def test_a_module_groups_pass_backpropagates_down_to_its_lowest_module_only(setu
     del model
 
 
+def test_module_groups_of_a_kronfluence_wrapped_model_under_autocast_give_the_same_bits(setup, monkeypatch):
+    """kronfluence's prepared model under bf16 autocast with float32 gradients: below a pass's modules the wrappers
+    run as their original modules, so every module sees the bf16 outputs one pass over all of them sees (a wrapper
+    would add its float32 constant there and hand float32 values up)."""
+    model, train, queries, collator = setup
+    prepared = prepare_model(copy.deepcopy(model).float(), MultipleChoiceTask())
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    args.amp_dtype = torch.bfloat16
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float32
+
+    def run(timings):
+        return fused_pairwise_scores(copy.deepcopy(prepared), MultipleChoiceTask(), {}, "identity", args, queries, train,
+                                     collator, query_batch_size=2, train_batch_size=2, device=torch.device("cpu"),
+                                     disable_tqdm=True, timings=timings)
+    one, grouped = {}, {}
+    single = run(one)
+    # room for one query's float32 gradients (half the float64 bytes): 9 groups, some cutting a layer's modules apart
+    fake_memory(monkeypatch, int(per_query_bytes(setup) / 2 / fused_scores.MEMORY_HEADROOM), 0)
+    assert torch.equal(run(grouped), single)
+    assert (one["module_groups"], grouped["module_groups"]) == (1, 9)
+
+
 def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():
     order, sizes = list("abcde"), dict(a=4, b=1, c=1, d=1, e=4)
     assert fused_scores.module_groups(order, sizes, None) == [order]
@@ -154,8 +176,9 @@ def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_li
     largest = max(query_gradient_bytes(fused_scores.tracked_linears(model, fused_scores.linear_module_names(model)),
                                        torch.float64).values())
     fake_memory(monkeypatch, largest // 2, 0)  # not even the largest module's gradient of one query fits
-    with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row per "
-                                        r"batch \(a pass needs .* GiB, .* GiB available\); free memory on the GPU"):
+    with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query and one training row "
+                                        r"per micro-batch \(a pass needs .* GiB, .* GiB available\); free memory on "
+                                        r"the GPU"):
         identity_scores(setup)
 
 

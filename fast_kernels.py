@@ -72,6 +72,13 @@ def rotated_example_gradients(activation: torch.Tensor, output_gradient: torch.T
     return rotated[..., :d_in]
 
 
+def token_mask(module, rows: int):
+    """kronfluence's rule for a tracked module's flattened (rows × d) activations or gradients: its attention mask
+    as a (rows, 1) column when there is one per row (token rows), else None (one row per sequence, no mask)."""
+    mask = module.attention_mask
+    return mask.reshape(-1, 1) if mask is not None and rows == mask.numel() else None
+
+
 def _covariance_hooks(original_register):
     """A replacement for kronfluence's CovarianceTracker.register_hooks: for nn.Linear, each batch's xᵀx by `gram`
     from the activations and output gradients as the forward and backward hand them over, kronfluence's bias column
@@ -92,9 +99,8 @@ def _covariance_hooks(original_register):
                 activation = activation.bfloat16()  # what the autocast matmul multiplies; gram's products are exact
             else:
                 activation = activation.to(args.activation_covariance_dtype)
-            mask, count = module.attention_mask, activation.size(0)
-            if mask is not None and activation.size(0) == mask.numel():  # kronfluence's rule: token rows are masked
-                mask = mask.reshape(-1, 1)
+            mask, count = token_mask(module, activation.size(0)), activation.size(0)
+            if mask is not None:
                 activation, count = activation * mask.to(activation.dtype), mask.sum()
             width = activation.size(1) + has_bias
             empty = activation.new_empty(0, width, dtype=args.activation_covariance_dtype)
@@ -113,8 +119,8 @@ def _covariance_hooks(original_register):
         def backward_hook(output_gradient):
             self.cached_hooks.pop().remove()
             gradient = output_gradient.detach().flatten(0, -2)
-            mask = module.attention_mask
-            count = mask.sum() if mask is not None and gradient.size(0) == mask.numel() else gradient.size(0)
+            mask = token_mask(module, gradient.size(0))
+            count = gradient.size(0) if mask is None else mask.sum()
             empty = gradient.new_empty(0, gradient.size(1), dtype=args.gradient_covariance_dtype)
             self._update_gradient_covariance_matrix(empty, count)
             storage = module.storage[GRADIENT_COVARIANCE_MATRIX_NAME]

@@ -279,33 +279,30 @@ class PassPlan:
             logger.warning("%s: out of GPU memory (%s); retrying in %d module groups", stage, detail,
                            len(self.groups(self.per_pass)))
             return
-        for name, what in (("per_pass", "queries per pass"), ("train_micro", "training rows per micro-batch"),
-                           ("query_micro", "queries per micro-batch")):
-            size = getattr(self, name)
-            if size > 1:
-                setattr(self, name, size // 2)
-                if name == "per_pass":  # the passes stay within half the bytes that failed
-                    self.budget = largest // 2
-                self.retries += 1
-                logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what)
-                return
-        raise UserError(f"{stage}: out of GPU memory with one query per pass and one row per batch ({detail}); "
-                        f"{flag_hint}")
+        self._halve_first(["per_pass", "train_micro", "query_micro"], stage, detail, flag_hint, largest)
 
     def halve_micro(self, side: str, stage: str, detail: str, flag_hint: str) -> None:
         """A micro-batch does not fit beside any query gradient: halve the `side` one ("query" or "train": the side
         that ran out of memory, or needs the more), else the other."""
         names = ["query_micro", "train_micro"] if side == "query" else ["train_micro", "query_micro"]
+        self._halve_first(names, stage, detail, flag_hint)
+
+    def _halve_first(self, names: list, stage: str, detail: str, flag_hint: str, largest: int = 0) -> None:
+        """Halve the first of `names` above 1 (after halving per_pass, the passes stay within half the `largest`
+        pass's bytes, which failed), or stop in one line."""
+        what = {"per_pass": "queries per pass", "train_micro": "training rows per micro-batch",
+                "query_micro": "queries per micro-batch"}
         for name in names:
             size = getattr(self, name)
             if size > 1:
                 setattr(self, name, size // 2)
+                if name == "per_pass":
+                    self.budget = largest // 2
                 self.retries += 1
-                what = "queries per micro-batch" if name == "query_micro" else "training rows per micro-batch"
-                logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what)
+                logger.warning("%s: out of GPU memory (%s); retrying with %d %s", stage, detail, size // 2, what[name])
                 return
-        raise UserError(f"{stage}: out of GPU memory with one query and one training row per micro-batch ({detail}); "
-                        f"{flag_hint}")
+        single = "per pass and one row per batch" if "per_pass" in names else "and one training row per micro-batch"
+        raise UserError(f"{stage}: out of GPU memory with one query {single} ({detail}); {flag_hint}")
 
 
 class FusedScorer:

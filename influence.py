@@ -344,8 +344,8 @@ FUSED_SECONDS = ("query_seconds", "train_seconds")  # a fused run's time on quer
 
 
 class FusedBackend:
-    """The same scores from the same factors in one pass over the training set per chunk of queries
-    (fused_scores.py); the pass plans its own micro-batches from the memory available."""
+    """The same scores from the same factors in passes over the training set, one per module group of each chunk of
+    queries (fused_scores.py); the passes are planned from the memory available."""
 
     writes_scores = True
     low_rank_queries = False

@@ -77,7 +77,6 @@ def test_a_pass_holds_the_module_groups_that_fit_beside_the_working_memory(setup
 def test_a_module_groups_pass_backpropagates_down_to_its_lowest_module_only(setup, monkeypatch):
     """With the room for 1.2 queries' gradients the first group holds the top layer's modules: in its pass the first
     encoder layer's output needs no gradient (the backward stops above it); the last group's pass reaches it."""
-    model = setup[0]
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
     seen = []
@@ -100,7 +99,6 @@ def test_a_module_groups_pass_backpropagates_down_to_its_lowest_module_only(setu
     assert not any("layer.0." in name for name in first)
     monkeypatch.undo()
     assert torch.equal(grouped, identity_scores(setup))
-    del model
 
 
 def test_module_groups_of_a_kronfluence_wrapped_model_under_autocast_give_the_same_bits(setup, monkeypatch):

@@ -424,25 +424,30 @@ class FusedScorer:
                 if m.bias is not None else None)
             self.filled[name] = 0
         self.hooks.active = set(group)
-        # kronfluence: the query side in the per-sample gradient dtype, the training side in the score dtype
-        self.hooks.callback, self.hooks.dtype = self._keep_query, self.score_args.per_sample_gradient_dtype
-        if self.query_weights is not None:
-            load_weights(self.model, self.query_weights)
         try:
-            for start in range(0, len(chunk), plan.query_micro):
-                self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))), measurement=True)
-        finally:
+            # kronfluence: the query side in the per-sample gradient dtype, the training side in the score dtype
+            self.hooks.callback, self.hooks.dtype = self._keep_query, self.score_args.per_sample_gradient_dtype
             if self.query_weights is not None:
-                load_weights(self.model, self.train_weights)
-        if any(self.filled[name] != len(chunk) for name in group):
-            raise RuntimeError(f"query gradients reached {sorted({self.filled[n] for n in group})} of {len(chunk)} rows")
-        query_seconds = clock.lap()
-        self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
-        for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc, disable_tqdm):
-            self.hooks.block = block[:, start:stop]
-            self._run(batch, measurement=False)
-        self.query_grads.clear()
-        self.hooks.active = set(self.modules)
+                load_weights(self.model, self.query_weights)
+            try:
+                for start in range(0, len(chunk), plan.query_micro):
+                    self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))),
+                                   measurement=True)
+            finally:
+                if self.query_weights is not None:
+                    load_weights(self.model, self.train_weights)
+            if any(self.filled[name] != len(chunk) for name in group):
+                raise RuntimeError(f"query gradients reached {sorted({self.filled[n] for n in group})} of "
+                                   f"{len(chunk)} rows")
+            query_seconds = clock.lap()
+            self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
+            for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc,
+                                                         disable_tqdm):
+                self.hooks.block = block[:, start:stop]
+                self._run(batch, measurement=False)
+        finally:  # an out-of-memory retry plans and probes with every module again, and frees the query gradients
+            self.query_grads.clear()
+            self.hooks.active = set(self.modules)
         return query_seconds, clock.lap()
 
 

@@ -227,6 +227,27 @@ def test_an_out_of_memory_chunk_is_split_into_module_groups_and_redone_to_the_sa
     assert "fused scores: out of GPU memory (it asked for 2.00 GiB more); retrying in 3 module groups" in caplog.text
 
 
+def test_a_module_groups_pass_that_runs_out_of_memory_leaves_every_module_active(setup, monkeypatch):
+    """3 module groups planned (as above); an OOM in the first group's first training batch (call 6: after the
+    one-query backward and 4 query batches of 2) leaves the scorer as a probe and a new plan need it: every module
+    active, the query gradients freed. The redone chunk gives the scores of the run without the error."""
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, int((5 * per_query + 3.5 * per_query) / fused_scores.MEMORY_HEADROOM), 5 * per_query)
+    direct = identity_scores(setup)
+    seen, original = [], FusedScorer.score_pass
+
+    def score_pass(self, chunk, group, *args, **kwargs):
+        try:
+            return original(self, chunk, group, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            seen.append((len(group) < len(self.modules), self.hooks.active == set(self.modules), len(self.query_grads)))
+            raise
+    monkeypatch.setattr(FusedScorer, "score_pass", score_pass)
+    failing_backward(monkeypatch, {6})
+    assert torch.equal(identity_scores(setup), direct)
+    assert seen == [(True, True, 0)]
+
+
 def test_out_of_memory_splits_the_module_groups_then_halves_the_queries():
     """Each out-of-memory error halves the bytes of the largest pass: by more module groups where the largest passes
     hold several modules, else by half the queries (whose smaller gradients may share a group again); with one query

@@ -53,14 +53,6 @@ FACTOR_STAGES = ["covariance", "eigendecomposition", "lambda"]  # kronfluence's,
 
 DROPOUT_RATE = 0.1  # --dropout_rate's default: the rate BERT-style models train with
 QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_gradient_rank is used
-FACTOR_BATCH = 64  # rows per factor batch (kronfluence's example)
-TRAIN_BATCH = 128  # training rows per scoring batch (kronfluence's example)
-# --fast's batches. Factors: larger ones spread each batch's fixed cost (hooks and kernel launches over every module).
-# Fused scores: each training micro-batch reads every query gradient of a pass once, so twice the rows halve those
-# reads (on one H200, (2,000 × K) @ (K × n) bf16 matmuls for roberta-base's widths K run at 3.3-3.8 TB/s at n = 128
-# and 2.2-3.0 TB/s at n = 256: 0.6-0.8 of the time per training row). A card that cannot hold them halves them.
-FAST_FACTOR_BATCH = 256
-FAST_TRAIN_BATCH = 256
 
 
 def add_method_args(parser) -> None:

@@ -10,7 +10,8 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   (params × examples) matmul per module and batch. The preconditioned query gradients that fit in the memory
   available when scoring starts are held at once: every query of a chunk (all 2,000 SWAG queries on an H200),
   for a group of modules, the top layers' first. Each module group is a pass whose backward stops below its
-  lowest module; the per-example gradients of a module are formed once, whatever the number of groups. An
+  lowest module, so a higher group needs less working memory and holds more modules (each group's working memory
+  probed before scoring); the per-example gradients of a module are formed once, whatever the number of groups. An
   out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
@@ -208,24 +209,27 @@ def query_gradient_bytes(modules: dict, dtype: torch.dtype) -> dict:
             for name, m in modules.items()}
 
 
-def module_groups(order: list, sizes: dict, budget: Optional[int]) -> list:
+def module_groups(order: list, sizes: dict, budget: Optional[int], extra: Optional[dict] = None) -> list:
     """`order` (module names in the order the backward reaches them) cut into contiguous groups whose `sizes` add
-    up to at most `budget` (a module larger than it goes alone): as few groups as packing each one full gives,
-    their sizes evened out. One group when `budget` is None."""
-    def pack(limit):
+    up to at most `budget`, plus `extra[m]` bytes for a group whose lowest module is m (a module larger than that
+    goes alone): as few groups as packing each one full from the top gives, their sizes evened out. One group when
+    `budget` is None."""
+    extra = extra or {}
+
+    def pack(cap):
         groups, used = [[]], 0
         for name in order:
-            if groups[-1] and used + sizes[name] > limit:
+            if groups[-1] and used + sizes[name] > min(cap, budget + extra.get(name, 0)):
                 groups, used = groups + [[]], 0
             groups[-1].append(name)
             used += sizes[name]
         return groups
 
     total = sum(sizes[name] for name in order)
-    if budget is None or total <= budget:
+    if budget is None or total <= budget + extra.get(order[-1], 0):
         return [list(order)]
-    fewest = pack(budget)
-    even = pack(min(budget, math.ceil(total / len(fewest))))
+    fewest = pack(math.inf)
+    even = pack(math.ceil(total / len(fewest)))
     return even if len(even) == len(fewest) else fewest
 
 
@@ -261,16 +265,26 @@ class PassPlan:
     chunk_capacity: Optional[int] = None  # queries whose gradients for the largest module fit (None: no limit)
     order: list = field(default_factory=list)  # module names in the order the backward reaches them
     sizes: dict = field(default_factory=dict)  # module name -> bytes of one query's preconditioned gradient
+    # module name -> bytes a pass whose lowest module it is may hold beyond `budget`: a pass backpropagates down to its
+    # lowest module only, so the higher that is, the less working memory it needs than `budget` leaves for
+    extra: dict = field(default_factory=dict)
     retries: int = 0
 
     def groups(self, queries: int) -> list:
         """The module groups of a chunk of `queries` queries, in backward order (the top layers' first)."""
-        return module_groups(self.order, {name: queries * size for name, size in self.sizes.items()}, self.budget)
+        return module_groups(self.order, {name: queries * size for name, size in self.sizes.items()}, self.budget,
+                             self.extra)
 
     def shrink(self, stage: str, detail: str, flag_hint: str) -> None:
-        """After an out-of-memory error: at most half the bytes of the largest pass in each pass, by more module groups
-        where the largest passes hold several modules, else by half the queries; then the training micro-batch, then
-        the query one."""
+        """After an out-of-memory error: first no extra room for the higher groups (every pass within the budget that
+        the full backward's working memory leaves), then at most half the bytes of the largest pass in each pass, by
+        more module groups where the largest passes hold several modules, else by half the queries; then the training
+        micro-batch, then the query one."""
+        if any(self.extra.values()):
+            self.extra, self.retries = {}, self.retries + 1
+            logger.warning("%s: out of GPU memory (%s); retrying in %d module groups, each within the full backward's "
+                           "budget", stage, detail, len(self.groups(self.per_pass)))
+            return
         groups = self.groups(self.per_pass)
         pass_bytes = [sum(self.per_pass * self.sizes[name] for name in group) for group in groups]
         largest = max(pass_bytes)
@@ -389,23 +403,26 @@ class FusedScorer:
         for batch, (start, stop) in zip(batches, spans):  # the loader first: its bar closes when it ends
             yield start, stop, batch
 
-    def working_memory(self, queries, train, plan: PassPlan) -> int:
+    def working_memory(self, queries, train, plan: PassPlan, active=None) -> int:
         """Peak bytes above the current allocation that the first (longest) query and training micro-batches
-        need with every module in the pass, preconditioning included. 0 on CPU."""
+        need in a pass over the modules `active` (default: all), preconditioning included. 0 on CPU."""
         if self.device.type != "cuda":
             return 0
-        self.hooks.active = set(self.modules)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.probing = "query"  # the side a probe that runs out of memory was on (plan_passes halves its micro-batch)
-        self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
-        self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True)
-        query_peak = torch.cuda.max_memory_allocated(self.device) - base
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.probing = "train"
-        self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
-        self._backward(train.select(range(min(plan.train_micro, len(train)))), measurement=False)
-        train_peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.hooks.active = set(self.modules if active is None else active)
+        try:
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.probing = "query"  # the side a probe that runs out of memory was on (plan_passes halves its micro-batch)
+            self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
+            self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True)
+            query_peak = torch.cuda.max_memory_allocated(self.device) - base
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.probing = "train"
+            self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
+            self._backward(train.select(range(min(plan.train_micro, len(train)))), measurement=False)
+            train_peak = torch.cuda.max_memory_allocated(self.device) - base
+        finally:
+            self.hooks.active = set(self.modules)
         self.probing = "query" if query_peak > train_peak else "train"  # the larger, if none fails
         return max(query_peak, train_peak)
 
@@ -506,6 +523,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
         else:
             budgeted = with_budget(plan, int(room * MEMORY_HEADROOM - working), len(queries), plan_queries)
             if budgeted.per_pass >= 1:
+                budgeted = with_room_above(scorer, queries, train, budgeted, working, plan_queries)
                 logger.info("fused scoring: %.1f GiB available, %.1f GiB per micro-batch of %d training rows, %.2f "
                             "GiB per query gradient: %d queries per chunk in %d module groups", room / 2**30,
                             working / 2**30, plan.train_micro, sum(plan.sizes.values()) / 2**30, budgeted.per_pass,
@@ -514,7 +532,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                 if chosen is not budgeted:
                     logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per chunk in %d "
                                 "module groups", chosen.train_micro, chosen.per_pass, len(chosen.groups(chosen.per_pass)))
-                return chosen
+                return checked_room_above(scorer, queries, train, chosen, room, plan_queries)
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
         plan.halve_micro(scorer.probing, "fused scores", detail, hint)
@@ -533,6 +551,63 @@ def with_budget(plan: PassPlan, budget: int, num_queries: int, plan_queries: int
     if full_chunk > per_pass:
         budget = budget * per_pass // full_chunk
     return replace(plan, budget=budget, per_pass=per_pass, chunk_capacity=chunk_capacity, capacity=capacity)
+
+
+def _budget_scale(plan: PassPlan, plan_queries: int) -> float:
+    """The factor with_budget scaled the budget by (below 1 for a subset planned as a chunk of `plan_queries`)."""
+    if not plan_queries or not plan.chunk_capacity:
+        return 1.0
+    full_chunk = min(plan_queries, plan.chunk_capacity)
+    return plan.per_pass / full_chunk if full_chunk > plan.per_pass else 1.0
+
+
+def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, working: int,
+                    plan_queries: int = 0) -> PassPlan:
+    """`plan` with extra room for the module groups whose backward stops above the lowest module (PassPlan.extra):
+    `working` is the working memory of every module's backward, and a pass over the first module the backward
+    reaches alone is probed; in between, the extra room is interpolated linearly along the backward order (the layers
+    above a module hold its pass's activations), down to none for the lowest module. checked_room_above probes the
+    passes planned with it."""
+    if len(plan.order) < 2 or plan.budget is None:
+        return plan
+    try:
+        top = scorer.working_memory(queries, train, plan, active=plan.order[:1])
+    except Exception as exc:
+        if not should_reduce_batch_size(exc):
+            raise
+        clear_device_cache(garbage_collection=True)
+        return plan
+    saved, last = max(working - top, 0) * _budget_scale(plan, plan_queries), len(plan.order) - 1
+    return replace(plan, extra={name: int(saved * (last - i) / last) for i, name in enumerate(plan.order)})
+
+
+def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, room: int,
+                       plan_queries: int = 0) -> PassPlan:
+    """`plan` with each module group that uses extra room probed as the pass it is (its backward down to its lowest
+    module): where the probe leaves less than the group was given, the extra room of its lowest module and of every
+    module below is cut to what the probe leaves, and the groups are packed again, until every group fits."""
+    scale = _budget_scale(plan, plan_queries)
+    probed = set()
+    while True:
+        for group in plan.groups(plan.per_pass):
+            lowest = group[-1]
+            if not plan.extra.get(lowest) or tuple(group) in probed:
+                continue  # within the budget, which every module's backward leaves, or probed
+            probed.add(tuple(group))
+            try:
+                working = scorer.working_memory(queries, train, plan, active=group)
+            except Exception as exc:
+                if not should_reduce_batch_size(exc):
+                    raise
+                clear_device_cache(garbage_collection=True)
+                return replace(plan, extra={})
+            allowed = max(int((room * MEMORY_HEADROOM - working) * scale) - plan.budget, 0)
+            if allowed < plan.extra[lowest]:
+                below = plan.order[plan.order.index(lowest):]
+                plan = replace(plan, extra={**plan.extra, **{n: min(plan.extra[n], allowed) for n in below}})
+                break  # packed again with less room from this module down
+        else:
+            return plan
 
 
 def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
@@ -565,6 +640,7 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
         trial = with_budget(trial, int(room * MEMORY_HEADROOM - working), len(queries), plan_queries)
         if trial.per_pass < 1:
             break
+        trial = with_room_above(scorer, queries, train, trial, working, plan_queries)
         if cost(trial) < cost(best):
             best = trial
     return best

@@ -47,7 +47,7 @@ def identity_scores(setup, timings=None, **kwargs):
 
 def fake_memory(monkeypatch, room: int, working: int):
     monkeypatch.setattr(fused_scores, "available_memory", lambda device: room)
-    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan: working)
+    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan, active=None: working)
 
 
 def per_query_bytes(setup) -> int:
@@ -132,6 +132,85 @@ def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():
     assert fused_scores.module_groups(order, sizes, 2) == [["a"], ["b", "c"], ["d"], ["e"]]  # a module above the budget
 
 
+def test_groups_whose_backward_stops_higher_hold_more():
+    """Six modules of 10 bytes, a budget of 15: alone each needs its own pass. With the extra room of passes that stop
+    higher (45 bytes for the top module's down to none for the lowest), packing from the top gives 3 groups, each
+    within the budget plus its lowest module's extra room."""
+    order, sizes = list("abcdef"), dict.fromkeys("abcdef", 10)
+    extra = dict(zip(order, [45, 40, 30, 20, 10, 0]))
+    assert fused_scores.module_groups(order, sizes, 15) == [[n] for n in order]
+    groups = fused_scores.module_groups(order, sizes, 15, extra)
+    assert groups == [["a", "b", "c"], ["d", "e"], ["f"]]
+    assert all(sum(sizes[n] for n in g) <= 15 + extra[g[-1]] for g in groups)
+
+
+class DepthProbes:
+    """A scorer's working_memory where a pass's working memory grows with the depth of its lowest module in the
+    backward order: `top` bytes for the first module's pass, `full` for the last's, `shape(depth)` (0 to 1) between."""
+
+    def __init__(self, top: int, full: int, shape):
+        self.top, self.full, self.shape, self.calls = top, full, shape, []
+
+    def working_memory(self, queries, train, plan, active=None):
+        depth = 1.0 if active is None else max(plan.order.index(n) for n in active) / (len(plan.order) - 1)
+        self.calls.append(None if active is None else tuple(active))
+        return int(self.top + (self.full - self.top) * self.shape(depth))
+
+
+@pytest.mark.parametrize("shape", [lambda d: d, lambda d: min(1.0, 2 * d)], ids=["linear", "steeper than linear"])
+def test_the_extra_room_of_higher_groups_is_probed_until_every_group_fits(shape):
+    """12 modules of 10 bytes a query, 4 queries, room for 240 bytes (216 usable), a full backward's working memory of
+    176 (a budget of 40: one module a pass) and 16 for the top module's pass alone. The extra room interpolated along
+    the backward order is checked by probing each group as its pass: where the working memory grows faster than
+    linearly, the groups that the interpolation overfilled are cut back. Every group then fits beside its probed
+    working memory, in fewer passes than the budget alone allows."""
+    order = [f"m{i}" for i in range(12)]
+    plan = fused_scores.PassPlan(4, 1, 1, budget=40, order=order, sizes=dict.fromkeys(order, 10), chunk_capacity=4)
+    room, usable = 240, int(240 * fused_scores.MEMORY_HEADROOM)
+    scorer = DepthProbes(16, usable - 40, shape)
+    planned = fused_scores.with_room_above(scorer, None, None, plan, usable - 40)
+    assert planned.extra["m0"] == usable - 40 - 16 and planned.extra["m11"] == 0
+    checked = fused_scores.checked_room_above(scorer, None, None, planned, room)
+    groups = checked.groups(4)
+    for group in groups:
+        assert 4 * 10 * len(group) + scorer.working_memory(None, None, plan, group) <= usable, group
+    linear = shape(0.5) == 0.5  # the interpolation is exact: no group is cut back
+    assert (checked.extra == planned.extra) == linear
+    assert [len(g) for g in groups] == ([3, 3, 2, 1, 1, 1, 1] if linear else [3, 2, 1, 1, 1, 1, 1, 1, 1])
+    assert len(plan.groups(4)) == 12
+
+
+def test_an_out_of_memory_error_first_takes_the_extra_room_away():
+    plan = fused_scores.PassPlan(4, 2, 2, budget=40, order=list("abc"), sizes=dict.fromkeys("abc", 10),
+                                 extra={"a": 80, "b": 40, "c": 0})
+    assert plan.groups(4) == [["a", "b"], ["c"]]
+    plan.shrink("fused scores", "detail", "hint")
+    assert (plan.extra, plan.retries, plan.budget, plan.per_pass) == ({}, 1, 40, 4)
+    assert plan.groups(4) == [["a"], ["b"], ["c"]]
+
+
+def test_module_groups_with_extra_room_give_the_same_bits(setup, monkeypatch):
+    """Fake memory where the full backward's working memory leaves room for one query's gradients: with the same
+    working memory for every pass, the 8 queries take 9 module groups; where a pass's working memory grows with its
+    depth (none for the top module's pass), the higher groups hold more modules: 5 groups, and the scores equal one
+    pass's bitwise."""
+    per_query = per_query_bytes(setup)
+    monkeypatch.setattr(fused_scores, "available_memory",
+                        lambda device: int(6 * per_query / fused_scores.MEMORY_HEADROOM))
+    groups = {}
+    for name, probes in {"flat": DepthProbes(5 * per_query, 5 * per_query, lambda d: d),
+                         "deeper needs more": DepthProbes(0, 5 * per_query, lambda d: d)}.items():
+        monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan, active=None, p=probes:
+                            p.working_memory(queries, train, plan, active))
+        timings = {}
+        scores = identity_scores(setup, timings)
+        groups[name] = timings["module_groups"]
+        assert timings["queries_per_pass"] == 8
+    assert groups == {"flat": 9, "deeper needs more": 5}
+    monkeypatch.undo()
+    assert torch.equal(scores, identity_scores(setup))
+
+
 def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monkeypatch):
     """Working memory proportional to the training micro-batch (one query gradient per row), room for 10.5: with 8
     rows a micro-batch, 2.5 queries' gradients fit beside it (8 queries: at least 4 module groups, one pass each);
@@ -141,7 +220,8 @@ def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monk
     per_query = per_query_bytes(setup)
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
     monkeypatch.setattr(fused_scores, "available_memory", lambda device: int(10.5 * per_query / fused_scores.MEMORY_HEADROOM))
-    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan: plan.train_micro * per_query)
+    monkeypatch.setattr(FusedScorer, "working_memory",
+                        lambda self, queries, train, plan, active=None: plan.train_micro * per_query)
     args = AnalysisConfig(factor_strategy="identity").score_arguments()
     args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
 
@@ -183,7 +263,7 @@ def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_li
 def test_a_query_micro_batch_that_does_not_fit_is_halved_not_the_training_one(setup, monkeypatch, caplog):
     """The working-memory probe runs out of memory on the query side (100 queries' gradients preconditioned at once
     can outweigh a training micro-batch): the query micro-batch halves, the training one stays."""
-    def probe(self, queries, train, plan):
+    def probe(self, queries, train, plan, active=None):
         self.probing = "query"
         if plan.query_micro > 1:
             raise torch.OutOfMemoryError(OOM)

@@ -79,7 +79,7 @@ from transformers import (
 
 from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
-from fused_scores import fused_pairwise_scores
+from fused_scores import fused_pairwise_scores, longest_first
 from influence import (
     QUERY_GRADIENT_ACCUMULATION,
     AnalysisConfig,
@@ -236,8 +236,9 @@ def top_operations(profiler, k: int = 10) -> tuple:
               "calls": e.count} for e in events[:k]], total / 1e6)
 
 
-def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args):
-    """One configuration on these rows: each stage's time and peak memory, its passes' costs, and its scores."""
+def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args, plan_rows: tuple = None):
+    """One configuration on these rows: each stage's time and peak memory, its passes' costs, and its scores.
+    `plan_rows`: the full-scale run's longest rows (full_run_rows), which the fused scoring plans its memory with."""
     c = CONFIGS[name]
     many = c["scoring"] == "fused" or c["rank"] > 0  # configurations that score many queries per pass
     train = tokenize(raw_train, tokenizer, pad_to_max_length=c["pad"])
@@ -272,7 +273,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
             holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
                 c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings, num_workers=workers,
-                plan_queries=REFERENCE_NUM_QUERIES)  # the module groups of the full-scale run
+                plan_queries=REFERENCE_NUM_QUERIES, plan_rows=plan_rows)  # the module groups of the full-scale run
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
         stages["scores"] = fused
         stages["scores_quarter_pass"] = lambda: fused(
@@ -508,15 +509,28 @@ def time_training_variants(model, tokenizer, raw_all_train, args, out: dict, ran
     return model
 
 
-def run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args) -> tuple:
+def full_run_rows(raw, tokenizer, rows: int = 512) -> tuple:
+    """The `rows` longest queries and training rows of the full-scale run (the first REFERENCE_NUM_QUERIES validation
+    rows, and the training file, whose rows the full run repeats), tokenized as the fused configurations' are (no
+    padding): the subsets' fused scoring plans its memory with them, as the full run does with its first
+    micro-batches. A subset's own longest rows can be shorter (the first 2,048 anetcap rows: 104 tokens a choice at
+    most, the file: 128), and so plan fewer module groups than the full run."""
+    splits = take_first(raw["validation"], min(REFERENCE_NUM_QUERIES, len(raw["validation"])), "queries",
+                        "--num_queries"), raw["train"]
+    tokenized = [tokenize(split, tokenizer) for split in splits]
+    return tuple(split.select(longest_first(split)[:rows]) for split in tokenized)
+
+
+def run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args,
+                             plan_rows: tuple = None) -> tuple:
     """`run_config` on the subset (and first on --fit_rows rows, when given), with the extrapolation to full scale."""
     warm_up_seconds = warm_up(name, model, tokenizer, raw_train, raw_queries, args)
     small = None
     if args.fit_rows:
         small = run_config(name, model, tokenizer, raw_train.select(range(args.fit_rows)), raw_queries,
-                           raw_queries_fast, args)[0]
+                           raw_queries_fast, args, plan_rows)[0]
         free_memory()
-    result, scores = run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args)
+    result, scores = run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args, plan_rows)
     free_memory()
     result["warm_up_seconds"] = warm_up_seconds
     if small:
@@ -646,7 +660,7 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
     if rank > 0:
         return out
-    results, scores = {}, {}
+    results, scores, plan_rows = {}, {}, None
     out["configs"] = results
     for name in args.configs:
         saved = resume_dir / f"scores_{name}.safetensors"
@@ -654,8 +668,10 @@ def main(argv=None):
             results[name], scores[name] = earlier["configs"][name], load_file(str(saved))[SCORES_KEY]
             logger.info("%s: reusing the interrupted invocation's timings and scores", name)
         else:
+            if plan_rows is None and CONFIGS[name]["scoring"] == "fused":
+                plan_rows = full_run_rows(raw, tokenizer)
             results[name], scores[name] = run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries,
-                                                                   raw_queries_fast, args)
+                                                                   raw_queries_fast, args, plan_rows)
             with atomic_output(saved) as tmp:
                 save_file({SCORES_KEY: scores[name].contiguous()}, str(tmp))
         write_json(args.output, out)  # an interrupted benchmark keeps what it measured; a rerun goes on from here

@@ -491,11 +491,13 @@ class AlignedEkfac:
 
 
 def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, train_batch_size: int,
-                max_queries_per_pass: int = 0, plan_queries: int = 0) -> PassPlan:
+                max_queries_per_pass: int = 0, plan_queries: int = 0, probe_rows: tuple = None) -> PassPlan:
     """The passes from the memory available now: what is left after the longest micro-batches' working memory, in
     MEMORY_HEADROOM of it, is the budget of one pass's query gradients. A chunk holds as many queries as the largest
     module's gradients fit for (all of them on most GPUs) and is scored in as few module groups as the budget allows.
-    A micro-batch that does not fit at all is halved first. `plan_queries`: see with_budget."""
+    A micro-batch that does not fit at all is halved first. `plan_queries`: see with_budget. `probe_rows`: (queries,
+    training rows), longest first, whose first micro-batches the memory probes run instead of the scored ones'."""
+    pq, pt = probe_rows or (queries, train)
     hint = "free memory on the GPU (other jobs, a larger --max_memory_gb) or lower --max_length"
     try:
         order = scorer.backward_order(queries)
@@ -515,7 +517,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
         if room is None:  # CPU: every query in one pass
             return plan
         try:
-            working = scorer.working_memory(queries, train, plan)
+            working = scorer.working_memory(pq, pt, plan)
         except Exception as exc:
             if not should_reduce_batch_size(exc):
                 raise
@@ -523,16 +525,16 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
         else:
             budgeted = with_budget(plan, int(room * MEMORY_HEADROOM - working), len(queries), plan_queries)
             if budgeted.per_pass >= 1:
-                budgeted = with_room_above(scorer, queries, train, budgeted, working, plan_queries)
+                budgeted = with_room_above(scorer, pq, pt, budgeted, working, plan_queries)
                 logger.info("fused scoring: %.1f GiB available, %.1f GiB per micro-batch of %d training rows, %.2f "
                             "GiB per query gradient: %d queries per chunk in %d module groups", room / 2**30,
                             working / 2**30, plan.train_micro, sum(plan.sizes.values()) / 2**30, budgeted.per_pass,
                             len(budgeted.groups(budgeted.per_pass)))
-                chosen = fewer_passes(scorer, queries, train, budgeted, room, plan_queries)
+                chosen = fewer_passes(scorer, pq, pt, budgeted, room, len(queries), plan_queries)
                 if chosen is not budgeted:
                     logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per chunk in %d "
                                 "module groups", chosen.train_micro, chosen.per_pass, len(chosen.groups(chosen.per_pass)))
-                return checked_room_above(scorer, queries, train, chosen, room, plan_queries)
+                return checked_room_above(scorer, pq, pt, chosen, room, plan_queries)
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
         plan.halve_micro(scorer.probing, "fused scores", detail, hint)
@@ -619,16 +621,18 @@ def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
                for start in range(0, num_queries, plan.per_pass))
 
 
-def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, plan_queries: int = 0) -> PassPlan:
-    """While the queries take several passes, a smaller training micro-batch leaves room for more query gradients
-    per pass but reads them more often: among the micro-batches halved down to MIN_TRAIN_MICRO rows, the one with
-    the least estimated time, per training row passes × PASS_ROW_COST + queries / rows per micro-batch (the scores
-    are the same sums; a module group's pass counts as a whole pass, an upper bound)."""
+def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, num_queries: int,
+                 plan_queries: int = 0) -> PassPlan:
+    """While the `num_queries` queries take several passes, a smaller training micro-batch leaves room for more query
+    gradients per pass but reads them more often: among the micro-batches halved down to MIN_TRAIN_MICRO rows, the one
+    with the least estimated time, per training row passes × PASS_ROW_COST + queries / rows per micro-batch (the
+    scores are the same sums; a module group's pass counts as a whole pass, an upper bound). The memory probes run
+    on the longest rows of `queries` and `train`."""
     def cost(p: PassPlan) -> float:
-        return pass_count(p, len(queries), plan_queries) * PASS_ROW_COST + max(len(queries), plan_queries) / p.train_micro
+        return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) / p.train_micro
 
     best = trial = plan
-    while pass_count(trial, len(queries), plan_queries) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
+    while pass_count(trial, num_queries, plan_queries) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
         trial = replace(trial, train_micro=trial.train_micro // 2)
         try:
             working = scorer.working_memory(queries, train, trial)
@@ -637,7 +641,7 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
                 raise
             clear_device_cache(garbage_collection=True)
             break
-        trial = with_budget(trial, int(room * MEMORY_HEADROOM - working), len(queries), plan_queries)
+        trial = with_budget(trial, int(room * MEMORY_HEADROOM - working), num_queries, plan_queries)
         if trial.per_pass < 1:
             break
         trial = with_room_above(scorer, queries, train, trial, working, plan_queries)
@@ -650,7 +654,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
-                          train_weights: dict = None, plan_queries: int = 0):
+                          train_weights: dict = None, plan_queries: int = 0, plan_rows: tuple = None):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
@@ -660,7 +664,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
     query gradients are taken at, the model's own being the training side's (`train_weights`, if given, a copy of
     them that is put back after each pass's query side; else one is made). `plan_queries`: the module groups of a run
-    of that many queries (benchmark.py's subsets, with_budget)."""
+    of that many queries (benchmark.py's subsets, with_budget); `plan_rows`: (queries, training rows) of that run,
+    whose longest micro-batches the memory probes take instead of these rows' (a subset's longest rows may be
+    shorter than the full run's)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
@@ -672,8 +678,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     undo = _frozen(model)
     try:
         with scorer.hooks:
+            probe_rows = None if plan_rows is None else tuple(rows.select(longest_first(rows)) for rows in plan_rows)
             plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass,
-                               plan_queries)
+                               plan_queries, probe_rows)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
             start, passes, most_groups = 0, 0, 0

@@ -134,7 +134,7 @@ def test_a_direct_run_is_compared_with_the_extrapolation_stage_by_stage():
 def test_each_configuration_is_warmed_up_untimed_before_its_timed_runs(monkeypatch):
     calls = []
 
-    def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args):
+    def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args, plan_rows=None):
         calls.append((name, len(raw_train), len(raw_queries_fast), args.profile))
         return {"num_train": len(raw_train)}, None
     monkeypatch.setattr(benchmark, "run_config", run_config)

@@ -211,6 +211,32 @@ def test_module_groups_with_extra_room_give_the_same_bits(setup, monkeypatch):
     assert torch.equal(scores, identity_scores(setup))
 
 
+def test_a_subset_plans_its_memory_with_the_full_runs_longest_rows(setup, monkeypatch):
+    """Working memory in proportion to the longest probed training row (the demo's rows: 21-26 tokens, row 3 the
+    longest). Without row 3 the longest micro-batch is shorter, so more query gradients fit beside it and the subset
+    plans fewer module groups than the whole set; given the whole set as `plan_rows` (benchmark.py's subsets, with the
+    full run's rows), it plans the whole set's groups."""
+    model, train, queries, collator = setup
+    per_query = per_query_bytes(setup)
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: int(7.5 * per_query / fused_scores.MEMORY_HEADROOM))
+
+    def probe(self, queries, train, plan, active=None):
+        rows = train.select(range(min(plan.train_micro, len(train))))["input_ids"]
+        return max(len(ids) for row in rows for ids in row) * per_query // 4
+    monkeypatch.setattr(FusedScorer, "working_memory", probe)
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
+
+    def groups(rows, **kwargs):
+        timings = {}
+        fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, queries, rows, collator,
+                              query_batch_size=2, train_batch_size=2, device=torch.device("cpu"), disable_tqdm=True,
+                              timings=timings, **kwargs)
+        return timings["module_groups"]
+    subset = train.select([i for i in range(len(train)) if i != 3])
+    assert groups(subset) < groups(train) == groups(subset, plan_rows=(queries, train))
+
+
 def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monkeypatch):
     """Working memory proportional to the training micro-batch (one query gradient per row), room for 10.5: with 8
     rows a micro-batch, 2.5 queries' gradients fit beside it (8 queries: at least 4 module groups, one pass each);

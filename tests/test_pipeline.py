@@ -92,6 +92,22 @@ def test_tokenization_pairs_context_with_each_ending():
     assert max(len(ids) for choices in long["input_ids"] for ids in choices) == 12
 
 
+def test_a_large_split_is_tokenized_in_several_processes_to_the_same_rows(monkeypatch):
+    """One process per TOKENIZE_ROWS_PER_PROCESS rows, at most one per core less one, none below two; the rows are
+    the same whatever the count (datasets' contiguous shards, joined in order)."""
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [pipeline.tokenize_processes(n) for n in (1_000, 19_999, 20_000, 73_536, 1_000_000)] == [None, None, 2, 7, 15]
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pipeline.tokenize_processes(1_000_000) is None
+    raw = make_demo_dataset(sizes={"train": 30})["train"]
+    tokenizer = demo.build_demo_tokenizer({"train": raw})
+    one = tokenize(raw, tokenizer)
+    counts = []
+    monkeypatch.setattr(pipeline, "tokenize_processes", lambda rows: counts.append(rows) or 3)
+    three = tokenize(raw, tokenizer)
+    assert counts == [30] and three.to_dict() == one.to_dict() and three.features == one.features
+
+
 def test_more_queries_than_the_split_holds(capsys):
     args = resolve_data_args(pipeline.parse_args(["--dataset", "demo", "--num_queries", "100000"]))
     with pytest.raises(UserError, match=r"--num_queries 100000 asks for more queries than the split holds \(200\)"):

@@ -585,9 +585,11 @@ def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, worki
 
 def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, room: int,
                        plan_queries: int = 0) -> PassPlan:
-    """`plan` with each module group that uses extra room probed as the pass it is (its backward down to its lowest
-    module): where the probe leaves less than the group was given, the extra room of its lowest module and of every
-    module below is cut to what the probe leaves, and the groups are packed again, until every group fits."""
+    """`plan` with each module group of a full chunk that uses extra room probed as the pass it is (its backward down
+    to its lowest module): where the probe leaves less than the group was given, the extra room of its lowest module
+    and of every module below is cut to what the probe leaves, and the groups are packed again, until every group
+    fits. (A shorter last chunk's groups are not probed again; should one run out of memory, PassPlan.shrink takes the
+    extra room away.)"""
     scale = _budget_scale(plan, plan_queries)
     probed = set()
     while True:

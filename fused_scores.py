@@ -10,8 +10,9 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   (params × examples) matmul per module and batch. The preconditioned query gradients that fit in the memory
   available when scoring starts are held at once: every query of a chunk (all 2,000 SWAG queries on an H200),
   for a group of modules, the top layers' first. Each module group is a pass whose backward stops below its
-  lowest module, so a higher group needs less working memory and holds more modules (each group's working memory
-  probed before scoring); the per-example gradients of a module are formed once, whatever the number of groups. An
+  lowest module, so a higher group needs less working memory and may hold more modules (each group holding more than
+  the full backward leaves room for is probed before scoring); the per-example gradients of a module are formed
+  once, whatever the number of groups. An
   out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
@@ -268,6 +269,7 @@ class PassPlan:
     # module name -> bytes a pass whose lowest module it is may hold beyond `budget`: a pass backpropagates down to its
     # lowest module only, so the higher that is, the less working memory it needs than `budget` leaves for
     extra: dict = field(default_factory=dict)
+    running: Optional[tuple] = None  # (queries, module group) of the pass under way: the one an out-of-memory error hit
     retries: int = 0
 
     def groups(self, queries: int) -> list:
@@ -276,15 +278,18 @@ class PassPlan:
                              self.extra)
 
     def shrink(self, stage: str, detail: str, flag_hint: str) -> None:
-        """After an out-of-memory error: first no extra room for the higher groups (every pass within the budget that
-        the full backward's working memory leaves), then at most half the bytes of the largest pass in each pass, by
-        more module groups where the largest passes hold several modules, else by half the queries; then the training
-        micro-batch, then the query one."""
+        """After an out-of-memory error: first, if the failed pass held more than the budget, no extra room for the
+        higher groups (every pass within the budget that the full backward's working memory leaves); else at most
+        half the bytes of the largest pass in each pass, by more module groups where the largest passes hold several
+        modules, else by half the queries; then the training micro-batch, then the query one."""
         if any(self.extra.values()):
-            self.extra, self.retries = {}, self.retries + 1
-            logger.warning("%s: out of GPU memory (%s); retrying in %d module groups, each within the full backward's "
-                           "budget", stage, detail, len(self.groups(self.per_pass)))
-            return
+            failed = self.running and self.running[0] * sum(self.sizes[name] for name in self.running[1])
+            self.extra = {}
+            if not failed or failed > self.budget:
+                self.retries += 1
+                logger.warning("%s: out of GPU memory (%s); retrying in %d module groups, each within the full "
+                               "backward's budget", stage, detail, len(self.groups(self.per_pass)))
+                return
         groups = self.groups(self.per_pass)
         pass_bytes = [sum(self.per_pass * self.sizes[name] for name in group) for group in groups]
         largest = max(pass_bytes)
@@ -462,7 +467,7 @@ class FusedScorer:
                                                          disable_tqdm):
                 self.hooks.block = block[:, start:stop]
                 self._run(batch, measurement=False)
-        finally:  # an out-of-memory retry plans and probes with every module again, and frees the query gradients
+        finally:  # also after an error: the query gradients freed, and every module's hooks on for what comes next
             self.query_grads.clear()
             self.hooks.active = set(self.modules)
         return query_seconds, clock.lap()
@@ -534,7 +539,11 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                 if chosen is not budgeted:
                     logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per chunk in %d "
                                 "module groups", chosen.train_micro, chosen.per_pass, len(chosen.groups(chosen.per_pass)))
-                return checked_room_above(scorer, pq, pt, chosen, room, plan_queries)
+                checked = checked_room_above(scorer, pq, pt, chosen, room, len(queries), plan_queries)
+                if checked.extra:
+                    logger.info("fused scoring: %d module groups a chunk, the higher ones holding more (their "
+                                "backward stops higher; each probed)", len(checked.groups(checked.per_pass)))
+                return checked
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
         plan.halve_micro(scorer.probing, "fused scores", detail, hint)
@@ -566,48 +575,59 @@ def _budget_scale(plan: PassPlan, plan_queries: int) -> float:
 def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, working: int,
                     plan_queries: int = 0) -> PassPlan:
     """`plan` with extra room for the module groups whose backward stops above the lowest module (PassPlan.extra):
-    `working` is the working memory of every module's backward, and a pass over the first module the backward
-    reaches alone is probed; in between, the extra room is interpolated linearly along the backward order (the layers
-    above a module hold its pass's activations), down to none for the lowest module. checked_room_above probes the
-    passes planned with it."""
-    if len(plan.order) < 2 or plan.budget is None:
-        return plan
+    `working` is the working memory of every module's backward, and a pass over the modules the backward reaches
+    first, down to the first of the largest ones (whose per-example gradients and preconditioning any pass may need),
+    is probed; below that module the extra room is interpolated linearly along the backward order (the layers above a
+    module hold its pass's activations), down to none for the lowest module. checked_room_above probes the passes
+    planned with it. No extra room where the probe does not fit."""
+    largest = max(plan.sizes[name] for name in plan.order) if plan.order else 0
+    first = next((i for i, name in enumerate(plan.order) if plan.sizes[name] == largest), 0)
+    last = len(plan.order) - 1
+    if first >= last or plan.budget is None:
+        return replace(plan, extra={})
+    failed = False
     try:
-        top = scorer.working_memory(queries, train, plan, active=plan.order[:1])
+        top = scorer.working_memory(queries, train, plan, active=plan.order[:first + 1])
     except Exception as exc:
         if not should_reduce_batch_size(exc):
             raise
+        failed = True
+    if failed:  # outside the except block, which holds the failed probe's tensors
         clear_device_cache(garbage_collection=True)
-        return plan
-    saved, last = max(working - top, 0) * _budget_scale(plan, plan_queries), len(plan.order) - 1
-    return replace(plan, extra={name: int(saved * (last - i) / last) for i, name in enumerate(plan.order)})
+        return replace(plan, extra={})
+    saved = max(working - top, 0) * _budget_scale(plan, plan_queries)
+    return replace(plan, extra={name: int(saved * (last - max(i, first)) / (last - first))
+                                for i, name in enumerate(plan.order)})
 
 
-def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, room: int,
+def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, room: int, num_queries: int,
                        plan_queries: int = 0) -> PassPlan:
-    """`plan` with each module group of a full chunk that uses extra room probed as the pass it is (its backward down
-    to its lowest module): where the probe leaves less than the group was given, the extra room of its lowest module
-    and of every module below is cut to what the probe leaves, and the groups are packed again, until every group
-    fits. (A shorter last chunk's groups are not probed again; should one run out of memory, PassPlan.shrink takes the
-    extra room away.)"""
+    """`plan` with each module group that holds more than the budget (of a full chunk, and of a shorter last chunk of
+    the `num_queries` queries) probed as the pass it is, its backward down to its lowest module: where the probe leaves
+    less than the group holds, the extra room of its lowest module and of every module below is cut to what the probe
+    leaves, and the groups are packed again, until every group fits. No extra room where a probe does not fit."""
     scale = _budget_scale(plan, plan_queries)
+    chunks = {plan.per_pass, num_queries % plan.per_pass or plan.per_pass} if not plan_queries else {plan.per_pass}
     probed = set()
     while True:
-        for group in plan.groups(plan.per_pass):
-            lowest = group[-1]
-            if not plan.extra.get(lowest) or tuple(group) in probed:
+        for group, queries_held in ((g, n) for n in sorted(chunks, reverse=True) for g in plan.groups(n)):
+            held = queries_held * sum(plan.sizes[name] for name in group)
+            if held <= plan.budget or tuple(group) in probed:
                 continue  # within the budget, which every module's backward leaves, or probed
             probed.add(tuple(group))
+            failed = False
             try:
                 working = scorer.working_memory(queries, train, plan, active=group)
             except Exception as exc:
                 if not should_reduce_batch_size(exc):
                     raise
+                failed = True
+            if failed:
                 clear_device_cache(garbage_collection=True)
                 return replace(plan, extra={})
             allowed = max(int((room * MEMORY_HEADROOM - working) * scale) - plan.budget, 0)
-            if allowed < plan.extra[lowest]:
-                below = plan.order[plan.order.index(lowest):]
+            if held > plan.budget + allowed:
+                below = plan.order[plan.order.index(group[-1]):]
                 plan = replace(plan, extra={**plan.extra, **{n: min(plan.extra[n], allowed) for n in below}})
                 break  # packed again with less room from this module down
         else:
@@ -695,8 +715,10 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                         # terms in the backward's order, as one pass over all of them would (the same bits)
                         desc = (f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
                                 + (f", module group {i + 1} of {len(groups)}" if len(groups) > 1 else ""))
+                        plan.running = (len(chunk), group)
                         spent = np.add(spent, scorer.score_pass(chunk, group, train, scores[rows], plan,
                                                                 train_batch_size, desc, disable_tqdm))
+                    plan.running = None
                     return rows, groups, spent
 
                 def shrink(detail, start=start):  # the failed chunk is redone from scratch; the finished rows stay

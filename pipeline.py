@@ -298,10 +298,11 @@ TOKENIZE_ROWS_PER_PROCESS = 10_000  # below this a process's start costs more th
 def tokenize_processes(rows: int) -> Optional[int]:
     """Processes that tokenize `rows` rows at once (None: this one), one per TOKENIZE_ROWS_PER_PROCESS rows and at
     most one per core this process may use, minus one. The fast tokenizer's Python side (its encodings turned into
-    lists) runs on one core: 73,536 SWAG rows take about 11 s in one process. The rows are the same for any count:
-    datasets splits them into contiguous shards and joins them in order."""
+    lists) runs on one core: 73,536 SWAG rows take about 11 s in one process. torchrun's processes on one host split
+    the cores. The rows are the same for any count: datasets splits them into contiguous shards and joins them in
+    order."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = min(rows // TOKENIZE_ROWS_PER_PROCESS, cores - 1)
+    processes = min(rows // TOKENIZE_ROWS_PER_PROCESS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
     return processes if processes > 1 else None
 
 

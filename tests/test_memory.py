@@ -5,6 +5,7 @@ raise torch.OutOfMemoryError where a GPU would run out."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -170,7 +171,7 @@ def test_the_extra_room_of_higher_groups_is_probed_until_every_group_fits(shape)
     scorer = DepthProbes(16, usable - 40, shape)
     planned = fused_scores.with_room_above(scorer, None, None, plan, usable - 40)
     assert planned.extra["m0"] == usable - 40 - 16 and planned.extra["m11"] == 0
-    checked = fused_scores.checked_room_above(scorer, None, None, planned, room)
+    checked = fused_scores.checked_room_above(scorer, None, None, planned, room, 4)
     groups = checked.groups(4)
     for group in groups:
         assert 4 * 10 * len(group) + scorer.working_memory(None, None, plan, group) <= usable, group
@@ -180,13 +181,92 @@ def test_the_extra_room_of_higher_groups_is_probed_until_every_group_fits(shape)
     assert len(plan.groups(4)) == 12
 
 
+def test_the_extra_room_starts_below_the_first_largest_module_and_covers_a_shorter_last_chunk():
+    """The first probe runs the modules down to the first of the largest (index 2 here), whose per-example gradients
+    any pass may need; the modules above it get that probe's extra room, those below it the interpolation. 7 queries
+    in chunks of 4: the last chunk's 3-query groups are probed too, and every group of both chunk sizes fits."""
+    order = [f"m{i}" for i in range(12)]
+    sizes = {**dict.fromkeys(order, 10), "m2": 20, "m7": 20}
+    plan = fused_scores.PassPlan(4, 1, 1, budget=80, order=order, sizes=sizes, chunk_capacity=4)
+    room, usable = 300, int(300 * fused_scores.MEMORY_HEADROOM)
+    scorer = DepthProbes(16, usable - 80, lambda d: min(1.0, 2 * d))
+    planned = fused_scores.with_room_above(scorer, None, None, plan, usable - 80)
+    top = scorer.working_memory(None, None, plan, order[:3])
+    assert scorer.calls[0] == tuple(order[:3])
+    assert [planned.extra[n] for n in order[:3]] == [usable - 80 - top] * 3 and planned.extra["m11"] == 0
+    checked = fused_scores.checked_room_above(scorer, None, None, planned, room, 7)
+    for queries in (4, 3):
+        for group in checked.groups(queries):
+            held = queries * sum(sizes[n] for n in group)
+            assert held <= 80 or held + scorer.working_memory(None, None, plan, group) <= usable, (queries, group)
+
+
+def test_a_smaller_training_micro_batch_is_planned_with_its_own_extra_room(monkeypatch):
+    """Working memory in proportion to the training micro-batch and growing with the pass's depth: fewer_passes
+    halves the micro-batch of 4 rows (8 queries in 10 module groups) to 2 (6 groups), and the plan it returns has the
+    extra room of 2-row micro-batches, not the 4-row plan's."""
+    class Probes:
+        def working_memory(self, queries, train, plan, active=None):
+            depth = 1.0 if active is None else max(plan.order.index(n) for n in active) / (len(plan.order) - 1)
+            return plan.train_micro * int(4 + 36 * depth)
+    monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 1)
+    order, scorer = [f"m{i}" for i in range(12)], Probes()
+    room = int(240 / fused_scores.MEMORY_HEADROOM) + 1
+    usable = int(room * fused_scores.MEMORY_HEADROOM)
+    plan = fused_scores.with_budget(fused_scores.PassPlan(8, 1, 4, order=order, sizes=dict.fromkeys(order, 10)),
+                                    usable - 160, 8)
+    plan = fused_scores.with_room_above(scorer, None, None, plan, 160)
+    best = fused_scores.fewer_passes(scorer, None, None, plan, room, 8)
+    assert (len(plan.groups(8)), best.train_micro, len(best.groups(8))) == (10, 2, 6)
+    own = fused_scores.with_room_above(scorer, None, None, replace(best, extra={}), 80).extra
+    assert best.extra == own != plan.extra
+
+
+def test_a_probe_that_runs_out_of_memory_leaves_no_extra_room():
+    """Either probe of the extra room running out of memory: the plan keeps the full backward's budget alone."""
+    class Failing(DepthProbes):
+        def __init__(self, fail):
+            super().__init__(0, 176, lambda d: d)
+            self.fail = fail
+
+        def working_memory(self, queries, train, plan, active=None):
+            if active is not None and self.fail(active):
+                raise torch.OutOfMemoryError(OOM)
+            return super().working_memory(queries, train, plan, active)
+    order = [f"m{i}" for i in range(12)]
+    plan = fused_scores.PassPlan(4, 1, 1, budget=40, order=order, sizes=dict.fromkeys(order, 10), chunk_capacity=4)
+    assert fused_scores.with_room_above(Failing(lambda active: True), None, None, plan, 176).extra == {}
+    planned = fused_scores.with_room_above(Failing(lambda active: len(active) > 1), None, None, plan, 176)
+    assert planned.extra["m0"] > 0
+    assert fused_scores.checked_room_above(Failing(lambda active: len(active) > 1), None, None, planned, 240,
+                                           4).extra == {}
+
+
+def test_a_subsets_extra_room_is_scaled_as_its_budget():
+    """A subset of 4 queries planned as a chunk of 8 (plan_queries): its budget holds half the bytes of the full
+    chunk's (with_budget), and so does its extra room."""
+    order = [f"m{i}" for i in range(12)]
+    plan = fused_scores.PassPlan(4, 1, 1, budget=40, order=order, sizes=dict.fromkeys(order, 10), chunk_capacity=8)
+    scorer = DepthProbes(16, 176, lambda d: d)
+    full = fused_scores.with_room_above(scorer, None, None, plan, 176)
+    subset = fused_scores.with_room_above(scorer, None, None, plan, 176, plan_queries=8)
+    assert all(subset.extra[n] == int(full.extra[n] / 2) or subset.extra[n] == full.extra[n] // 2 for n in order)
+    assert subset.extra["m0"] == 80 and full.extra["m0"] == 160
+
+
 def test_an_out_of_memory_error_first_takes_the_extra_room_away():
-    plan = fused_scores.PassPlan(4, 2, 2, budget=40, order=list("abc"), sizes=dict.fromkeys("abc", 10),
-                                 extra={"a": 80, "b": 40, "c": 0})
-    assert plan.groups(4) == [["a", "b"], ["c"]]
-    plan.shrink("fused scores", "detail", "hint")
-    assert (plan.extra, plan.retries, plan.budget, plan.per_pass) == ({}, 1, 40, 4)
-    assert plan.groups(4) == [["a"], ["b"], ["c"]]
+    """A pass that held more than the budget runs out of memory: the extra room goes, the budget stays. One that held
+    no more than the budget (the lowest group's) runs out: the extra room goes and the pass's bytes are halved too."""
+    def plan():
+        return fused_scores.PassPlan(4, 2, 2, budget=40, order=list("abc"), sizes=dict.fromkeys("abc", 10),
+                                     extra={"a": 80, "b": 40, "c": 0})
+    assert plan().groups(4) == [["a", "b"], ["c"]]
+    for running, after in [(None, (1, 40, 4)), ((4, ["a", "b"]), (1, 40, 4)), ((4, ["c"]), (1, 20, 2))]:
+        failed = plan()
+        failed.running = running
+        failed.shrink("fused scores", "detail", "hint")
+        assert (failed.extra, (failed.retries, failed.budget, failed.per_pass)) == ({}, after), running
+        assert failed.groups(failed.per_pass) == [["a"], ["b"], ["c"]]
 
 
 def test_module_groups_with_extra_room_give_the_same_bits(setup, monkeypatch):

@@ -93,10 +93,14 @@ def test_tokenization_pairs_context_with_each_ending():
 
 
 def test_a_large_split_is_tokenized_in_several_processes_to_the_same_rows(monkeypatch):
-    """One process per TOKENIZE_ROWS_PER_PROCESS rows, at most one per core less one, none below two; the rows are
-    the same whatever the count (datasets' contiguous shards, joined in order)."""
+    """One process per TOKENIZE_ROWS_PER_PROCESS rows, at most one per core (of this process's share under torchrun)
+    less one, none below two; the rows are the same whatever the count (datasets' contiguous shards, joined in
+    order)."""
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [pipeline.tokenize_processes(n) for n in (1_000, 19_999, 20_000, 73_536, 1_000_000)] == [None, None, 2, 7, 15]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 processes on the host: 4 cores each
+    assert pipeline.tokenize_processes(1_000_000) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert pipeline.tokenize_processes(1_000_000) is None
     raw = make_demo_dataset(sizes={"train": 30})["train"]

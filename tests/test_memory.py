@@ -133,6 +133,34 @@ def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():
     assert fused_scores.module_groups(order, sizes, 2) == [["a"], ["b", "c"], ["d"], ["e"]]  # a module above the budget
 
 
+def test_a_pass_saves_more_activations_the_deeper_its_lowest_module(setup):
+    """What the extra room of the higher groups rests on: autograd saves the activations of the layers above a pass's
+    lowest module only, so the bytes it saves for the backward grow with the depth of that module in the backward
+    order, and a pass over the top module alone saves a fraction of what a pass over every module does."""
+    model, train, queries, collator = setup
+    model = copy.deepcopy(model)
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    scorer = FusedScorer(model, MultipleChoiceTask(), {}, "identity", args, collator, torch.device("cpu"))
+    undo = fused_scores._frozen(model)
+    try:
+        with scorer.hooks:
+            order = scorer.backward_order(queries)
+            scorer.hooks.callback = lambda *_: None
+            saved = []
+            for depth in range(0, len(order), 3):
+                scorer.hooks.active, total = set(order[:depth + 1]), [0]
+
+                def pack(tensor, total=total):
+                    total[0] += tensor.numel() * tensor.element_size()
+                    return tensor
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    scorer._backward(train.select(range(4)), measurement=False)
+                saved.append(total[0])
+    finally:
+        undo()
+    assert saved == sorted(saved) and saved[0] * 4 < saved[-1], saved
+
+
 def test_groups_whose_backward_stops_higher_hold_more():
     """Six modules of 10 bytes, a budget of 15: alone each needs its own pass. With the extra room of passes that stop
     higher (45 bytes for the top module's down to none for the lowest), packing from the top gives 3 groups, each

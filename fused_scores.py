@@ -281,7 +281,8 @@ class PassPlan:
         """After an out-of-memory error: first, if the failed pass held more than the budget, no extra room for the
         higher groups (every pass within the budget that the full backward's working memory leaves); else at most
         half the bytes of the largest pass in each pass, by more module groups where the largest passes hold several
-        modules, else by half the queries; then the training micro-batch, then the query one."""
+        modules (and the failed one did), else by half the queries; then the training micro-batch, then the query
+        one."""
         if any(self.extra.values()):
             failed = self.running and self.running[0] * sum(self.sizes[name] for name in self.running[1])
             self.extra = {}
@@ -293,7 +294,8 @@ class PassPlan:
         groups = self.groups(self.per_pass)
         pass_bytes = [sum(self.per_pass * self.sizes[name] for name in group) for group in groups]
         largest = max(pass_bytes)
-        if all(len(group) > 1 for group, size in zip(groups, pass_bytes) if size == largest):
+        alone = self.running is not None and len(self.running[1]) == 1  # more groups cannot shrink the failed pass
+        if not alone and all(len(group) > 1 for group, size in zip(groups, pass_bytes) if size == largest):
             self.budget, self.retries = largest // 2, self.retries + 1
             logger.warning("%s: out of GPU memory (%s); retrying in %d module groups", stage, detail,
                            len(self.groups(self.per_pass)))
@@ -540,7 +542,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                     logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per chunk in %d "
                                 "module groups", chosen.train_micro, chosen.per_pass, len(chosen.groups(chosen.per_pass)))
                 checked = checked_room_above(scorer, pq, pt, chosen, room, len(queries), plan_queries)
-                if checked.extra:
+                if any(checked.extra.values()):
                     logger.info("fused scoring: %d module groups a chunk, the higher ones holding more (their "
                                 "backward stops higher; each probed)", len(checked.groups(checked.per_pass)))
                 return checked
@@ -607,14 +609,14 @@ def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, ro
     less than the group holds, the extra room of its lowest module and of every module below is cut to what the probe
     leaves, and the groups are packed again, until every group fits. No extra room where a probe does not fit."""
     scale = _budget_scale(plan, plan_queries)
-    chunks = {plan.per_pass, num_queries % plan.per_pass or plan.per_pass} if not plan_queries else {plan.per_pass}
+    chunks = {plan.per_pass, num_queries % plan.per_pass or plan.per_pass}
     probed = set()
     while True:
         for group, queries_held in ((g, n) for n in sorted(chunks, reverse=True) for g in plan.groups(n)):
             held = queries_held * sum(plan.sizes[name] for name in group)
-            if held <= plan.budget or tuple(group) in probed:
+            if held <= plan.budget or (tuple(group), queries_held) in probed:
                 continue  # within the budget, which every module's backward leaves, or probed
-            probed.add(tuple(group))
+            probed.add((tuple(group), queries_held))
             failed = False
             try:
                 working = scorer.working_memory(queries, train, plan, active=group)

@@ -209,24 +209,53 @@ def test_the_extra_room_of_higher_groups_is_probed_until_every_group_fits(shape)
     assert len(plan.groups(4)) == 12
 
 
-def test_the_extra_room_starts_below_the_first_largest_module_and_covers_a_shorter_last_chunk():
+@pytest.mark.parametrize("plan_queries", [0, 22], ids=["a run", "a subset planned as a larger run"])
+def test_the_extra_room_starts_below_the_first_largest_module_and_covers_a_shorter_last_chunk(plan_queries):
     """The first probe runs the modules down to the first of the largest (index 2 here), whose per-example gradients
     any pass may need; the modules above it get that probe's extra room, those below it the interpolation. 7 queries
-    in chunks of 4: the last chunk's 3-query groups are probed too, and every group of both chunk sizes fits."""
+    in chunks of 4 (also for a subset planned as a run of 22, whose chunks also hold 4): the last chunk's 3-query
+    groups are probed too, and every group of both chunk sizes fits."""
     order = [f"m{i}" for i in range(12)]
     sizes = {**dict.fromkeys(order, 10), "m2": 20, "m7": 20}
     plan = fused_scores.PassPlan(4, 1, 1, budget=80, order=order, sizes=sizes, chunk_capacity=4)
     room, usable = 300, int(300 * fused_scores.MEMORY_HEADROOM)
     scorer = DepthProbes(16, usable - 80, lambda d: min(1.0, 2 * d))
-    planned = fused_scores.with_room_above(scorer, None, None, plan, usable - 80)
+    planned = fused_scores.with_room_above(scorer, None, None, plan, usable - 80, plan_queries)
     top = scorer.working_memory(None, None, plan, order[:3])
     assert scorer.calls[0] == tuple(order[:3])
     assert [planned.extra[n] for n in order[:3]] == [usable - 80 - top] * 3 and planned.extra["m11"] == 0
-    checked = fused_scores.checked_room_above(scorer, None, None, planned, room, 7)
+    checked = fused_scores.checked_room_above(scorer, None, None, planned, room, 7, plan_queries)
     for queries in (4, 3):
         for group in checked.groups(queries):
             held = queries * sum(sizes[n] for n in group)
             assert held <= 80 or held + scorer.working_memory(None, None, plan, group) <= usable, (queries, group)
+
+
+def test_a_group_that_fits_keeps_its_extra_room():
+    """The group [m0, m1, m2] was given 100 bytes beyond the budget of 10 and holds 30; its probe leaves 26 beyond the
+    budget, less than it was given but enough: nothing is cut, so the modules below keep their room too."""
+    order = [f"m{i}" for i in range(4)]
+    extra = {"m0": 100, "m1": 100, "m2": 100, "m3": 0}
+    plan = fused_scores.PassPlan(1, 1, 1, budget=10, order=order, sizes=dict.fromkeys(order, 10), extra=extra)
+    assert plan.groups(1) == [["m0", "m1", "m2"], ["m3"]]
+    scorer = DepthProbes(0, 82, lambda d: d)
+    checked = fused_scores.checked_room_above(scorer, None, None, plan, 100, 1)
+    assert scorer.calls == [("m0", "m1", "m2")] and checked.extra == extra
+
+
+def test_a_failed_pass_of_one_module_halves_the_queries():
+    """A single module's pass ran out of memory: more module groups cannot make it smaller, so the queries halve at
+    once, even where other passes hold several modules."""
+    def plan(running):
+        p = fused_scores.PassPlan(4, 2, 2, budget=80, order=list("abc"), sizes={"a": 10, "b": 10, "c": 15})
+        p.running = running
+        return p
+    assert plan(None).groups(4) == [["a", "b"], ["c"]]  # 80 and 60 bytes
+    several, alone = plan((4, ["a", "b"])), plan((3, ["c"]))
+    for failed in (several, alone):
+        failed.shrink("fused scores", "detail", "hint")
+    assert (several.per_pass, several.budget, several.groups(4)) == (4, 40, [["a"], ["b"], ["c"]])
+    assert (alone.per_pass, alone.budget) == (2, 40)
 
 
 def test_a_smaller_training_micro_batch_is_planned_with_its_own_extra_room(monkeypatch):

@@ -574,6 +574,17 @@ def _budget_scale(plan: PassPlan, plan_queries: int) -> float:
     return plan.per_pass / full_chunk if full_chunk > plan.per_pass else 1.0
 
 
+def _probe(scorer: "FusedScorer", queries, train, plan: PassPlan, active) -> Optional[int]:
+    """The working memory of a pass over the modules `active`, or None where the probe runs out of memory."""
+    try:
+        return scorer.working_memory(queries, train, plan, active=active)
+    except Exception as exc:
+        if not should_reduce_batch_size(exc):
+            raise
+    clear_device_cache(garbage_collection=True)  # outside the except block, which holds the failed probe's tensors
+    return None
+
+
 def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, working: int,
                     plan_queries: int = 0) -> PassPlan:
     """`plan` with extra room for the module groups whose backward stops above the lowest module (PassPlan.extra):
@@ -587,15 +598,8 @@ def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, worki
     last = len(plan.order) - 1
     if first >= last or plan.budget is None:
         return replace(plan, extra={})
-    failed = False
-    try:
-        top = scorer.working_memory(queries, train, plan, active=plan.order[:first + 1])
-    except Exception as exc:
-        if not should_reduce_batch_size(exc):
-            raise
-        failed = True
-    if failed:  # outside the except block, which holds the failed probe's tensors
-        clear_device_cache(garbage_collection=True)
+    top = _probe(scorer, queries, train, plan, plan.order[:first + 1])
+    if top is None:
         return replace(plan, extra={})
     saved = max(working - top, 0) * _budget_scale(plan, plan_queries)
     return replace(plan, extra={name: int(saved * (last - max(i, first)) / (last - first))
@@ -617,15 +621,8 @@ def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, ro
             if held <= plan.budget or (tuple(group), queries_held) in probed:
                 continue  # within the budget, which every module's backward leaves, or probed
             probed.add((tuple(group), queries_held))
-            failed = False
-            try:
-                working = scorer.working_memory(queries, train, plan, active=group)
-            except Exception as exc:
-                if not should_reduce_batch_size(exc):
-                    raise
-                failed = True
-            if failed:
-                clear_device_cache(garbage_collection=True)
+            working = _probe(scorer, queries, train, plan, group)
+            if working is None:
                 return replace(plan, extra={})
             allowed = max(int((room * MEMORY_HEADROOM - working) * scale) - plan.budget, 0)
             if held > plan.budget + allowed:

@@ -56,6 +56,7 @@ from utils import (
     finish_interrupted_swaps,
     first_line,
     fraction_below_one,
+    process_cores,
     read_json,
     run_script,
     seed_value,
@@ -301,8 +302,7 @@ def tokenize_processes(rows: int) -> Optional[int]:
     lists) runs on one core: 73,536 SWAG rows take about 11 s in one process. torchrun's processes on one host split
     the cores. The rows are the same for any count: datasets splits them into contiguous shards and joins them in
     order."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes = min(rows // TOKENIZE_ROWS_PER_PROCESS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    processes = min(rows // TOKENIZE_ROWS_PER_PROCESS, process_cores() - 1)
     return processes if processes > 1 else None
 
 

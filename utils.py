@@ -294,6 +294,12 @@ def configure_cpu_threads() -> None:
 LOADER_WORKERS = 4
 
 
+def process_cores() -> int:
+    """This process's share of the cores it may run on: torchrun's processes on one host split them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def loader_workers(requested: Optional[int], device: torch.device) -> int:
     """DataLoader worker processes for the analysis: `requested`, else on a GPU LOADER_WORKERS, at most this process's
     share of the cores it may run on (torchrun's processes on one host split them) less one, and none on a CPU,
@@ -301,8 +307,7 @@ def loader_workers(requested: Optional[int], device: torch.device) -> int:
     set it, HF tokenizers' parallelism is switched off before they fork (it would warn, then turn itself off in
     each worker)."""
     if requested is None and device.type == "cuda":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = min(LOADER_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+        requested = min(LOADER_WORKERS, process_cores() - 1)
     workers = max(requested or 0, 0)
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

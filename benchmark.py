@@ -81,6 +81,7 @@ from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first
 from influence import (
+    FUSED_SECONDS,
     QUERY_GRADIENT_ACCUMULATION,
     AnalysisConfig,
     factor_rows,
@@ -603,6 +604,7 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size")}
               for name, how in factors["stages"].items()}
     stages["scores"] = {"seconds": scores["seconds"]["scores"], "peak_gpu_memory_gib": scores["peak_gpu_memory_gib"],
+                        **{key: scores["seconds"].get(f"scores_{key}") for key in FUSED_SECONDS},
                         **{k: v for k, v in scores["fitted_in_memory"].items() if k != "factor_batch_size"}}
     return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,
             "wall_seconds": round(wall, 1), "reused_stages": reused, "stages": stages,

@@ -1,8 +1,9 @@
 """Fast factor kernels (analyze.py --fast): kronfluence's covariance and lambda updates computed as the same sums
 in faster GPU kernels. Covariance products take bf16 inputs with float32 results; EKFAC's lambda rotates the
-activations and output gradients into the eigenbases before the per-example gradient is formed; matmul widths
-are padded to a multiple of ALIGN. `fast_factor_kernels` patches kronfluence's trackers while it is open
-(process-wide, not thread-safe); tests/test_fused.py checks the factors against kronfluence's in float64."""
+activations and output gradients into the eigenbases before the per-example gradient is formed, in bf16 with
+float32 sums of squares; matmul widths are padded to a multiple of ALIGN. `fast_factor_kernels` patches
+kronfluence's trackers while it is open (process-wide, not thread-safe); tests/test_fused.py checks the factors
+against kronfluence's in float64 (on a CPU, where nothing is rounded to bf16)."""
 
 from contextlib import contextmanager
 
@@ -31,17 +32,6 @@ def _pad_last(x: torch.Tensor, *dims: int) -> torch.Tensor:
     return F.pad(x, pad) if any(pad) else x
 
 
-@contextmanager
-def _tf32():
-    """float32 matmuls on TF32 tensor cores (10-bit mantissa inputs, float32 sums) inside the block."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """xᵀx for the (tokens × d) matrix x, in `dtype`: kronfluence's covariance update. On a GPU a float32 result
     is computed from bf16 inputs (torch.mm's out_dtype: bf16 products are exact in float32 and summed in float32;
@@ -54,21 +44,29 @@ def gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (x.t() @ x)[:d, :d]
 
 
+def rotation_dtype(lambda_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype EKFAC's lambda rotations compute in: bf16 on a GPU for a float32 lambda (bf16 tensor cores, twice
+    TF32's rate and half the bytes of the rotated gradients; float32 sums inside each product and for the sum of
+    squares; lambda within 0.2% of float64's, relative Frobenius norm, on random inputs of roberta-base's widths),
+    else the lambda's own dtype."""
+    return torch.bfloat16 if device.type == "cuda" and lambda_dtype == torch.float32 else lambda_dtype
+
+
 def rotated_example_gradients(activation: torch.Tensor, output_gradient: torch.Tensor, activation_eigenvectors,
-                              gradient_eigenvectors, group: int) -> torch.Tensor:
+                              gradient_eigenvectors, group: int, dtype: torch.dtype = None) -> torch.Tensor:
     """Q_gᵀ G Q_a for each example's gradient G = Σ_t g_t a_tᵀ, where an example is `group` consecutive sequences
     of the (sequences, tokens, ·) inputs, without forming G: (Gout Q_g)ᵀ (A Q_a) over the tokens of the example's
     sequences. kronfluence forms G (tokens·d_in·d_out multiply-adds) and rotates it (d_in·d_out·(d_in + d_out));
     rotating first costs tokens·(d_in² + d_out² + d_in·d_out), less while an example has fewer tokens than its
-    layer is wide (roberta-base: 768; an example here has at most 4 × 128). In the eigenvectors' dtype, on TF32
-    tensor cores on a GPU (the bf16 example gradients carry 8 bits of mantissa, TF32 10)."""
-    dtype = activation_eigenvectors.dtype
+    layer is wide (roberta-base: 768; an example here has at most 4 × 128). Computed in `dtype` (default: the
+    eigenvectors'), inputs and result; the matmuls sum in float32 at least."""
+    dtype = dtype or activation_eigenvectors.dtype
     sequences, tokens, d_in = activation.shape
     examples = sequences // group
     a = _pad_last(activation.reshape(examples, group * tokens, d_in).to(dtype), d_in)
     g = output_gradient.reshape(examples, group * tokens, -1).to(dtype)
-    with _tf32():
-        rotated = (g @ gradient_eigenvectors).transpose(1, 2) @ (a @ _pad_last(activation_eigenvectors, d_in, d_in))
+    q_a = _pad_last(activation_eigenvectors.to(dtype), d_in, d_in)
+    rotated = (g @ gradient_eigenvectors.to(dtype)).transpose(1, 2) @ (a @ q_a)
     return rotated[..., :d_in]
 
 
@@ -163,15 +161,16 @@ def _lambda_hooks(original_register, group: int):
                                 device=output_gradient.device)
             self._update_lambda_matrix(per_sample_gradient=empty)  # kronfluence's set-up: storage, eigenvectors
             storage = module.storage
+            lam = storage[LAMBDA_MATRIX_NAME]
             rotated = rotated_example_gradients(activation, output_gradient, storage[ACTIVATION_EIGENVECTORS_NAME],
-                                                storage[GRADIENT_EIGENVECTORS_NAME], per_example)
-            if module.gradient_scale != 1.0:
-                rotated.mul_(module.gradient_scale)
+                                                storage[GRADIENT_EIGENVECTORS_NAME], per_example,
+                                                rotation_dtype(lam.dtype, lam.device))
             storage[NUM_LAMBDA_PROCESSED].add_(examples)
             # the sum of squares over the examples in one read of the rotated gradients (squaring them in place,
-            # then summing, reads them twice and writes them once: the batch's largest memory traffic); the same sum
-            # to rounding (a square root, then its square: about one float32 ulp)
-            storage[LAMBDA_MATRIX_NAME].add_(torch.linalg.vector_norm(rotated, dim=0).square_())
+            # then summing, reads them twice and writes them once: the batch's largest memory traffic), summed in the
+            # lambda's dtype; the same sum to rounding (a square root, then its square: about one float32 ulp)
+            squares = torch.linalg.vector_norm(rotated, dim=0, dtype=lam.dtype).square_()
+            lam.add_(squares, alpha=module.gradient_scale ** 2 if module.gradient_scale != 1.0 else 1)
 
         self.registered_hooks.append(module.register_forward_hook(forward_hook))
 
@@ -182,10 +181,10 @@ def _lambda_hooks(original_register, group: int):
 def fast_factor_kernels(num_choices: int = 1):
     """Inside the block kronfluence fits covariance and lambda factors with faster kernels for the same sums
     (analyze.py --fast): each batch's covariance xᵀx by `gram` (bf16 inputs, float32 result, on a GPU) and
-    EKFAC's lambda from `rotated_example_gradients` (rotated before the example gradient is formed; TF32 on a
-    GPU). Widths are padded to multiples of ALIGN. `num_choices`: the sequences per example that the task's
-    per-sample-gradient post-processing sums (MultipleChoiceTask). tests/test_fused.py checks that the factors
-    equal kronfluence's in float64."""
+    EKFAC's lambda from `rotated_example_gradients` (rotated before the example gradient is formed; bf16 with
+    float32 sums on a GPU, `rotation_dtype`). Widths are padded to multiples of ALIGN. `num_choices`: the sequences
+    per example that the task's per-sample-gradient post-processing sums (MultipleChoiceTask). tests/test_fused.py
+    checks that the factors equal kronfluence's in float64."""
     from kronfluence.module.tracker.factor import CovarianceTracker, LambdaTracker
 
     saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks)

@@ -12,7 +12,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 
 import fast_kernels
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
-from fast_kernels import fast_factor_kernels, rotated_example_gradients
+from fast_kernels import fast_factor_kernels, rotated_example_gradients, rotation_dtype
 from formats import load_scores
 from fused_scores import (
     AlignedEkfac,
@@ -230,3 +230,23 @@ def test_rotated_example_gradients_identity():
     got = rotated_example_gradients(a, g, qa, qg, group=4)
     assert got.shape == (2, 6, 13)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_lambda_rotations_in_bf16():
+    """On a GPU a float32 lambda is rotated in bf16 (rotation_dtype); its sums of squares stay within the rounding
+    bf16 allows. Each rotated value carries the rounding of its four bf16 inputs (a, Q_a, g, Q_g) and of its bf16
+    result, at most 2⁻⁹ relative each, so 5 · 2⁻⁹ without cancellation; its square twice that, 5 · 2⁻⁸ ≈ 0.02, which
+    bounds the sum of squares relative to its norm (random signs cancel most of it: 3e-3 here)."""
+    assert rotation_dtype(torch.float32, torch.device("cuda")) == torch.bfloat16
+    assert rotation_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert rotation_dtype(torch.float64, torch.device("cuda")) == torch.float64
+    torch.manual_seed(0)
+    a, g = torch.randn(64, 20, 40, dtype=torch.float64), torch.randn(64, 20, 24, dtype=torch.float64)
+    qa = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))[0]
+    qg = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))[0]
+    expected = rotated_example_gradients(a, g, qa, qg, group=4).square().sum(dim=0)
+    rotated = rotated_example_gradients(a.float(), g.float(), qa.float(), qg.float(), group=4, dtype=torch.bfloat16)
+    assert rotated.dtype == torch.bfloat16
+    got = torch.linalg.vector_norm(rotated, dim=0, dtype=torch.float32).square().double()
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < error <= 5 * 2**-8, error

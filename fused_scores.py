@@ -18,7 +18,9 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
 - batches are sorted by length, longest first, so dynamic padding wastes little and a batch size that
-  does not fit fails at once; scores return in dataset order;
+  does not fit fails at once; a training micro-batch of shorter rows holds up to GROWTH times the rows, within the
+  tokens of the longest (micro_spans), so the query gradients are read once for more rows; scores return in
+  dataset order;
 - the training micro-batches of a pass are collated by DataLoader workers into pinned memory while the GPU
   works on the previous ones (the host's collation costs 40-60 ms per 128 rows of real text on one core).
 
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
@@ -59,12 +63,56 @@ MIN_TRAIN_MICRO = 32
 # many query gradients (benchmark_h200.json, --fast on roberta-base, one H200: 0.821 s a pass of 2,048 rows and
 # 0.000881 s a query per pass at 128 rows a micro-batch, so (0.821 / 2048) / (0.000881 / 16) = 7.3).
 PASS_ROW_COST = 7.3
+# A training micro-batch of shorter rows holds up to this many times the planned rows, within the planned micro-batch's
+# tokens (micro_spans): its matmuls read the passes' query gradients once for more rows.
+GROWTH = 4
+
+
+def row_lengths(dataset) -> np.ndarray:
+    """Each row's longest choice in tokens (what dynamic padding pads its batch to), from the Arrow column."""
+    column = dataset.with_format("arrow")["input_ids"]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros(0, dtype=np.int64)
+    choices = pc.list_value_length(pc.list_flatten(column)).to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy()
+    return np.maximum.reduceat(choices, offsets[:-1] - offsets[0]).astype(np.int64)
 
 
 def longest_first(dataset) -> np.ndarray:
     """Row order by longest choice, longest first: batches hold similar lengths, so dynamic padding wastes little,
     and the batch that needs the most memory comes first, so a size that does not fit fails before work is lost."""
-    return np.argsort([-max(len(ids) for ids in row) for row in dataset["input_ids"]], kind="stable")
+    return np.argsort(-row_lengths(dataset), kind="stable")
+
+
+def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0, world: int = 1) -> list:
+    """(start, stop) of rank `rank`'s training micro-batches over rows of `lengths` tokens, longest first. Ranks take
+    turns over units of GROWTH training batches (the same units whatever each rank's micro-batch); inside a unit a
+    micro-batch holds `micro` rows, or up to GROWTH times as many shorter rows within the tokens of the longest
+    micro-batch (`micro` rows of the first row's length): the per-example gradients it forms grow with its rows,
+    which working_memory probes (train_probes), while each of its matmuls with the query gradients reads them once."""
+    longest, unit, spans = (int(lengths[0]) if len(lengths) else 0), batch_size * GROWTH, []
+    for step, start in enumerate(range(0, len(lengths), unit)):
+        if step % world != rank:
+            continue
+        stop, row = min(start + unit, len(lengths)), start
+        while row < stop:
+            grow = min(GROWTH, max(1, longest // max(int(lengths[row]), 1)))
+            spans.append((row, min(row + grow * micro, stop)))
+            row = spans[-1][1]
+    return spans
+
+
+def train_probes(lengths: np.ndarray, micro: int) -> list:
+    """(start, stop) of the training micro-batches whose working memory bounds every other's: the first one (the
+    longest rows) and the first of each larger size that micro_spans gives shorter rows (at most GROWTH)."""
+    longest, probes = (int(lengths[0]) if len(lengths) else 0), []
+    for row, length in enumerate(lengths):
+        grow = min(GROWTH, max(1, longest // max(int(length), 1)))
+        if not probes or grow > probes[-1][2]:
+            probes.append((row, min(row + grow * micro, len(lengths)), grow))
+    return [(start, stop) for start, stop, _ in probes]
 
 
 def linear_module_names(model: nn.Module) -> list:
@@ -350,6 +398,7 @@ class FusedScorer:
         self.hooks = PerExampleGradients(self.modules, score_args.per_sample_gradient_dtype)
         self.probing = "train"  # working_memory's side: "query" or "train"
         self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
+        self._lengths = {}  # dataset fingerprint -> row_lengths
 
     def _precondition(self, name, weight, bias):
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
@@ -396,14 +445,25 @@ class FusedScorer:
         self.hooks.num_examples = batch["labels"].size(0)
         _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement)
 
+    def sorted_rows(self, dataset) -> tuple:
+        """(`dataset` longest first, the order): training rows as the passes take them, their lengths kept."""
+        lengths = row_lengths(dataset)
+        order = np.argsort(-lengths, kind="stable")
+        rows = dataset.select(order)
+        self._lengths[rows._fingerprint] = lengths[order]
+        return rows, order
+
+    def lengths(self, rows) -> np.ndarray:
+        """row_lengths of `rows` (sorted longest first), kept by the dataset's fingerprint: every pass and probe asks."""
+        if rows._fingerprint not in self._lengths:
+            self._lengths[rows._fingerprint] = row_lengths(rows)
+        return self._lengths[rows._fingerprint]
+
     def train_batches(self, train, train_batch_size: int, train_micro: int, desc: str, disable_tqdm: bool):
-        """(start, stop, collated batch) for this rank's training micro-batches, in order: ranks share whole training
-        batches, whatever their micro-batches; DataLoader workers collate ahead into pinned memory."""
+        """(start, stop, collated batch) for this rank's training micro-batches (micro_spans), in order; DataLoader
+        workers collate ahead into pinned memory."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        spans = [(micro, min(micro + train_micro, stop))
-                 for step, start in enumerate(range(0, len(train), train_batch_size)) if step % world == rank
-                 for stop in [min(start + train_batch_size, len(train))]
-                 for micro in range(start, stop, train_micro)]
+        spans = micro_spans(self.lengths(train), train_batch_size, train_micro, rank, world)
         loader = DataLoader(train, batch_sampler=[range(a, b) for a, b in spans], collate_fn=self.collator,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         batches = tqdm(loader, desc=desc, total=len(spans), disable=disable_tqdm or rank != 0)
@@ -411,8 +471,9 @@ class FusedScorer:
             yield start, stop, batch
 
     def working_memory(self, queries, train, plan: PassPlan, active=None) -> int:
-        """Peak bytes above the current allocation that the first (longest) query and training micro-batches
-        need in a pass over the modules `active` (default: all), preconditioning included. 0 on CPU."""
+        """Peak bytes above the current allocation that the first (longest) query micro-batch and the training
+        micro-batches of train_probes need in a pass over the modules `active` (default: all), preconditioning
+        included. 0 on CPU."""
         if self.device.type != "cuda":
             return 0
         self.hooks.active = set(self.modules if active is None else active)
@@ -426,7 +487,8 @@ class FusedScorer:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.probing = "train"
             self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
-            self._backward(train.select(range(min(plan.train_micro, len(train)))), measurement=False)
+            for start, stop in train_probes(self.lengths(train), plan.train_micro):
+                self._backward(train.select(range(start, stop)), measurement=False)
             train_peak = torch.cuda.max_memory_allocated(self.device) - base
         finally:
             self.hooks.active = set(self.modules)
@@ -646,11 +708,14 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
                  plan_queries: int = 0) -> PassPlan:
     """While the `num_queries` queries take several passes, a smaller training micro-batch leaves room for more query
     gradients per pass but reads them more often: among the micro-batches halved down to MIN_TRAIN_MICRO rows, the one
-    with the least estimated time, per training row passes × PASS_ROW_COST + queries / rows per micro-batch (the
-    scores are the same sums; a module group's pass counts as a whole pass, an upper bound). The memory probes run
-    on the longest rows of `queries` and `train`."""
+    with the least estimated time, per training row passes × PASS_ROW_COST + queries × micro-batches per row of
+    `train` (micro_spans; the scores are the same sums; a module group's pass counts as a whole pass, an upper bound).
+    The memory probes run on the longest rows of `queries` and `train`."""
+    lengths = scorer.lengths(train)
+
     def cost(p: PassPlan) -> float:
-        return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) / p.train_micro
+        per_row = len(micro_spans(lengths, len(lengths), p.train_micro)) / max(len(lengths), 1)
+        return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) * per_row
 
     best = trial = plan
     while pass_count(trial, num_queries, plan_queries) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
@@ -692,14 +757,15 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
                          query_weights, train_weights)
-    q_order, t_order = longest_first(query_dataset), longest_first(train_dataset)
-    queries, train = query_dataset.select(q_order), train_dataset.select(t_order)
+    q_order = longest_first(query_dataset)
+    queries, (train, t_order) = query_dataset.select(q_order), scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
     seconds = {"query_seconds": 0.0, "train_seconds": 0.0}
     undo = _frozen(model)
     try:
         with scorer.hooks:
-            probe_rows = None if plan_rows is None else tuple(rows.select(longest_first(rows)) for rows in plan_rows)
+            probe_rows = None if plan_rows is None else (plan_rows[0].select(longest_first(plan_rows[0])),
+                                                         scorer.sorted_rows(plan_rows[1])[0])
             plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass,
                                plan_queries, probe_rows)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
@@ -750,8 +816,7 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
     world = dist.get_world_size() if dist.is_initialized() else 1
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers)
-    order = longest_first(train_dataset)
-    train = train_dataset.select(order)
+    train, order = scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(train), dtype=torch.float32, device=device)
     plan = PassPlan(1, 1, min(train_batch_size, len(train)))  # one row per pass: only micro-batches halve
     undo = _frozen(model)

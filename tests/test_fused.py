@@ -2,8 +2,10 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset, concatenate_datasets
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
@@ -11,6 +13,7 @@ from kronfluence.utils.constants import ACTIVATION_EIGENVECTORS_NAME, GRADIENT_E
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 import fast_kernels
+import fused_scores
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
 from fast_kernels import fast_factor_kernels, rotated_example_gradients, rotation_dtype
 from formats import load_scores
@@ -20,9 +23,13 @@ from fused_scores import (
     fused_pairwise_scores,
     fused_self_scores,
     longest_first,
+    micro_spans,
+    row_lengths,
     tracked_linears,
+    train_probes,
     with_bias_column,
 )
+from influence import AnalysisConfig
 from metrics import per_query_correlations
 from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
@@ -141,7 +148,7 @@ def test_fused_rejects_modules_it_cannot_score(setup):
 
 
 def test_longest_first_sorts_by_longest_choice():
-    rows = {"input_ids": [[[1] * 5, [1] * 2], [[1] * 3, [1]], [[1] * 9, [1]]]}
+    rows = Dataset.from_dict({"input_ids": [[[1] * 5, [1] * 2], [[1] * 3, [1]], [[1] * 9, [1]]]})
     assert list(longest_first(rows)) == [2, 0, 1]
 
 
@@ -250,3 +257,48 @@ def test_lambda_rotations_in_bf16():
     got = torch.linalg.vector_norm(rotated, dim=0, dtype=torch.float32).square().double()
     error = ((got - expected).norm() / expected.norm()).item()
     assert 0 < error <= 5 * 2**-8, error
+
+
+def test_row_lengths_are_the_longest_choice_of_each_row():
+    rows = Dataset.from_dict({"input_ids": [[[1] * 5, [1] * 2], [[1] * 3, [1]], [[1] * 9, [1]]]})
+    assert row_lengths(rows).tolist() == [5, 3, 9]
+    assert row_lengths(rows.select([2, 0])).tolist() == [9, 5]  # through an indices mapping
+    assert row_lengths(rows.select([])).tolist() == []
+
+
+def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
+    """Rows of 40 tokens then shorter: micro-batches of 2 rows at 40-21 tokens, 4 at 20-14, 6 at 13-11, 8 (GROWTH × 2)
+    below; a unit of GROWTH batches of 3 rows (12) bounds a micro-batch, and ranks take units in turn."""
+    lengths = np.array([40, 40, 30, 21, 20, 20, 15, 14, 13, 12, 11, 11, 10, 9, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5])
+    spans = micro_spans(lengths, batch_size=3, micro=2)
+    assert spans == [(0, 2), (2, 4), (4, 8), (8, 12), (12, 20), (20, 24)]
+    for start, stop in spans:  # never more tokens than the first micro-batch (2 × 40), never more than 4 × 2 rows
+        assert (stop - start) * lengths[start] <= 2 * 40 and stop - start <= fused_scores.GROWTH * 2
+    ranks = [micro_spans(lengths, 3, micro, rank, 2) for rank, micro in ((0, 2), (1, 1))]  # ranks may differ in micro
+    rows = sorted(row for spans in ranks for start, stop in spans for row in range(start, stop))
+    assert rows == list(range(len(lengths)))  # every row once
+    assert train_probes(lengths, 2) == [(0, 2), (4, 8), (8, 14), (12, 20)]  # the first micro-batch of each size
+
+
+def test_grown_micro_batches_give_the_same_scores(setup, monkeypatch):
+    """micro_spans' larger micro-batches of shorter rows are the same sums (float64: rounding only). One row's
+    choices are repeated three times (66-72 tokens against the others' 21-24), so the others may take twice the rows."""
+    model, train, queries, collator = setup[:4]
+    long = train.select([0]).map(lambda row: {key: [ids * 3 for ids in row[key]] for key in ("input_ids", "attention_mask")})
+    train = concatenate_datasets([train, long])
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
+
+    def run():
+        return fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, queries, train,
+                                     collator, query_batch_size=4, train_batch_size=2, device=torch.device("cpu"),
+                                     disable_tqdm=True)
+    calls = []
+    original = fused_scores.micro_spans
+    monkeypatch.setattr(fused_scores, "micro_spans", lambda *a: calls.append(original(*a)) or calls[-1])
+    grown = run()
+    assert any(stop - start > 2 for start, stop in calls[-1])  # the demo's short rows took larger micro-batches
+    monkeypatch.setattr(fused_scores, "GROWTH", 1)
+    plain = run()
+    assert all(stop - start <= 2 for start, stop in calls[-1])
+    torch.testing.assert_close(grown, plain, rtol=1e-12, atol=1e-12 * plain.abs().max().item())

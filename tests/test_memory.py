@@ -7,6 +7,7 @@ import copy
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
@@ -263,6 +264,9 @@ def test_a_smaller_training_micro_batch_is_planned_with_its_own_extra_room(monke
     halves the micro-batch of 4 rows (8 queries in 10 module groups) to 2 (6 groups), and the plan it returns has the
     extra room of 2-row micro-batches, not the 4-row plan's."""
     class Probes:
+        def lengths(self, rows):  # rows of one length: micro-batches of train_micro rows (micro_spans)
+            return np.full(64, 10)
+
         def working_memory(self, queries, train, plan, active=None):
             depth = 1.0 if active is None else max(plan.order.index(n) for n in active) / (len(plan.order) - 1)
             return plan.train_micro * int(4 + 36 * depth)

@@ -714,7 +714,7 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
     lengths = scorer.lengths(train)
 
     def cost(p: PassPlan) -> float:
-        per_row = len(micro_spans(lengths, len(lengths), p.train_micro)) / max(len(lengths), 1)
+        per_row = len(micro_spans(lengths, max(len(lengths), 1), p.train_micro)) / max(len(lengths), 1)
         return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) * per_row
 
     best = trial = plan

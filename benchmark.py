@@ -511,15 +511,16 @@ def time_training_variants(model, tokenizer, raw_all_train, args, out: dict, ran
 
 
 def full_run_rows(raw, tokenizer, rows: int = 512) -> tuple:
-    """The `rows` longest queries and training rows of the full-scale run (the first REFERENCE_NUM_QUERIES validation
-    rows, and the training file, whose rows the full run repeats), tokenized as the fused configurations' are (no
-    padding): the subsets' fused scoring plans its memory with them, as the full run does with its first
-    micro-batches. A subset's own longest rows can be shorter (the first 2,048 anetcap rows: 104 tokens a choice at
-    most, the file: 128), and so plan fewer module groups than the full run."""
+    """The `rows` longest queries and every training row of the full-scale run (the first REFERENCE_NUM_QUERIES
+    validation rows, and the training file, whose rows the full run repeats), longest first, tokenized as the fused
+    configurations' are (no padding): the subsets' fused scoring plans its memory with them, as the full run does with
+    its first micro-batches of each size (fused_scores.train_probes). A subset's own longest rows can be shorter (the
+    first 2,048 anetcap rows: 104 tokens a choice at most, the file: 128), and so plan fewer module groups than the
+    full run."""
     splits = take_first(raw["validation"], min(REFERENCE_NUM_QUERIES, len(raw["validation"])), "queries",
                         "--num_queries"), raw["train"]
-    tokenized = [tokenize(split, tokenizer) for split in splits]
-    return tuple(split.select(longest_first(split)[:rows]) for split in tokenized)
+    queries, train = (tokenize(split, tokenizer) for split in splits)
+    return queries.select(longest_first(queries)[:rows]), train.select(longest_first(train))
 
 
 def run_config_at_full_scale(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args,

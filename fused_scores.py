@@ -75,8 +75,10 @@ def row_lengths(dataset) -> np.ndarray:
         column = column.combine_chunks()
     if len(column) == 0:
         return np.zeros(0, dtype=np.int64)
-    choices = pc.list_value_length(pc.list_flatten(column)).to_numpy(zero_copy_only=False)
     offsets = column.offsets.to_numpy()
+    if column.null_count or (np.diff(offsets) == 0).any():
+        raise ValueError("a row without choices in input_ids")
+    choices = pc.list_value_length(pc.list_flatten(column)).to_numpy(zero_copy_only=False)
     return np.maximum.reduceat(choices, offsets[:-1] - offsets[0]).astype(np.int64)
 
 
@@ -86,19 +88,24 @@ def longest_first(dataset) -> np.ndarray:
     return np.argsort(-row_lengths(dataset), kind="stable")
 
 
-def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0, world: int = 1) -> list:
+def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0, world: int = 1,
+                growth: int = None) -> list:
     """(start, stop) of rank `rank`'s training micro-batches over rows of `lengths` tokens, longest first. Ranks take
-    turns over units of GROWTH training batches (the same units whatever each rank's micro-batch); inside a unit a
-    micro-batch holds `micro` rows, or up to GROWTH times as many shorter rows within the tokens of the longest
-    micro-batch (`micro` rows of the first row's length): the per-example gradients it forms grow with its rows,
-    which working_memory probes (train_probes), while each of its matmuls with the query gradients reads them once."""
-    longest, unit, spans = (int(lengths[0]) if len(lengths) else 0), batch_size * GROWTH, []
+    turns over units of `growth` (default GROWTH) training batches (the same units whatever each rank's micro-batch);
+    inside a unit a micro-batch holds `micro` rows, or up to `growth` times as many shorter rows within the tokens of
+    the longest micro-batch (`micro` rows of the first row's length): the per-example gradients it forms grow with
+    its rows, which working_memory probes (train_probes), while each of its matmuls with the query gradients reads
+    them once."""
+    growth = GROWTH if growth is None else growth
+    if micro < 1 or batch_size < 1 or growth < 1:
+        raise ValueError(f"micro-batches of {micro} rows in batches of {batch_size}, growth {growth}: each needs >= 1")
+    longest, unit, spans = (int(lengths[0]) if len(lengths) else 0), batch_size * growth, []
     for step, start in enumerate(range(0, len(lengths), unit)):
         if step % world != rank:
             continue
         stop, row = min(start + unit, len(lengths)), start
         while row < stop:
-            grow = min(GROWTH, max(1, longest // max(int(lengths[row]), 1)))
+            grow = min(growth, max(1, longest // max(int(lengths[row]), 1)))
             spans.append((row, min(row + grow * micro, stop)))
             row = spans[-1][1]
     return spans
@@ -107,12 +114,11 @@ def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0,
 def train_probes(lengths: np.ndarray, micro: int) -> list:
     """(start, stop) of the training micro-batches whose working memory bounds every other's: the first one (the
     longest rows) and the first of each larger size that micro_spans gives shorter rows (at most GROWTH)."""
-    longest, probes = (int(lengths[0]) if len(lengths) else 0), []
-    for row, length in enumerate(lengths):
-        grow = min(GROWTH, max(1, longest // max(int(length), 1)))
-        if not probes or grow > probes[-1][2]:
-            probes.append((row, min(row + grow * micro, len(lengths)), grow))
-    return [(start, stop) for start, stop, _ in probes]
+    if not len(lengths):
+        return []
+    grow = np.minimum(GROWTH, np.maximum(1, int(lengths[0]) // np.maximum(lengths, 1)))  # non-decreasing
+    sizes, firsts = np.unique(grow, return_index=True)
+    return [(int(row), min(int(row) + int(size) * micro, len(lengths))) for size, row in zip(sizes, firsts)]
 
 
 def linear_module_names(model: nn.Module) -> list:
@@ -459,11 +465,12 @@ class FusedScorer:
             self._lengths[rows._fingerprint] = row_lengths(rows)
         return self._lengths[rows._fingerprint]
 
-    def train_batches(self, train, train_batch_size: int, train_micro: int, desc: str, disable_tqdm: bool):
-        """(start, stop, collated batch) for this rank's training micro-batches (micro_spans), in order; DataLoader
-        workers collate ahead into pinned memory."""
+    def train_batches(self, train, train_batch_size: int, train_micro: int, desc: str, disable_tqdm: bool,
+                      growth: int = None):
+        """(start, stop, collated batch) for this rank's training micro-batches (micro_spans, with `growth`), in
+        order; DataLoader workers collate ahead into pinned memory."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        spans = micro_spans(self.lengths(train), train_batch_size, train_micro, rank, world)
+        spans = micro_spans(self.lengths(train), train_batch_size, train_micro, rank, world, growth)
         loader = DataLoader(train, batch_sampler=[range(a, b) for a, b in spans], collate_fn=self.collator,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         batches = tqdm(loader, desc=desc, total=len(spans), disable=disable_tqdm or rank != 0)
@@ -825,8 +832,10 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
             scorer.hooks.callback, scorer.hooks.dtype = scorer._add_self_scores, score_args.per_sample_gradient_dtype
 
             def one_pass():
+                # no grown micro-batches: nothing is read once per micro-batch here, and the longest (first) one
+                # stays the largest, where an out-of-memory error comes first
                 for start, stop, batch in scorer.train_batches(train, train_batch_size, plan.train_micro,
-                                                               "fused self-influence", disable_tqdm):
+                                                               "fused self-influence", disable_tqdm, growth=1):
                     scorer.hooks.block = scores[start:stop]
                     scorer._run(batch, measurement=False)
 

@@ -23,6 +23,7 @@ done
 for target in 1 $N; do
   for method in ekfac fast_ekfac; do
     scores=$EKFAC; [ $method = fast_ekfac ] && scores=$FAST_SCORES
+    rm -rf "$OUT/lds/${method}_r$target"  # a failed evaluation leaves no earlier run's file behind
     python evaluate_lds.py --scores "$scores" --lds_dir $GROUND_TRUTH --num_repeats $target --compare "$EKFAC" \
       --no_plots --output_dir "$OUT/lds/${method}_r$target" > "logs/eval_${method}_r$target.log" 2>&1 &
   done

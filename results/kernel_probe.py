@@ -34,6 +34,12 @@ def lambda_bf16(a, g, qa, qg, lam):
     lam.add_(torch.linalg.vector_norm(rotated, dim=0, dtype=torch.float32).square_())
 
 
+def lambda_bf16_chunk64(a, g, qa, qg, lam):
+    rotated_g, rotated_a = (g @ qg.bfloat16()).transpose(1, 2), a @ qa.bfloat16()
+    for i in range(0, a.size(0), 64):
+        lam.add_(torch.linalg.vector_norm(rotated_g[i:i + 64] @ rotated_a[i:i + 64], dim=0, dtype=torch.float32).square_())
+
+
 def rotations_bf16(a, g, qa, qg, lam):
     return g @ qg.bfloat16(), a @ qa.bfloat16()
 
@@ -44,6 +50,10 @@ def lambda_float64(a, g, qa, qg):
 
 def scores_bf16(q, t, block):
     block.add_((q @ t.T).float())
+
+
+def scores_bf16_out32(q, t, block):
+    block.add_(torch.mm(q, t.T, out_dtype=torch.float32))
 
 
 def scores_fp8(q8, t, block, scale_q, scale_t):
@@ -62,7 +72,8 @@ def main(path):
             qg = torch.linalg.qr(torch.randn(d_out, d_out, device=DEVICE))[0]
             lam = torch.zeros(d_out, d_in, device=DEVICE)
             row = {name: milliseconds(fn, a, g, qa, qg, lam) for name, fn in
-                   [("tf32_ms", lambda_tf32), ("bf16_ms", lambda_bf16), ("bf16_rotations_only_ms", rotations_bf16)]}
+                   [("tf32_ms", lambda_tf32), ("bf16_ms", lambda_bf16), ("bf16_chunk64_ms", lambda_bf16_chunk64),
+                    ("bf16_rotations_only_ms", rotations_bf16)]}
             reference = lambda_float64(a[:32], g[:32], qa, qg)
             for name, fn in [("rel_err_tf32", lambda_tf32), ("rel_err_bf16", lambda_bf16)]:
                 got = torch.zeros_like(lam)
@@ -77,6 +88,7 @@ def main(path):
             t = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
             block = torch.zeros(2000, rows, device=DEVICE)
             row = {"bf16_ms": milliseconds(scores_bf16, q, t, block),
+                   "bf16_out32_ms": milliseconds(scores_bf16_out32, q, t, block),
                    "fp8_rowwise_ms": milliseconds(scores_fp8, q.to(torch.float8_e4m3fn), t, block,
                                                   torch.ones(2000, 1, device=DEVICE), torch.ones(1, rows, device=DEVICE))}
             out[f"scores_K{k}_B{rows}"] = row

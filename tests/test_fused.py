@@ -1,6 +1,7 @@
 """The fused scoring path (fused_scores.py) equals kronfluence's pairwise scores for the same factors."""
 
 import copy
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from datasets import Dataset, concatenate_datasets
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
+from kronfluence.module.tracked_module import TrackedModule
 from kronfluence.utils.constants import ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME
 from kronfluence.utils.dataset import DataLoaderKwargs
 
@@ -226,6 +228,32 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
             assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
 
 
+@pytest.mark.slow
+def test_fast_lambda_applies_the_gradient_scale_as_kronfluence(setup, tmp_path):
+    """kronfluence scales each per-sample gradient by the module's gradient_scale (fp16 loss scaling) before
+    squaring; the fast lambda scales the squares by its square: the same lambda in float64."""
+    model, train, _, collator, _ = setup
+    task, dtype = MultipleChoiceTask(), torch.float64
+    analyzer = Analyzer(analysis_name="scale", model=prepare_model(copy.deepcopy(model), task), task=task,
+                        output_dir=str(tmp_path), disable_tqdm=True, cpu=True)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
+    args = FactorArguments(strategy="ekfac", activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
+                           eigendecomposition_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+    for module in analyzer.model.modules():
+        if isinstance(module, TrackedModule):
+            module.gradient_scale = 0.37
+    analyzer.fit_covariance_matrices("s", train, factor_args=args, per_device_batch_size=4, overwrite_output_dir=True)
+    analyzer.perform_eigendecomposition("s", factor_args=args, overwrite_output_dir=True)
+    lambdas = []
+    for kernels in (nullcontext(), fast_factor_kernels(num_choices=4)):
+        torch.manual_seed(1)  # the same sampled labels
+        with kernels:
+            analyzer.fit_lambda_matrices("s", train, factor_args=args, per_device_batch_size=4, overwrite_output_dir=True)
+        lambdas.append(analyzer.load_lambda_matrices("s")["lambda_matrix"])
+    for name, expected in lambdas[0].items():  # float64 sums in another order: ~1e-16 relative per term
+        assert (lambdas[1][name] - expected).abs().max() <= 1e-12 * expected.abs().max(), name
+
+
 def test_rotated_example_gradients_identity():
     """(Gout Q_g)ᵀ (A Q_a) summed over an example's choices is Q_gᵀ (Σ_c Σ_t g aᵀ) Q_a, for odd widths."""
     torch.manual_seed(0)
@@ -240,10 +268,11 @@ def test_rotated_example_gradients_identity():
 
 
 def test_lambda_rotations_in_bf16():
-    """On a GPU a float32 lambda is rotated in bf16 (rotation_dtype); its sums of squares stay within the rounding
-    bf16 allows. Each rotated value carries the rounding of its four bf16 inputs (a, Q_a, g, Q_g) and of its bf16
-    result, at most 2⁻⁹ relative each, so 5 · 2⁻⁹ without cancellation; its square twice that, 5 · 2⁻⁸ ≈ 0.02, which
-    bounds the sum of squares relative to its norm (random signs cancel most of it: 3e-3 here)."""
+    """On a GPU a float32 lambda is rotated in bf16 (rotation_dtype); its sums of squares stay near float64's. Each
+    rotated value carries seven bf16 roundings (the four inputs a, Q_a, g, Q_g, the two rotated factors and the
+    result) of at most u = 2⁻⁸ relative each; independent roundings add in quadrature, √7 · u for the value and twice
+    that, 0.021, for its square. That estimate is the tolerance (not a bound: a sum that cancels has no relative
+    bound, and small lambda entries are off by more than large ones; measured here: 2.7e-3, relative Frobenius)."""
     assert rotation_dtype(torch.float32, torch.device("cuda")) == torch.bfloat16
     assert rotation_dtype(torch.float32, torch.device("cpu")) == torch.float32
     assert rotation_dtype(torch.float64, torch.device("cuda")) == torch.float64
@@ -256,7 +285,7 @@ def test_lambda_rotations_in_bf16():
     assert rotated.dtype == torch.bfloat16
     got = torch.linalg.vector_norm(rotated, dim=0, dtype=torch.float32).square().double()
     error = ((got - expected).norm() / expected.norm()).item()
-    assert 0 < error <= 5 * 2**-8, error
+    assert 0 < error <= 2 * 7**0.5 * 2**-8, error
 
 
 def test_row_lengths_are_the_longest_choice_of_each_row():
@@ -264,6 +293,8 @@ def test_row_lengths_are_the_longest_choice_of_each_row():
     assert row_lengths(rows).tolist() == [5, 3, 9]
     assert row_lengths(rows.select([2, 0])).tolist() == [9, 5]  # through an indices mapping
     assert row_lengths(rows.select([])).tolist() == []
+    with pytest.raises(ValueError, match="a row without choices"):
+        row_lengths(Dataset.from_dict({"input_ids": [[[1] * 5], [], [[1] * 2]]}))
 
 
 def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
@@ -278,6 +309,24 @@ def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
     rows = sorted(row for spans in ranks for start, stop in spans for row in range(start, stop))
     assert rows == list(range(len(lengths)))  # every row once
     assert train_probes(lengths, 2) == [(0, 2), (4, 8), (8, 14), (12, 20)]  # the first micro-batch of each size
+    # without growth: micro-batches inside each training batch of 3 rows
+    assert micro_spans(lengths, 3, 2, growth=1) == [(m, min(m + 2, b + 3)) for b in range(0, 24, 3) for m in (b, b + 2)]
+    with pytest.raises(ValueError, match="each needs >= 1"):
+        micro_spans(lengths, 3, 0)
+
+
+def test_probes_bound_every_span():
+    """Every micro-batch micro_spans makes has at most the rows and the tokens of one of train_probes' micro-batches
+    (the memory of a micro-batch grows with both), for random lengths, batches and micro-batches."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        lengths = np.sort(rng.integers(1, 130, size=rng.integers(1, 200)))[::-1]
+        batch, micro = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        micro = min(micro, batch)
+        probes = [(stop - start, lengths[start]) for start, stop in train_probes(lengths, micro)]
+        for start, stop in micro_spans(lengths, batch, micro):
+            assert (stop - start) * lengths[start] <= micro * lengths[0]
+            assert any(stop - start <= rows and lengths[start] <= length for rows, length in probes), (start, stop)
 
 
 def test_grown_micro_batches_give_the_same_scores(setup, monkeypatch):
@@ -298,6 +347,9 @@ def test_grown_micro_batches_give_the_same_scores(setup, monkeypatch):
     monkeypatch.setattr(fused_scores, "micro_spans", lambda *a: calls.append(original(*a)) or calls[-1])
     grown = run()
     assert any(stop - start > 2 for start, stop in calls[-1])  # the demo's short rows took larger micro-batches
+    fused_self_scores(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, train, collator,
+                      train_batch_size=2, device=torch.device("cpu"), disable_tqdm=True)
+    assert all(stop - start <= 2 for start, stop in calls[-1])  # self-influence keeps the planned micro-batch
     monkeypatch.setattr(fused_scores, "GROWTH", 1)
     plain = run()
     assert all(stop - start <= 2 for start, stop in calls[-1])

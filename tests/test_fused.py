@@ -183,11 +183,8 @@ def counting(monkeypatch, name):
     return calls
 
 
-@pytest.mark.slow
-def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
-    """--fast's covariance and lambda kernels give kronfluence's EKFAC factors (float64; the demo's widths 64 and
-    128 plus the bias column are padded to multiples of 8), and after the block kronfluence's own code is back.
-    Lambda is compared on the same eigenvectors: eigh is free to rotate a degenerate eigenspace."""
+def float64_ekfac_analyzer(setup, tmp_path) -> tuple:
+    """(kronfluence Analyzer of the demo model on the CPU, its training rows, float64 EKFAC factor arguments)."""
     model, train, _, collator, _ = setup
     task, dtype = MultipleChoiceTask(), torch.float64
     analyzer = Analyzer(analysis_name="fast", model=prepare_model(copy.deepcopy(model), task), task=task,
@@ -195,6 +192,15 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
     args = FactorArguments(strategy="ekfac", activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
                            eigendecomposition_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+    return analyzer, train, args
+
+
+@pytest.mark.slow
+def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
+    """--fast's covariance and lambda kernels give kronfluence's EKFAC factors (float64; the demo's widths 64 and
+    128 plus the bias column are padded to multiples of 8), and after the block kronfluence's own code is back.
+    Lambda is compared on the same eigenvectors: eigh is free to rotate a degenerate eigenspace."""
+    analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
 
     def stage(name, seed, covariance=True):
         torch.manual_seed(seed)  # the same sampled labels on both sides
@@ -232,13 +238,7 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
 def test_fast_lambda_applies_the_gradient_scale_as_kronfluence(setup, tmp_path):
     """kronfluence scales each per-sample gradient by the module's gradient_scale (fp16 loss scaling) before
     squaring; the fast lambda scales the squares by its square: the same lambda in float64."""
-    model, train, _, collator, _ = setup
-    task, dtype = MultipleChoiceTask(), torch.float64
-    analyzer = Analyzer(analysis_name="scale", model=prepare_model(copy.deepcopy(model), task), task=task,
-                        output_dir=str(tmp_path), disable_tqdm=True, cpu=True)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator))
-    args = FactorArguments(strategy="ekfac", activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
-                           eigendecomposition_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+    analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
     for module in analyzer.model.modules():
         if isinstance(module, TrackedModule):
             module.gradient_scale = 0.37

@@ -226,3 +226,22 @@ def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, 
     with pytest.raises(UserError, match="holds a direct run of other settings"):  # other rows: not silently reused
         benchmark.main([*common[:-6], "--direct_train", "48", "--direct_queries", "6", "--work_dir", str(tmp_path / "w"),
                         "--output", str(tmp_path / "c.json")])
+
+
+def test_the_subsets_probe_memory_with_every_training_row_of_the_full_run(swag_files):
+    """full_run_rows: the full run's longest queries, and all its training rows longest first, so that the probes of
+    every micro-batch size the full run makes (fused_scores.train_probes) find rows of that length."""
+    from datasets import DatasetDict
+
+    from fused_scores import row_lengths
+    from pipeline import load_local_files, tokenize
+
+    raw = load_local_files(swag_files, swag_files)
+    raw = DatasetDict(train=raw["train"], validation=raw["validation"])
+    tokenizer = build_demo_tokenizer(make_demo_dataset())
+    queries, train = benchmark.full_run_rows(raw, tokenizer, rows=5)
+    assert len(queries) == 5 and len(train) == len(raw["train"])
+    lengths = row_lengths(train)
+    assert (lengths[:-1] >= lengths[1:]).all()  # longest first
+    every_query = row_lengths(tokenize(raw["validation"], tokenizer))
+    assert sorted(row_lengths(queries)) == sorted(every_query)[-5:]

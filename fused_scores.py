@@ -85,7 +85,12 @@ def row_lengths(dataset) -> np.ndarray:
 def longest_first(dataset) -> np.ndarray:
     """Row order by longest choice, longest first: batches hold similar lengths, so dynamic padding wastes little,
     and the batch that needs the most memory comes first, so a size that does not fit fails before work is lost."""
-    return np.argsort(-row_lengths(dataset), kind="stable")
+    return order_of(row_lengths(dataset))
+
+
+def order_of(lengths: np.ndarray) -> np.ndarray:
+    """longest_first's order from the rows' lengths (stable: equal lengths keep the dataset's order)."""
+    return np.argsort(-lengths, kind="stable")
 
 
 def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0, world: int = 1,
@@ -455,7 +460,7 @@ class FusedScorer:
     def sorted_rows(self, dataset) -> tuple:
         """(`dataset` longest first, the order): training rows as the passes take them, their lengths kept."""
         lengths = row_lengths(dataset)
-        order = np.argsort(-lengths, kind="stable")
+        order = order_of(lengths)
         rows = dataset.select(order)
         self._lengths[rows._fingerprint] = lengths[order]
         return rows, order

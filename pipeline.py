@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, Value, load_dataset
+from tokenizers import Tokenizer
 from transformers import (
     AutoModelForMultipleChoice,
     AutoTokenizer,
@@ -56,7 +57,6 @@ from utils import (
     finish_interrupted_swaps,
     first_line,
     fraction_below_one,
-    process_cores,
     read_json,
     run_script,
     seed_value,
@@ -279,31 +279,42 @@ def raw_fingerprint(split: Dataset) -> str:
 def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH,
              pad_to_max_length: bool = False) -> Dataset:
     """Pair the context (×4) with "{sent2} {ending_i}"; nested lists of 4 choices per row."""
+    encode_pairs = pair_encoder(tokenizer, max_length, pad_to_max_length)
 
     def encode(rows):
         first = list(chain.from_iterable([context] * NUM_CHOICES for context in rows[CONTEXT_COLUMN]))
         second = [f"{header} {rows[end][i]}" for i, header in enumerate(rows[HEADER_COLUMN]) for end in ENDING_COLUMNS]
-        encoded = tokenizer(first, second, truncation=True, max_length=max_length,
-                            padding="max_length" if pad_to_max_length else False)
+        encoded = encode_pairs(first, second)
         out = {k: [v[i:i + NUM_CHOICES] for i in range(0, len(v), NUM_CHOICES)] for k, v in encoded.items()}
         out[LABELS] = rows[LABEL_COLUMN]
         return out
 
-    return split.map(encode, batched=True, remove_columns=split.column_names, desc="tokenizing",
-                     num_proc=tokenize_processes(len(split)))
+    return split.map(encode, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=split.column_names,
+                     desc="tokenizing")
 
 
-TOKENIZE_ROWS_PER_PROCESS = 10_000  # below this a process's start costs more than its share of the rows saves
+TOKENIZE_BATCH = 4_096  # rows per call: the Rust tokenizer's threads share each call's 16,384 pairs
+# a fast tokenizer's outputs by their model input names (what `tokenizer(...)` returns for each)
+ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
-def tokenize_processes(rows: int) -> Optional[int]:
-    """Processes that tokenize `rows` rows at once (None: this one), one per TOKENIZE_ROWS_PER_PROCESS rows and at
-    most one per core this process may use, minus one. The fast tokenizer's Python side (its encodings turned into
-    lists) runs on one core: 73,536 SWAG rows take about 11 s in one process. torchrun's processes on one host split
-    the cores. The rows are the same for any count: datasets splits them into contiguous shards and joins them in
-    order."""
-    processes = min(rows // TOKENIZE_ROWS_PER_PROCESS, process_cores() - 1)
-    return processes if processes > 1 else None
+def pair_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max_length: bool):
+    """`(first, second) -> {input name: lists}`: `tokenizer(first, second, truncation=True, max_length=...)`'s
+    input ids, attention masks (and token types where the model takes them). A fast tokenizer without padding
+    encodes through a copy of its Rust tokenizer with the same truncation: the same ids, on every core, without
+    the Python objects `tokenizer(...)` builds for each encoding (73,536 SWAG rows: about 11 s in one process)."""
+    names = [name for name in tokenizer.model_input_names if name in ENCODING_FIELDS]
+    if not tokenizer.is_fast or pad_to_max_length or len(names) != len(tokenizer.model_input_names):
+        return lambda first, second: dict(tokenizer(first, second, truncation=True, max_length=max_length,
+                                                    padding="max_length" if pad_to_max_length else False))
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # truncation set here leaves the user's alone
+    backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
+    backend.no_padding()
+
+    def encode_pairs(first, second):
+        encodings = backend.encode_batch(list(zip(first, second)))
+        return {name: [getattr(e, ENCODING_FIELDS[name]) for e in encodings] for name in names}
+    return encode_pairs
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_max_length: bool = False,

@@ -92,24 +92,32 @@ def test_tokenization_pairs_context_with_each_ending():
     assert max(len(ids) for choices in long["input_ids"] for ids in choices) == 12
 
 
-def test_a_large_split_is_tokenized_in_several_processes_to_the_same_rows(monkeypatch):
-    """One process per TOKENIZE_ROWS_PER_PROCESS rows, at most one per core (of this process's share under torchrun)
-    less one, none below two; the rows are the same whatever the count (datasets' contiguous shards, joined in
-    order)."""
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert [pipeline.tokenize_processes(n) for n in (1_000, 19_999, 20_000, 73_536, 1_000_000)] == [None, None, 2, 7, 15]
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 processes on the host: 4 cores each
-    assert pipeline.tokenize_processes(1_000_000) == 3
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert pipeline.tokenize_processes(1_000_000) is None
-    raw = make_demo_dataset(sizes={"train": 30})["train"]
-    tokenizer = demo.build_demo_tokenizer({"train": raw})
-    one = tokenize(raw, tokenizer)
-    counts = []
-    monkeypatch.setattr(pipeline, "tokenize_processes", lambda rows: counts.append(rows) or 3)
-    three = tokenize(raw, tokenizer)
-    assert counts == [30] and three.to_dict() == one.to_dict() and three.features == one.features
+def test_rust_encoding_gives_the_tokenizers_own_rows(tmp_path):
+    """A fast tokenizer's pairs are encoded by a copy of its Rust tokenizer: the rows equal `tokenizer(first, second,
+    truncation=True, max_length=...)`'s bit for bit (token types included where the model takes them, pairs cut
+    longest first), and the user's tokenizer keeps its own truncation setting."""
+    from transformers import BertTokenizerFast
+
+    raw = make_demo_dataset(sizes={"train": 40})["train"]
+    roberta = demo.build_demo_tokenizer({"train": raw})
+    words = sorted({w for row in raw for c in formats.REQUIRED_COLUMNS for w in str(row[c]).lower().replace(".", " .").split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words[: len(words) // 2]]))
+    bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))  # half the words unknown: [UNK]s too
+    for tokenizer in (roberta, bert):
+        for max_length in (128, 12, 7):  # 12 and 7 cut most pairs, both sides at 7
+            ours = tokenize(raw, tokenizer, max_length=max_length).to_dict()
+            first = [row["sent1"] for row in raw for _ in formats.ENDING_COLUMNS]
+            second = [f"{row['sent2']} {row[end]}" for row in raw for end in formats.ENDING_COLUMNS]
+            theirs = tokenizer(first, second, truncation=True, max_length=max_length)
+            assert set(ours) == {*tokenizer.model_input_names, "labels"}
+            for name in tokenizer.model_input_names:
+                assert [ids for choices in ours[name] for ids in choices] == theirs[name], (type(tokenizer), name)
+        assert tokenizer.backend_tokenizer.truncation["max_length"] == 7  # tokenizer(...)'s own setting, not ours
+        tokenizer.backend_tokenizer.no_truncation()
+        tokenize(raw, tokenizer, max_length=9)
+        assert tokenizer.backend_tokenizer.truncation is None
+    padded = tokenize(raw, roberta, max_length=40, pad_to_max_length=True)  # through tokenizer(...) itself
+    assert {len(ids) for choices in padded["input_ids"] for ids in choices} == {40}
 
 
 def test_more_queries_than_the_split_holds(capsys):

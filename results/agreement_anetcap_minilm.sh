@@ -1,48 +1,57 @@
 #!/usr/bin/env bash
 # --fast against kronfluence's fp32 EKFAC on the MiniLM LDS setup (one GPU; resumable: a finished model or analysis
-# is reused): seed 1004 fine-tuned as in the ceiling table, scored by both at once (each with a share of the GPU's
-# memory), each evaluated against the first repeat and the mean of all five of the committed ground-truth runs
-# (results/ceiling_anetcap_minilm_runs), --fast paired against EKFAC (LDS difference with its bootstrap interval,
-# per-query Pearson and Spearman of the scores) -> OUT_DIR/agreement.json.
-# Usage: bash results/agreement_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR
+# is reused): seed 1004 fine-tuned as in the ceiling table, scored by kronfluence's fp32 EKFAC, by --fast, and by
+# --fast with its lambda fitted on LAMBDA_ROWS random training rows (a list, default "1000 2000": a quarter and a
+# half of the 4,000), each evaluated against the first repeat and the mean of all five of the committed
+# ground-truth runs (results/ceiling_anetcap_minilm_runs) and paired against EKFAC (LDS difference with its bootstrap
+# interval, per-query Pearson and Spearman of the scores) -> OUT_DIR/agreement.json.
+# Usage: [LAMBDA_ROWS="1000 2000"] bash results/agreement_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}
 source results/anetcap_minilm_common.sh
-GROUND_TRUTH=results/ceiling_anetcap_minilm_runs; N=5
+GROUND_TRUTH=results/ceiling_anetcap_minilm_runs; N=5; LAMBDA_ROWS=${LAMBDA_ROWS-1000 2000}
 t=$(date +%s.%N)
 [ -f checkpoints/s1004/model.safetensors ] || python train.py $D --seed 1004 --output_dir checkpoints/s1004 \
   > logs/train_s1004.log 2>&1
 echo "seed 1004 fine-tuned: $(since "$t") s"; t=$(date +%s.%N)
+declare -A FLAGS=([ekfac]="" [fast_ekfac]="$FAST")
+for n in $LAMBDA_ROWS; do FLAGS[fast_ekfac_lambda$n]="$FAST --lambda_max_examples $n"; done
+METHODS="ekfac fast_ekfac $(for n in $LAMBDA_ROWS; do echo -n "fast_ekfac_lambda$n "; done)"
 analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $(gpu_share 40) > logs/scores_ekfac.txt &
-analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $FAST $(gpu_share 16) > logs/fast_1004.txt &
-wait; echo "EKFAC and --fast at once: $(since "$t") s"
-EKFAC=$(cat logs/scores_ekfac.txt); FAST_SCORES=$(cat logs/fast_1004.txt)
-for dir in "$EKFAC" "$FAST_SCORES"; do
-  [ -f "$dir/metadata.json" ] || { echo "an analysis failed (logs/analyze.err)"; exit 1; }
+for method in $METHODS; do  # the fast analyses one after another, beside EKFAC
+  [ $method = ekfac ] || analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac ${FLAGS[$method]} \
+    $(gpu_share 16) > "logs/scores_$method.txt"
 done
+wait; echo "the analyses: $(since "$t") s"
+declare -A SCORES
+for method in $METHODS; do
+  SCORES[$method]=$(cat "logs/scores_$method.txt")
+  [ -f "${SCORES[$method]}/metadata.json" ] || { echo "the $method analysis failed (logs/analyze.err)"; exit 1; }
+done
+EKFAC=${SCORES[ekfac]}
 for target in 1 $N; do
-  for method in ekfac fast_ekfac; do
-    scores=$EKFAC; [ $method = fast_ekfac ] && scores=$FAST_SCORES
+  for method in $METHODS; do
     rm -rf "$OUT/lds/${method}_r$target"  # a failed evaluation leaves no earlier run's file behind
-    python evaluate_lds.py --scores "$scores" --lds_dir $GROUND_TRUTH --num_repeats $target --compare "$EKFAC" \
+    python evaluate_lds.py --scores "${SCORES[$method]}" --lds_dir $GROUND_TRUTH --num_repeats $target --compare "$EKFAC" \
       --no_plots --output_dir "$OUT/lds/${method}_r$target" > "logs/eval_${method}_r$target.log" 2>&1 &
   done
 done; wait
 grep -H "^LDS\|rror" logs/eval_*_r*.log | cut -c1-200
 for target in 1 $N; do
-  for method in ekfac fast_ekfac; do
+  for method in $METHODS; do
     [ -f "$OUT/lds/${method}_r$target/lds.json" ] || { echo "an evaluation failed (logs/eval_*.log)"; exit 1; }
   done
 done
-python - "$OUT" "$N" "$FAST" "$EKFAC" "$FAST_SCORES" <<'PY'
+python - "$OUT" "$N" "$(for m in $METHODS; do echo -n "$m=${FLAGS[$m]}=${SCORES[$m]};"; done)" <<'PY'
 import importlib.metadata, json, sys, time
 from pathlib import Path
 import torch, transformers
-out, repeats, flags = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+out, repeats = Path(sys.argv[1]), int(sys.argv[2])
 rows = {}
-for method, scores in (("ekfac", sys.argv[4]), ("fast_ekfac", sys.argv[5])):
+for item in filter(None, sys.argv[3].split(";")):
+    method, flags, scores = item.split("=")
     meta = json.load(open(Path(scores) / "metadata.json"))
-    rows[method] = {"scores": scores, "seconds": meta["seconds"]}
+    rows[method] = {"flags": flags, "scores": scores, "seconds": meta["seconds"]}
     for target in (1, repeats):
         r = json.load(open(out / "lds" / f"{method}_r{target}" / "lds.json"))
         rows[method][f"r{target}"] = {"lds": r["lds"], "ci95": r["ci95"], "num_queries": r["num_queries"],
@@ -52,11 +61,11 @@ json.dump({"command": "bash results/agreement_anetcap_minilm.sh MODEL DATA OUT",
                     "500 validation rows as queries; 100 half-data masks x %d seeds of ground truth" % repeats,
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "kronfluence": importlib.metadata.version("kronfluence"), "fast_flags": flags, "rows": rows},
+           "kronfluence": importlib.metadata.version("kronfluence"), "rows": rows},
           open(out / "agreement.json", "w"), indent=1)
-f = rows["fast_ekfac"]
-print(json.dumps({f"r{t}": {"lds_fast": round(f[f"r{t}"]["lds"], 4), "lds_ekfac": round(rows["ekfac"][f"r{t}"]["lds"], 4),
-                            "difference": f[f"r{t}"]["paired_minus_ekfac"]["difference"],
-                            "ci95": f[f"r{t}"]["paired_minus_ekfac"]["ci95"],
-                            "pearson": f[f"r{t}"]["paired_minus_ekfac"]["score_agreement"]["pearson"]} for t in (1, repeats)}))
+print(json.dumps({method: {f"r{t}": {"lds": round(row[f"r{t}"]["lds"], 4),
+                                     "minus_ekfac": row[f"r{t}"]["paired_minus_ekfac"]["difference"],
+                                     "ci95": row[f"r{t}"]["paired_minus_ekfac"]["ci95"],
+                                     "pearson": row[f"r{t}"]["paired_minus_ekfac"]["score_agreement"]["pearson"]}
+                           for t in (1, repeats)} for method, row in rows.items() if method != "ekfac"}, indent=1))
 PY

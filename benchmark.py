@@ -24,15 +24,15 @@ extrapolates one 50%-SWAG retraining run (36,768 rows × 3 epochs). Several retr
 
     CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node=4 benchmark.py ... --configs --train_variants cudagraphs
 
-Scaling used (`full_scale`): covariance and lambda are linear in the training rows; the eigendecomposition does
-not depend on them. kronfluence's scores are one pass over the training set per query batch. The fused path's
-query side is linear in the queries; a pass over the training set holds as many queries as fit in GPU memory
-and costs a fixed part plus a part per query, timed with a full chunk of queries (--num_fast_queries, capped at
-what fits) and a quarter of one. With `--fit_rows N` every configuration also runs on N rows and each linear
-cost follows the line through both sizes, so that fixed costs are counted once; otherwise it is proportional to
---num_train. `--profile` records the ten most expensive GPU operations of each stage (torch.profiler) instead
-of timing alone, and for each training variant a third, profiled pass with the GPU's busy time (a step far
-longer than it is overhead-bound).
+Scaling used (`full_scale`): the covariance is linear in the training rows, lambda in the rows it is fitted on
+(all, a fraction, or --fast's cap); the eigendecomposition does not depend on them. kronfluence's scores are one
+pass over the training set per query batch. The fused path's query side is linear in the queries; a pass over the
+training set holds as many queries as fit in GPU memory and costs a fixed part plus a part per query, timed with a
+full chunk of queries (--num_fast_queries, capped at what fits) and a quarter of one. With `--fit_rows N` every
+configuration also runs on N rows and each linear cost follows the line through both sizes, so that fixed costs are
+counted once; otherwise it is proportional to --num_train. `--profile` records the ten most expensive GPU
+operations of each stage (torch.profiler) instead of timing alone, and for each training variant a third, profiled
+pass with the GPU's busy time (a step far longer than it is overhead-bound).
 
 Killed, a rerun of the same command (on the same GPU and software) goes on from where it stopped: the timed
 training's weights and each finished configuration's scores are kept under --work_dir, its timings in --output. To
@@ -245,11 +245,11 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     train = tokenize(raw_train, tokenizer, pad_to_max_length=c["pad"])
     queries = tokenize(raw_queries_fast if many else raw_queries, tokenizer, pad_to_max_length=c["pad"])
     collator = make_collator(tokenizer, c["pad"])
-    lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else None
-    cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
     fast = c.get("fast", False)  # as analyze.py --fast: half precision with fp32 sums
     config = AnalysisConfig(factor_strategy="ekfac", query_gradient_rank=c["rank"], use_half_precision=c["half"] or fast,
                             fp32_accumulation=c.get("acc32", False) or fast, fast=fast)
+    lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else config.lambda_rows
+    cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
     factor_args, score_args = config.factor_arguments(len(cov_rows), len(lambda_rows)), config.score_arguments()
     task = MultipleChoiceTask()
     prepared = prepare_model(copy.deepcopy(model), task)
@@ -261,7 +261,10 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     workers = loader_workers(None, device) if c["sort"] else 0
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collator, num_workers=workers,
                                                     pin_memory=bool(workers) and device.type == "cuda"))
-    result = {"settings": {**c, "num_queries_timed": len(queries), "dataloader_num_workers": workers}}
+    full_lambda_rows = (int(c["lambda_fraction"] * REFERENCE_NUM_TRAIN) if c.get("lambda_fraction")
+                        else min(config.lambda_rows or REFERENCE_NUM_TRAIN, REFERENCE_NUM_TRAIN))
+    result = {"settings": {**c, "num_queries_timed": len(queries), "dataloader_num_workers": workers,
+                           "lambda_rows": len(lambda_rows), "full_scale_lambda_rows": full_lambda_rows}}
     fitted = {}  # per stage: the sizes that fitted in memory (analyze.py halves them after an out-of-memory error)
 
     def batched(stage, fn, sizes):
@@ -335,18 +338,20 @@ def kronfluence_pass_costs(settings: dict, query_bs: int, num_queries: int, seco
             "pass_s": round(seconds / math.ceil(num_queries / per_pass), 3)}
 
 
-def along_rows(seconds: float, rows: int, small: Optional[float] = None, small_rows: Optional[int] = None) -> float:
-    """A time linear in the training rows, at full scale: proportional to `rows`, or, with a time on a smaller
-    subset, on the line through both (a fixed cost counted once; a negative slope from timing noise counts as 0)."""
-    if small is None:
-        return seconds * REFERENCE_NUM_TRAIN / rows
-    return seconds + max(0.0, (seconds - small) / (rows - small_rows)) * (REFERENCE_NUM_TRAIN - rows)
+def along_rows(seconds: float, rows: int, small: Optional[float] = None, small_rows: Optional[int] = None,
+               target: int = REFERENCE_NUM_TRAIN) -> float:
+    """A time linear in the rows, at `target` rows (the full scale's): proportional to `rows`, or, with a time on
+    fewer rows, on the line through both (a fixed cost counted once; a negative slope from timing noise counts as 0)."""
+    if small is None or small_rows == rows:
+        return seconds * target / rows
+    return seconds + max(0.0, (seconds - small) / (rows - small_rows)) * (target - rows)
 
 
 def full_scale(result: dict, small: Optional[dict] = None) -> dict:
     """{"seconds", "factors", "scores"[, "fused"]} at 73,536 rows × 2,000 queries from one configuration's stage
-    times (`small`: the same configuration on fewer rows, for the line through both sizes). Covariance and lambda
-    are linear in the rows, the eigendecomposition constant; kronfluence's scores are one pass over the rows per
+    times (`small`: the same configuration on fewer rows, for the line through both sizes). The covariance is
+    linear in the rows, lambda in its own rows (at full scale: all, a fraction or --fast's cap), the
+    eigendecomposition constant; kronfluence's scores are one pass over the rows per
     query batch; the fused path's query side is linear in the queries, its passes over the rows hold as many
     queries as fit in memory, each pass a fixed cost plus a cost per query, both linear in the rows."""
     rows, small_rows = result["num_train"], small and small["num_train"]
@@ -354,7 +359,11 @@ def full_scale(result: dict, small: Optional[dict] = None) -> dict:
     def line(value):
         return along_rows(value(result), rows, value(small) if small else None, small_rows)
 
-    stages = {stage: line(lambda r, stage=stage: r[stage]["seconds"]) for stage in ("covariance", "lambda")}
+    stages = {"covariance": line(lambda r: r["covariance"]["seconds"])}
+    # lambda is linear in its own rows: all of them, a fraction, or up to a cap (--fast's)
+    lam = [r and (r["lambda"]["seconds"], r["settings"].get("lambda_rows", r["num_train"])) for r in (result, small)]
+    stages["lambda"] = along_rows(*lam[0], *(lam[1] or (None, None)),
+                                  target=result["settings"].get("full_scale_lambda_rows", REFERENCE_NUM_TRAIN))
     stages["eigendecomposition"] = result["eigendecomposition"]["seconds"]
     factors = sum(stages.values())
     out = {}

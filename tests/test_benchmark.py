@@ -8,6 +8,7 @@ from datasets import Dataset
 
 import benchmark
 from demo import build_demo_tokenizer, make_demo_dataset
+from influence import FAST_LAMBDA_ROWS, AnalysisConfig
 from utils import UserError
 
 
@@ -120,6 +121,25 @@ def test_extrapolation_counts_a_fixed_cost_once():
     # 1 s fixed + 1 ms a row, timed at 1,000 and 500 rows
     assert benchmark.along_rows(2.0, 1_000, 1.5, 500) == pytest.approx(1.0 + 0.001 * 73_536)
     assert benchmark.along_rows(2.0, 1_000, 2.5, 500) == 2.0  # noise: the smaller subset slower
+
+
+def test_lambda_is_extrapolated_to_the_rows_it_is_fitted_on_at_full_scale():
+    """--fast fits lambda on at most FAST_LAMBDA_ROWS rows: at full scale the line through the subsets' lambda times
+    reaches that many rows, not 73,536, while the covariance goes on along all of them; a fraction keeps its share."""
+    def result(rows, lambda_rows, full_lambda_rows, lam_s):
+        return {"num_train": rows, "covariance": {"seconds": 1.0 + 0.001 * rows}, "eigendecomposition": {"seconds": 5.0},
+                "lambda": {"seconds": lam_s}, "settings": {"lambda_rows": lambda_rows,
+                                                           "full_scale_lambda_rows": full_lambda_rows},
+                "kronfluence_passes": {"full_scale_passes": 0, "pass_s": 0.0}}
+    cap = FAST_LAMBDA_ROWS  # 1 s fixed + 1 ms a lambda row, timed on 2,048 and 512 rows (all of them under the cap)
+    out = benchmark.full_scale(result(2_048, 2_048, cap, 1.0 + 2.048), result(512, 512, cap, 1.0 + 0.512))
+    assert out["stages"]["lambda"] == pytest.approx(1.0 + 0.001 * cap, abs=0.05)
+    assert out["stages"]["covariance"] == pytest.approx(1.0 + 0.001 * 73_536, abs=0.05)
+    quarter = benchmark.full_scale(result(2_048, 512, 18_384, 1.0 + 0.512), result(512, 128, 18_384, 1.0 + 0.128))
+    assert quarter["stages"]["lambda"] == pytest.approx(1.0 + 0.001 * 18_384, abs=0.05)
+    assert AnalysisConfig(fast=True).lambda_rows == cap and AnalysisConfig().lambda_rows is None
+    assert AnalysisConfig(fast=True, lambda_max_examples=50).lambda_rows == 50
+    assert AnalysisConfig(fast=True).factors_name(0) == "ekfac_nall_fast"  # the cap is --fast's recipe
 
 
 def test_a_direct_run_is_compared_with_the_extrapolation_stage_by_stage():

@@ -204,6 +204,25 @@ def test_kronfluence_row_caps_follow_the_data(tiny_checkpoint, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_fast_fits_lambda_on_its_cap_of_random_rows(tiny_checkpoint, tmp_path, monkeypatch):
+    """--fast's lambda comes from at most FAST_LAMBDA_ROWS random rows (here 10 of 48): the same factors, bitwise, as
+    --lambda_max_examples 10, lambda summed over 10 examples; the covariance over all 48 rows."""
+    monkeypatch.setattr(influence, "FAST_LAMBDA_ROWS", 10)
+    args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--fast", *SMALL_BATCHES]
+    runs = [analyze.main([*args, *extra, "--output_dir", str(tmp_path / name)])
+            for name, extra in (("fast", []), ("explicit", ["--lambda_max_examples", "10"]))]
+    factors = [tensors_of(d.parent / f"factors_{json.loads((d / formats.METADATA_FILE).read_text())['factors_name']}")
+               for d in runs]
+    assert_same_tensors(*factors)
+    lambda_counts = factors[0]["num_lambda_processed.safetensors"]
+    assert lambda_counts and all(v.item() == 10 for v in lambda_counts.values()), lambda_counts
+    token_counts = factors[0]["num_activation_covariance_processed.safetensors"]
+    # the pooler and classifier see one vector per choice of every row, the encoder every row's tokens
+    assert {k for k, v in token_counts.items() if v.item() == 48 * 4} == {"classifier", "roberta.pooler.dense"}
+    assert all(v.item() > 48 * 4 for k, v in token_counts.items() if "encoder" in k)
+
+
+@pytest.mark.slow
 def test_damaged_factor_and_scores_files_are_named(tiny_checkpoint, tmp_path):
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--output_dir", str(tmp_path)]
     scores_dir = analyze.main(args)

@@ -8,7 +8,8 @@
 #   concurrent: the MiniLM LDS setup's fast-path EKFAC analysis alone, then two of them started at once on the
 #            GPU with --max_memory_gb half of it each -> OUT/memory_concurrent.json;
 #   merge: results/memory_h200.json from those files, with each stage's peak extrapolated to full SWAG scale.
-# (SMOKE_FLAGS, if set, are appended to benchmark.py's flags: a CPU smoke test of the driver itself.)
+# (SMOKE_FLAGS, if set, are appended to benchmark.py's flags: a CPU smoke test of the driver itself; BUDGET_CONFIGS,
+# if set, replaces "fast reference_bf16".)
 # Usage: bash results/memory_h200.sh budgets "22 38" MODEL_DIR DATA_DIR ROBERTA_TOKENIZER_DIR OUT_DIR
 #        bash results/memory_h200.sh concurrent MODEL_DIR DATA_DIR OUT_DIR
 #        bash results/memory_h200.sh merge results/memory_h200.json IN_DIR...
@@ -38,7 +39,7 @@ if [ "$what" = budgets ]; then
     [ "$b" = full ] || hold_all_but "$b"
     status=completed
     python benchmark.py --tokenizer_dir "$TOK" $DATA_FLAGS --num_train 2048 --num_queries 100 --num_fast_queries 1000 \
-      --configs fast reference_bf16 --train_variants eager --train_steps 30 --output "$OUT/memory_$b.json" \
+      --configs ${BUDGET_CONFIGS:-fast reference_bf16} --train_variants eager --train_steps 30 --output "$OUT/memory_$b.json" \
       --work_dir "/tmp/work_$b" ${SMOKE_FLAGS:-} > "logs/memory_$b.log" 2>&1 || status=failed
     [ -z "$hog" ] || { kill "$hog"; wait "$hog" 2>/dev/null || true; }
     echo "budget $b GiB: $status"; grep -h "WARNING\|rror\|: .* s, peak" "logs/memory_$b.log" | cut -c1-220 || true

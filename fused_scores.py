@@ -64,7 +64,9 @@ MIN_TRAIN_MICRO = 32
 # 0.000881 s a query per pass at 128 rows a micro-batch, so (0.821 / 2048) / (0.000881 / 16) = 7.3).
 PASS_ROW_COST = 7.3
 # A training micro-batch of shorter rows holds up to this many times the planned rows, within the planned micro-batch's
-# tokens (micro_spans): its matmuls read the passes' query gradients once for more rows.
+# tokens (micro_spans): its matmuls read the passes' query gradients once for more rows. Its larger per-example
+# gradients take memory from the query gradients, so where the passes are several the plan also weighs no growth
+# (fewer_passes).
 GROWTH = 4
 
 
@@ -117,12 +119,14 @@ def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0,
     return spans
 
 
-def train_probes(lengths: np.ndarray, micro: int) -> list:
+def train_probes(lengths: np.ndarray, micro: int, growth: int = None) -> list:
     """(start, stop) of the training micro-batches whose working memory bounds every other's: the first one (the
-    longest rows) and the first of each larger size that micro_spans gives shorter rows (at most GROWTH)."""
+    longest rows) and the first of each larger size that micro_spans gives shorter rows (at most `growth`, default
+    GROWTH, times `micro`)."""
     if not len(lengths):
         return []
-    grow = np.minimum(GROWTH, np.maximum(1, int(lengths[0]) // np.maximum(lengths, 1)))  # non-decreasing
+    growth = GROWTH if growth is None else growth
+    grow = np.minimum(growth, np.maximum(1, int(lengths[0]) // np.maximum(lengths, 1)))  # non-decreasing
     sizes, firsts = np.unique(grow, return_index=True)
     return [(int(row), min(int(row) + int(size) * micro, len(lengths))) for size, row in zip(sizes, firsts)]
 
@@ -331,6 +335,7 @@ class PassPlan:
     extra: dict = field(default_factory=dict)
     running: Optional[tuple] = None  # (queries, module group) of the pass under way: the one an out-of-memory error hit
     retries: int = 0
+    growth: int = GROWTH  # micro_spans' growth of the training micro-batches of shorter rows
 
     def groups(self, queries: int) -> list:
         """The module groups of a chunk of `queries` queries, in backward order (the top layers' first)."""
@@ -500,7 +505,7 @@ class FusedScorer:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.probing = "train"
             self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
-            for start, stop in train_probes(self.lengths(train), plan.train_micro):
+            for start, stop in train_probes(self.lengths(train), plan.train_micro, plan.growth):
                 self._backward(train.select(range(start, stop)), measurement=False)
             train_peak = torch.cuda.max_memory_allocated(self.device) - base
         finally:
@@ -541,7 +546,7 @@ class FusedScorer:
             query_seconds = clock.lap()
             self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
             for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc,
-                                                         disable_tqdm):
+                                                         disable_tqdm, plan.growth):
                 self.hooks.block = block[:, start:stop]
                 self._run(batch, measurement=False)
         finally:  # also after an error: the query gradients freed, and every module's hooks on for what comes next
@@ -589,7 +594,8 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
         raise UserError(f"fused scores: out of GPU memory in one query's backward "
                         f"({out_of_memory_detail(exc, scorer.device)}); {hint}") from None
     plan = PassPlan(len(queries), min(query_batch_size, len(queries)), min(train_batch_size, len(train)),
-                    order=order, sizes=query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype))
+                    order=order, sizes=query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype),
+                    growth=GROWTH)
     if max_queries_per_pass:
         plan.per_pass = min(max_queries_per_pass, len(queries))
         return plan
@@ -614,8 +620,9 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                             len(budgeted.groups(budgeted.per_pass)))
                 chosen = fewer_passes(scorer, pq, pt, budgeted, room, len(queries), plan_queries)
                 if chosen is not budgeted:
-                    logger.info("fused scoring: %d training rows per micro-batch instead, %d queries per chunk in %d "
-                                "module groups", chosen.train_micro, chosen.per_pass, len(chosen.groups(chosen.per_pass)))
+                    logger.info("fused scoring: %d training rows per micro-batch%s instead, %d queries per chunk in %d "
+                                "module groups", chosen.train_micro, "" if chosen.growth > 1 else
+                                " (none larger for shorter rows)", chosen.per_pass, len(chosen.groups(chosen.per_pass)))
                 checked = checked_room_above(scorer, pq, pt, chosen, room, len(queries), plan_queries)
                 if any(checked.extra.values()):
                     logger.info("fused scoring: %d module groups a chunk, the higher ones holding more (their "
@@ -623,7 +630,12 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                 return checked
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
-        plan.halve_micro(scorer.probing, "fused scores", detail, hint)
+        if scorer.probing == "train" and plan.growth > 1:  # the grown micro-batches first
+            plan.growth, plan.retries = 1, plan.retries + 1
+            logger.warning("fused scores: out of GPU memory (%s); retrying without larger micro-batches of shorter "
+                           "rows", detail)
+        else:
+            plan.halve_micro(scorer.probing, "fused scores", detail, hint)
 
 
 def with_budget(plan: PassPlan, budget: int, num_queries: int, plan_queries: int = 0) -> PassPlan:
@@ -719,33 +731,41 @@ def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
 
 def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, num_queries: int,
                  plan_queries: int = 0) -> PassPlan:
-    """While the `num_queries` queries take several passes, a smaller training micro-batch leaves room for more query
-    gradients per pass but reads them more often: among the micro-batches halved down to MIN_TRAIN_MICRO rows, the one
-    with the least estimated time, per training row passes × PASS_ROW_COST + queries × micro-batches per row of
-    `train` (micro_spans; the scores are the same sums; a module group's pass counts as a whole pass, an upper bound).
-    The memory probes run on the longest rows of `queries` and `train`."""
+    """While the `num_queries` queries take several passes, a smaller training micro-batch, or one that does not grow
+    for shorter rows, leaves room for more query gradients per pass but reads them more often: among `plan` without
+    growth and the micro-batches halved down to MIN_TRAIN_MICRO rows with and without it (never more growth than
+    `plan`'s), the one with the least estimated time, per training row passes × PASS_ROW_COST + queries ×
+    micro-batches per row of `train` (micro_spans; the scores are the same sums; a module group's pass counts as a
+    whole pass, an upper bound). The memory probes run on the longest rows of `queries` and `train`."""
     lengths = scorer.lengths(train)
 
     def cost(p: PassPlan) -> float:
-        per_row = len(micro_spans(lengths, max(len(lengths), 1), p.train_micro)) / max(len(lengths), 1)
+        per_row = len(micro_spans(lengths, max(len(lengths), 1), p.train_micro, growth=p.growth)) / max(len(lengths), 1)
         return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) * per_row
 
-    best = trial = plan
-    while pass_count(trial, num_queries, plan_queries) > 1 and trial.train_micro // 2 >= MIN_TRAIN_MICRO:
-        trial = replace(trial, train_micro=trial.train_micro // 2)
+    def planned(micro: int, growth: int) -> Optional[PassPlan]:
+        trial = replace(plan, train_micro=micro, growth=growth, extra={})
         try:
             working = scorer.working_memory(queries, train, trial)
         except Exception as exc:
             if not should_reduce_batch_size(exc):
                 raise
             clear_device_cache(garbage_collection=True)
-            break
+            return None
         trial = with_budget(trial, int(room * MEMORY_HEADROOM - working), num_queries, plan_queries)
-        if trial.per_pass < 1:
+        return with_room_above(scorer, queries, train, trial, working, plan_queries) if trial.per_pass >= 1 else None
+
+    best, micro, growths = plan, plan.train_micro, sorted({plan.growth, 1}, reverse=True)
+    while pass_count(best, num_queries, plan_queries) > 1:
+        for growth in growths:
+            if (micro, growth) == (plan.train_micro, plan.growth):
+                continue
+            trial = planned(micro, growth)
+            if trial is not None and cost(trial) < cost(best):
+                best = trial
+        micro //= 2
+        if micro < MIN_TRAIN_MICRO:
             break
-        trial = with_room_above(scorer, queries, train, trial, working, plan_queries)
-        if cost(trial) < cost(best):
-            best = trial
     return best
 
 
@@ -813,7 +833,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
                        module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
-                       train_micro_batch=plan.train_micro, out_of_memory_retries=plan.retries)
+                       train_micro_batch=plan.train_micro, train_growth=plan.growth,
+                       out_of_memory_retries=plan.retries)
     if world > 1:
         dist.all_reduce(scores)
     out = torch.empty_like(scores, device="cpu")
@@ -831,17 +852,17 @@ def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, scor
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers)
     train, order = scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(train), dtype=torch.float32, device=device)
-    plan = PassPlan(1, 1, min(train_batch_size, len(train)))  # one row per pass: only micro-batches halve
+    # one row per pass: only micro-batches halve; no grown micro-batches: nothing is read once per micro-batch here,
+    # and the longest (first) one stays the largest, where an out-of-memory error comes first
+    plan = PassPlan(1, 1, min(train_batch_size, len(train)), growth=1)
     undo = _frozen(model)
     try:
         with scorer.hooks:
             scorer.hooks.callback, scorer.hooks.dtype = scorer._add_self_scores, score_args.per_sample_gradient_dtype
 
             def one_pass():
-                # no grown micro-batches: nothing is read once per micro-batch here, and the longest (first) one
-                # stays the largest, where an out-of-memory error comes first
                 for start, stop, batch in scorer.train_batches(train, train_batch_size, plan.train_micro,
-                                                               "fused self-influence", disable_tqdm, growth=1):
+                                                               "fused self-influence", disable_tqdm, plan.growth):
                     scorer.hooks.block = scores[start:stop]
                     scorer._run(batch, measurement=False)
 

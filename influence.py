@@ -352,7 +352,8 @@ class KronfluenceBackend:
         return job.analyzer.load_self_scores(job.scores_name)[SCORES_KEY].float(), sizes
 
 
-FUSED_PLAN_SIZES = ("train_micro_batch", "query_micro_batch", "queries_per_pass", "module_groups", "passes")  # its plan
+FUSED_PLAN_SIZES = ("train_micro_batch", "train_growth", "query_micro_batch", "queries_per_pass", "module_groups",
+                    "passes")  # its plan
 FUSED_SECONDS = ("query_seconds", "train_seconds")  # a fused run's time on query gradients and on training passes
 
 

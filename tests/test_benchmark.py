@@ -34,15 +34,16 @@ def test_benchmark_runs_and_reports(tmp_path, swag_files):
     saved = json.loads(out.read_text())
     assert saved["reference_fp32_full_scale_s"] == result["configs"]["reference_fp32"]["full_scale_seconds"] > 0
 
-    def line(r, value):  # the line through the two subset sizes, at 73,536 rows; a negative slope counts as 0
-        big, small = value(r), value(r["fit_subset"])
-        return big + max(0.0, (big - small) / (16 - 8)) * (73_536 - 16)
+    def line(r, value, target=73_536):  # the line through the two subset sizes, at `target` rows (a negative slope
+        big, small = value(r), value(r["fit_subset"])  # counts as 0)
+        return big + max(0.0, (big - small) / (16 - 8)) * (target - 16)
 
-    for name in ("reference_fp32", "fast"):
+    for name, lambda_rows in (("reference_fp32", 73_536), ("fast", FAST_LAMBDA_ROWS)):  # --fast: lambda up to its cap
         r = saved["configs"][name]
         assert r["num_train"] == 16 and r["fit_subset"]["num_train"] == 8
-        factors = sum(line(r, lambda x, s=s: x[s]["seconds"]) for s in ("covariance", "lambda")) \
-            + r["eigendecomposition"]["seconds"]
+        assert r["settings"]["full_scale_lambda_rows"] == lambda_rows and r["settings"]["lambda_rows"] == 16
+        factors = line(r, lambda x: x["covariance"]["seconds"]) \
+            + line(r, lambda x: x["lambda"]["seconds"], lambda_rows) + r["eigendecomposition"]["seconds"]
         assert r["full_scale"]["factors"] == pytest.approx(factors, abs=0.1)
     fp32 = saved["configs"]["reference_fp32"]
     assert fp32["kronfluence_passes"]["full_scale_passes"] == 20  # 2,000 queries in passes of 100

@@ -283,6 +283,67 @@ def test_a_smaller_training_micro_batch_is_planned_with_its_own_extra_room(monke
     assert best.extra == own != plan.extra
 
 
+class GrowthProbes:
+    """32 long rows then 96 rows a quarter as long (micro_spans grows their micro-batches 4x): a probe's working
+    memory is `per_row` bytes for each row of its largest micro-batch (train_probes), as the per-example gradients
+    a micro-batch forms grow with its rows; the longest rows' activations count as rows too."""
+
+    def __init__(self, per_row: int):
+        self.per_row, self.probing, self.probes = per_row, "train", []
+
+    def lengths(self, rows):
+        return np.array([40] * 32 + [10] * 96)
+
+    def working_memory(self, queries, train, plan, active=None):
+        self.probes.append((plan.train_micro, plan.growth))
+        return self.per_row * max(b - a for a, b in fused_scores.train_probes(self.lengths(None), plan.train_micro,
+                                                                               plan.growth))
+
+
+@pytest.mark.parametrize("usable, growth", [(2_100, 1), (20_000, 4)], ids=["small GPU", "large GPU"])
+def test_the_plan_weighs_micro_batches_without_growth_where_it_costs_passes(usable, growth, monkeypatch):
+    """12 modules of 10 bytes a query, 64 queries (640 bytes a module a pass), micro-batches of 8 rows growing to 32
+    for the short rows, 20 bytes a row of working memory. With 2,100 bytes usable the grown micro-batches' 640 bytes
+    leave room for 2 modules a pass (6 passes), without growth 160 bytes leave room for 3 (4 passes); a grown
+    micro-batch of 2 rows also needs 160 but reads the queries for 28 micro-batches against 16: the plan keeps 8 rows
+    and drops the growth. With 20,000 bytes every query fits in one pass and the growth stays, unsearched."""
+    monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
+    order, scorer = [f"m{i}" for i in range(12)], GrowthProbes(20)
+    room = int(usable / fused_scores.MEMORY_HEADROOM) + 1
+    assert int(room * fused_scores.MEMORY_HEADROOM) == usable
+    plan = fused_scores.PassPlan(64, 1, 8, order=order, sizes=dict.fromkeys(order, 10))
+    plan = fused_scores.with_budget(plan, usable - scorer.working_memory(None, None, plan), 64)
+    best = fused_scores.fewer_passes(scorer, None, None, plan, room, 64)
+    assert (best.train_micro, best.growth) == (8, growth)
+    if growth == 1:
+        assert (fused_scores.pass_count(plan, 64), fused_scores.pass_count(best, 64)) == (6, 4)
+        assert {(8, 1), (4, 4), (4, 1), (2, 4), (2, 1)} <= set(scorer.probes)  # every choice weighed
+    else:
+        assert fused_scores.pass_count(best, 64) == 1 and scorer.probes == [(8, 4)]
+
+
+def test_a_training_probe_out_of_memory_drops_the_growth_before_halving_the_micro_batch(monkeypatch):
+    """plan_passes: the first probe of grown micro-batches runs out of memory on the training side: the plan retries
+    the same micro-batch without growth, and halves it only if that fails too."""
+    class Probes(GrowthProbes):
+        def working_memory(self, queries, train, plan, active=None):
+            if active is None and plan.growth > 1:
+                self.probes.append((plan.train_micro, plan.growth))
+                raise torch.OutOfMemoryError(OOM)
+            return super().working_memory(queries, train, plan, active)
+    scorer = Probes(10)
+    scorer.backward_order = lambda queries: [f"m{i}" for i in range(12)]
+    scorer.modules = {}
+    scorer.score_args = AnalysisConfig().score_arguments()
+    scorer.device = torch.device("cuda")
+    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype: {f"m{i}": 10 for i in range(12)})
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100_000)
+    monkeypatch.setattr(fused_scores, "clear_device_cache", lambda **kwargs: None)
+    monkeypatch.setattr(fused_scores, "out_of_memory_detail", lambda exc, device: "2.00 GiB more")
+    plan = fused_scores.plan_passes(scorer, list(range(64)), list(range(128)), 4, 8)
+    assert scorer.probes[0] == (8, 4) and (plan.train_micro, plan.growth, plan.retries) == (8, 1, 1)
+
+
 def test_a_probe_that_runs_out_of_memory_leaves_no_extra_room():
     """Either probe of the extra room running out of memory: the plan keeps the full backward's budget alone."""
     class Failing(DepthProbes):

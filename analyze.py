@@ -388,6 +388,9 @@ def outputs_of(args, data, analyzer, config: AnalysisConfig, source: dict = None
     s_name = config.scores_name(args.max_train_samples, args.num_queries)
     factor_provenance = {"weights_sha256": file_sha256(args.checkpoint_dir / WEIGHTS_FILE),
                          "train_fingerprint": data.fingerprint["train"], "max_length": args.max_length}
+    if config.fits_lambda and config.fast and not config.lambda_max_examples and config.lambda_rows < len(data.train):
+        # --fast's lambda cap is not in the factors' name: factors fitted with lambda on other rows are refused
+        factor_provenance["lambda_rows"] = config.lambda_rows
     kind = {"kind": "self_influence"} if args.self_influence else {"query_fingerprint": data.fingerprint["queries"]}
     if source:  # SOURCE's scores depend on its horizon and on the earlier segments' models and factors too
         kind["source"] = {"horizon": args.source_horizon, "shares": source["shares"],

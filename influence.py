@@ -172,6 +172,11 @@ class AnalysisConfig:
         return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
     @property
+    def fits_lambda(self) -> bool:
+        """The strategies with a lambda stage (eigenvalue corrections: EKFAC's, or diagonal's own)."""
+        return self.factor_strategy in ("diagonal", "ekfac")
+
+    @property
     def lambda_rows(self) -> Optional[int]:
         """The most training rows lambda is fitted on (None: all): --lambda_max_examples, else --fast's cap. The
         cap is part of --fast's recipe, so it adds nothing to the factors' name."""
@@ -183,8 +188,7 @@ class AnalysisConfig:
         name = f"{self.factor_strategy}_n{num_train or 'all'}"
         precision = ("_fast" if self.fast else "_bf16acc32" if self.fp32_accumulation else "_bf16"
                      if self.use_half_precision else "")
-        lam = (f"_lam{self.lambda_max_examples}" if self.lambda_max_examples
-               and self.factor_strategy in ("diagonal", "ekfac") else "")  # the strategies that fit lambda
+        lam = f"_lam{self.lambda_max_examples}" if self.lambda_max_examples and self.fits_lambda else ""
         seed = f"_s{self.seed}" if self.seed else ""
         return name + precision + lam + ("_empfisher" if self.use_empirical_fisher else "") + seed
 

@@ -30,6 +30,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForMultipleChoice,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
@@ -300,16 +301,26 @@ ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "toke
 
 def pair_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max_length: bool):
     """`(first, second) -> {input name: lists}`: `tokenizer(first, second, truncation=True, max_length=...)`'s
-    input ids, attention masks (and token types where the model takes them). A fast tokenizer without padding
-    encodes through a copy of its Rust tokenizer with the same truncation: the same ids, on every core, without
-    the Python objects `tokenizer(...)` builds for each encoding (73,536 SWAG rows: about 11 s in one process)."""
+    input ids, attention masks (and token types where the model takes them). A fast tokenizer of transformers' own
+    encoding (no padding, no Python-side encoding of its own class, a Rust tokenizer that can be copied) encodes
+    through a copy of its Rust tokenizer with the same truncation and special-token splitting: the same ids, without
+    the Python objects `tokenizer(...)` builds for each encoding (73,536 SWAG rows: about 11 s in one process), on
+    every core unless TOKENIZERS_PARALLELISM is false. Any other goes through `tokenizer(...)` itself."""
+    def through_tokenizer(first, second):
+        return dict(tokenizer(first, second, truncation=True, max_length=max_length,
+                              padding="max_length" if pad_to_max_length else False))
+
     names = [name for name in tokenizer.model_input_names if name in ENCODING_FIELDS]
-    if not tokenizer.is_fast or pad_to_max_length or len(names) != len(tokenizer.model_input_names):
-        return lambda first, second: dict(tokenizer(first, second, truncation=True, max_length=max_length,
-                                                    padding="max_length" if pad_to_max_length else False))
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # truncation set here leaves the user's alone
+    if (not tokenizer.is_fast or pad_to_max_length or len(names) != len(tokenizer.model_input_names)
+            or type(tokenizer)._encode_plus is not PreTrainedTokenizerFast._encode_plus):
+        return through_tokenizer
+    try:  # a copy: truncation set here leaves the user's tokenizer alone
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    except Exception:  # components written in Python cannot be serialized
+        return through_tokenizer
     backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
     backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
 
     def encode_pairs(first, second):
         encodings = backend.encode_batch(list(zip(first, second)))

@@ -44,8 +44,9 @@ if [ "$what" = budgets ]; then
     [ -z "$hog" ] || { kill "$hog"; wait "$hog" 2>/dev/null || true; }
     echo "budget $b GiB: $status"; grep -h "WARNING\|rror\|: .* s, peak" "logs/memory_$b.log" | cut -c1-220 || true
     python -c "import json, sys; p = sys.argv[1]; d = json.load(open(p)); d['budget_gib'] = sys.argv[2]
-d['completed'] = sys.argv[3] == 'completed'; d['date'] = sys.argv[4]; json.dump(d, open(p, 'w'), indent=1)" \
-      "$OUT/memory_$b.json" "$b" "$status" "$(date -u +%F)" \
+d['completed'] = sys.argv[3] == 'completed'; d['date'] = sys.argv[4]; d['configs_requested'] = sys.argv[5].split()
+json.dump(d, open(p, 'w'), indent=1)" "$OUT/memory_$b.json" "$b" "$status" "$(date -u +%F)" \
+      "${BUDGET_CONFIGS:-fast reference_bf16}" \
       2>/dev/null || echo "{\"budget_gib\": \"$b\", \"completed\": false}" > "$OUT/memory_$b.json"
   done
 elif [ "$what" = concurrent ]; then
@@ -104,7 +105,8 @@ for f in files:
         stages["scores"]["full_scale_peak_gib"] = round(stages["scores"]["peak_gib"] + rows * 4 / 2**30, 2)
         configs[name] = {"stages": stages, "fused_plan": c.get("fused"),
                          "full_scale_seconds": c["full_scale_seconds"]}
-    budgets[d["budget_gib"]] = {"completed": d["completed"] and len(configs) == 2,
+    requested = set(d.get("configs_requested", ["fast", "reference_bf16"]))
+    budgets[d["budget_gib"]] = {"completed": d["completed"] and set(configs) == requested,
                                 "gpu_memory_free_gib_at_start": d.get("gpu_memory_free_gib_at_start"),
                                 "configs": configs, "command": d.get("command")}
 first = json.loads(files[0].read_text())

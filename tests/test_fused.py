@@ -310,9 +310,12 @@ def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
     assert rows == list(range(len(lengths)))  # every row once
     ranks = [micro_spans(lengths, 3, 1 + rank % 3, rank, 8) for rank in range(8)]  # 8 batches: a unit each
     assert all(ranks) and sorted(row for spans in ranks for a, b in spans for row in range(a, b)) == list(range(24))
+    # ranks plan their own growth too: the units are the same whatever it is, so every row is still scored once
+    ranks = [micro_spans(lengths, 3, micro, rank, 2, growth) for rank, micro, growth in ((0, 2, 4), (1, 2, 1))]
+    assert sorted(row for spans in ranks for a, b in spans for row in range(a, b)) == list(range(24))
     assert train_probes(lengths, 2) == [(0, 2), (4, 8), (8, 14), (12, 20)]  # the first micro-batch of each size
-    # without growth: micro-batches inside each training batch of 3 rows
-    assert micro_spans(lengths, 3, 2, growth=1) == [(m, min(m + 2, b + 3)) for b in range(0, 24, 3) for m in (b, b + 2)]
+    # without growth: micro-batches of 2 rows inside each unit of GROWTH batches of 3 rows
+    assert micro_spans(lengths, 3, 2, growth=1) == [(m, m + 2) for m in range(0, 24, 2)]
     with pytest.raises(ValueError, match="each needs >= 1"):
         micro_spans(lengths, 3, 0)
 

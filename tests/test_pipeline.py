@@ -95,27 +95,52 @@ def test_tokenization_pairs_context_with_each_ending():
 def test_rust_encoding_gives_the_tokenizers_own_rows(tmp_path):
     """A fast tokenizer's pairs are encoded by a copy of its Rust tokenizer: the rows equal `tokenizer(first, second,
     truncation=True, max_length=...)`'s bit for bit (token types included where the model takes them, pairs cut
-    longest first), and the user's tokenizer keeps its own truncation setting."""
+    longest first from either side, special tokens split or not), and the user's tokenizer keeps its own truncation
+    setting. A tokenizer whose Rust part cannot be copied (a component written in Python) or whose class encodes in
+    Python goes through `tokenizer(...)` itself."""
+    from tokenizers.pre_tokenizers import PreTokenizer
     from transformers import BertTokenizerFast
 
     raw = make_demo_dataset(sizes={"train": 40})["train"]
+    raw = raw.map(lambda row, i: {"sent2": f"[SEP] </s> {row['sent2']}"} if i % 3 == 0 else {}, with_indices=True)
+    first = [row["sent1"] for row in raw for _ in formats.ENDING_COLUMNS]
+    second = [f"{row['sent2']} {row[end]}" for row in raw for end in formats.ENDING_COLUMNS]
     roberta = demo.build_demo_tokenizer({"train": raw})
     words = sorted({w for row in raw for c in formats.REQUIRED_COLUMNS for w in str(row[c]).lower().replace(".", " .").split()})
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words[: len(words) // 2]]))
-    bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))  # half the words unknown: [UNK]s too
-    for tokenizer in (roberta, bert):
+
+    def bert(**kwargs):  # half the words unknown: [UNK]s too
+        return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), **kwargs)
+
+    def same_rows(tokenizer, max_length):
+        ours = tokenize(raw, tokenizer, max_length=max_length).to_dict()
+        theirs = tokenizer(first, second, truncation=True, max_length=max_length)
+        assert set(ours) == {*tokenizer.model_input_names, "labels"}
+        for name in tokenizer.model_input_names:
+            assert [ids for choices in ours[name] for ids in choices] == theirs[name], (type(tokenizer), name)
+
+    for tokenizer in (roberta, bert(), bert(truncation_side="left"), bert(split_special_tokens=True)):
         for max_length in (128, 12, 7):  # 12 and 7 cut most pairs, both sides at 7
-            ours = tokenize(raw, tokenizer, max_length=max_length).to_dict()
-            first = [row["sent1"] for row in raw for _ in formats.ENDING_COLUMNS]
-            second = [f"{row['sent2']} {row[end]}" for row in raw for end in formats.ENDING_COLUMNS]
-            theirs = tokenizer(first, second, truncation=True, max_length=max_length)
-            assert set(ours) == {*tokenizer.model_input_names, "labels"}
-            for name in tokenizer.model_input_names:
-                assert [ids for choices in ours[name] for ids in choices] == theirs[name], (type(tokenizer), name)
+            same_rows(tokenizer, max_length)
         assert tokenizer.backend_tokenizer.truncation["max_length"] == 7  # tokenizer(...)'s own setting, not ours
         tokenizer.backend_tokenizer.no_truncation()
         tokenize(raw, tokenizer, max_length=9)
         assert tokenizer.backend_tokenizer.truncation is None
+
+    class Spaces:  # a pre-tokenizer written in Python: its tokenizer cannot be copied
+        def pre_tokenize(self, pretok):
+            pretok.split(lambda i, s: s.split(" ", "removed"))
+
+    class Lowered(type(roberta)):  # a class that encodes in Python
+        def _encode_plus(self, text, text_pair=None, **kwargs):
+            return super()._encode_plus([t.lower() for t in text], [t.lower() for t in text_pair], **kwargs)
+
+    custom = bert()
+    custom.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(Spaces())
+    lowered = Lowered(tokenizer_object=roberta.backend_tokenizer, **{k: getattr(roberta, k) for k in (
+        "bos_token", "eos_token", "sep_token", "cls_token", "unk_token", "pad_token", "mask_token")})
+    for tokenizer in (custom, lowered):
+        same_rows(tokenizer, 12)
     padded = tokenize(raw, roberta, max_length=40, pad_to_max_length=True)  # through tokenizer(...) itself
     assert {len(ids) for choices in padded["input_ids"] for ids in choices} == {40}
 

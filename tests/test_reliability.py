@@ -211,8 +211,9 @@ def test_fast_fits_lambda_on_its_cap_of_random_rows(tiny_checkpoint, tmp_path, m
     args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--fast", *SMALL_BATCHES]
     runs = [analyze.main([*args, *extra, "--output_dir", str(tmp_path / name)])
             for name, extra in (("fast", []), ("explicit", ["--lambda_max_examples", "10"]))]
-    factors = [tensors_of(d.parent / f"factors_{json.loads((d / formats.METADATA_FILE).read_text())['factors_name']}")
-               for d in runs]
+    factors_dirs = [d.parent / f"factors_{json.loads((d / formats.METADATA_FILE).read_text())['factors_name']}"
+                    for d in runs]
+    factors = [tensors_of(d) for d in factors_dirs]
     assert_same_tensors(*factors)
     lambda_counts = factors[0]["num_lambda_processed.safetensors"]
     assert lambda_counts and all(v.item() == 10 for v in lambda_counts.values()), lambda_counts
@@ -220,6 +221,16 @@ def test_fast_fits_lambda_on_its_cap_of_random_rows(tiny_checkpoint, tmp_path, m
     # the pooler and classifier see one vector per choice of every row, the encoder every row's tokens
     assert {k for k, v in token_counts.items() if v.item() == 48 * 4} == {"classifier", "roberta.pooler.dense"}
     assert all(v.item() > 48 * 4 for k, v in token_counts.items() if "encoder" in k)
+    # the cap is not in the name, so it is in the factors' record: factors with lambda fitted on other rows (an
+    # earlier --fast's, on all of them) are refused rather than reused; --overwrite refits them
+    record, explicit = (d / formats.METADATA_FILE for d in factors_dirs)
+    saved = json.loads(record.read_text())
+    assert saved["lambda_rows"] == 10 and "lambda_rows" not in json.loads(explicit.read_text())  # in its name
+    record.write_text(json.dumps({k: v for k, v in saved.items() if k != "lambda_rows"}))
+    with pytest.raises(UserError, match=r"computed from other lambda_rows than this run's; pass --overwrite"):
+        analyze.main([*args, "--output_dir", str(tmp_path / "fast")])
+    analyze.main([*args, "--output_dir", str(tmp_path / "fast"), "--overwrite"])
+    assert json.loads(record.read_text())["lambda_rows"] == 10
 
 
 @pytest.mark.slow

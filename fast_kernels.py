@@ -6,6 +6,7 @@ kronfluence's trackers while it is open (process-wide, not thread-safe); tests/t
 against kronfluence's in float64 (on a CPU, where nothing is rounded to bf16)."""
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from kronfluence.factor.config import FactorConfig
@@ -186,13 +187,23 @@ def fast_factor_kernels(num_choices: int = 1):
     EKFAC's lambda from `rotated_example_gradients` (rotated before the example gradient is formed; bf16 with
     float32 sums on a GPU, `rotation_dtype`). Widths are padded to multiples of ALIGN. `num_choices`: the sequences
     per example that the task's per-sample-gradient post-processing sums (MultipleChoiceTask). tests/test_fused.py
-    checks that the factors equal kronfluence's in float64."""
+    checks that the factors equal kronfluence's in float64.
+
+    The factor loops also copy each batch to the GPU without waiting: kronfluence's blocking copy first waits for the
+    previous batch's work to finish, so the host's Python for the next batch (its hooks run once per module) cannot
+    run ahead of the GPU. The loader's pinned memory is held until its copy is done (PyTorch's host allocator)."""
+    from kronfluence.factor import covariance, eigen
     from kronfluence.module.tracker.factor import CovarianceTracker, LambdaTracker
 
     saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks)
+    loops = [(module, module.send_to_device) for module in (covariance, eigen)]  # the covariance and lambda loops
     CovarianceTracker.register_hooks = _covariance_hooks(saved[0])
     LambdaTracker.register_hooks = _lambda_hooks(saved[1], num_choices)
+    for module, send in loops:
+        module.send_to_device = partial(send, non_blocking=True)
     try:
         yield
     finally:
         CovarianceTracker.register_hooks, LambdaTracker.register_hooks = saved
+        for module, send in loops:
+            module.send_to_device = send

@@ -3,6 +3,8 @@
 import copy
 from contextlib import nullcontext
 
+import kronfluence.factor.covariance
+import kronfluence.factor.eigen
 import numpy as np
 import pytest
 import torch
@@ -209,6 +211,10 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
         fit(name, train, factor_args=args, per_device_batch_size=4, overwrite_output_dir=True)
         return load(name)
 
+    copies = []  # each batch's copy to the device: kronfluence's blocking one, non-blocking inside the block
+    for loop in (kronfluence.factor.covariance, kronfluence.factor.eigen):
+        monkeypatch.setattr(loop, "send_to_device", lambda *args, send=loop.send_to_device, **kwargs:
+                            copies.append(kwargs.get("non_blocking", False)) or send(*args, **kwargs))
     reference = stage("reference", 0)
     grams, rotations = counting(monkeypatch, "gram"), counting(monkeypatch, "rotated_example_gradients")
     with fast_factor_kernels(num_choices=4):
@@ -222,6 +228,7 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
     assert len(rotations) == modules * 4
     stage("after", 0)
     assert len(grams) == 2 * modules * 4  # kronfluence's own code is back
+    assert copies == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4  # and its own copies
     for factor in ("activation_covariance", "gradient_covariance", "lambda_matrix", "num_activation_covariance_processed",
                    "num_gradient_covariance_processed", "num_lambda_processed"):
         for module, expected in reference[factor].items():

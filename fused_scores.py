@@ -335,6 +335,7 @@ class PassPlan:
     # lowest module only, so the higher that is, the less working memory it needs than `budget` leaves for
     extra: dict = field(default_factory=dict)
     running: Optional[tuple] = None  # (queries, module group) of the pass under way: the one an out-of-memory error hit
+    side: Optional[str] = None  # "query" or "train": the side of the pass under way
     retries: int = 0
     growth: int = GROWTH  # micro_spans' growth of the training micro-batches of shorter rows
 
@@ -344,11 +345,12 @@ class PassPlan:
                              self.extra)
 
     def shrink(self, stage: str, detail: str, flag_hint: str) -> None:
-        """After an out-of-memory error: first, if the failed pass held more than the budget, no extra room for the
-        higher groups (every pass within the budget that the full backward's working memory leaves); else at most
-        half the bytes of the largest pass in each pass, by more module groups where the largest passes hold several
-        modules (and the failed one did), else by half the queries; then the training micro-batch, then the query
-        one."""
+        """After an out-of-memory error: first, if the failed pass held more than the budget, no extra room for
+        the higher groups (every pass within the budget that the full backward's working memory leaves); else,
+        on the training side, no larger micro-batches of shorter rows (which costs no passes); else at most half
+        the bytes of the largest pass in each pass, by more module groups where the largest passes hold several
+        modules (and the failed one did), else by half the queries; then the training micro-batch, then the
+        query one."""
         if any(self.extra.values()):
             failed = self.running and self.running[0] * sum(self.sizes[name] for name in self.running[1])
             self.extra = {}
@@ -357,6 +359,11 @@ class PassPlan:
                 logger.warning("%s: out of GPU memory (%s); retrying in %d module groups, each within the full "
                                "backward's budget", stage, detail, len(self.groups(self.per_pass)))
                 return
+        if self.growth > 1 and self.side == "train":
+            self.growth, self.retries = 1, self.retries + 1
+            logger.warning("%s: out of GPU memory (%s); retrying without larger micro-batches of shorter rows", stage,
+                           detail)
+            return
         groups = self.groups(self.per_pass)
         pass_bytes = [sum(self.per_pass * self.sizes[name] for name in group) for group in groups]
         largest = max(pass_bytes)
@@ -531,6 +538,7 @@ class FusedScorer:
         self.hooks.active = set(group)
         try:
             # kronfluence: the query side in the per-sample gradient dtype, the training side in the score dtype
+            plan.side = "query"
             self.hooks.callback, self.hooks.dtype = self._keep_query, self.score_args.per_sample_gradient_dtype
             if self.query_weights is not None:
                 load_weights(self.model, self.query_weights)
@@ -545,7 +553,7 @@ class FusedScorer:
                 raise RuntimeError(f"query gradients reached {sorted({self.filled[n] for n in group})} of "
                                    f"{len(chunk)} rows")
             query_seconds = clock.lap()
-            self.hooks.callback, self.hooks.dtype = self._add_scores, self.score_args.score_dtype
+            self.hooks.callback, self.hooks.dtype, plan.side = self._add_scores, self.score_args.score_dtype, "train"
             for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc,
                                                          disable_tqdm, plan.growth):
                 self.hooks.block = block[:, start:stop]

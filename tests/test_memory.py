@@ -248,7 +248,7 @@ def test_a_failed_pass_of_one_module_halves_the_queries():
     """A single module's pass ran out of memory: more module groups cannot make it smaller, so the queries halve at
     once, even where other passes hold several modules."""
     def plan(running):
-        p = fused_scores.PassPlan(4, 2, 2, budget=80, order=list("abc"), sizes={"a": 10, "b": 10, "c": 15})
+        p = fused_scores.PassPlan(4, 2, 2, budget=80, order=list("abc"), sizes={"a": 10, "b": 10, "c": 15}, growth=1)
         p.running = running
         return p
     assert plan(None).groups(4) == [["a", "b"], ["c"]]  # 80 and 60 bytes
@@ -381,7 +381,7 @@ def test_an_out_of_memory_error_first_takes_the_extra_room_away():
     no more than the budget (the lowest group's) runs out: the extra room goes and the pass's bytes are halved too."""
     def plan():
         return fused_scores.PassPlan(4, 2, 2, budget=40, order=list("abc"), sizes=dict.fromkeys("abc", 10),
-                                     extra={"a": 80, "b": 40, "c": 0})
+                                     extra={"a": 80, "b": 40, "c": 0}, growth=1)
     assert plan().groups(4) == [["a", "b"], ["c"]]
     for running, after in [(None, (1, 40, 4)), ((4, ["a", "b"]), (1, 40, 4)), ((4, ["c"]), (1, 20, 2))]:
         failed = plan()
@@ -557,22 +557,27 @@ def test_a_module_groups_pass_that_runs_out_of_memory_leaves_every_module_active
 
 
 def test_out_of_memory_splits_the_module_groups_then_halves_the_queries():
-    """Each out-of-memory error halves the bytes of the largest pass: by more module groups where the largest passes
-    hold several modules, else by half the queries (whose smaller gradients may share a group again); with one query
-    left, the micro-batches; then one line."""
-    plan = fused_scores.PassPlan(4, 2, 2, order=["a", "b", "c"], sizes={"a": 10, "b": 10, "c": 20})
+    """The first out-of-memory error, on the training side, drops the larger micro-batches of shorter rows (no more
+    passes); each after it
+    halves the bytes of the largest pass: by more module groups where the largest passes hold several modules, else
+    by half the queries (whose smaller gradients may share a group again); with one query left, the micro-batches;
+    then one line."""
+    plan = fused_scores.PassPlan(4, 2, 2, order=["a", "b", "c"], sizes={"a": 10, "b": 10, "c": 20}, growth=4)
+    plan.side = "train"  # where the grown micro-batches are (an error on the query side keeps them: the next test)
     steps = []
-    for _ in range(5):
+    for _ in range(6):
         plan.shrink("fused scores", "detail", "hint")
         groups = plan.groups(plan.per_pass)
         steps.append((plan.per_pass, groups, max(sum(plan.per_pass * plan.sizes[n] for n in g) for g in groups),
-                      plan.train_micro, plan.query_micro))
+                      plan.train_micro, plan.query_micro, plan.growth))
+    assert steps[0] == (4, [["a", "b", "c"]], 160, 2, 2, 1)
+    steps = [step[:5] for step in steps[1:]]
     assert steps == [(4, [["a", "b"], ["c"]], 80, 2, 2),  # from 160 bytes in one pass
                      (2, [["a", "b"], ["c"]], 40, 2, 2),  # c alone held 80
                      (1, [["a", "b"], ["c"]], 20, 2, 2),
                      (1, [["a", "b"], ["c"]], 20, 1, 2),
                      (1, [["a", "b"], ["c"]], 20, 1, 1)]
-    assert plan.retries == 5
+    assert plan.retries == 6
     with pytest.raises(UserError, match=r"^error: fused scores: out of GPU memory with one query per pass and one row "
                                         r"per batch \(detail\); hint$"):
         plan.shrink("fused scores", "detail", "hint")

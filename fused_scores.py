@@ -360,9 +360,7 @@ class PassPlan:
                                "backward's budget", stage, detail, len(self.groups(self.per_pass)))
                 return
         if self.growth > 1 and self.side == "train":
-            self.growth, self.retries = 1, self.retries + 1
-            logger.warning("%s: out of GPU memory (%s); retrying without larger micro-batches of shorter rows", stage,
-                           detail)
+            self.drop_growth(stage, detail)
             return
         groups = self.groups(self.per_pass)
         pass_bytes = [sum(self.per_pass * self.sizes[name] for name in group) for group in groups]
@@ -374,6 +372,11 @@ class PassPlan:
                            len(self.groups(self.per_pass)))
             return
         self._halve_first(["per_pass", "train_micro", "query_micro"], stage, detail, flag_hint, largest)
+
+    def drop_growth(self, stage: str, detail: str) -> None:
+        """After an out-of-memory error: training micro-batches of the planned rows only, shorter rows too."""
+        self.growth, self.retries = 1, self.retries + 1
+        logger.warning("%s: out of GPU memory (%s); retrying without larger micro-batches of shorter rows", stage, detail)
 
     def halve_micro(self, side: str, stage: str, detail: str, flag_hint: str) -> None:
         """A micro-batch does not fit beside any query gradient: halve the `side` one ("query" or "train": the side
@@ -640,9 +643,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
         if scorer.probing == "train" and plan.growth > 1:  # the grown micro-batches first
-            plan.growth, plan.retries = 1, plan.retries + 1
-            logger.warning("fused scores: out of GPU memory (%s); retrying without larger micro-batches of shorter "
-                           "rows", detail)
+            plan.drop_growth("fused scores", detail)
         else:
             plan.halve_micro(scorer.probing, "fused scores", detail, hint)
 

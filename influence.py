@@ -75,8 +75,11 @@ def add_method_args(parser) -> None:
                             "sums lose precision over many batches).")
     group.add_argument("--lambda_max_examples", type=at_least(1), default=None,
                        help="Fit EKFAC's eigenvalue corrections (lambda) on N random training rows only "
-                            f"(default: all rows, at most {FAST_LAMBDA_ROWS:,} with --fast; the covariance always "
-                            "uses all).")
+                            f"(default: all rows, at most {FAST_LAMBDA_ROWS:,} with --fast).")
+    group.add_argument("--covariance_max_examples", type=at_least(1), default=None,
+                       help="Fit the covariance factors (and so the eigenbases) on N random training rows only "
+                            "(default: all rows; kronfluence's covariance_max_examples, on random rows rather than "
+                            "the first).")
     group.add_argument("--scoring", choices=list(BACKENDS), default=None,
                        help="kronfluence (default): its own pairwise-score loop (the reference); fused (default with "
                             "--fast): the same scores from the same factors, one training pass per chunk of queries "
@@ -158,6 +161,7 @@ class AnalysisConfig:
     damping_factor: float = 1e-8  # negative: kronfluence's heuristic
     query_gradient_rank: int = -1  # -1: full rank
     lambda_max_examples: Optional[int] = None
+    covariance_max_examples: Optional[int] = None
     use_empirical_fisher: bool = False
     seed: int = 0  # the sampled labels and the lambda rows
     self_influence: bool = False
@@ -177,6 +181,11 @@ class AnalysisConfig:
         return self.factor_strategy in ("diagonal", "ekfac")
 
     @property
+    def fits_covariance(self) -> bool:
+        """The strategies with a covariance stage (the Kronecker factors: KFAC's and EKFAC's)."""
+        return self.factor_strategy in ("kfac", "ekfac")
+
+    @property
     def lambda_rows(self) -> Optional[int]:
         """The most training rows lambda is fitted on (None: all): --lambda_max_examples, else --fast's cap. The
         cap is part of --fast's recipe, so it adds nothing to the factors' name."""
@@ -189,8 +198,9 @@ class AnalysisConfig:
         precision = ("_fast" if self.fast else "_bf16acc32" if self.fp32_accumulation else "_bf16"
                      if self.use_half_precision else "")
         lam = f"_lam{self.lambda_max_examples}" if self.lambda_max_examples and self.fits_lambda else ""
+        cov = f"_cov{self.covariance_max_examples}" if self.covariance_max_examples and self.fits_covariance else ""
         seed = f"_s{self.seed}" if self.seed else ""
-        return name + precision + lam + ("_empfisher" if self.use_empirical_fisher else "") + seed
+        return name + precision + cov + lam + ("_empfisher" if self.use_empirical_fisher else "") + seed
 
     def scores_name(self, num_train: Optional[int], num_queries: Optional[int]) -> str:
         factors = self.factors_name(num_train)
@@ -229,14 +239,17 @@ class AnalysisConfig:
         return score_args
 
 
-def factor_rows(train, lambda_max_examples=None, seed: int = 0):
-    """(covariance rows, lambda rows): all rows, and N random ones, each longest first. Factors are sums over rows,
-    so their order is free: length-sorted batches pad little, and a batch size that does not fit fails at once."""
-    lambda_rows = train
-    if lambda_max_examples and lambda_max_examples < len(train):
-        pick = np.sort(np.random.default_rng(seed).choice(len(train), lambda_max_examples, replace=False))
-        lambda_rows = train.select(pick)
-    return train.select(longest_first(train)), lambda_rows.select(longest_first(lambda_rows))
+def factor_rows(train, lambda_max_examples=None, seed: int = 0, covariance_max_examples=None):
+    """(covariance rows, lambda rows): each all rows or N random ones (drawn independently), longest first. Factors
+    are sums over rows, so their order is free: length-sorted batches pad little, and a batch size that does not fit
+    fails at once."""
+    def rows(cap, stream):
+        if not cap or cap >= len(train):
+            return train
+        return train.select(np.sort(np.random.default_rng(stream).choice(len(train), cap, replace=False)))
+    # the lambda rows keep the stream they had before there was a covariance cap (seed alone)
+    covariance, lam = rows(covariance_max_examples, [seed, 1]), rows(lambda_max_examples, seed)
+    return covariance.select(longest_first(covariance)), lam.select(longest_first(lam))
 
 
 def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, overwrite: bool) -> dict:
@@ -501,7 +514,7 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
     single_fitter = dist.is_initialized() and not kronfluence_ddp
     if single_fitter and rank != 0:
         dist.barrier()
-    covariance_rows, lambda_rows = factor_rows(train, config.lambda_rows, config.seed)
+    covariance_rows, lambda_rows = factor_rows(train, config.lambda_rows, config.seed, config.covariance_max_examples)
     stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
                            config.factor_arguments(len(covariance_rows), len(lambda_rows)),
                            overwrite=True)  # only unfinished stages run, and they replace what a killed run left

@@ -2,21 +2,24 @@
 # --fast against kronfluence's fp32 EKFAC on the MiniLM LDS setup (one GPU; resumable: a finished model or analysis
 # is reused): seed 1004 fine-tuned as in the ceiling table, scored by kronfluence's fp32 EKFAC, by --fast, and by
 # --fast with its lambda fitted on LAMBDA_ROWS random training rows (a list, default "1000 2000": a quarter and a
-# half of the 4,000), each evaluated against the first repeat and the mean of all five of the committed
+# half of the 4,000), and by --fast with both its covariance and its lambda fitted on COVARIANCE_ROWS random rows (a
+# list, default none), each evaluated against the first repeat and the mean of all five of the committed
 # ground-truth runs (results/ceiling_anetcap_minilm_runs) and paired against EKFAC (LDS difference with its bootstrap
 # interval, per-query Pearson and Spearman of the scores) -> OUT_DIR/agreement.json.
-# Usage: [LAMBDA_ROWS="1000 2000"] bash results/agreement_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR
+# Usage: [LAMBDA_ROWS="1000 2000"] [COVARIANCE_ROWS="1000 2000"] bash results/agreement_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}
 source results/anetcap_minilm_common.sh
-GROUND_TRUTH=results/ceiling_anetcap_minilm_runs; N=5; LAMBDA_ROWS=${LAMBDA_ROWS-1000 2000}
+GROUND_TRUTH=results/ceiling_anetcap_minilm_runs; N=5; LAMBDA_ROWS=${LAMBDA_ROWS-1000 2000}; COVARIANCE_ROWS=${COVARIANCE_ROWS-}
 t=$(date +%s.%N)
 [ -f checkpoints/s1004/model.safetensors ] || python train.py $D --seed 1004 --output_dir checkpoints/s1004 \
   > logs/train_s1004.log 2>&1
 echo "seed 1004 fine-tuned: $(since "$t") s"; t=$(date +%s.%N)
 declare -A FLAGS=([ekfac]="" [fast_ekfac]="$FAST")
 for n in $LAMBDA_ROWS; do FLAGS[fast_ekfac_lambda$n]="$FAST --lambda_max_examples $n"; done
+for n in $COVARIANCE_ROWS; do FLAGS[fast_ekfac_factors$n]="$FAST --covariance_max_examples $n --lambda_max_examples $n"; done
 METHODS="ekfac fast_ekfac $(for n in $LAMBDA_ROWS; do echo -n "fast_ekfac_lambda$n "; done)"
+METHODS+="$(for n in $COVARIANCE_ROWS; do echo -n " fast_ekfac_factors$n"; done)"
 analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac $(gpu_share 40) > logs/scores_ekfac.txt &
 for method in $METHODS; do  # the fast analyses one after another, beside EKFAC (a failure is reported below)
   [ $method = ekfac ] || analyze --checkpoint_dir checkpoints/s1004 $A --factor_strategy ekfac ${FLAGS[$method]} \

@@ -84,10 +84,12 @@ def test_names_encode_settings():
                            ["--use_half_precision", "--fp32_accumulation"], ["--lambda_max_examples", "5"],
                            ["--use_empirical_fisher"], ["--fast"], ["--dropout_ensemble", "4"],
                            ["--dropout_ensemble", "4", "--dropout_rate", "0.2"],
-                           ["--dropout_ensemble", "4", "--dropout_seed", "1"])}
-    assert len(names) == 15
+                           ["--dropout_ensemble", "4", "--dropout_seed", "1"], ["--covariance_max_examples", "5"])}
+    assert len(names) == 16
     kfac = ["--factor_strategy", "kfac"]  # fits no lambda: a lambda subset does not make other factors
     assert factors_name(base + kfac) == factors_name(base + kfac + ["--lambda_max_examples", "5"])
+    diagonal = ["--factor_strategy", "diagonal"]  # fits no covariance: a covariance subset does not make other factors
+    assert factors_name(base + diagonal) == factors_name(base + diagonal + ["--covariance_max_examples", "5"])
 
 
 @pytest.mark.slow

@@ -77,6 +77,7 @@ FLAG_CASES = [
     (analyze, ["--query_batch_size", "0"], "argument --query_batch_size: must be 1 or more, got 0"),
     (analyze, ["--dataloader_num_workers", "-1"], "argument --dataloader_num_workers: must be 0 or more, got -1"),
     (analyze, ["--lambda_max_examples", "0"], "argument --lambda_max_examples: must be 1 or more, got 0"),
+    (analyze, ["--covariance_max_examples", "0"], "argument --covariance_max_examples: must be 1 or more, got 0"),
     (analyze, ["--query_index", "-1"], "argument --query_index: must be 0 or more, got -1"),
     (analyze, ["--damping_factor", "0"], "argument --damping_factor: must be a positive number"),
     (evaluate_lds, ["--scores", "s", "--lds_dir", "l", "--query_index", "-1"], "--query_index: must be 0 or more"),
@@ -231,6 +232,32 @@ def test_fast_fits_lambda_on_its_cap_of_random_rows(tiny_checkpoint, tmp_path, m
         analyze.main([*args, "--output_dir", str(tmp_path / "fast")])
     analyze.main([*args, "--output_dir", str(tmp_path / "fast"), "--overwrite"])
     assert json.loads(record.read_text())["lambda_rows"] == 10
+
+
+@pytest.mark.slow
+def test_the_covariance_cap_fits_the_covariance_on_random_rows(tiny_checkpoint, tmp_path):
+    """--covariance_max_examples 12 of 48 rows: the covariance factors count the vectors of factor_rows' 12 random
+    rows (one a choice for the classifier, every token for the encoder), lambda all 48 rows; the factors have a name
+    of their own, and the same cap twice gives the same factors, bitwise."""
+    args = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", *SMALL_BATCHES]
+    cap = ["--covariance_max_examples", "12"]
+    runs = [analyze.main([*args, *extra, "--output_dir", str(tmp_path / name)])
+            for name, extra in (("capped", cap), ("again", cap), ("full", []))]
+    dirs = [d.parent / f"factors_{json.loads((d / formats.METADATA_FILE).read_text())['factors_name']}" for d in runs]
+    factors = [tensors_of(d) for d in dirs]
+    assert "_cov12" in dirs[0].name and "_cov" not in dirs[2].name
+    assert_same_tensors(factors[0], factors[1])
+    data = pipeline.prepare_data(pipeline.resolve_data_args(analyze.parse_args(args), tiny_checkpoint),
+                                 pipeline.load_checkpoint(tiny_checkpoint)[1])
+    covariance_rows, lambda_rows = influence.factor_rows(data.train, None, 0, 12)
+    assert (len(covariance_rows), len(lambda_rows)) == (12, 48)
+    tokens = sum(len(ids) for row in covariance_rows["input_ids"] for ids in row)
+    counts = factors[0]["num_activation_covariance_processed.safetensors"]
+    assert counts["classifier"].item() == 12 * 4
+    assert {v.item() for k, v in counts.items() if "encoder" in k} == {tokens}
+    assert {v.item() for v in factors[0]["num_lambda_processed.safetensors"].values()} == {48}
+    full = factors[2]["num_activation_covariance_processed.safetensors"]
+    assert full["classifier"].item() == 48 * 4
 
 
 @pytest.mark.slow

@@ -58,15 +58,11 @@ MEMORY_HEADROOM = 0.9  # of the available memory a pass plans to use; the alloca
 # Training rows per micro-batch below which a smaller micro-batch is not taken to save passes (below this the GPU's
 # kernels run far from full width).
 MIN_TRAIN_MICRO = 32
-# fewer_passes' estimate of a plan's time, in units of the time one training micro-batch's matmuls take to read one
-# query's gradients (one H100 80GB, roberta-base's 171 MB: 93 µs, from 0.478 s for 2,000 queries × 31 micro-batches
-# over the top layer's 1/12 of the bytes; results/fused_pass_probe_h100/). A micro-batch's forward and backward take
-# the longer of MICRO_BATCH_COST, the host's share (the model's Python and a kernel launch per operation, whatever the
-# rows: 107 micro-batches of 64 rows took as long each as 60 of 128 rows grown, 50 ms) and ROW_TOKEN_COST per row
-# and padded token (its rows times the longest one's tokens), the GPU's (59 ms a micro-batch of 11,000 in the
-# full-scale run, results/benchmark_h100.json).
-MICRO_BATCH_COST = 540
-ROW_TOKEN_COST = 0.057
+# A pass costs a forward and backward over every training row; its contraction reads every query gradient of the
+# pass once per training micro-batch. One training row's forward and backward costs about as much as reading this
+# many query gradients (benchmark_h200.json, --fast on roberta-base, one H200: 0.821 s a pass of 2,048 rows and
+# 0.000881 s a query per pass at 128 rows a micro-batch, so (0.821 / 2048) / (0.000881 / 16) = 7.3).
+PASS_ROW_COST = 7.3
 # A training micro-batch of shorter rows holds up to this many times the planned rows, within the planned micro-batch's
 # tokens (micro_spans): its matmuls read the passes' query gradients once for more rows. Its larger per-example
 # gradients take memory from the query gradients, so where the passes are several the plan also weighs no growth
@@ -743,29 +739,19 @@ def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
                for start in range(0, num_queries, plan.per_pass))
 
 
-def estimated_cost(plan: PassPlan, lengths: np.ndarray, num_queries: int, plan_queries: int = 0) -> float:
-    """fewer_passes' estimate of the time of `plan` over training rows of `lengths` (longest first), in units of one
-    query's gradients read once: passes × each micro-batch's forward and backward (the longer of MICRO_BATCH_COST and
-    ROW_TOKEN_COST per padded token) + queries × micro-batches (each reads every query's gradients once over its
-    passes)."""
-    spans = np.array(micro_spans(lengths, max(len(lengths), 1), plan.train_micro, growth=plan.growth)).reshape(-1, 2)
-    padded = (spans[:, 1] - spans[:, 0]) * lengths[spans[:, 0]]  # rows × the first's tokens (longest first)
-    one_pass = np.maximum(MICRO_BATCH_COST, ROW_TOKEN_COST * padded).sum()
-    return float(pass_count(plan, num_queries, plan_queries) * one_pass + max(num_queries, plan_queries) * len(spans))
-
-
 def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int, num_queries: int,
                  plan_queries: int = 0) -> PassPlan:
     """While the `num_queries` queries take several passes, a smaller training micro-batch, or one that does not grow
     for shorter rows, leaves room for more query gradients per pass but reads them more often: among `plan` without
     growth and the micro-batches halved down to MIN_TRAIN_MICRO rows with and without it (never more growth than
-    `plan`'s), the one with the least `estimated_cost` over the rows of `train` (the scores are the same sums; a
-    module group's pass counts as a whole pass, an upper bound). The memory probes run on the longest rows of
-    `queries` and `train`."""
+    `plan`'s), the one with the least estimated time, per training row passes × PASS_ROW_COST + queries ×
+    micro-batches per row of `train` (micro_spans; the scores are the same sums; a module group's pass counts as a
+    whole pass, an upper bound). The memory probes run on the longest rows of `queries` and `train`."""
     lengths = scorer.lengths(train)
 
     def cost(p: PassPlan) -> float:
-        return estimated_cost(p, lengths, num_queries, plan_queries)
+        per_row = len(micro_spans(lengths, max(len(lengths), 1), p.train_micro, growth=p.growth)) / max(len(lengths), 1)
+        return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) * per_row
 
     def planned(micro: int, growth: int) -> Optional[PassPlan]:
         trial = replace(plan, train_micro=micro, growth=growth, extra={})

@@ -10,7 +10,7 @@
 set -euo pipefail
 MODEL=${1:?model dir}; DATA=${2:?anetcap dir}; OUT=${3:?output dir}
 source results/anetcap_minilm_common.sh
-GROUND_TRUTH=results/ceiling_anetcap_minilm_runs; N=5; LAMBDA_ROWS=${LAMBDA_ROWS-1000 2000}; COVARIANCE_ROWS=${COVARIANCE_ROWS-}
+GROUND_TRUTH=results/ceiling_anetcap_minilm_runs; N=5; export LAMBDA_ROWS=${LAMBDA_ROWS-1000 2000} COVARIANCE_ROWS=${COVARIANCE_ROWS-}
 t=$(date +%s.%N)
 [ -f checkpoints/s1004/model.safetensors ] || python train.py $D --seed 1004 --output_dir checkpoints/s1004 \
   > logs/train_s1004.log 2>&1
@@ -46,7 +46,7 @@ for target in 1 $N; do
   done
 done
 python - "$OUT" "$N" "$(for m in $METHODS; do echo -n "$m=${FLAGS[$m]}=${SCORES[$m]};"; done)" <<'PY'
-import importlib.metadata, json, sys, time
+import importlib.metadata, json, os, sys, time
 from pathlib import Path
 import torch, transformers
 out, repeats = Path(sys.argv[1]), int(sys.argv[2])
@@ -60,7 +60,8 @@ for item in filter(None, sys.argv[3].split(";")):
         r = json.load(open(out / "lds" / f"{method}_r{target}" / "lds.json"))
         rows[method][f"r{target}"] = {"lds": r["lds"], "ci95": r["ci95"], "num_queries": r["num_queries"],
                                       "paired_minus_ekfac": {k: r["paired"][k] for k in ("difference", "ci95", "score_agreement")}}
-json.dump({"command": "bash results/agreement_anetcap_minilm.sh MODEL DATA OUT",
+json.dump({"command": "LAMBDA_ROWS='%s' COVARIANCE_ROWS='%s' bash results/agreement_anetcap_minilm.sh MODEL DATA OUT"
+                      % (os.environ.get("LAMBDA_ROWS", ""), os.environ.get("COVARIANCE_ROWS", "")),
            "setup": "MiniLM (all-MiniLM-L6-v2) fine-tuned on the first 4,000 anetcap train rows (seed 1004), the first "
                     "500 validation rows as queries; 100 half-data masks x %d seeds of ground truth" % repeats,
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -95,7 +95,8 @@ def add_method_args(parser) -> None:
     group.add_argument("--use_empirical_fisher", action="store_true",
                        help="Fit the factors with the dataset labels instead of labels sampled from the model "
                             "(deterministic: used to compare runs, e.g. 1 GPU against several).")
-    group.add_argument("--seed", type=seed_value, default=0, help="Seed for the sampled (true-Fisher) labels.")
+    group.add_argument("--seed", type=seed_value, default=0,
+                       help="Seed for the sampled (true-Fisher) labels and the random lambda and covariance rows.")
     group.add_argument("--dropout_ensemble", type=at_least(2), default=None, metavar="K",
                        help="Average the scores of K copies of the model, each with its own random mask on the weights "
                             "of every nn.Linear (a fixed sub-network: the same mask for the query and the training "
@@ -163,7 +164,7 @@ class AnalysisConfig:
     lambda_max_examples: Optional[int] = None
     covariance_max_examples: Optional[int] = None
     use_empirical_fisher: bool = False
-    seed: int = 0  # the sampled labels and the lambda rows
+    seed: int = 0  # the sampled labels and the lambda and covariance rows
     self_influence: bool = False
     dropout_ensemble: Optional[int] = None  # members, each scored with its own weight mask
     dropout_rate: float = DROPOUT_RATE

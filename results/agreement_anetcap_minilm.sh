@@ -2,8 +2,8 @@
 # --fast against kronfluence's fp32 EKFAC on the MiniLM LDS setup (one GPU; resumable: a finished model or analysis
 # is reused): seed 1004 fine-tuned as in the ceiling table, scored by kronfluence's fp32 EKFAC, by --fast, and by
 # --fast with its lambda fitted on LAMBDA_ROWS random training rows (a list, default "1000 2000": a quarter and a
-# half of the 4,000), and by --fast with both its covariance and its lambda fitted on COVARIANCE_ROWS random rows (a
-# list, default none), each evaluated against the first repeat and the mean of all five of the committed
+# half of the 4,000), and by --fast with its covariance and its lambda each fitted on its own COVARIANCE_ROWS random
+# rows (a list, default none), each evaluated against the first repeat and the mean of all five of the committed
 # ground-truth runs (results/ceiling_anetcap_minilm_runs) and paired against EKFAC (LDS difference with its bootstrap
 # interval, per-query Pearson and Spearman of the scores) -> OUT_DIR/agreement.json.
 # Usage: [LAMBDA_ROWS="1000 2000"] [COVARIANCE_ROWS="1000 2000"] bash results/agreement_anetcap_minilm.sh MODEL_DIR DATA_DIR OUT_DIR

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from datasets import Dataset
 from kronfluence.analyzer import Analyzer
 
 import analyze
@@ -21,7 +22,7 @@ import train
 import training
 import utils
 from demo import make_demo_dataset
-from influence import STRATEGIES, AnalysisConfig
+from influence import STRATEGIES, AnalysisConfig, factor_rows
 from utils import UserError
 
 
@@ -90,6 +91,21 @@ def test_names_encode_settings():
     assert factors_name(base + kfac) == factors_name(base + kfac + ["--lambda_max_examples", "5"])
     diagonal = ["--factor_strategy", "diagonal"]  # fits no covariance: a covariance subset does not make other factors
     assert factors_name(base + diagonal) == factors_name(base + diagonal + ["--covariance_max_examples", "5"])
+
+
+def test_the_covariance_and_lambda_rows_are_separate_seeded_draws():
+    """factor_rows: lambda's rows are seed's draw whether or not the covariance is capped (factors fitted without a
+    covariance cap keep their rows), the covariance's come from a stream of their own, and each comes longest first."""
+    rows = Dataset.from_dict({"row": list(range(48)), "input_ids": [[[1] * (1 + i % 7)] * 4 for i in range(48)]})
+    covariance, lam = factor_rows(rows, 10, 0, 10)
+    assert sorted(lam["row"]) == sorted(factor_rows(rows, 10, 0)[1]["row"]) == sorted(
+        np.random.default_rng(0).choice(48, 10, replace=False).tolist())
+    assert sorted(covariance["row"]) != sorted(lam["row"]) and len(covariance) == 10
+    assert sorted(covariance["row"]) == sorted(factor_rows(rows, None, 0, 10)[0]["row"])  # the same draw again
+    assert sorted(covariance["row"]) != sorted(factor_rows(rows, None, 1, 10)[0]["row"])  # another seed's
+    assert len(factor_rows(rows, None, 0, None)[0]) == 48
+    lengths = [len(row[0]) for row in covariance["input_ids"]]
+    assert lengths == sorted(lengths, reverse=True)
 
 
 @pytest.mark.slow

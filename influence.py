@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.config import FactorConfig
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 from kronfluence.utils.constants import (
@@ -178,13 +179,13 @@ class AnalysisConfig:
 
     @property
     def fits_lambda(self) -> bool:
-        """The strategies with a lambda stage (eigenvalue corrections: EKFAC's, or diagonal's own)."""
-        return self.factor_strategy in ("diagonal", "ekfac")
+        """The strategies with a lambda stage (eigenvalue corrections: EKFAC's, or diagonal's own), by kronfluence."""
+        return FactorConfig.CONFIGS[self.factor_strategy].requires_lambda_matrices
 
     @property
     def fits_covariance(self) -> bool:
-        """The strategies with a covariance stage (the Kronecker factors: KFAC's and EKFAC's)."""
-        return self.factor_strategy in ("kfac", "ekfac")
+        """The strategies with a covariance stage (the Kronecker factors: KFAC's and EKFAC's), by kronfluence."""
+        return FactorConfig.CONFIGS[self.factor_strategy].requires_covariance_matrices
 
     @property
     def lambda_rows(self) -> Optional[int]:
@@ -248,7 +249,7 @@ def factor_rows(train, lambda_max_examples=None, seed: int = 0, covariance_max_e
         if not cap or cap >= len(train):
             return train
         return train.select(np.sort(np.random.default_rng(stream).choice(len(train), cap, replace=False)))
-    # the lambda rows keep the stream they had before there was a covariance cap (seed alone)
+    # lambda's draw takes the seed alone, so factors fitted without a covariance cap keep their lambda rows
     covariance, lam = rows(covariance_max_examples, [seed, 1]), rows(lambda_max_examples, seed)
     return covariance.select(longest_first(covariance)), lam.select(longest_first(lam))
 

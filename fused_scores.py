@@ -32,10 +32,12 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -68,6 +70,9 @@ PASS_ROW_COST = 7.3
 # gradients take memory from the query gradients, so where the passes are several the plan also weighs no growth
 # (fewer_passes).
 GROWTH = 4
+# Of the host memory available when scoring starts, the share that the boundary gradients (BoundaryGradients) may take;
+# where they need more, every pass runs the whole forward and the backward from the loss.
+HOST_MEMORY_SHARE = 0.5
 
 
 def row_lengths(dataset) -> np.ndarray:
@@ -207,6 +212,78 @@ class PerExampleGradients:
         return weight, (output_grad.sum(dim=1) if has_bias else None)
 
 
+def encoder_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The model's stack of encoder layers (`base_model.encoder.layer`: BERT, RoBERTa, MiniLM and the like), or None.
+    Each layer's output is the only input of the next one that depends on the rows (the attention mask and position
+    terms do not), so the gradient of the loss with respect to it stands for everything above."""
+    blocks = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    return blocks if isinstance(blocks, nn.ModuleList) and len(blocks) else None
+
+
+def _hidden(output):
+    """A layer's hidden states: its output, or the first element of a tuple (older transformers)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Stopped(Exception):
+    """Raised by the forward hook that ends a pass's forward at a layer's output (FusedScorer.boundaries)."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("forward stopped at a layer's output")
+        self.output = output
+
+
+class BoundaryGradients:
+    """Between the passes of a chunk, per training micro-batch, the gradient of the loss with respect to one encoder
+    layer's output, in host memory (pinned on a GPU's host, so that the copies are asynchronous). A module group's
+    pass stores the gradient at the output of the layer holding the next group's highest module; the next pass runs
+    the forward up to that layer only, and its backward from the stored gradient: the values the backward from the
+    loss reaches there (the layers above are the same functions of the same inputs), without the layers above.
+
+    Slots are cut from pinned blocks of BLOCK bytes (torch's pinned allocator rounds each allocation up to a power of
+    two: one allocation per slot would waste up to half)."""
+
+    BLOCK = 2**30
+    ALIGNMENT = 512
+
+    def __init__(self, device: torch.device):
+        self.device, self.pin = device, device.type == "cuda"
+        self.slots, self.blocks, self.used = {}, [], 0
+
+    def reset(self) -> None:
+        """Before a chunk's first pass: the slots are laid out again (an out-of-memory retry may change the
+        micro-batches)."""
+        if self.pin:
+            torch.cuda.synchronize(self.device)  # no copy into or out of a slot is pending
+        self.slots, self.blocks, self.used = {}, [], 0
+
+    def _bytes(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.BLOCK:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        if not self.blocks or self.used + nbytes > self.BLOCK:
+            self.blocks.append(torch.empty(self.BLOCK, dtype=torch.uint8, pin_memory=self.pin))
+            self.used = 0
+        start, self.used = self.used, self.used + -(-nbytes // self.ALIGNMENT) * self.ALIGNMENT
+        return self.blocks[-1][start:start + nbytes]
+
+    def store(self, index: int, gradient: torch.Tensor) -> None:
+        slot = self.slots.get(index)
+        if slot is None:
+            slot = self.slots[index] = self._bytes(gradient.nbytes).view(gradient.dtype).view(gradient.shape)
+        elif slot.shape != gradient.shape or slot.dtype != gradient.dtype:
+            raise RuntimeError(f"training micro-batch {index}: a boundary gradient of {tuple(gradient.shape)} for a "
+                               f"slot of {tuple(slot.shape)}")
+        slot.copy_(gradient.detach(), non_blocking=self.pin)
+
+    def load(self, index: int) -> torch.Tensor:
+        if index not in self.slots:
+            raise RuntimeError(f"no boundary gradient stored for training micro-batch {index}")
+        return self.slots[index].to(self.device, non_blocking=self.pin)
+
+    def nbytes(self) -> int:
+        return sum(slot.nbytes for slot in self.slots.values())
+
+
 def model_weights(model: nn.Module) -> dict:
     """The model's parameters by their own names (without kronfluence's wrappers and the constants they add)."""
     return {name.replace(".original_module", ""): p for name, p in model.named_parameters()
@@ -239,10 +316,21 @@ def prepared_storages(factors: dict, strategy: str, names, score_args, device) -
     return storages
 
 
-def _backward(model, task, batch, device, amp_dtype, measurement: bool):
+def _backward(model, task, batch, device, amp_dtype, measurement: bool, boundary: torch.Tensor = None):
+    """The loss's (or the measurement's) backward over `batch`; with a `boundary` gradient, the backward of the output
+    at which a forward hook stopped the forward (FusedScorer.boundaries), from that gradient."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        loss = task.compute_measurement(batch, model) if measurement else task.compute_train_loss(batch, model, sample=False)
+    try:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = task.compute_measurement(batch, model) if measurement else task.compute_train_loss(batch, model,
+                                                                                                   sample=False)
+    except _Stopped as stopped:
+        if boundary is None:
+            raise
+        stopped.output.backward(boundary)
+        return
+    if boundary is not None:
+        raise RuntimeError("the forward did not stop at the boundary layer")
     loss.backward()
 
 
@@ -427,6 +515,10 @@ class FusedScorer:
         self.probing = "train"  # working_memory's side: "query" or "train"
         self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
         self._lengths = {}  # dataset fingerprint -> row_lengths
+        self.blocks = encoder_blocks(model)
+        held_by = {id(m): i for i, block in enumerate(self.blocks or []) for m in block.modules()}
+        self.block_of = {name: held_by.get(id(m)) for name, m in self.modules.items()}  # None: outside the layers
+        self.micro_batch = 0  # the index of the training micro-batch under way in a pass
 
     def _precondition(self, name, weight, bias):
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
@@ -469,9 +561,77 @@ class FusedScorer:
         self._backward(queries.select(range(1)), measurement=True)
         return order + sorted(set(self.modules) - set(order))
 
-    def _run(self, batch: dict, measurement: bool):
+    def _run(self, batch: dict, measurement: bool, boundary: torch.Tensor = None):
         self.hooks.num_examples = batch["labels"].size(0)
-        _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement)
+        _backward(self.model, self.task, batch, self.device, self.score_args.amp_dtype, measurement, boundary)
+
+    def cuts(self, groups: list) -> list:
+        """Per module group (in backward order), the encoder layer whose output's gradient, stored by the pass
+        before, starts the group's backward (BoundaryGradients), or None: the whole forward and the backward from the
+        loss. The first group of a chunk, and a group with a module outside the layers, take the loss's; a later group
+        starts at the layer holding its highest module, where the pass before reaches that layer's output (at or below
+        its own start)."""
+        tops = []
+        for k, group in enumerate(groups):
+            layers = [self.block_of.get(name) for name in group]
+            top = None if k == 0 or None in layers else max(layers)
+            if top is not None and tops[-1] is not None and top > tops[-1]:
+                top = None
+            tops.append(top)
+        return tops
+
+    def boundary_bytes(self, train, plan: PassPlan, train_batch_size: int) -> int:
+        """The host bytes of one layer output's gradient for every training micro-batch of `plan` (the collator's
+        padding: to each micro-batch's longest row, or to max_length)."""
+        config = getattr(self.model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if self.blocks is None or not hidden or not len(train):
+            return 0
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        lengths = self.lengths(train)
+        spans = micro_spans(lengths, train_batch_size, plan.train_micro, rank, world, plan.growth)
+        fixed = getattr(self.collator, "max_length", None) if getattr(self.collator, "padding", None) == "max_length" \
+            else None
+        multiple = getattr(self.collator, "pad_to_multiple_of", None) or 1
+        choices = len(train[0]["input_ids"])
+        tokens = sum((stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple)
+                     for start, stop in spans)
+        itemsize = torch.finfo(next(self.model.parameters()).dtype).bits // 8
+        return tokens * choices * hidden * itemsize
+
+    @contextmanager
+    def boundaries(self, top: Optional[int], capture: Optional[int], store: Optional[BoundaryGradients]):
+        """Hooks for a training pass: the forward stops at layer `top`'s output (for a backward from a stored
+        gradient), and the gradient at layer `capture`'s output is stored for the micro-batch under way (the output
+        detached where nothing below needs a gradient, so that the backward stops there)."""
+        handles = []
+
+        def stop(module, inputs, output):
+            raise _Stopped(_hidden(output))
+
+        def keep(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return None
+            hidden = _hidden(output)
+            if not hidden.requires_grad:
+                # a view of the leaf, not the leaf: autocast caches its casts of a leaf that requires a gradient, and
+                # the layers above would then sum their low-precision gradients before the cast back (one cast for
+                # all), not after it as with the outputs of a pass from below
+                hidden = hidden.detach().requires_grad_().view_as(hidden)
+                output = (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            index = self.micro_batch
+            hidden.register_hook(lambda gradient: store.store(index, gradient))
+            return output
+
+        try:
+            if capture is not None:
+                handles.append(self.blocks[capture].register_forward_hook(keep))
+            if top is not None:
+                handles.append(self.blocks[top].register_forward_hook(stop))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def sorted_rows(self, dataset) -> tuple:
         """(`dataset` longest first, the order): training rows as the passes take them, their lengths kept."""
@@ -525,9 +685,12 @@ class FusedScorer:
         return max(query_peak, train_peak)
 
     def score_pass(self, chunk, group: list, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
-                   desc: str, disable_tqdm: bool) -> tuple:
+                   desc: str, disable_tqdm: bool, top: Optional[int] = None, capture: Optional[int] = None,
+                   store: Optional[BoundaryGradients] = None) -> tuple:
         """Scores of the queries `chunk` against every training row of this rank through the modules `group`, added
-        into `block` (chunk × train); returns the seconds of the query side and of the training side."""
+        into `block` (chunk × train); returns the seconds of the query side and of the training side. The training
+        side's backward starts from `store`'s gradients at layer `top`'s output (None: from the loss), and stores
+        the gradients at layer `capture`'s output (None: none) for the next pass (`boundaries`)."""
         clock = _Clock(self.device)
         self.query_grads.clear()
         for name in group:
@@ -557,10 +720,11 @@ class FusedScorer:
                                    f"{len(chunk)} rows")
             query_seconds = clock.lap()
             self.hooks.callback, self.hooks.dtype, plan.side = self._add_scores, self.score_args.score_dtype, "train"
-            for start, stop, batch in self.train_batches(train, train_batch_size, plan.train_micro, desc,
-                                                         disable_tqdm, plan.growth):
-                self.hooks.block = block[:, start:stop]
-                self._run(batch, measurement=False)
+            with self.boundaries(top, capture, store):
+                for i, (start, stop, batch) in enumerate(self.train_batches(train, train_batch_size, plan.train_micro,
+                                                                            desc, disable_tqdm, plan.growth)):
+                    self.hooks.block, self.micro_batch = block[:, start:stop], i
+                    self._run(batch, measurement=False, boundary=None if top is None else store.load(i))
         finally:  # also after an error: the query gradients freed, and every module's hooks on for what comes next
             self.query_grads.clear()
             self.hooks.active = set(self.modules)
@@ -783,7 +947,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           train_dataset, collator, query_batch_size: int, train_batch_size: int,
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
-                          train_weights: dict = None, plan_queries: int = 0, plan_rows: tuple = None):
+                          train_weights: dict = None, plan_queries: int = 0, plan_rows: tuple = None,
+                          boundaries: bool = True):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
@@ -795,11 +960,14 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     them that is put back after each pass's query side; else one is made). `plan_queries`: the module groups of a run
     of that many queries (benchmark.py's subsets, with_budget); `plan_rows`: (queries, training rows) of that run,
     whose longest micro-batches the memory probes take instead of these rows' (a subset's longest rows may be
-    shorter than the full run's)."""
+    shorter than the full run's). `boundaries`: where the model's encoder layers allow, each module group's pass after
+    the first runs the forward up to its highest layer only and the backward from the gradients the pass before kept
+    (BoundaryGradients; the same scores); False: every pass from the loss."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
                          query_weights, train_weights)
+    store = None
     q_order = longest_first(query_dataset)
     queries, (train, t_order) = query_dataset.select(q_order), scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
@@ -813,19 +981,25 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                plan_queries, probe_rows)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
+            store = boundary_store(scorer, train, plan, train_batch_size, len(queries)) if boundaries else None
             start, passes, most_groups = 0, 0, 0
             while start < len(queries):
                 def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
                     groups = plan.groups(rows.stop - rows.start)
                     chunk, spent = queries.select(range(rows.start, rows.stop)), (0.0, 0.0)
+                    tops = scorer.cuts(groups) if store is not None else [None] * len(groups)
+                    if store is not None:
+                        store.reset()
                     for i, group in enumerate(groups):  # the top layers' modules first: each score adds its modules'
                         # terms in the backward's order, as one pass over all of them would (the same bits)
                         desc = (f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
                                 + (f", module group {i + 1} of {len(groups)}" if len(groups) > 1 else ""))
                         plan.running = (len(chunk), group)
-                        spent = np.add(spent, scorer.score_pass(chunk, group, train, scores[rows], plan,
-                                                                train_batch_size, desc, disable_tqdm))
+                        capture = tops[i + 1] if i + 1 < len(groups) else None
+                        spent = np.add(spent, scorer.score_pass(
+                            chunk, group, train, scores[rows], plan, train_batch_size, desc, disable_tqdm, tops[i],
+                            None if capture == tops[i] else capture, store))
                     plan.running = None
                     return rows, groups, spent
 
@@ -839,8 +1013,12 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 start, passes, most_groups = rows.stop, passes + len(groups), max(most_groups, len(groups))
     finally:
         undo()
+        boundary_gib = store.nbytes() / 2**30 if store is not None else 0.0
+        if store is not None:
+            store.reset()  # the host memory goes back
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
+                       boundary_gib=round(boundary_gib, 3),
                        module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, train_growth=plan.growth,
@@ -850,6 +1028,24 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     out = torch.empty_like(scores, device="cpu")
     out[np.ix_(q_order, t_order)] = scores.cpu()
     return out
+
+
+def boundary_store(scorer: FusedScorer, train, plan: PassPlan, train_batch_size: int,
+                   num_queries: int) -> Optional[BoundaryGradients]:
+    """A BoundaryGradients where the passes are several and start below the top (FusedScorer.cuts) and one layer
+    output's gradients for every training micro-batch take at most HOST_MEMORY_SHARE of the host memory available;
+    else None: every pass from the loss."""
+    groups = plan.groups(min(plan.per_pass, num_queries))
+    if not any(top is not None for top in scorer.cuts(groups)):
+        return None
+    needed, available = scorer.boundary_bytes(train, plan, train_batch_size), psutil.virtual_memory().available
+    if needed > HOST_MEMORY_SHARE * available:
+        logger.info("fused scoring: every pass from the loss (the layer-output gradients between passes need %.1f GiB "
+                    "of host memory, %.1f GiB available)", needed / 2**30, available / 2**30)
+        return None
+    logger.info("fused scoring: %d module groups, each pass after the first from the layer-output gradients the pass "
+                "before kept (%.1f GiB of host memory)", len(groups), needed / 2**30)
+    return BoundaryGradients(scorer.device)
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,

@@ -125,6 +125,98 @@ def test_module_groups_of_a_kronfluence_wrapped_model_under_autocast_give_the_sa
     assert (one["module_groups"], grouped["module_groups"]) == (1, 9)
 
 
+def layer_runs(monkeypatch, layer: int) -> list:
+    """Per training pass (score_pass), whether encoder layer `layer` ran a forward in it."""
+    runs, original = [], fused_scores.FusedScorer.score_pass
+
+    def score_pass(self, chunk, group, *args, **kwargs):
+        ran = []
+        hook = lambda m, i, o: ran.append(not torch.is_grad_enabled() or self.hooks.callback == self._add_scores)
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            return original(self, chunk, group, *args, **kwargs)
+        finally:
+            handle.remove()
+            runs.append((group, any(ran)))
+    monkeypatch.setattr(fused_scores.FusedScorer, "score_pass", score_pass)
+    return runs
+
+
+def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, monkeypatch):
+    """Room for 1.2 queries' gradients: several module groups. A pass over the first encoder layer's modules alone
+    runs the forward up to that layer and its backward from the layer-output gradients the pass before stored, so the
+    top layer does not run on its training side; every pass from the loss runs it. The scores are the same bits
+    (float64 on CPU), and the stored gradients take the host bytes FusedScorer.boundary_bytes estimates."""
+    model, train = setup[:2]
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
+    runs = layer_runs(monkeypatch, layer=1)
+    timings, loss_timings = {}, {}
+    cut = identity_scores(setup, timings)
+    assert timings["module_groups"] > 2
+    below = [ran for group, ran in runs if all(".layer.0." in name for name in group)]
+    assert below and not any(below)
+    assert all(ran for group, ran in runs if not all(".layer.0." in name for name in group))
+    runs.clear()
+    from_loss = identity_scores(setup, loss_timings, boundaries=False)
+    assert all(ran for _, ran in runs) and loss_timings["boundary_gib"] == 0
+    assert torch.equal(cut, from_loss)
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    scorer = FusedScorer(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, setup[3], torch.device("cpu"))
+    plan = fused_scores.PassPlan(8, 2, 2)
+    assert timings["boundary_gib"] == round(scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2) / 2**30, 3) > 0
+
+
+def test_layer_output_gradients_that_do_not_fit_the_host_memory_leave_every_pass_from_the_loss(setup, monkeypatch,
+                                                                                               caplog):
+    """With less host memory available than twice the layer-output gradients, no pass starts from stored ones."""
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
+    monkeypatch.setattr(fused_scores.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 1000})())
+    runs = layer_runs(monkeypatch, layer=1)
+    caplog.set_level("INFO", logger="fused_scores")
+    timings = {}
+    identity_scores(setup, timings)
+    assert timings["module_groups"] > 2 and timings["boundary_gib"] == 0 and all(ran for _, ran in runs)
+    assert "every pass from the loss (the layer-output gradients between passes need" in caplog.text
+
+
+def test_cuts_start_a_group_at_its_highest_layer_when_the_pass_before_reaches_it(setup):
+    """The first group and any group with a module outside the encoder layers (the classifier, the pooler) start
+    from the loss; a later group from the layer holding its highest module, unless that layer is above the start
+    of the pass before."""
+    model, collator = setup[0], setup[3]
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    scorer = FusedScorer(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, collator, torch.device("cpu"))
+    head = ["classifier", "roberta.pooler.dense"]
+    ffn1, query0 = "roberta.encoder.layer.1.intermediate.dense", "roberta.encoder.layer.0.attention.self.query"
+    assert scorer.cuts([head, [ffn1], [query0]]) == [None, 1, 0]
+    assert scorer.cuts([[ffn1], [query0, ffn1]]) == [None, 1]
+    assert scorer.cuts([[ffn1, query0], ["classifier"], [query0]]) == [None, None, 0]
+    assert scorer.cuts([[query0], [ffn1]]) == [None, 1]  # the pass before, from the loss, passes layer 1
+    assert scorer.cuts([head, [query0], [ffn1]]) == [None, 0, None]  # layer 1 lies above the pass before's start
+
+
+def test_boundary_gradients_keep_each_micro_batch_apart():
+    """Slots cut from shared blocks: each micro-batch gets back the bits it stored, also after another slot is
+    written; a micro-batch whose gradient changes shape within a chunk is an error, and reset lays them out again."""
+    store = fused_scores.BoundaryGradients(torch.device("cpu"))
+    store.BLOCK = 4096
+    # 840 and 504 bytes share the first block; 3,000 take a second; 8,000, above a block, an allocation of their own
+    gradients = [torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(2, 9, 7), torch.randn(30, 25), torch.randn(2000)]
+    for i, gradient in enumerate(gradients):
+        store.store(i, gradient)
+    store.store(0, gradients[0] * 2)
+    assert torch.equal(store.load(0), gradients[0] * 2)
+    assert all(torch.equal(store.load(i), gradients[i]) for i in (1, 2, 3))
+    assert len(store.blocks) == 2 and store.nbytes() == sum(g.nbytes for g in gradients)
+    with pytest.raises(RuntimeError, match="a boundary gradient of \\(3, 5\\) for a slot of \\(3, 5, 7\\)"):
+        store.store(0, torch.zeros(3, 5, dtype=torch.float64))
+    store.reset()
+    with pytest.raises(RuntimeError, match="no boundary gradient stored for training micro-batch 1"):
+        store.load(1)
+
+
 def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():
     order, sizes = list("abcde"), dict(a=4, b=1, c=1, d=1, e=4)
     assert fused_scores.module_groups(order, sizes, None) == [order]

@@ -12,8 +12,11 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   for a group of modules, the top layers' first. Each module group is a pass whose backward stops below its
   lowest module, so a higher group needs less working memory and may hold more modules (each group holding more than
   the full backward leaves room for is probed before scoring); the per-example gradients of a module are formed
-  once, whatever the number of groups. An
-  out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
+  once, whatever the number of groups. Each pass stores, per training micro-batch, the gradient at the output of the
+  encoder layer that holds the next group's highest module (host memory, BoundaryGradients): the next pass runs the
+  forward only up to that layer and its backward from the stored gradient: the layers above its modules do not run
+  in it. An out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished
+  chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;

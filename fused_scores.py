@@ -14,9 +14,10 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   the full backward leaves room for is probed before scoring); the per-example gradients of a module are formed
   once, whatever the number of groups. Each pass stores, per training micro-batch, the gradient at the output of the
   encoder layer that holds the next group's highest module (host memory, BoundaryGradients): the next pass runs the
-  forward only up to that layer and its backward from the stored gradient: the layers above its modules do not run
-  in it. An out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished
-  chunks;
+  forward only up to that layer and its backward from the stored gradient, so the layers above its modules do not
+  run in it (every pass runs from the loss for a model without `base_model.encoder.layer`, for a group with a module
+  outside those layers, and where the gradients need more than HOST_MEMORY_SHARE of the free host memory). An
+  out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
@@ -40,7 +41,6 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fast_kernels import ALIGN
-from utils import UserError, available_memory, out_of_memory_detail, retry_on_oom
+from utils import UserError, available_host_memory, available_memory, out_of_memory_detail, retry_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -238,33 +238,55 @@ class _Stopped(Exception):
 
 class BoundaryGradients:
     """Between the passes of a chunk, per training micro-batch, the gradient of the loss with respect to one encoder
-    layer's output, in host memory (pinned on a GPU's host, so that the copies are asynchronous). A module group's
-    pass stores the gradient at the output of the layer holding the next group's highest module; the next pass runs
-    the forward up to that layer only, and its backward from the stored gradient: the values the backward from the
-    loss reaches there (the layers above are the same functions of the same inputs), without the layers above.
+    layer's output, in host memory. A module group's pass stores the gradient at the output of the layer holding the
+    next group's highest module; the next pass runs the forward up to that layer only, and its backward from the
+    stored gradient: the values the backward from the loss reaches there (the layers above are the same functions of
+    the same inputs), without the layers above.
 
-    Slots are cut from pinned blocks of BLOCK bytes (torch's pinned allocator rounds each allocation up to a power of
-    two: one allocation per slot would waste up to half)."""
+    On a GPU the slots are pinned (the copies take the DMA path and do not hold up the host; they run in the passes'
+    stream, in order with their kernels) and cut from blocks of at most BLOCK bytes: torch's pinned allocator rounds
+    each allocation up to a power of two, so one allocation per slot would waste up to half. Where pinning fails, the
+    slots are ordinary host memory."""
 
     BLOCK = 2**30
     ALIGNMENT = 512
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, expected: int = 0):
         self.device, self.pin = device, device.type == "cuda"
-        self.slots, self.blocks, self.used = {}, [], 0
+        self.expected = expected  # the bytes the slots will take (boundary_bytes): smaller blocks below BLOCK
+        self.slots, self.blocks, self.used, self.held = {}, [], 0, 0
 
     def reset(self) -> None:
         """Before a chunk's first pass: the slots are laid out again (an out-of-memory retry may change the
         micro-batches)."""
-        if self.pin:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no copy into or out of a slot is pending
+        self.held = max(self.held, self.nbytes())  # the most a chunk's slots took
         self.slots, self.blocks, self.used = {}, [], 0
+
+    def close(self) -> None:
+        """The host memory back: the slots dropped, and torch's cache of pinned blocks emptied."""
+        self.reset()
+        if self.pin and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
+
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as exc:
+                self.pin = False
+                logger.info("fused scoring: pinning host memory failed (%s); the layer-output gradients go to "
+                            "ordinary host memory", str(exc).splitlines()[0])
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def _bytes(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.BLOCK:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        if not self.blocks or self.used + nbytes > self.BLOCK:
-            self.blocks.append(torch.empty(self.BLOCK, dtype=torch.uint8, pin_memory=self.pin))
+            return self._empty(nbytes)
+        if not self.blocks or self.used + nbytes > self.blocks[-1].numel():
+            remaining = self.expected - sum(block.numel() for block in self.blocks)
+            size = min(self.BLOCK, 1 << (max(nbytes, remaining) - 1).bit_length())  # a power of two, as pinned
+            self.blocks.append(self._empty(size))
             self.used = 0
         start, self.used = self.used, self.used + -(-nbytes // self.ALIGNMENT) * self.ALIGNMENT
         return self.blocks[-1][start:start + nbytes]
@@ -276,14 +298,15 @@ class BoundaryGradients:
         elif slot.shape != gradient.shape or slot.dtype != gradient.dtype:
             raise RuntimeError(f"training micro-batch {index}: a boundary gradient of {tuple(gradient.shape)} for a "
                                f"slot of {tuple(slot.shape)}")
-        slot.copy_(gradient.detach(), non_blocking=self.pin)
+        slot.copy_(gradient.detach(), non_blocking=True)  # ordered with the passes' kernels (one stream)
 
     def load(self, index: int) -> torch.Tensor:
         if index not in self.slots:
             raise RuntimeError(f"no boundary gradient stored for training micro-batch {index}")
-        return self.slots[index].to(self.device, non_blocking=self.pin)
+        return self.slots[index].to(self.device, non_blocking=True, copy=True)  # the pass may store into the slot
 
     def nbytes(self) -> int:
+        """The bytes of the slots (boundary_bytes's estimate)."""
         return sum(slot.nbytes for slot in self.slots.values())
 
 
@@ -327,14 +350,16 @@ def _backward(model, task, batch, device, amp_dtype, measurement: bool, boundary
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = task.compute_measurement(batch, model) if measurement else task.compute_train_loss(batch, model,
                                                                                                    sample=False)
+        if boundary is not None:
+            raise RuntimeError("the forward did not stop at the boundary layer")
     except _Stopped as stopped:
         if boundary is None:
             raise
-        stopped.output.backward(boundary)
-        return
+        loss = stopped.output  # the backward runs outside the except block, whose traceback holds the forward's frames
     if boundary is not None:
-        raise RuntimeError("the forward did not stop at the boundary layer")
-    loss.backward()
+        loss.backward(boundary)
+    else:
+        loss.backward()
 
 
 def _frozen(model: nn.Module):
@@ -583,12 +608,14 @@ class FusedScorer:
             tops.append(top)
         return tops
 
-    def boundary_bytes(self, train, plan: PassPlan, train_batch_size: int) -> int:
+    def boundary_bytes(self, train, plan: PassPlan, train_batch_size: int) -> Optional[int]:
         """The host bytes of one layer output's gradient for every training micro-batch of `plan` (the collator's
-        padding: to each micro-batch's longest row, or to max_length)."""
+        padding: to each micro-batch's longest row, or to max_length); None where the model does not say its width."""
         config = getattr(self.model, "config", None)
         hidden = getattr(config, "hidden_size", None)
-        if self.blocks is None or not hidden or not len(train):
+        if self.blocks is None or not hidden:
+            return None
+        if not len(train):
             return 0
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         lengths = self.lengths(train)
@@ -970,7 +997,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
                          query_weights, train_weights)
-    store = None
+    store, decided = None, False  # the BoundaryGradients, and whether boundary_store was asked
     q_order = longest_first(query_dataset)
     queries, (train, t_order) = query_dataset.select(q_order), scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
@@ -984,15 +1011,19 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                plan_queries, probe_rows)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
-            store = boundary_store(scorer, train, plan, train_batch_size, len(queries)) if boundaries else None
             start, passes, most_groups = 0, 0, 0
             while start < len(queries):
                 def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
+                    nonlocal store, decided
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
                     groups = plan.groups(rows.stop - rows.start)
                     chunk, spent = queries.select(range(rows.start, rows.stop)), (0.0, 0.0)
-                    tops = scorer.cuts(groups) if store is not None else [None] * len(groups)
-                    if store is not None:
+                    tops = scorer.cuts(groups) if boundaries else [None] * len(groups)
+                    if any(top is not None for top in tops) and not decided:  # the first chunk in several groups
+                        store, decided = boundary_store(scorer, train, plan, train_batch_size, len(groups)), True
+                    if store is None:
+                        tops = [None] * len(groups)
+                    else:
                         store.reset()
                     for i, group in enumerate(groups):  # the top layers' modules first: each score adds its modules'
                         # terms in the backward's order, as one pass over all of them would (the same bits)
@@ -1016,9 +1047,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 start, passes, most_groups = rows.stop, passes + len(groups), max(most_groups, len(groups))
     finally:
         undo()
-        boundary_gib = store.nbytes() / 2**30 if store is not None else 0.0
         if store is not None:
-            store.reset()  # the host memory goes back
+            store.close()
+    boundary_gib = store.held / 2**30 if store is not None else 0.0  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
                        boundary_gib=round(boundary_gib, 3),
@@ -1034,21 +1065,19 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
 
 
 def boundary_store(scorer: FusedScorer, train, plan: PassPlan, train_batch_size: int,
-                   num_queries: int) -> Optional[BoundaryGradients]:
-    """A BoundaryGradients where the passes are several and start below the top (FusedScorer.cuts) and one layer
-    output's gradients for every training micro-batch take at most HOST_MEMORY_SHARE of the host memory available;
+                   num_groups: int) -> Optional[BoundaryGradients]:
+    """A BoundaryGradients for passes in `num_groups` module groups, where one layer output's gradients for every
+    training micro-batch take at most HOST_MEMORY_SHARE of the host memory available (utils.available_host_memory);
     else None: every pass from the loss."""
-    groups = plan.groups(min(plan.per_pass, num_queries))
-    if not any(top is not None for top in scorer.cuts(groups)):
-        return None
-    needed, available = scorer.boundary_bytes(train, plan, train_batch_size), psutil.virtual_memory().available
-    if needed > HOST_MEMORY_SHARE * available:
-        logger.info("fused scoring: every pass from the loss (the layer-output gradients between passes need %.1f GiB "
-                    "of host memory, %.1f GiB available)", needed / 2**30, available / 2**30)
+    needed, available = scorer.boundary_bytes(train, plan, train_batch_size), available_host_memory()
+    if needed is None or needed > HOST_MEMORY_SHARE * available:
+        logger.info("fused scoring: every pass from the loss (%s)", "the model's config gives no hidden_size"
+                    if needed is None else f"the layer-output gradients between passes need {needed / 2**30:.1f} GiB "
+                    f"of host memory, {available / 2**30:.1f} GiB available")
         return None
     logger.info("fused scoring: %d module groups, each pass after the first from the layer-output gradients the pass "
-                "before kept (%.1f GiB of host memory)", len(groups), needed / 2**30)
-    return BoundaryGradients(scorer.device)
+                "before kept (%.1f GiB of host memory)", num_groups, needed / 2**30)
+    return BoundaryGradients(scorer.device, needed)
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,

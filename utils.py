@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
@@ -150,6 +151,21 @@ def available_memory(device: torch.device) -> Optional[int]:
     cap = _memory_caps.get(device.index if device.index is not None else torch.cuda.current_device())
     room = free if cap is None else min(free, cap - reserved)
     return max(0, room) + reserved - allocated
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory this process's processes on this host may still take: the host's available memory
+    (psutil), within the cgroup's limit where one is set (a container), shared by the host's torchrun processes
+    (LOCAL_WORLD_SIZE)."""
+    available = psutil.virtual_memory().available
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit, used = ((cgroup / name).read_text().strip() for name in ("memory.max", "memory.current"))
+        if limit != "max":
+            available = min(available, int(limit) - int(used))
+    except (OSError, ValueError):  # no cgroup v2 memory controller here
+        pass
+    return max(available, 0) // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
 
 
 def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:

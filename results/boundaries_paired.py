@@ -11,13 +11,16 @@ memory, and how far the two score matrices are apart (bitwise equal, the largest
 score, metrics.per_query_correlations).
 """
 import argparse
+import importlib.metadata
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from datasets import load_dataset
 from kronfluence.analyzer import prepare_model
 
@@ -57,7 +60,9 @@ def main(argv=None):
     names = fused_scores.linear_module_names(model)
     score_args = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True).score_arguments()
     workers = loader_workers(None, device)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    res = {"gpu": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "kronfluence": importlib.metadata.version("kronfluence"),
+           "date": time.strftime("%Y-%m-%d"),
            "command": "python results/boundaries_paired.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "num_train": args.num_train, "num_queries": args.num_queries, "dataloader_workers": workers, "runs": {}}
 

@@ -6,6 +6,7 @@ raise torch.OutOfMemoryError where a GPU would run out."""
 import copy
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import formats
 import fused_scores
 import utils
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
-from fused_scores import FusedScorer, fused_pairwise_scores, fused_self_scores, query_gradient_bytes
+from fused_scores import BoundaryGradients, FusedScorer, fused_pairwise_scores, fused_self_scores, query_gradient_bytes
 from influence import AnalysisConfig
 from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
@@ -121,8 +122,11 @@ def test_module_groups_of_a_kronfluence_wrapped_model_under_autocast_give_the_sa
     single = run(one)
     # room for one query's float32 gradients (half the float64 bytes): 9 groups, some cutting a layer's modules apart
     fake_memory(monkeypatch, int(per_query_bytes(setup) / 2 / fused_scores.MEMORY_HEADROOM), 0)
+    original, kept = fused_scores._backward, []
+    monkeypatch.setattr(fused_scores, "_backward", lambda *args: kept.append(len(args) > 6 and args[6] is not None)
+                        or original(*args))
     assert torch.equal(run(grouped), single)
-    assert (one["module_groups"], grouped["module_groups"]) == (1, 9)
+    assert (one["module_groups"], grouped["module_groups"]) == (1, 9) and any(kept)  # passes from kept gradients
 
 
 def layer_runs(monkeypatch, layer: int) -> list:
@@ -150,10 +154,12 @@ def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, m
     model, train = setup[:2]
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
-    runs = layer_runs(monkeypatch, layer=1)
+    runs, stores = layer_runs(monkeypatch, layer=1), []
+    monkeypatch.setattr(fused_scores, "BoundaryGradients",
+                        lambda *args: stores.append(BoundaryGradients(*args)) or stores[-1])
     timings, loss_timings = {}, {}
     cut = identity_scores(setup, timings)
-    assert timings["module_groups"] > 2
+    assert timings["module_groups"] > 2 and len(stores) == 1
     below = [ran for group, ran in runs if all(".layer.0." in name for name in group)]
     assert below and not any(below)
     assert all(ran for group, ran in runs if not all(".layer.0." in name for name in group))
@@ -164,7 +170,29 @@ def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, m
     args = AnalysisConfig(factor_strategy="identity").score_arguments()
     scorer = FusedScorer(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, setup[3], torch.device("cpu"))
     plan = fused_scores.PassPlan(8, 2, 2)
-    assert timings["boundary_gib"] == round(scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2) / 2**30, 3) > 0
+    assert stores[0].held == scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2) == stores[0].expected > 0
+    assert not stores[0].slots and timings["boundary_gib"] == round(stores[0].held / 2**30, 3)
+
+
+def test_an_out_of_memory_error_in_a_pass_from_kept_gradients_redoes_the_chunk_from_the_loss(setup, monkeypatch):
+    """An out-of-memory error in the second micro-batch of the first pass that starts from kept gradients shrinks the
+    plan and redoes the chunk from its first pass, whose gradients the later passes start from again: the same bits
+    as passes from the loss."""
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, int(2.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
+    original, calls = fused_scores._backward, []
+
+    def backward(*args):
+        calls.append(len(args) > 6 and args[6] is not None)  # a backward from a kept gradient
+        if sum(calls) == 2 and calls[-1]:
+            raise torch.OutOfMemoryError(OOM)
+        return original(*args)
+    monkeypatch.setattr(fused_scores, "_backward", backward)
+    timings = {}
+    retried = identity_scores(setup, timings)
+    assert sum(calls) > 2 and timings["out_of_memory_retries"] == 1 and timings["boundary_gib"] > 0
+    monkeypatch.undo()
+    assert torch.equal(retried, identity_scores(setup, boundaries=False))
 
 
 def test_layer_output_gradients_that_do_not_fit_the_host_memory_leave_every_pass_from_the_loss(setup, monkeypatch,
@@ -172,7 +200,7 @@ def test_layer_output_gradients_that_do_not_fit_the_host_memory_leave_every_pass
     """With less host memory available than twice the layer-output gradients, no pass starts from stored ones."""
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
-    monkeypatch.setattr(fused_scores.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 1000})())
+    monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 1000)
     runs = layer_runs(monkeypatch, layer=1)
     caplog.set_level("INFO", logger="fused_scores")
     timings = {}
@@ -200,7 +228,7 @@ def test_cuts_start_a_group_at_its_highest_layer_when_the_pass_before_reaches_it
 def test_boundary_gradients_keep_each_micro_batch_apart():
     """Slots cut from shared blocks: each micro-batch gets back the bits it stored, also after another slot is
     written; a micro-batch whose gradient changes shape within a chunk is an error, and reset lays them out again."""
-    store = fused_scores.BoundaryGradients(torch.device("cpu"))
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=12_344)
     store.BLOCK = 4096
     # 840 and 504 bytes share the first block; 3,000 take a second; 8,000, above a block, an allocation of their own
     gradients = [torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(2, 9, 7), torch.randn(30, 25), torch.randn(2000)]
@@ -213,8 +241,21 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
     with pytest.raises(RuntimeError, match="a boundary gradient of \\(3, 5\\) for a slot of \\(3, 5, 7\\)"):
         store.store(0, torch.zeros(3, 5, dtype=torch.float64))
     store.reset()
+    assert store.held == sum(g.nbytes for g in gradients) and not store.blocks
     with pytest.raises(RuntimeError, match="no boundary gradient stored for training micro-batch 1"):
         store.load(1)
+    small = fused_scores.BoundaryGradients(torch.device("cpu"), expected=840)
+    small.store(0, gradients[0])
+    assert [block.numel() for block in small.blocks] == [1024]  # the power of two above what is expected
+
+
+def test_available_host_memory_is_shared_by_the_hosts_torchrun_processes(monkeypatch):
+    monkeypatch.setattr(utils.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**40})())
+    monkeypatch.setattr(utils, "Path", lambda *_: type("NoCgroup", (), {"__truediv__": lambda *_: Path("/nonexistent")})())
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert utils.available_host_memory() == 2**40
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert utils.available_host_memory() == 2**38
 
 
 def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():

@@ -153,16 +153,19 @@ def available_memory(device: torch.device) -> Optional[int]:
     return max(0, room) + reserved - allocated
 
 
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2's files of this process's container
+
+
 def available_host_memory() -> int:
-    """Bytes of host memory this process's processes on this host may still take: the host's available memory
-    (psutil), within the cgroup's limit where one is set (a container), shared by the host's torchrun processes
-    (LOCAL_WORLD_SIZE)."""
+    """Bytes of host memory this process may still take: the host's available memory (psutil), within the cgroup's
+    limit where one is set (a container; its inactive page cache counts as free, as the kernel reclaims it), shared
+    by the host's torchrun processes (LOCAL_WORLD_SIZE)."""
     available = psutil.virtual_memory().available
-    cgroup = Path("/sys/fs/cgroup")
     try:
-        limit, used = ((cgroup / name).read_text().strip() for name in ("memory.max", "memory.current"))
+        limit, used = ((CGROUP / name).read_text().strip() for name in ("memory.max", "memory.current"))
         if limit != "max":
-            available = min(available, int(limit) - int(used))
+            stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text().splitlines())
+            available = min(available, int(limit) - int(used) + int(stat.get("inactive_file", 0)))
     except (OSError, ValueError):  # no cgroup v2 memory controller here
         pass
     return max(available, 0) // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)

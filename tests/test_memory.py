@@ -6,7 +6,6 @@ raise torch.OutOfMemoryError where a GPU would run out."""
 import copy
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,13 +248,21 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
     assert [block.numel() for block in small.blocks] == [1024]  # the power of two above what is expected
 
 
-def test_available_host_memory_is_shared_by_the_hosts_torchrun_processes(monkeypatch):
+def test_available_host_memory_keeps_within_the_cgroup_and_is_shared_by_the_hosts_ranks(monkeypatch, tmp_path):
+    """The host's available memory; within a cgroup v2 limit, the limit less what the cgroup uses, its inactive page
+    cache counted as free; divided among the host's torchrun processes."""
     monkeypatch.setattr(utils.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**40})())
-    monkeypatch.setattr(utils, "Path", lambda *_: type("NoCgroup", (), {"__truediv__": lambda *_: Path("/nonexistent")})())
+    monkeypatch.setattr(utils, "CGROUP", tmp_path)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert utils.available_host_memory() == 2**40
+    assert utils.available_host_memory() == 2**40  # no cgroup files
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text(f"{2**35}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2**34}\ninactive_file {2**33}\nactive_file 5\n")
+    assert utils.available_host_memory() == 2**40  # no limit
+    (tmp_path / "memory.max").write_text(f"{2**36}\n")
+    assert utils.available_host_memory() == 2**36 - 2**35 + 2**33
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert utils.available_host_memory() == 2**38
+    assert utils.available_host_memory() == (2**36 - 2**35 + 2**33) // 4
 
 
 def test_module_groups_are_contiguous_evened_out_and_as_few_as_packing_gives():

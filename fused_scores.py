@@ -350,16 +350,14 @@ def _backward(model, task, batch, device, amp_dtype, measurement: bool, boundary
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = task.compute_measurement(batch, model) if measurement else task.compute_train_loss(batch, model,
                                                                                                    sample=False)
-        if boundary is not None:
-            raise RuntimeError("the forward did not stop at the boundary layer")
     except _Stopped as stopped:
         if boundary is None:
             raise
         loss = stopped.output  # the backward runs outside the except block, whose traceback holds the forward's frames
-    if boundary is not None:
-        loss.backward(boundary)
     else:
-        loss.backward()
+        if boundary is not None:
+            raise RuntimeError("the forward did not stop at the boundary layer")
+    loss.backward(boundary)  # None: the scalar loss's own
 
 
 def _frozen(model: nn.Module):
@@ -617,17 +615,15 @@ class FusedScorer:
             return None
         if not len(train):
             return 0
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         lengths = self.lengths(train)
-        spans = micro_spans(lengths, train_batch_size, plan.train_micro, rank, world, plan.growth)
+        spans = self.spans(train, train_batch_size, plan.train_micro, plan.growth)
         fixed = getattr(self.collator, "max_length", None) if getattr(self.collator, "padding", None) == "max_length" \
             else None
         multiple = getattr(self.collator, "pad_to_multiple_of", None) or 1
         choices = len(train[0]["input_ids"])
         tokens = sum((stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple)
                      for start, stop in spans)
-        itemsize = torch.finfo(next(self.model.parameters()).dtype).bits // 8
-        return tokens * choices * hidden * itemsize
+        return tokens * choices * hidden * next(self.model.parameters()).dtype.itemsize
 
     @contextmanager
     def boundaries(self, top: Optional[int], capture: Optional[int], store: Optional[BoundaryGradients]):
@@ -677,14 +673,19 @@ class FusedScorer:
             self._lengths[rows._fingerprint] = row_lengths(rows)
         return self._lengths[rows._fingerprint]
 
+    def spans(self, train, train_batch_size: int, train_micro: int, growth: int = None) -> list:
+        """micro_spans of this rank over `train` (sorted longest first)."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return micro_spans(self.lengths(train), train_batch_size, train_micro, rank, world, growth)
+
     def train_batches(self, train, train_batch_size: int, train_micro: int, desc: str, disable_tqdm: bool,
                       growth: int = None):
         """(start, stop, collated batch) for this rank's training micro-batches (micro_spans, with `growth`), in
         order; DataLoader workers collate ahead into pinned memory."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        spans = micro_spans(self.lengths(train), train_batch_size, train_micro, rank, world, growth)
+        spans = self.spans(train, train_batch_size, train_micro, growth)
         loader = DataLoader(train, batch_sampler=[range(a, b) for a, b in spans], collate_fn=self.collator,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        rank = dist.get_rank() if dist.is_initialized() else 0
         batches = tqdm(loader, desc=desc, total=len(spans), disable=disable_tqdm or rank != 0)
         for batch, (start, stop) in zip(batches, spans):  # the loader first: its bar closes when it ends
             yield start, stop, batch

@@ -35,6 +35,8 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 
 import logging
 import math
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -245,16 +247,68 @@ class BoundaryGradients:
 
     On a GPU the slots are pinned (the copies take the DMA path and do not hold up the host; they run in the passes'
     stream, in order with their kernels) and cut from blocks of at most BLOCK bytes: torch's pinned allocator rounds
-    each allocation up to a power of two, so one allocation per slot would waste up to half. Where pinning fails, the
-    slots are ordinary host memory."""
+    each allocation up to a power of two, so one allocation per slot would waste up to half. Pinning is slow (the
+    pages are faulted in and locked: seconds for tens of GiB), so a thread pins the blocks of the `expected` bytes
+    while the first pass runs, and a slot waits only for a block not pinned yet (`waited`: the seconds it did). Where
+    pinning fails, the slots are ordinary host memory."""
 
     BLOCK = 2**30
     ALIGNMENT = 512
 
     def __init__(self, device: torch.device, expected: int = 0):
-        self.device, self.pin = device, device.type == "cuda"
+        self.device, self.pin = device, self._pins(device)
         self.expected = expected  # the bytes the slots will take (boundary_bytes): smaller blocks below BLOCK
-        self.slots, self.blocks, self.used, self.held = {}, [], 0, 0
+        self.slots, self.blocks, self.used, self.held, self.waited = {}, [], 0, 0, 0.0
+        # the blocks pinned ahead: a queue the thread fills (a block, or the exception that ended pinning), and how
+        # many it has yet to hand over
+        self.ahead, self.coming, self.stopping, self.thread = queue.Queue(), 0, threading.Event(), None
+        if self.pin and expected > 0:
+            # whole blocks (a slot does not straddle two, so a smaller last one might hold none)
+            sizes = [self.BLOCK] * -(-expected // self.BLOCK) if expected > self.BLOCK else [self._block_size(expected)]
+            self.coming = len(sizes)
+            self.thread = threading.Thread(target=self._pin_ahead, args=(sizes,), name="pin boundary blocks",
+                                           daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def _pins(device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def _block_size(self, nbytes: int) -> int:
+        return min(self.BLOCK, 1 << (nbytes - 1).bit_length())  # a power of two, as pinned
+
+    def _pin_ahead(self, sizes: list) -> None:
+        for size in sizes:
+            if self.stopping.is_set():
+                return
+            try:
+                self.ahead.put(self._allocate(size, pin=True))
+            except RuntimeError as exc:
+                self.ahead.put(exc)
+                return
+
+    @staticmethod
+    def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def _pinned_ahead(self, nbytes: int) -> Optional[torch.Tensor]:
+        """The next block the thread pinned (waiting for it), or None: none to come, or pinning failed."""
+        while self.coming:
+            started = time.perf_counter()
+            block = self.ahead.get()
+            self.waited += time.perf_counter() - started
+            self.coming -= 1
+            if isinstance(block, Exception):
+                self.coming = 0
+                self._pinning_failed(block)
+            elif block.numel() >= nbytes:
+                return block
+        return None
+
+    def _pinning_failed(self, exc: Exception) -> None:
+        self.pin = False
+        logger.info("fused scoring: pinning host memory failed (%s); the layer-output gradients go to ordinary host "
+                    "memory", str(exc).splitlines()[0])
 
     def reset(self) -> None:
         """Before a chunk's first pass: the slots are laid out again (an out-of-memory retry may change the
@@ -265,7 +319,12 @@ class BoundaryGradients:
         self.slots, self.blocks, self.used = {}, [], 0
 
     def close(self) -> None:
-        """The host memory back: the slots dropped, and torch's cache of pinned blocks emptied."""
+        """The host memory back: the pinning thread stopped, the slots and blocks dropped, and torch's cache of pinned
+        blocks emptied."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.ahead, self.coming = queue.Queue(), 0
         self.reset()
         if self.pin and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()
@@ -273,20 +332,18 @@ class BoundaryGradients:
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:
             try:
-                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                return self._allocate(nbytes, pin=True)
             except RuntimeError as exc:
-                self.pin = False
-                logger.info("fused scoring: pinning host memory failed (%s); the layer-output gradients go to "
-                            "ordinary host memory", str(exc).splitlines()[0])
-        return torch.empty(nbytes, dtype=torch.uint8)
+                self._pinning_failed(exc)
+        return self._allocate(nbytes, pin=False)
 
     def _bytes(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.BLOCK:
             return self._empty(nbytes)
         if not self.blocks or self.used + nbytes > self.blocks[-1].numel():
             remaining = self.expected - sum(block.numel() for block in self.blocks)
-            size = min(self.BLOCK, 1 << (max(nbytes, remaining) - 1).bit_length())  # a power of two, as pinned
-            self.blocks.append(self._empty(size))
+            block = self._pinned_ahead(nbytes)
+            self.blocks.append(block if block is not None else self._empty(self._block_size(max(nbytes, remaining))))
             self.used = 0
         start, self.used = self.used, self.used + -(-nbytes // self.ALIGNMENT) * self.ALIGNMENT
         return self.blocks[-1][start:start + nbytes]
@@ -1054,6 +1111,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
                        boundary_gib=round(boundary_gib, 3),
+                       boundary_wait_seconds=round(store.waited if store is not None else 0.0, 3),
                        module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, train_growth=plan.growth,

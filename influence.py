@@ -373,7 +373,8 @@ class KronfluenceBackend:
 
 FUSED_PLAN_SIZES = ("train_micro_batch", "train_growth", "query_micro_batch", "queries_per_pass", "module_groups",
                     "passes", "boundary_gib")  # its plan, and the host memory its layer-output gradients took
-FUSED_SECONDS = ("query_seconds", "train_seconds")  # a fused run's time on query gradients and on training passes
+# a fused run's time on query gradients and on training passes, and in those passes waiting for host memory to be pinned
+FUSED_SECONDS = ("query_seconds", "train_seconds", "boundary_wait_seconds")
 
 
 class FusedBackend:

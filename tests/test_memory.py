@@ -5,6 +5,8 @@ raise torch.OutOfMemoryError where a GPU would run out."""
 
 import copy
 import json
+import logging
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -246,6 +248,62 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
     small = fused_scores.BoundaryGradients(torch.device("cpu"), expected=840)
     small.store(0, gradients[0])
     assert [block.numel() for block in small.blocks] == [1024]  # the power of two above what is expected
+
+
+def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_its_own(monkeypatch):
+    """A thread pins the expected bytes' blocks (whole ones: 3 of 4,096 for 8,892 bytes) as soon as the store exists;
+    slots are cut from them in order, a slot waiting for a block not pinned yet (counted in `waited`), and a block
+    beyond them is pinned where it is needed (slots of 3,200 bytes, one a block). The values come back bitwise."""
+    pinned, gate = [], threading.Event()
+
+    def allocate(nbytes, pin):
+        if pin:
+            gate.wait(5)
+            pinned.append((nbytes, threading.current_thread().name))
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "BLOCK", 4096)
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_allocate", staticmethod(allocate))
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_pins", staticmethod(lambda device: True))
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=2 * 4096 + 700)
+    threading.Timer(0.2, gate.set).start()
+    gradients = [torch.randn(40, 20, dtype=torch.float32) for _ in range(4)]
+    for i, gradient in enumerate(gradients):
+        store.store(i, gradient)
+    assert store.waited > 0  # the first slot waited for the thread's first block (the gate opens after 0.2 s)
+    # three ahead by the thread, one more when needed
+    assert pinned == [(4096, "pin boundary blocks")] * 3 + [(4096, "MainThread")] and len(store.blocks) == 4
+    assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+    store.close()
+    assert not store.thread.is_alive() and not store.blocks
+
+
+def test_pinning_that_fails_in_the_thread_leaves_the_slots_in_ordinary_memory(monkeypatch, caplog):
+    """cudaHostAlloc failing in the thread (host memory locked elsewhere) ends the pinning: the slot that waited for the
+    block, and every later one, take ordinary memory, in one log line; the values come back bitwise."""
+    calls = []
+
+    def allocate(nbytes, pin):
+        calls.append(pin)
+        if pin and calls.count(True) == 2:
+            raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "BLOCK", 4096)
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_allocate", staticmethod(allocate))
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_pins", staticmethod(lambda device: True))
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 4096)
+    store.thread.join()
+    gradients = [torch.randn(40, 20) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="fused_scores"):
+        for i, gradient in enumerate(gradients):
+            store.store(i, gradient)
+    assert calls == [True, True, False, False] and not store.pin
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused scoring: pinning host memory failed (CUDA error: out of memory); the layer-output gradients go to "
+        "ordinary host memory"]
+    assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+    store.close()
 
 
 def test_available_host_memory_keeps_within_the_cgroup_and_is_shared_by_the_hosts_ranks(monkeypatch, tmp_path):

@@ -283,7 +283,7 @@ class BoundaryGradients:
                 return
             try:
                 self.ahead.put(self._allocate(size, pin=True))
-            except RuntimeError as exc:
+            except Exception as exc:  # any: a slot waits for what this thread puts
                 self.ahead.put(exc)
                 return
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, Value, load_dataset
@@ -291,30 +292,33 @@ def tokenize(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
     def encode(rows):
         first = list(chain.from_iterable([context] * NUM_CHOICES for context in rows[CONTEXT_COLUMN]))
         second = [f"{header} {rows[end][i]}" for i, header in enumerate(rows[HEADER_COLUMN]) for end in ENDING_COLUMNS]
-        encoded = encode_pairs(first, second)
-        out = {k: [v[i:i + NUM_CHOICES] for i in range(0, len(v), NUM_CHOICES)] for k, v in encoded.items()}
-        out[LABELS] = rows[LABEL_COLUMN]
-        return out
+        per_row = pa.array(np.arange(0, len(first) + 1, NUM_CHOICES, dtype=np.int32))  # the choices of each row
+        out = {name: pa.ListArray.from_arrays(per_row, choices) for name, choices in encode_pairs(first, second).items()}
+        return pa.table({**out, LABELS: pa.array(rows[LABEL_COLUMN], type=pa.int64())})  # no conversion from lists
 
     return split.map(encode, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=split.column_names,
                      desc="tokenizing")
 
 
 TOKENIZE_BATCH = 4_096  # rows per call: the Rust tokenizer's threads share each call's 16,384 pairs
-# a fast tokenizer's outputs by their model input names (what `tokenizer(...)` returns for each)
+# a fast tokenizer's outputs by their model input names (what `tokenizer(...)` returns for each), and the integer
+# types datasets stores them in (its OptimizedTypedSequence's, for lists of Python ints)
 ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+ENCODING_TYPES = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8}
 
 
 def pair_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max_length: bool):
-    """`(first, second) -> {input name: lists}`: `tokenizer(first, second, truncation=True, max_length=...)`'s
+    """`(first, second) -> {input name: Arrow lists}`: `tokenizer(first, second, truncation=True, max_length=...)`'s
     input ids, attention masks (and token types where the model takes them). A fast tokenizer of transformers' own
     encoding (no padding, no Python-side encoding of its own class, a Rust tokenizer that can be copied) encodes
     through a copy of its Rust tokenizer with the same truncation and special-token splitting: the same ids, without
     the Python objects `tokenizer(...)` builds for each encoding (73,536 SWAG rows: about 11 s in one process), on
     every core unless TOKENIZERS_PARALLELISM is false. Any other goes through `tokenizer(...)` itself."""
     def through_tokenizer(first, second):
-        return dict(tokenizer(first, second, truncation=True, max_length=max_length,
-                              padding="max_length" if pad_to_max_length else False))
+        encoded = tokenizer(first, second, truncation=True, max_length=max_length,
+                            padding="max_length" if pad_to_max_length else False)
+        return {name: pa.array(values, type=pa.list_(pa.from_numpy_dtype(ENCODING_TYPES.get(name, np.int64))))
+                for name, values in encoded.items()}
 
     names = [name for name in tokenizer.model_input_names if name in ENCODING_FIELDS]
     if (not tokenizer.is_fast or pad_to_max_length or len(names) != len(tokenizer.model_input_names)
@@ -328,9 +332,22 @@ def pair_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max
     backend.no_padding()
     backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
 
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # without the offsets we do not use
+
     def encode_pairs(first, second):
-        encodings = backend.encode_batch(list(zip(first, second)))
-        return {name: [getattr(e, ENCODING_FIELDS[name]) for e in encodings] for name in names}
+        encodings = encode_batch(list(zip(first, second)))
+        lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+        offsets, total = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), int(lengths.sum())
+        out = {}
+        for name in names:
+            if name == "attention_mask":  # no padding: every token is attended to
+                values = np.ones(total, dtype=ENCODING_TYPES[name])
+            else:
+                field = ENCODING_FIELDS[name]
+                values = np.fromiter(chain.from_iterable(getattr(e, field) for e in encodings),
+                                     dtype=ENCODING_TYPES[name], count=total)
+            out[name] = pa.ListArray.from_arrays(offsets, pa.array(values))
+        return out
     return encode_pairs
 
 

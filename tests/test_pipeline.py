@@ -5,6 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from datasets import Dataset
 
 import demo
 import formats
@@ -113,11 +114,14 @@ def test_rust_encoding_gives_the_tokenizers_own_rows(tmp_path):
         return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), **kwargs)
 
     def same_rows(tokenizer, max_length):
-        ours = tokenize(raw, tokenizer, max_length=max_length).to_dict()
+        tokenized = tokenize(raw, tokenizer, max_length=max_length)
+        ours = tokenized.to_dict()
         theirs = tokenizer(first, second, truncation=True, max_length=max_length)
         assert set(ours) == {*tokenizer.model_input_names, "labels"}
         for name in tokenizer.model_input_names:
             assert [ids for choices in ours[name] for ids in choices] == theirs[name], (type(tokenizer), name)
+        # stored as datasets stores the lists of the rows themselves (its integer types for each input name)
+        assert tokenized.features == Dataset.from_dict(ours).features
 
     for tokenizer in (roberta, bert(), bert(truncation_side="left"), bert(split_special_tokens=True)):
         for max_length in (128, 12, 7):  # 12 and 7 cut most pairs, both sides at 7

@@ -998,12 +998,17 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
     growth and the micro-batches halved down to MIN_TRAIN_MICRO rows with and without it (never more growth than
     `plan`'s), the one with the least estimated time, per training row passes × PASS_ROW_COST + queries ×
     micro-batches per row of `train` (micro_spans; the scores are the same sums; a module group's pass counts as a
-    whole pass, an upper bound). The memory probes run on the longest rows of `queries` and `train`."""
-    lengths = scorer.lengths(train)
+    whole pass, an upper bound). The memory probes run on the longest rows of `queries` and `train`; a micro-batch
+    that could not cost less than the best so far even in the fewest passes any plan can have (every query gradient
+    held once, no pass holding more than the usable memory) is not probed: the same choice, fewer probes."""
+    lengths, queries_read = scorer.lengths(train), max(num_queries, plan_queries)
+    fewest = math.ceil(queries_read * sum(plan.sizes.values()) / max(room * MEMORY_HEADROOM, 1))
+
+    def per_row(micro: int, growth: int) -> float:
+        return len(micro_spans(lengths, max(len(lengths), 1), micro, growth=growth)) / max(len(lengths), 1)
 
     def cost(p: PassPlan) -> float:
-        per_row = len(micro_spans(lengths, max(len(lengths), 1), p.train_micro, growth=p.growth)) / max(len(lengths), 1)
-        return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + max(num_queries, plan_queries) * per_row
+        return pass_count(p, num_queries, plan_queries) * PASS_ROW_COST + queries_read * per_row(p.train_micro, p.growth)
 
     def planned(micro: int, growth: int) -> Optional[PassPlan]:
         trial = replace(plan, train_micro=micro, growth=growth, extra={})
@@ -1020,7 +1025,8 @@ def fewer_passes(scorer: FusedScorer, queries, train, plan: PassPlan, room: int,
     best, micro, growths = plan, plan.train_micro, sorted({plan.growth, 1}, reverse=True)
     while pass_count(best, num_queries, plan_queries) > 1:
         for growth in growths:
-            if (micro, growth) == (plan.train_micro, plan.growth):
+            if (micro, growth) == (plan.train_micro, plan.growth) or \
+                    fewest * PASS_ROW_COST + queries_read * per_row(micro, growth) >= cost(best):
                 continue
             trial = planned(micro, growth)
             if trial is not None and cost(trial) < cost(best):

@@ -249,8 +249,9 @@ class BoundaryGradients:
     stream, in order with their kernels) and cut from blocks of at most BLOCK bytes: torch's pinned allocator rounds
     each allocation up to a power of two, so one allocation per slot would waste up to half. Pinning is slow (the
     pages are faulted in and locked: seconds for tens of GiB), so a thread pins the blocks of the `expected` bytes
-    while the first pass runs, and a slot waits only for a block not pinned yet (`waited`: the seconds it did). Where
-    pinning fails, the slots are ordinary host memory."""
+    while the first pass runs, and a slot waits only for a block not pinned yet (`waited`: the seconds the passes
+    waited for pinned memory, from the thread or pinned in place). A slot larger than a block is pinned on its own and
+    ends the pinning ahead. Where pinning fails, the slots are ordinary host memory."""
 
     BLOCK = 2**30
     ALIGNMENT = 512
@@ -278,14 +279,17 @@ class BoundaryGradients:
         return min(self.BLOCK, 1 << (nbytes - 1).bit_length())  # a power of two, as pinned
 
     def _pin_ahead(self, sizes: list) -> None:
-        for size in sizes:
-            if self.stopping.is_set():
-                return
-            try:
-                self.ahead.put(self._allocate(size, pin=True))
-            except Exception as exc:  # any: a slot waits for what this thread puts
-                self.ahead.put(exc)
-                return
+        try:
+            for size in sizes:
+                if self.stopping.is_set():
+                    return
+                try:
+                    self.ahead.put(self._allocate(size, pin=True))
+                except Exception as exc:  # any: a slot waits for what this thread puts
+                    self.ahead.put(exc)
+                    return
+        finally:
+            self.ahead.put(None)  # the end, however the thread ends: a slot never waits for a block that is not coming
 
     @staticmethod
     def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
@@ -298,12 +302,20 @@ class BoundaryGradients:
             block = self.ahead.get()
             self.waited += time.perf_counter() - started
             self.coming -= 1
-            if isinstance(block, Exception):
+            if block is None or isinstance(block, Exception):
                 self.coming = 0
-                self._pinning_failed(block)
+                if block is not None:
+                    self._pinning_failed(block)
             elif block.numel() >= nbytes:
                 return block
         return None
+
+    def _stop_pinning(self) -> None:
+        """No more blocks ahead: the thread stopped and the blocks it pinned dropped (to torch's pinned cache)."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.ahead, self.coming = queue.Queue(), 0
 
     def _pinning_failed(self, exc: Exception) -> None:
         self.pin = False
@@ -321,24 +333,27 @@ class BoundaryGradients:
     def close(self) -> None:
         """The host memory back: the pinning thread stopped, the slots and blocks dropped, and torch's cache of pinned
         blocks emptied."""
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join()
-        self.ahead, self.coming = queue.Queue(), 0
+        self._stop_pinning()
         self.reset()
-        if self.pin and hasattr(torch._C, "_host_emptyCache"):
+        if self._pins(self.device) and hasattr(torch._C, "_host_emptyCache"):  # also what was pinned before a failure
             torch._C._host_emptyCache()
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:
+            started = time.perf_counter()
             try:
                 return self._allocate(nbytes, pin=True)
             except RuntimeError as exc:
                 self._pinning_failed(exc)
+            finally:
+                self.waited += time.perf_counter() - started  # pinning in place holds the pass up too
         return self._allocate(nbytes, pin=False)
 
     def _bytes(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.BLOCK:
+            # a slot of its own: the blocks pinned ahead for the same bytes would never be used (the longest rows come
+            # first, so this is the first slot, before the thread has pinned much)
+            self._stop_pinning()
             return self._empty(nbytes)
         if not self.blocks or self.used + nbytes > self.blocks[-1].numel():
             remaining = self.expected - sum(block.numel() for block in self.blocks)
@@ -1110,9 +1125,11 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 seconds["train_seconds"] += train_s
                 start, passes, most_groups = rows.stop, passes + len(groups), max(most_groups, len(groups))
     finally:
-        undo()
-        if store is not None:
-            store.close()
+        try:
+            undo()
+        finally:
+            if store is not None:
+                store.close()
     boundary_gib = store.held / 2**30 if store is not None else 0.0  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,

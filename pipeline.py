@@ -334,7 +334,9 @@ def pair_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max
 
     encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # without the offsets we do not use
 
-    def encode_pairs(first, second):
+    # the flag in the function's own defaults: datasets' cache fingerprints the function, and the Rust tokenizer's
+    # pickled state leaves encode_special_tokens out (rows tokenized with and without it would share a cache entry)
+    def encode_pairs(first, second, split_special_tokens=backend.encode_special_tokens):
         encodings = encode_batch(list(zip(first, second)))
         lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
         offsets, total = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), int(lengths.sum())

@@ -250,60 +250,82 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
     assert [block.numel() for block in small.blocks] == [1024]  # the power of two above what is expected
 
 
-def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_its_own(monkeypatch):
-    """A thread pins the expected bytes' blocks (whole ones: 3 of 4,096 for 8,892 bytes) as soon as the store exists;
-    slots are cut from them in order, a slot waiting for a block not pinned yet (counted in `waited`), and a block
-    beyond them is pinned where it is needed (slots of 3,200 bytes, one a block). The values come back bitwise."""
-    pinned, gate = [], threading.Event()
+def _pin_ahead_allocator(monkeypatch, fail_at=None):
+    """BoundaryGradients pinning as on a GPU, through a fake allocator: a pinned block waits for a permit of `permits`
+    (the test hands them out), and is logged with the thread that asked; the `fail_at`-th pin raises as cudaHostAlloc
+    does. Returns (the log, the permits, the times torch's pinned cache was emptied)."""
+    pinned, permits, emptied = [], threading.Semaphore(0), []
 
     def allocate(nbytes, pin):
         if pin:
-            gate.wait(5)
+            assert permits.acquire(timeout=10)
             pinned.append((nbytes, threading.current_thread().name))
+            if len(pinned) == fail_at:
+                raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
         return torch.empty(nbytes, dtype=torch.uint8)
 
     monkeypatch.setattr(fused_scores.BoundaryGradients, "BLOCK", 4096)
     monkeypatch.setattr(fused_scores.BoundaryGradients, "_allocate", staticmethod(allocate))
     monkeypatch.setattr(fused_scores.BoundaryGradients, "_pins", staticmethod(lambda device: True))
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: emptied.append(1), raising=False)
+    return pinned, permits, emptied
+
+
+def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_its_block(monkeypatch):
+    """A thread pins the expected bytes' blocks (whole ones: 3 of 4,096 for 8,892 bytes) as soon as the store exists;
+    slots are cut from them in order, the first slot waiting for the first block only (the others not pinned yet),
+    and a block beyond them is pinned where it is needed (slots of 3,200 bytes, one a block). The values come back
+    bitwise; close() stops the thread and empties torch's pinned cache."""
+    pinned, permits, emptied = _pin_ahead_allocator(monkeypatch)
     store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=2 * 4096 + 700)
-    threading.Timer(0.2, gate.set).start()
     gradients = [torch.randn(40, 20, dtype=torch.float32) for _ in range(4)]
-    for i, gradient in enumerate(gradients):
+    threading.Timer(0.1, permits.release).start()  # one block, while the first slot waits for it
+    store.store(0, gradients[0])
+    assert pinned == [(4096, "pin boundary blocks")] and store.waited > 0  # the other two still wait for permits
+    permits.release(3)
+    for i, gradient in enumerate(gradients[1:], 1):
         store.store(i, gradient)
-    assert store.waited > 0  # the first slot waited for the thread's first block (the gate opens after 0.2 s)
     # three ahead by the thread, one more when needed
     assert pinned == [(4096, "pin boundary blocks")] * 3 + [(4096, "MainThread")] and len(store.blocks) == 4
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
     store.close()
-    assert not store.thread.is_alive() and not store.blocks
+    assert not store.thread.is_alive() and not store.blocks and emptied == [1]
+
+
+def test_a_slot_larger_than_a_block_ends_the_pinning_ahead(monkeypatch):
+    """Slots of 8,192 bytes with blocks of 4,096: each is pinned on its own, and the first one stops the thread, so
+    the blocks it would pin for the same bytes are not held beside them."""
+    pinned, permits, _ = _pin_ahead_allocator(monkeypatch)
+    permits.release(100)
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 8192)
+    gradients = [torch.randn(2048) for _ in range(3)]
+    for i, gradient in enumerate(gradients):
+        store.store(i, gradient)
+    assert not store.thread.is_alive() and store.coming == 0 and store.ahead.empty()
+    assert [size for size, thread in pinned if thread == "MainThread"] == [8192] * 3 and not store.blocks
+    assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+    store.close()
 
 
 def test_pinning_that_fails_in_the_thread_leaves_the_slots_in_ordinary_memory(monkeypatch, caplog):
     """cudaHostAlloc failing in the thread (host memory locked elsewhere) ends the pinning: the slot that waited for the
-    block, and every later one, take ordinary memory, in one log line; the values come back bitwise."""
-    calls = []
-
-    def allocate(nbytes, pin):
-        calls.append(pin)
-        if pin and calls.count(True) == 2:
-            raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    monkeypatch.setattr(fused_scores.BoundaryGradients, "BLOCK", 4096)
-    monkeypatch.setattr(fused_scores.BoundaryGradients, "_allocate", staticmethod(allocate))
-    monkeypatch.setattr(fused_scores.BoundaryGradients, "_pins", staticmethod(lambda device: True))
+    block, and every later one, take ordinary memory, in one log line; the values come back bitwise, and close()
+    still empties torch's pinned cache (the block pinned before the failure)."""
+    pinned, permits, emptied = _pin_ahead_allocator(monkeypatch, fail_at=2)
+    permits.release(100)
     store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 4096)
     store.thread.join()
     gradients = [torch.randn(40, 20) for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="fused_scores"):
         for i, gradient in enumerate(gradients):
             store.store(i, gradient)
-    assert calls == [True, True, False, False] and not store.pin
+    assert len(pinned) == 2 and not store.pin and len(store.blocks) == 3
     assert [r.getMessage() for r in caplog.records] == [
         "fused scoring: pinning host memory failed (CUDA error: out of memory); the layer-output gradients go to "
         "ordinary host memory"]
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
     store.close()
+    assert emptied == [1]
 
 
 def test_available_host_memory_keeps_within_the_cgroup_and_is_shared_by_the_hosts_ranks(monkeypatch, tmp_path):

@@ -123,6 +123,8 @@ def test_rust_encoding_gives_the_tokenizers_own_rows(tmp_path):
         # stored as datasets stores the lists of the rows themselves (its integer types for each input name)
         assert tokenized.features == Dataset.from_dict(ours).features
 
+    # datasets' cache tells the special-token settings apart (its fingerprint of the tokenizing function)
+    assert tokenize(raw, bert())._fingerprint != tokenize(raw, bert(split_special_tokens=True))._fingerprint
     for tokenizer in (roberta, bert(), bert(truncation_side="left"), bert(split_special_tokens=True)):
         for max_length in (128, 12, 7):  # 12 and 7 cut most pairs, both sides at 7
             same_rows(tokenizer, max_length)

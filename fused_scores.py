@@ -250,7 +250,9 @@ class BoundaryGradients:
     each allocation up to a power of two, so one allocation per slot would waste up to half. Pinning is slow (the
     pages are faulted in and locked: seconds for tens of GiB), so a thread pins the blocks of the `expected` bytes
     while the first pass runs, and a slot waits only for a block not pinned yet (`waited`: the seconds the passes
-    waited for pinned memory, from the thread or pinned in place). A slot larger than a block is pinned on its own and
+    waited for pinned memory, from the thread or pinned in place). cudaHostAlloc holds the CUDA driver's lock while it
+    pins, so the GPU work the passes launch meanwhile waits about as long (results/README.md, the H100 section): the
+    pinning leaves the first pass's backward, not the wall clock. A slot larger than a block is pinned on its own and
     ends the pinning ahead. Where pinning fails, the slots are ordinary host memory."""
 
     BLOCK = 2**30

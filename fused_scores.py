@@ -358,9 +358,11 @@ class BoundaryGradients:
             self._stop_pinning()
             return self._empty(nbytes)
         if not self.blocks or self.used + nbytes > self.blocks[-1].numel():
-            remaining = self.expected - sum(block.numel() for block in self.blocks)
             block = self._pinned_ahead(nbytes)
-            self.blocks.append(block if block is not None else self._empty(self._block_size(max(nbytes, remaining))))
+            if block is None:  # none pinned ahead: one sized to what is still expected
+                remaining = self.expected - sum(b.numel() for b in self.blocks)
+                block = self._empty(self._block_size(max(nbytes, remaining)))
+            self.blocks.append(block)
             self.used = 0
         start, self.used = self.used, self.used + -(-nbytes // self.ALIGNMENT) * self.ALIGNMENT
         return self.blocks[-1][start:start + nbytes]

@@ -294,12 +294,15 @@ def grown_batches(analyzer, growth: int):
         spans = micro_spans(lengths, max(len(lengths), 1), per_device_batch_size, growth=growth)
         return DataLoader(rows, batch_sampler=[range(start, stop) for start, stop in spans], **dataloader_params)
 
-    kronfluence_loader = analyzer._get_dataloader
+    kronfluence_loader, own = analyzer._get_dataloader, vars(analyzer).get("_get_dataloader")
     analyzer._get_dataloader = get_dataloader
     try:
         yield
     finally:
-        del analyzer._get_dataloader  # the class's own again
+        if own is None:
+            del analyzer._get_dataloader  # the class's own again
+        else:
+            analyzer._get_dataloader = own
 
 
 def stage_seed(seed: int, stage: str, rank: int = 0) -> int:

@@ -262,6 +262,11 @@ def test_covariance_batches_grow_for_shorter_rows_with_kronfluences_sums(setup, 
     assert [len(b) for b in batches] == [2, 2, 2, 2, 2, 4] and sum(batches, []) == list(range(len(rows)))
     assert all(len(b) * lengths[b[0]] <= 2 * lengths[0] for b in batches)
     assert unsorted.batch_size == 2 and "_get_dataloader" not in vars(analyzer)
+    with grown_batches(analyzer, 4):
+        outer = analyzer._get_dataloader
+        with grown_batches(analyzer, 2):
+            pass
+        assert analyzer._get_dataloader is outer  # a nested block puts the outer one's loader back
     analyzer.fit_covariance_matrices("own", rows, factor_args=args, per_device_batch_size=2)
     grown, own = analyzer.load_covariance_matrices("grown"), analyzer.load_covariance_matrices("own")
     for factor, per_module in own.items():

@@ -81,7 +81,6 @@ from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first
 from influence import (
-    COVARIANCE_GROWTH,
     FUSED_SECONDS,
     QUERY_GRADIENT_ACCUMULATION,
     AnalysisConfig,
@@ -271,8 +270,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     def batched(stage, fn, sizes):
         return lambda: fitted.__setitem__(stage, halving_on_oom(stage, fn, sizes, device))
     stages = {stage: batched(stage, fn, {} if stage == "eigendecomposition" else {"factor_batch_size": c["factor_bs"]})
-              for stage, fn in factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, overwrite=True,
-                                             covariance_growth=COVARIANCE_GROWTH if c.get("fast") else 1).items()}
+              for stage, fn in factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, overwrite=True).items()}
     holder, fused_timings = {}, {}
     if c["scoring"] == "fused":
         def fused(rows=queries, timings=fused_timings, key="scores"):

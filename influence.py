@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from datasets import Dataset
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
@@ -41,7 +40,7 @@ from formats import (
     save_fit,
     save_scores,
 )
-from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first, micro_spans, row_lengths
+from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import decode_choices, model_logits
 from source import source_pairwise_scores
 from utils import UserError, at_least, halving_on_oom, positive_float, seed_value
@@ -60,11 +59,6 @@ QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_
 # 4,000 keeps a Pearson of 0.9993 with kronfluence's fp32 EKFAC and its LDS within 0.0005
 # (results/agreement_anetcap_minilm.sh); the error of a mean shrinks with the rows, and this is 5x more
 FAST_LAMBDA_ROWS = 10_000
-# --fast's covariance batches: the planned rows where they are longest, and up to this many times as many shorter rows
-# within the same tokens (grown_batches). The covariance stage's memory grows with a batch's tokens, not its rows, so
-# no batch needs more than the first; fewer batches spread the host's fixed cost of each (hooks on every module).
-# Lambda keeps its batches: its per-example gradients grow with the rows.
-COVARIANCE_GROWTH = 4
 
 
 def add_method_args(parser) -> None:
@@ -260,49 +254,19 @@ def factor_rows(train, lambda_max_examples=None, seed: int = 0, covariance_max_e
     return covariance.select(longest_first(covariance)), lam.select(longest_first(lam))
 
 
-def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, overwrite: bool,
-                  covariance_growth: int = 1) -> dict:
+def factor_stages(analyzer, f_name: str, covariance_rows, lambda_rows, factor_args, overwrite: bool) -> dict:
     """kronfluence's three factor stages, in order, as callables of the per-device `factor_batch_size` (benchmark.py times
-    them one by one; the eigendecomposition takes no batches). `covariance_growth`: see grown_batches."""
-    def covariance(factor_batch_size=None):
-        with grown_batches(analyzer, covariance_growth):
-            analyzer.fit_covariance_matrices(f_name, covariance_rows, factor_args=factor_args,
-                                             per_device_batch_size=factor_batch_size, overwrite_output_dir=overwrite)
-
+    them one by one; the eigendecomposition takes no batches)."""
     return {
-        "covariance": covariance,
+        "covariance": lambda factor_batch_size=None: analyzer.fit_covariance_matrices(
+            f_name, covariance_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
+            overwrite_output_dir=overwrite),
         "eigendecomposition": lambda factor_batch_size=None: analyzer.perform_eigendecomposition(
             f_name, factor_args=factor_args, overwrite_output_dir=overwrite),
         "lambda": lambda factor_batch_size=None: analyzer.fit_lambda_matrices(
             f_name, lambda_rows, factor_args=factor_args, per_device_batch_size=factor_batch_size,
             overwrite_output_dir=overwrite),
     }
-
-
-@contextlib.contextmanager
-def grown_batches(analyzer, growth: int):
-    """Inside the block `analyzer`'s loops take batches of `per_device_batch_size` rows where the rows are longest and
-    of up to `growth` times as many shorter rows within the same tokens (fused_scores.micro_spans), for a tokenized
-    dataset whose rows come longest first (factor_rows) in a single process; kronfluence's own batches otherwise (its
-    samplers split the rows between processes). The same sums over the same rows, in other batches (and so, with
-    sampled labels, other draws)."""
-    def get_dataloader(dataset, per_device_batch_size, dataloader_params, indices=None, **kwargs):
-        rows = dataset.select(indices) if isinstance(dataset, Dataset) and indices is not None else dataset
-        lengths = row_lengths(rows) if isinstance(rows, Dataset) and growth > 1 else None
-        if lengths is None or analyzer.state.use_distributed or (np.diff(lengths) > 0).any():
-            return kronfluence_loader(dataset, per_device_batch_size, dataloader_params, indices, **kwargs)
-        spans = micro_spans(lengths, max(len(lengths), 1), per_device_batch_size, growth=growth)
-        return DataLoader(rows, batch_sampler=[range(start, stop) for start, stop in spans], **dataloader_params)
-
-    kronfluence_loader, own = analyzer._get_dataloader, vars(analyzer).get("_get_dataloader")
-    analyzer._get_dataloader = get_dataloader
-    try:
-        yield
-    finally:
-        if own is None:
-            del analyzer._get_dataloader  # the class's own again
-        else:
-            analyzer._get_dataloader = own
 
 
 def stage_seed(seed: int, stage: str, rank: int = 0) -> int:
@@ -556,8 +520,7 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
     covariance_rows, lambda_rows = factor_rows(train, config.lambda_rows, config.seed, config.covariance_max_examples)
     stages = factor_stages(analyzer, f_name, covariance_rows, lambda_rows,
                            config.factor_arguments(len(covariance_rows), len(lambda_rows)),
-                           overwrite=True,  # only unfinished stages run, and they replace what a killed run left
-                           covariance_growth=COVARIANCE_GROWTH if config.fast else 1)
+                           overwrite=True)  # only unfinished stages run, and they replace what a killed run left
     batch_size, fitted = factor_batch_size, None
     for name, stage in stages.items():
         if name in completed or not (kronfluence_ddp or rank == 0):

@@ -33,7 +33,7 @@ from fused_scores import (
     train_probes,
     with_bias_column,
 )
-from influence import AnalysisConfig, grown_batches
+from influence import AnalysisConfig
 from metrics import per_query_correlations
 from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
@@ -239,43 +239,6 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
             # float64 sums of the same terms in another order (lambda: rotated before the product): ~1e-16
             # relative per term over a few thousand terms; 1e-12 still catches any missing or doubled term
             assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
-
-
-def test_covariance_batches_grow_for_shorter_rows_with_kronfluences_sums(setup, tmp_path):
-    """grown_batches: kronfluence's covariance loop over 2 rows a batch where the rows are longest and up to 4 times
-    as many shorter rows within the same tokens: fewer batches, each row once and in order, none padded to more tokens
-    than the first; the factors are kronfluence's own batches' (float64, the dataset's labels: the same terms summed
-    in other batches, ~1e-16 relative each; 1e-12 still catches a missing or doubled row). Outside the block, and
-    for rows not sorted longest first, kronfluence's own batches."""
-    analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
-    args.use_empirical_fisher = True
-    cut = {name: [[choice[:4 + 3 * (i % 3)] for choice in row] for i, row in enumerate(train[name])]
-           for name in train.column_names if isinstance(train[0][name], list)}  # rows of 4, 7 and 10 tokens
-    rows = Dataset.from_dict({**train.to_dict(), **cut})
-    rows = rows.select(longest_first(rows))
-    collate = {"collate_fn": setup[3]}
-    with grown_batches(analyzer, 4):
-        batches = [list(b) for b in analyzer._get_dataloader(rows, 2, collate, indices=range(len(rows))).batch_sampler]
-        unsorted = analyzer._get_dataloader(rows.select(range(len(rows))[::-1]), 2, collate)
-        analyzer.fit_covariance_matrices("grown", rows, factor_args=args, per_device_batch_size=2)
-    lengths = fused_scores.row_lengths(rows)
-    assert [len(b) for b in batches] == [2, 2, 2, 2, 2, 4] and sum(batches, []) == list(range(len(rows)))
-    assert all(len(b) * lengths[b[0]] <= 2 * lengths[0] for b in batches)
-    assert unsorted.batch_size == 2 and "_get_dataloader" not in vars(analyzer)
-    with grown_batches(analyzer, 4):
-        outer = analyzer._get_dataloader
-        with grown_batches(analyzer, 2):
-            pass
-        assert analyzer._get_dataloader is outer  # a nested block puts the outer one's loader back
-    analyzer.fit_covariance_matrices("own", rows, factor_args=args, per_device_batch_size=2)
-    grown, own = analyzer.load_covariance_matrices("grown"), analyzer.load_covariance_matrices("own")
-    for factor, per_module in own.items():
-        for module, expected in per_module.items():
-            got = grown[factor][module]
-            if not expected.is_floating_point():
-                assert torch.equal(got, expected), (factor, module)
-            else:
-                assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
 
 
 @pytest.mark.slow

@@ -245,15 +245,16 @@ class BoundaryGradients:
     stored gradient: the values the backward from the loss reaches there (the layers above are the same functions of
     the same inputs), without the layers above.
 
-    On a GPU the slots are pinned (the copies take the DMA path and do not hold up the host; they run in the passes'
-    stream, in order with their kernels) and cut from blocks of at most BLOCK bytes: torch's pinned allocator rounds
-    each allocation up to a power of two, so one allocation per slot would waste up to half. Pinning is slow (the
-    pages are faulted in and locked: seconds for tens of GiB), so a thread pins the blocks of the `expected` bytes
-    while the first pass runs, and a slot waits only for a block not pinned yet (`waited`: the seconds the passes
-    waited for pinned memory, from the thread or pinned in place). cudaHostAlloc holds the CUDA driver's lock while it
-    pins, so the GPU work the passes launch meanwhile waits about as long (results/README.md, the H100 section): the
-    pinning leaves the first pass's backward, not the wall clock. A slot larger than a block is pinned on its own and
-    ends the pinning ahead. Where pinning fails, the slots are ordinary host memory."""
+    On a GPU the slots are page-locked (the copies take the DMA path and do not hold up the host; they run in the
+    passes' stream, in order with their kernels) and cut from blocks of at most BLOCK bytes. Locking tens of GiB
+    takes seconds, and cudaHostAlloc faults the pages in while it holds the CUDA driver's lock, so the GPU work
+    launched meanwhile would wait as long (results/README.md, the H100 section). A thread therefore pins the blocks
+    of the `expected` bytes while the first pass runs, each in two steps: it writes the block's pages in ordinary
+    memory (faulting them in, no lock held), then registers them with CUDA (cudaHostRegister locks pages already in
+    memory). A slot waits only for a block not pinned yet (`waited`: the seconds the passes waited for pinned memory,
+    from the thread or pinned in place). A slot larger than a block is pinned on its own and ends the pinning ahead.
+    The blocks serve the next chunk's slots too (`reset`) and are unregistered by `close`. Where pinning fails, the
+    slots are ordinary host memory."""
 
     BLOCK = 2**30
     ALIGNMENT = 512
@@ -262,6 +263,8 @@ class BoundaryGradients:
         self.device, self.pin = device, self._pins(device)
         self.expected = expected  # the bytes the slots will take (boundary_bytes): smaller blocks below BLOCK
         self.slots, self.blocks, self.used, self.held, self.waited = {}, [], 0, 0, 0.0
+        self.spare = []  # the blocks of the chunk before, for this chunk's slots
+        self.pinned = []  # every block registered with CUDA (the thread's too), until close() unregisters it
         # the blocks pinned ahead: a queue the thread fills (a block, or the exception that ended pinning), and how
         # many it has yet to hand over
         self.ahead, self.coming, self.stopping, self.thread = queue.Queue(), 0, threading.Event(), None
@@ -278,7 +281,7 @@ class BoundaryGradients:
         return device.type == "cuda"
 
     def _block_size(self, nbytes: int) -> int:
-        return min(self.BLOCK, 1 << (nbytes - 1).bit_length())  # a power of two, as pinned
+        return min(self.BLOCK, 1 << (nbytes - 1).bit_length())  # a power of two: room for the slots' alignment
 
     def _pin_ahead(self, sizes: list) -> None:
         try:
@@ -286,16 +289,34 @@ class BoundaryGradients:
                 if self.stopping.is_set():
                     return
                 try:
-                    self.ahead.put(self._allocate(size, pin=True))
+                    block = self._allocate(size, pin=True)
                 except Exception as exc:  # any: a slot waits for what this thread puts
                     self.ahead.put(exc)
                     return
+                self.pinned.append(block)
+                self.ahead.put(block)
         finally:
             self.ahead.put(None)  # the end, however the thread ends: a slot never waits for a block that is not coming
 
     @staticmethod
     def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        """`nbytes` of host memory; pinned: its pages written (faulted in) first, then registered with CUDA."""
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        if pin:
+            block.zero_()
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), nbytes, 0))
+        return block
+
+    @staticmethod
+    def _unpin(block: torch.Tensor) -> None:
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(block.data_ptr()))
+
+    def _release(self, block: torch.Tensor) -> None:
+        """A block that holds no slot unregistered (if it was pinned) and dropped."""
+        for i, pinned in enumerate(self.pinned):
+            if pinned is block:
+                self._unpin(self.pinned.pop(i))
+                return
 
     def _pinned_ahead(self, nbytes: int) -> Optional[torch.Tensor]:
         """The next block the thread pinned (waiting for it), or None: none to come, or pinning failed."""
@@ -310,14 +331,20 @@ class BoundaryGradients:
                     self._pinning_failed(block)
             elif block.numel() >= nbytes:
                 return block
+            else:
+                self.spare.append(block)  # too small for this slot, not for a later one
         return None
 
     def _stop_pinning(self) -> None:
-        """No more blocks ahead: the thread stopped and the blocks it pinned dropped (to torch's pinned cache)."""
+        """No more blocks ahead: the thread stopped, and the blocks it pinned that no slot took released."""
         self.stopping.set()
         if self.thread is not None:
             self.thread.join()
-        self.ahead, self.coming = queue.Queue(), 0
+        while not self.ahead.empty():  # the thread has ended: nothing more comes
+            block = self.ahead.get()
+            if isinstance(block, torch.Tensor):
+                self._release(block)
+        self.coming = 0
 
     def _pinning_failed(self, exc: Exception) -> None:
         self.pin = False
@@ -326,43 +353,56 @@ class BoundaryGradients:
 
     def reset(self) -> None:
         """Before a chunk's first pass: the slots are laid out again (an out-of-memory retry may change the
-        micro-batches)."""
+        micro-batches), in the blocks already there first."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no copy into or out of a slot is pending
         self.held = max(self.held, self.nbytes())  # the most a chunk's slots took
+        self.spare += self.blocks
         self.slots, self.blocks, self.used = {}, [], 0
 
     def close(self) -> None:
-        """The host memory back: the pinning thread stopped, the slots and blocks dropped, and torch's cache of pinned
-        blocks emptied."""
+        """The host memory back: the pinning thread stopped, the slots and blocks dropped, every pinned block
+        unregistered."""
         self._stop_pinning()
         self.reset()
-        if self._pins(self.device) and hasattr(torch._C, "_host_emptyCache"):  # also what was pinned before a failure
-            torch._C._host_emptyCache()
+        self.spare = []
+        pinned, self.pinned = self.pinned, []
+        for block in pinned:
+            self._unpin(block)
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:
             started = time.perf_counter()
             try:
-                return self._allocate(nbytes, pin=True)
+                block = self._allocate(nbytes, pin=True)
             except RuntimeError as exc:
                 self._pinning_failed(exc)
+            else:
+                self.pinned.append(block)
+                return block
             finally:
                 self.waited += time.perf_counter() - started  # pinning in place holds the pass up too
         return self._allocate(nbytes, pin=False)
 
-    def _bytes(self, nbytes: int) -> torch.Tensor:
+    def _block(self, nbytes: int) -> torch.Tensor:
+        """A block for a slot of `nbytes`: one of the chunk before's, the next one pinned ahead, or a new one."""
+        for i, block in enumerate(self.spare):
+            if block.numel() >= nbytes:
+                return self.spare.pop(i)
         if nbytes > self.BLOCK:
             # a slot of its own: the blocks pinned ahead for the same bytes would never be used (the longest rows come
             # first, so this is the first slot, before the thread has pinned much)
             self._stop_pinning()
             return self._empty(nbytes)
+        block = self._pinned_ahead(nbytes)
+        if block is None:  # none pinned ahead: one sized to what is still expected
+            remaining = self.expected - sum(b.numel() for b in self.blocks)
+            block = self._empty(self._block_size(max(nbytes, remaining)))
+        return block
+
+    def _bytes(self, nbytes: int) -> torch.Tensor:
         if not self.blocks or self.used + nbytes > self.blocks[-1].numel():
-            block = self._pinned_ahead(nbytes)
-            if block is None:  # none pinned ahead: one sized to what is still expected
-                remaining = self.expected - sum(b.numel() for b in self.blocks)
-                block = self._empty(self._block_size(max(nbytes, remaining)))
-            self.blocks.append(block)
+            self.blocks.append(self._block(nbytes))
             self.used = 0
         start, self.used = self.used, self.used + -(-nbytes // self.ALIGNMENT) * self.ALIGNMENT
         return self.blocks[-1][start:start + nbytes]

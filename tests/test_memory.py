@@ -231,18 +231,18 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
     written; a micro-batch whose gradient changes shape within a chunk is an error, and reset lays them out again."""
     store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=12_344)
     store.BLOCK = 4096
-    # 840 and 504 bytes share the first block; 3,000 take a second; 8,000, above a block, an allocation of their own
+    # 840 and 504 bytes share the first block; 3,000 take a second; 8,000, above a block, a block of their own
     gradients = [torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(2, 9, 7), torch.randn(30, 25), torch.randn(2000)]
     for i, gradient in enumerate(gradients):
         store.store(i, gradient)
     store.store(0, gradients[0] * 2)
     assert torch.equal(store.load(0), gradients[0] * 2)
     assert all(torch.equal(store.load(i), gradients[i]) for i in (1, 2, 3))
-    assert len(store.blocks) == 2 and store.nbytes() == sum(g.nbytes for g in gradients)
+    assert [b.numel() for b in store.blocks] == [4096, 4096, 8000] and store.nbytes() == sum(g.nbytes for g in gradients)
     with pytest.raises(RuntimeError, match="a boundary gradient of \\(3, 5\\) for a slot of \\(3, 5, 7\\)"):
         store.store(0, torch.zeros(3, 5, dtype=torch.float64))
     store.reset()
-    assert store.held == sum(g.nbytes for g in gradients) and not store.blocks
+    assert store.held == sum(g.nbytes for g in gradients) and not store.blocks and len(store.spare) == 3
     with pytest.raises(RuntimeError, match="no boundary gradient stored for training micro-batch 1"):
         store.load(1)
     small = fused_scores.BoundaryGradients(torch.device("cpu"), expected=840)
@@ -252,31 +252,31 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
 
 def _pin_ahead_allocator(monkeypatch, fail_at=None):
     """BoundaryGradients pinning as on a GPU, through a fake allocator: a pinned block waits for a permit of `permits`
-    (the test hands them out), and is logged with the thread that asked; the `fail_at`-th pin raises as cudaHostAlloc
-    does. Returns (the log, the permits, the times torch's pinned cache was emptied)."""
-    pinned, permits, emptied = [], threading.Semaphore(0), []
+    (the test hands them out), and is logged with the thread that asked; the `fail_at`-th pin raises as
+    cudaHostRegister does. Returns (the log, the permits, the blocks unpinned)."""
+    pinned, permits, unpinned = [], threading.Semaphore(0), []
 
     def allocate(nbytes, pin):
         if pin:
             assert permits.acquire(timeout=10)
             pinned.append((nbytes, threading.current_thread().name))
             if len(pinned) == fail_at:
-                raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+                raise torch.cuda.CudaError(2)  # cudaErrorMemoryAllocation
         return torch.empty(nbytes, dtype=torch.uint8)
 
     monkeypatch.setattr(fused_scores.BoundaryGradients, "BLOCK", 4096)
     monkeypatch.setattr(fused_scores.BoundaryGradients, "_allocate", staticmethod(allocate))
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_unpin", staticmethod(unpinned.append))
     monkeypatch.setattr(fused_scores.BoundaryGradients, "_pins", staticmethod(lambda device: True))
-    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: emptied.append(1), raising=False)
-    return pinned, permits, emptied
+    return pinned, permits, unpinned
 
 
 def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_its_block(monkeypatch):
     """A thread pins the expected bytes' blocks (whole ones: 3 of 4,096 for 8,892 bytes) as soon as the store exists;
     slots are cut from them in order, the first slot waiting for the first block only (the others not pinned yet),
     and a block beyond them is pinned where it is needed (slots of 3,200 bytes, one a block). The values come back
-    bitwise; close() stops the thread and empties torch's pinned cache."""
-    pinned, permits, emptied = _pin_ahead_allocator(monkeypatch)
+    bitwise; close() stops the thread and unpins every block."""
+    pinned, permits, unpinned = _pin_ahead_allocator(monkeypatch)
     store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=2 * 4096 + 700)
     gradients = [torch.randn(40, 20, dtype=torch.float32) for _ in range(4)]
     threading.Timer(0.1, permits.release).start()  # one block, while the first slot waits for it
@@ -288,30 +288,52 @@ def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_
     # three ahead by the thread, one more when needed
     assert pinned == [(4096, "pin boundary blocks")] * 3 + [(4096, "MainThread")] and len(store.blocks) == 4
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+    blocks = list(store.blocks)
     store.close()
-    assert not store.thread.is_alive() and not store.blocks and emptied == [1]
+    assert not store.thread.is_alive() and not store.blocks and not store.pinned
+    assert [id(b) for b in unpinned] == [id(b) for b in blocks]
+
+
+def test_the_next_chunk_reuses_the_pinned_blocks(monkeypatch):
+    """After reset (a chunk's first pass), the slots are cut from the blocks pinned for the chunk before: nothing is
+    pinned again, the values come back bitwise, and close() unpins each block once."""
+    pinned, permits, unpinned = _pin_ahead_allocator(monkeypatch)
+    permits.release(100)
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 3200)
+    for chunk in range(3):
+        gradients = [torch.randn(40, 20) + chunk for _ in range(3)]
+        store.reset()
+        for i, gradient in enumerate(gradients):
+            store.store(i, gradient)
+        assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+        assert len(pinned) == 3 and len(store.blocks) == 3 and not store.spare
+    store.close()
+    assert len(unpinned) == 3 and len({id(b) for b in unpinned}) == 3 and not store.pinned
 
 
 def test_a_slot_larger_than_a_block_ends_the_pinning_ahead(monkeypatch):
-    """Slots of 8,192 bytes with blocks of 4,096: each is pinned on its own, and the first one stops the thread, so
-    the blocks it would pin for the same bytes are not held beside them."""
-    pinned, permits, _ = _pin_ahead_allocator(monkeypatch)
+    """Slots of 8,192 bytes with blocks of 4,096: each is pinned on its own, and the first one stops the thread and
+    unpins the blocks it pinned ahead for the same bytes, so that they are not held beside them."""
+    pinned, permits, unpinned = _pin_ahead_allocator(monkeypatch)
     permits.release(100)
     store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 8192)
     gradients = [torch.randn(2048) for _ in range(3)]
     for i, gradient in enumerate(gradients):
         store.store(i, gradient)
+    ahead = sum(thread == "pin boundary blocks" for _, thread in pinned)
     assert not store.thread.is_alive() and store.coming == 0 and store.ahead.empty()
-    assert [size for size, thread in pinned if thread == "MainThread"] == [8192] * 3 and not store.blocks
+    assert len(unpinned) == ahead and all(b.numel() == 4096 for b in unpinned)
+    assert [size for size, thread in pinned if thread == "MainThread"] == [8192] * 3 and len(store.pinned) == 3
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
     store.close()
+    assert len(unpinned) == ahead + 3 and not store.pinned
 
 
 def test_pinning_that_fails_in_the_thread_leaves_the_slots_in_ordinary_memory(monkeypatch, caplog):
-    """cudaHostAlloc failing in the thread (host memory locked elsewhere) ends the pinning: the slot that waited for the
-    block, and every later one, take ordinary memory, in one log line; the values come back bitwise, and close()
-    still empties torch's pinned cache (the block pinned before the failure)."""
-    pinned, permits, emptied = _pin_ahead_allocator(monkeypatch, fail_at=2)
+    """cudaHostRegister failing in the thread (host memory locked elsewhere) ends the pinning: the slot that waited for
+    the block, and every later one, take ordinary memory, in one log line; the values come back bitwise, and close()
+    still unpins the block pinned before the failure."""
+    pinned, permits, unpinned = _pin_ahead_allocator(monkeypatch, fail_at=2)
     permits.release(100)
     store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 4096)
     store.thread.join()
@@ -321,11 +343,12 @@ def test_pinning_that_fails_in_the_thread_leaves_the_slots_in_ordinary_memory(mo
             store.store(i, gradient)
     assert len(pinned) == 2 and not store.pin and len(store.blocks) == 3
     assert [r.getMessage() for r in caplog.records] == [
-        "fused scoring: pinning host memory failed (CUDA error: out of memory); the layer-output gradients go to "
+        "fused scoring: pinning host memory failed (out of memory (2)); the layer-output gradients go to "
         "ordinary host memory"]
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+    first = store.blocks[0]
     store.close()
-    assert emptied == [1]
+    assert [id(b) for b in unpinned] == [id(first)]
 
 
 def test_available_host_memory_keeps_within_the_cgroup_and_is_shared_by_the_hosts_ranks(monkeypatch, tmp_path):

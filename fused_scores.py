@@ -35,6 +35,7 @@ pairwise scores for the same factors (tests/test_fused.py checks it on CPU). Und
 
 import logging
 import math
+import mmap
 import queue
 import threading
 import time
@@ -246,21 +247,24 @@ class BoundaryGradients:
     the same inputs), without the layers above.
 
     On a GPU the slots are page-locked (the copies take the DMA path and do not hold up the host; they run in the
-    passes' stream, in order with their kernels) and cut from blocks of at most BLOCK bytes. Locking tens of GiB
-    takes seconds, and cudaHostAlloc faults the pages in while it holds the CUDA driver's lock, so the GPU work
-    launched meanwhile would wait as long (results/README.md, the H100 section). A thread therefore pins the blocks
-    of the `expected` bytes while the first pass runs, each in two steps: it writes the block's pages in ordinary
-    memory (faulting them in, no lock held), then registers them with CUDA (cudaHostRegister locks pages already in
-    memory). A slot waits only for a block not pinned yet (`waited`: the seconds the passes waited for pinned memory,
-    from the thread or pinned in place). A slot larger than a block is pinned on its own and ends the pinning ahead.
-    The blocks serve the next chunk's slots too (`reset`) and are unregistered by `close`. Where pinning fails, the
-    slots are ordinary host memory."""
+    passes' stream, in order with their kernels) and cut from blocks of at most BLOCK bytes. cudaHostAlloc faults the
+    pages in while it holds the CUDA driver's lock: on an H100 it pins 8 GiB in 2.7 s, while a thread launching
+    matmuls runs at 0.6% of its rate (results/pin_probe.py). A thread therefore pins the blocks of the `expected`
+    bytes while the first pass runs, each in two steps: it writes the block's pages in a mapping of its own (faulting
+    them in, no lock held), then registers them (cudaHostRegister): 8 GiB in 0.85 s, the matmuls at 72% of their
+    rate meanwhile. A slot waits only for a block not pinned yet (`waited`: the seconds the passes waited for pinned
+    memory, from the thread or pinned in place). A slot larger than a block is pinned on its own and ends the pinning
+    ahead. The blocks serve the next chunk's slots too (`reset`) and are unregistered by `close`. Where pinning
+    fails, the slots are ordinary host memory."""
 
     BLOCK = 2**30
     ALIGNMENT = 512
 
     def __init__(self, device: torch.device, expected: int = 0):
         self.device, self.pin = device, self._pins(device)
+        # the GPU the registrations are for: a thread starts on GPU 0 whatever the caller's (torchrun's other ranks)
+        self.gpu = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
         self.expected = expected  # the bytes the slots will take (boundary_bytes): smaller blocks below BLOCK
         self.slots, self.blocks, self.used, self.held, self.waited = {}, [], 0, 0, 0.0
         self.spare = []  # the blocks of the chunk before, for this chunk's slots
@@ -285,6 +289,8 @@ class BoundaryGradients:
 
     def _pin_ahead(self, sizes: list) -> None:
         try:
+            if self.gpu is not None:
+                torch.cuda.set_device(self.gpu)
             for size in sizes:
                 if self.stopping.is_set():
                     return
@@ -300,16 +306,40 @@ class BoundaryGradients:
 
     @staticmethod
     def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
-        """`nbytes` of host memory; pinned: its pages written (faulted in) first, then registered with CUDA."""
-        block = torch.empty(nbytes, dtype=torch.uint8)
-        if pin:
-            block.zero_()
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), nbytes, 0))
+        """`nbytes` of host memory. Pinned: a private mapping of its own that forked processes (DataLoader workers) do
+        not inherit (the kernel would copy pinned pages into each child), its pages written (faulted in) first and
+        then registered with CUDA."""
+        if not pin:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.madvise(mmap.MADV_DONTFORK)
+        block = torch.frombuffer(memory, dtype=torch.uint8)  # holds the mapping while it lives
+        block.fill_(0)
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), nbytes, 0))
         return block
 
     @staticmethod
     def _unpin(block: torch.Tensor) -> None:
         torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(block.data_ptr()))
+
+    def _pinned_here(self, nbytes: int) -> torch.Tensor:
+        """_allocate(nbytes, pin=True) in a thread of its own, on this store's GPU: a failed CUDA call leaves its error
+        with the calling thread, where the next kernel launch's check would raise it."""
+        result = {}
+
+        def pin():
+            try:
+                if self.gpu is not None:
+                    torch.cuda.set_device(self.gpu)
+                result["block"] = self._allocate(nbytes, pin=True)
+            except Exception as exc:  # any: handed to the caller
+                result["error"] = exc
+        thread = threading.Thread(target=pin, name="pin a boundary block")
+        thread.start()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["block"]
 
     def _release(self, block: torch.Tensor) -> None:
         """A block that holds no slot unregistered (if it was pinned) and dropped."""
@@ -366,16 +396,21 @@ class BoundaryGradients:
         self._stop_pinning()
         self.reset()
         self.spare = []
-        pinned, self.pinned = self.pinned, []
-        for block in pinned:
-            self._unpin(block)
+        failed = []
+        for block in self.pinned:  # each on its own: a block that fails stays referenced (its pages stay locked)
+            try:
+                self._unpin(block)
+            except RuntimeError as exc:
+                failed.append(block)
+                logger.warning("fused scoring: unregistering a pinned block failed (%s)", str(exc).splitlines()[0])
+        self.pinned = failed
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:
             started = time.perf_counter()
             try:
-                block = self._allocate(nbytes, pin=True)
-            except RuntimeError as exc:
+                block = self._pinned_here(nbytes)
+            except (RuntimeError, OSError) as exc:  # CUDA's errors, and a mapping the host cannot give
                 self._pinning_failed(exc)
             else:
                 self.pinned.append(block)

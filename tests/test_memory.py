@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,6 +272,27 @@ def _pin_ahead_allocator(monkeypatch, fail_at=None):
     return pinned, permits, unpinned
 
 
+def test_a_pinned_block_is_a_mapping_that_forked_workers_do_not_inherit(monkeypatch):
+    """BoundaryGradients._allocate's pinned block: its own anonymous mapping, marked not to be inherited on fork
+    (DataLoader workers are forked while the blocks are pinned; the kernel copies pinned pages into each child), its
+    pages written, then registered with CUDA, and unregistered by _unpin (cudart faked: no GPU here)."""
+    calls = []
+    fake = type("cudart", (), {"cudaHostRegister": staticmethod(lambda ptr, n, flags: calls.append(("register", ptr, n))
+                                                                or 0),
+                               "cudaHostUnregister": staticmethod(lambda ptr: calls.append(("unregister", ptr)) or 0)})
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    block = fused_scores.BoundaryGradients._allocate(3 * 4096, pin=True)
+    start = block.data_ptr()
+    assert calls == [("register", start, 3 * 4096)] and start % 4096 == 0 and not block.any()
+    mappings = Path("/proc/self/smaps").read_text().split("\n")
+    heads = [i for i, line in enumerate(mappings) if line.split(" ")[0].count("-") == 1 and ":" not in line.split(" ")[0]]
+    head = next(i for i in heads if int(mappings[i].split("-")[0], 16) == start)
+    flags = next(line for line in mappings[head:] if line.startswith("VmFlags:")).split()
+    assert "dc" in flags  # VM_DONTCOPY: madvise(MADV_DONTFORK)
+    fused_scores.BoundaryGradients._unpin(block)
+    assert calls[-1] == ("unregister", start)
+
+
 def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_its_block(monkeypatch):
     """A thread pins the expected bytes' blocks (whole ones: 3 of 4,096 for 8,892 bytes) as soon as the store exists;
     slots are cut from them in order, the first slot waiting for the first block only (the others not pinned yet),
@@ -286,7 +308,7 @@ def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_
     for i, gradient in enumerate(gradients[1:], 1):
         store.store(i, gradient)
     # three ahead by the thread, one more when needed
-    assert pinned == [(4096, "pin boundary blocks")] * 3 + [(4096, "MainThread")] and len(store.blocks) == 4
+    assert pinned == [(4096, "pin boundary blocks")] * 3 + [(4096, "pin a boundary block")] and len(store.blocks) == 4
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
     blocks = list(store.blocks)
     store.close()
@@ -323,7 +345,7 @@ def test_a_slot_larger_than_a_block_ends_the_pinning_ahead(monkeypatch):
     ahead = sum(thread == "pin boundary blocks" for _, thread in pinned)
     assert not store.thread.is_alive() and store.coming == 0 and store.ahead.empty()
     assert len(unpinned) == ahead and all(b.numel() == 4096 for b in unpinned)
-    assert [size for size, thread in pinned if thread == "MainThread"] == [8192] * 3 and len(store.pinned) == 3
+    assert [size for size, thread in pinned if thread == "pin a boundary block"] == [8192] * 3 and len(store.pinned) == 3
     assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
     store.close()
     assert len(unpinned) == ahead + 3 and not store.pinned

@@ -410,7 +410,7 @@ class BoundaryGradients:
             started = time.perf_counter()
             try:
                 block = self._pinned_here(nbytes)
-            except (RuntimeError, OSError) as exc:  # CUDA's errors, and a mapping the host cannot give
+            except Exception as exc:  # any (CUDA's errors, a mapping the host cannot give): ordinary memory instead
                 self._pinning_failed(exc)
             else:
                 self.pinned.append(block)

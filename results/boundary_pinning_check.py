@@ -8,11 +8,12 @@ unregistering every block.
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, ".")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 import fused_scores  # noqa: E402
 
 

@@ -289,13 +289,11 @@ class BoundaryGradients:
 
     def _pin_ahead(self, sizes: list) -> None:
         try:
-            if self.gpu is not None:
-                torch.cuda.set_device(self.gpu)
             for size in sizes:
                 if self.stopping.is_set():
                     return
                 try:
-                    block = self._allocate(size, pin=True)
+                    block = self._pin_block(size)
                 except Exception as exc:  # any: a slot waits for what this thread puts
                     self.ahead.put(exc)
                     return
@@ -318,20 +316,24 @@ class BoundaryGradients:
         torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), nbytes, 0))
         return block
 
+    def _pin_block(self, nbytes: int) -> torch.Tensor:
+        """A pinned block, from a thread other than the passes' (a new thread starts on GPU 0: this store's GPU)."""
+        if self.gpu is not None:
+            torch.cuda.set_device(self.gpu)
+        return self._allocate(nbytes, pin=True)
+
     @staticmethod
     def _unpin(block: torch.Tensor) -> None:
         torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(block.data_ptr()))
 
     def _pinned_here(self, nbytes: int) -> torch.Tensor:
-        """_allocate(nbytes, pin=True) in a thread of its own, on this store's GPU: a failed CUDA call leaves its error
-        with the calling thread, where the next kernel launch's check would raise it."""
+        """_pin_block(nbytes) in a thread of its own: a failed CUDA call leaves its error with the calling thread,
+        where the next kernel launch's check would raise it."""
         result = {}
 
         def pin():
             try:
-                if self.gpu is not None:
-                    torch.cuda.set_device(self.gpu)
-                result["block"] = self._allocate(nbytes, pin=True)
+                result["block"] = self._pin_block(nbytes)
             except Exception as exc:  # any: handed to the caller
                 result["error"] = exc
         thread = threading.Thread(target=pin, name="pin a boundary block")

@@ -112,6 +112,7 @@ from utils import (
     limit_gpu_memory,
     loader_workers,
     positive_float,
+    process_seconds,
     read_json,
     run_script,
     setup_logging,
@@ -445,7 +446,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         limit_gpu_memory(args.max_memory_gb, device)
 
     # 1. the factors: the stages a killed or earlier run left unfinished
-    started = time.perf_counter()
+    started, startup_seconds = time.perf_counter(), process_seconds()
     with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
                                         outputs.record_factors, args.factor_batch_size)
@@ -477,7 +478,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         split = {f"scores_{key}": round(float(sizes.pop(key)), 2) for key in FUSED_SECONDS if key in sizes}
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-            timings = {"seconds": {"factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
+            timings = {"seconds": {"startup": round(startup_seconds, 2),  # process start to the factors (and SOURCE's)
+                                   "factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
                                    "scores": round(time.perf_counter() - scores_started, 2), **split,
                                    # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)
                                    **({"source_factors": round(source["factor_seconds"], 2)} if source else {})},

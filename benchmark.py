@@ -617,7 +617,9 @@ def direct_run(model, tokenizer, raw, args) -> dict:
                         **{key: scores["seconds"].get(f"scores_{key}") for key in FUSED_SECONDS},
                         **{k: v for k, v in scores["fitted_in_memory"].items() if k != "factor_batch_size"}}
     return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,
-            "wall_seconds": round(wall, 1), "reused_stages": reused, "stages": stages,
+            "wall_seconds": round(wall, 1), "reused_stages": reused,
+            # the process's start to its first factor stage: imports, the checkpoint, tokenizing, CUDA's start
+            "startup_seconds": scores["seconds"].get("startup"), "stages": stages,
             "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
 

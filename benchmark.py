@@ -40,8 +40,10 @@ measure anew, pass another --output or --work_dir.
 
 `--direct` measures instead of extrapolating: it runs `analyze.py --fast` in a process of its own, as a user
 does, on the benchmark's weights and the training file's rows repeated to --direct_train (default 73,536) ×
---direct_queries (default 2,000) queries, and records the wall clock and each stage's seconds and peak memory
-(analyze.py's own records). Killed, it resumes: a rerun reuses the finished factor stages and sums the times.
+--direct_queries (default 2,000) queries, and records the wall clock, the start-up and each stage's seconds and peak
+memory (analyze.py's own records); at that default scale, beside `reference_bf16` the wall clock's speed-up over it,
+beside `fast` each stage over its extrapolation. Killed, it resumes: a rerun reuses the finished factor stages and
+sums the times.
 
     python benchmark.py --tokenizer_dir ../shared/tokenizers/roberta-base --train_file ... --validation_file ... \\
         --configs --train_variants eager --train_steps 20 --direct --output results/benchmark_direct_h200.json
@@ -394,6 +396,19 @@ def measured_over_extrapolated(direct: dict, extrapolated: dict) -> dict:
     return ratios
 
 
+def compared_with_extrapolations(direct: dict, results: dict) -> dict:
+    """What a direct run at the reference scale adds beside this invocation's extrapolated configurations: its wall
+    clock's speed-up over the bf16 reference's (with `reference_bf16`) and its stages against `fast`'s (with `fast`,
+    measured_over_extrapolated)."""
+    out = {}
+    if "reference_bf16" in results:
+        out["speedup_vs_reference_bf16"] = round(results["reference_bf16"]["full_scale_seconds"]
+                                                 / direct["wall_seconds"], 1)
+    if "fast" in results:
+        out["measured_over_extrapolated"] = measured_over_extrapolated(direct, results["fast"]["full_scale"])
+    return out
+
+
 def warm_up(name, model, tokenizer, raw_train, raw_queries, args) -> float:
     """One untimed run of configuration `name` on a few rows before its timed ones: one-time costs (the first use of
     its kernels, its worker processes, CUDA's start-up if nothing ran before) would otherwise fall into its first
@@ -693,10 +708,8 @@ def main(argv=None):
     write_json(args.output, out)
     if args.direct:
         out["direct"] = direct_run(model, tokenizer, raw, args)
-        if "fast" in results and (args.direct_train, args.direct_queries) == (REFERENCE_NUM_TRAIN,
-                                                                               REFERENCE_NUM_QUERIES):
-            out["direct"]["measured_over_extrapolated"] = measured_over_extrapolated(out["direct"],
-                                                                                    results["fast"]["full_scale"])
+        if (args.direct_train, args.direct_queries) == (REFERENCE_NUM_TRAIN, REFERENCE_NUM_QUERIES):
+            out["direct"].update(compared_with_extrapolations(out["direct"], results))
         write_json(args.output, out)
     logger.info("results in %s", args.output)
     print(json.dumps({k: v for k, v in out.items() if k not in ("configs", "training")}, indent=1))

@@ -150,6 +150,14 @@ def test_a_direct_run_is_compared_with_the_extrapolation_stage_by_stage():
                                                  "scores": 180.3}}
     assert benchmark.measured_over_extrapolated(direct, extrapolated) == {
         "covariance": 2.52, "lambda": 0.78, "eigendecomposition": 0.81, "scores": 1.13, "stages": 1.07}
+    direct["wall_seconds"] = 216.4
+    fast, reference = {"full_scale": extrapolated}, {"full_scale_seconds": 5275.0}
+    assert benchmark.compared_with_extrapolations(direct, {"reference_bf16": reference, "fast": fast}) == {
+        "speedup_vs_reference_bf16": 24.4,  # 5275 / 216.4 = 24.38 (the wall clock, not the stages)
+        "measured_over_extrapolated": benchmark.measured_over_extrapolated(direct, extrapolated)}
+    assert benchmark.compared_with_extrapolations(direct, {"reference_bf16": reference}) == {
+        "speedup_vs_reference_bf16": 24.4}
+    assert benchmark.compared_with_extrapolations(direct, {}) == {}
 
 
 def test_each_configuration_is_warmed_up_untimed_before_its_timed_runs(monkeypatch):

@@ -46,6 +46,7 @@ import uuid
 from contextlib import ExitStack, nullcontext
 from itertools import takewhile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -423,10 +424,11 @@ def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings
 
 
 def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = None,
-                 factors_only: bool = False) -> Path:
+                 factors_only: bool = False, startup_seconds: Optional[float] = None) -> Path:
     """Fit the factors and compute the scores, resuming what an interrupted run with the same settings finished;
     the output directories stay locked (by rank 0) until `stack` closes. Returns the scores directory (the factors
-    directory with `factors_only`). `source`: SOURCE's earlier segments and shares (earlier_segments)."""
+    directory with `factors_only`). `source`: SOURCE's earlier segments and shares (earlier_segments).
+    `startup_seconds`: the process's start-up before this analysis, recorded with the scores."""
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
@@ -446,7 +448,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         limit_gpu_memory(args.max_memory_gb, device)
 
     # 1. the factors: the stages a killed or earlier run left unfinished
-    started, startup_seconds = time.perf_counter(), process_seconds()
+    started = time.perf_counter()
     with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
                                         outputs.record_factors, args.factor_batch_size)
@@ -478,7 +480,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         split = {f"scores_{key}": round(float(sizes.pop(key)), 2) for key in FUSED_SECONDS if key in sizes}
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-            timings = {"seconds": {"startup": round(startup_seconds, 2),  # process start to the factors (and SOURCE's)
+            timings = {"seconds": {**({"startup": round(startup_seconds, 2)} if startup_seconds is not None else {}),
                                    "factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
                                    "scores": round(time.perf_counter() - scores_started, 2), **split,
                                    # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)
@@ -574,10 +576,12 @@ def main(argv=None):
     external_group = dist.is_initialized()  # a caller's process group is left alone at the end
     if args.use_ddp and not dist.is_initialized():
         init_process_group()
+    # imports, the checkpoint and the data: before SOURCE's factors (source_factors) and any wait for a lock
+    startup_seconds = process_seconds()
     # SOURCE's earlier segments first: their factors, each as its own analysis would fit them
     source = earlier_segments(args, run_dir, tokenizer, data) if args.source_horizon else None
     with ExitStack() as locks:
-        scores_dir = run_analysis(args, model, tokenizer, data, locks, source)
+        scores_dir = run_analysis(args, model, tokenizer, data, locks, source, startup_seconds=startup_seconds)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
         dist.barrier()                                 # in a gloo collective can abort it. (kronfluence's State
         dist.destroy_process_group()                   # still counts the ranks: main runs once per process.)

@@ -398,12 +398,13 @@ def measured_over_extrapolated(direct: dict, extrapolated: dict) -> dict:
 
 def compared_with_extrapolations(direct: dict, results: dict) -> dict:
     """What a direct run at the reference scale adds beside this invocation's extrapolated configurations: its wall
-    clock's speed-up over the bf16 reference's (with `reference_bf16`) and its stages against `fast`'s (with `fast`,
+    clock's speed-up over the bf16 reference's (with `reference_bf16`, where the run reused no stage: a resumed
+    run's wall clock lacks the reused stages) and its stages against `fast`'s (with `fast`,
     measured_over_extrapolated)."""
     out = {}
-    if "reference_bf16" in results:
-        out["speedup_vs_reference_bf16"] = round(results["reference_bf16"]["full_scale_seconds"]
-                                                 / direct["wall_seconds"], 1)
+    if "reference_bf16" in results and not direct["reused_stages"]:
+        out["wall_speedup_vs_reference_bf16"] = round(results["reference_bf16"]["full_scale_seconds"]
+                                                      / direct["wall_seconds"], 1)
     if "fast" in results:
         out["measured_over_extrapolated"] = measured_over_extrapolated(direct, results["fast"]["full_scale"])
     return out
@@ -592,7 +593,7 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     """analyze.py --fast in a process of its own, as a user runs it: the benchmark's weights saved as a checkpoint,
     the training rows repeated to --direct_train. Returns the wall clock of this invocation and each stage's seconds
     and peak GPU memory as analyze.py recorded them; a stage finished by an earlier, killed invocation keeps its own
-    time (`stages_seconds` sums them; `reused_stages` names them)."""
+    time (`stages_seconds` sums them; `reused_stages` names them, "scores" where complete scores were reused)."""
     work = (args.work_dir / DIRECT_DIR).resolve()
     checkpoint, train_file = work / "checkpoint", work / "train.csv"
     manifest = {"direct_train": args.direct_train, "architecture": args.architecture, "train_steps": args.train_steps,
@@ -616,6 +617,7 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     scores_dir = work / "scores" / checkpoint.name / f"scores_{config.scores_name(0, args.direct_queries)}"
     reused = (read_json(factors_dir / METADATA_FILE, "analyze.py's record").get("completed_stages", [])
               if (factors_dir / METADATA_FILE).exists() else [])
+    reused += ["scores"] if (scores_dir / METADATA_FILE).exists() else []  # complete scores: analyze.py reuses them
     command = [sys.executable, str(Path(__file__).with_name("analyze.py")), "--checkpoint_dir", str(checkpoint),
                "--fast", "--train_file", str(train_file), "--validation_file", str(Path(args.validation_file).resolve()),
                "--num_queries", str(args.direct_queries), "--allow_other_train_rows", "--output_dir", str(work / "scores")]
@@ -633,7 +635,8 @@ def direct_run(model, tokenizer, raw, args) -> dict:
                         **{k: v for k, v in scores["fitted_in_memory"].items() if k != "factor_batch_size"}}
     return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,
             "wall_seconds": round(wall, 1), "reused_stages": reused,
-            # the process's start to its first factor stage: imports, the checkpoint, tokenizing, CUDA's start
+            # the process's start-up: imports, the checkpoint, tokenizing (the earlier process's, where the scores
+            # are reused)
             "startup_seconds": scores["seconds"].get("startup"), "stages": stages,
             "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}

@@ -179,9 +179,11 @@ def process_seconds() -> float:
         with open("/proc/self/stat") as f:  # the start time is the 22nd field; the command name may hold spaces
             started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
         with open("/proc/uptime") as f:
-            return float(f.read().split()[0]) - started
+            seconds = float(f.read().split()[0]) - started
     except (OSError, ValueError, IndexError):
-        return time.time() - psutil.Process().create_time()
+        seconds = -1.0
+    # a container's virtualised uptime (lxcfs) counts from its own start, the start time from the host's boot
+    return seconds if seconds >= 0 else time.time() - psutil.Process().create_time()
 
 
 def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:

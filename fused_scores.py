@@ -343,11 +343,22 @@ class BoundaryGradients:
             raise result["error"]
         return result["block"]
 
+    def _unregistered(self, block: torch.Tensor) -> bool:
+        """Whether `block` was unregistered; a failure is logged, not raised, so that the other blocks still are."""
+        try:
+            self._unpin(block)
+            return True
+        except RuntimeError as exc:
+            logger.warning("fused scoring: unregistering a pinned block failed (%s)", str(exc).splitlines()[0])
+            return False
+
     def _release(self, block: torch.Tensor) -> None:
-        """A block that holds no slot unregistered (if it was pinned) and dropped."""
+        """A block that holds no slot unregistered (if it was pinned) and dropped; one that fails stays in `pinned`
+        (its pages stay locked, close() tries again)."""
         for i, pinned in enumerate(self.pinned):
             if pinned is block:
-                self._unpin(self.pinned.pop(i))
+                if self._unregistered(block):
+                    del self.pinned[i]
                 return
 
     def _pinned_ahead(self, nbytes: int) -> Optional[torch.Tensor]:
@@ -398,14 +409,8 @@ class BoundaryGradients:
         self._stop_pinning()
         self.reset()
         self.spare = []
-        failed = []
-        for block in self.pinned:  # each on its own: a block that fails stays referenced (its pages stay locked)
-            try:
-                self._unpin(block)
-            except RuntimeError as exc:
-                failed.append(block)
-                logger.warning("fused scoring: unregistering a pinned block failed (%s)", str(exc).splitlines()[0])
-        self.pinned = failed
+        # each on its own: a block that fails stays referenced (its pages stay locked)
+        self.pinned = [block for block in self.pinned if not self._unregistered(block)]
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:

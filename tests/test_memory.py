@@ -351,6 +351,31 @@ def test_a_slot_larger_than_a_block_ends_the_pinning_ahead(monkeypatch):
     assert len(unpinned) == ahead + 3 and not store.pinned
 
 
+def test_a_block_that_fails_to_unregister_leaves_the_others_unregistered(monkeypatch, caplog):
+    """A failing cudaHostUnregister, for a block pinned ahead and unused (the thread stopped by a slot above a block),
+    is logged and the block kept (its pages stay locked) while the others are unregistered; close() tries it again,
+    and keeps what fails there too."""
+    pinned, permits, unpinned = _pin_ahead_allocator(monkeypatch)
+    permits.release(100)
+    failures = []
+
+    def unpin(block):
+        if not failures or (len(failures) == 1 and block is failures[0] and len(unpinned) == 2):
+            failures.append(block)  # the first block asked for, at the stop and again at close()
+            raise RuntimeError("CUDA error: invalid argument\nmore")
+        unpinned.append(block)
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_unpin", staticmethod(unpin))
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 4096)
+    store.thread.join()  # three blocks pinned ahead
+    with caplog.at_level(logging.WARNING, logger="fused_scores"):
+        store.store(0, torch.randn(2048))  # 8,192 bytes, above a block: the thread's blocks released
+        assert len(store.pinned) == 2 and len(unpinned) == 2  # the failed block and the slot's own
+        store.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused scoring: unregistering a pinned block failed (CUDA error: invalid argument)"] * 2
+    assert len(unpinned) == 3 and [id(b) for b in store.pinned] == [id(failures[0])]
+
+
 def test_pinning_that_fails_in_the_thread_leaves_the_slots_in_ordinary_memory(monkeypatch, caplog):
     """cudaHostRegister failing in the thread (host memory locked elsewhere) ends the pinning: the slot that waited for
     the block, and every later one, take ordinary memory, in one log line; the values come back bitwise, and close()

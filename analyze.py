@@ -106,12 +106,14 @@ from utils import (
     ArgumentParser,
     UserError,
     at_least,
+    collector_paused,
     configure_attention,
     configure_cpu_threads,
     file_sha256,
     finish_interrupted_swaps,
     limit_gpu_memory,
     loader_workers,
+    long_lived_frozen,
     positive_float,
     process_seconds,
     read_json,
@@ -564,8 +566,9 @@ def main(argv=None):
     if args.checkpoint_epoch:
         args.checkpoint_dir = epoch_checkpoint(args.checkpoint_dir, args.checkpoint_epoch)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
-    model, tokenizer = load_checkpoint(args.checkpoint_dir)
-    data = prepare_data(args, tokenizer)
+    with collector_paused():
+        model, tokenizer = load_checkpoint(args.checkpoint_dir)
+        data = prepare_data(args, tokenizer)
     require_labels(data.queries)  # the measurement is the query's margin; before any work, and on every rank
     if not 0 <= args.query_index < len(data.queries):
         raise UserError(f"--query_index {args.query_index} is outside the {len(data.queries)} queries; "
@@ -578,10 +581,11 @@ def main(argv=None):
         init_process_group()
     # imports, the checkpoint and the data: before SOURCE's factors (source_factors) and any wait for a lock
     startup_seconds = process_seconds()
-    # SOURCE's earlier segments first: their factors, each as its own analysis would fit them
-    source = earlier_segments(args, run_dir, tokenizer, data) if args.source_horizon else None
-    with ExitStack() as locks:
-        scores_dir = run_analysis(args, model, tokenizer, data, locks, source, startup_seconds=startup_seconds)
+    with long_lived_frozen():  # the data and the model live to the end: no collection walks them
+        # SOURCE's earlier segments first: their factors, each as its own analysis would fit them
+        source = earlier_segments(args, run_dir, tokenizer, data) if args.source_horizon else None
+        with ExitStack() as locks:
+            scores_dir = run_analysis(args, model, tokenizer, data, locks, source, startup_seconds=startup_seconds)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
         dist.barrier()                                 # in a gloo collective can abort it. (kronfluence's State
         dist.destroy_process_group()                   # still counts the ranks: main runs once per process.)

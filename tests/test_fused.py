@@ -156,6 +156,31 @@ def test_longest_first_sorts_by_longest_choice():
     assert list(longest_first(rows)) == [2, 0, 1]
 
 
+class _NoRoomForCopies(torch.Tensor):
+    """A full GPU's tensor: its index_select runs out of memory, its .cpu() is an ordinary tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.index_select:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 562.00 MiB")
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out.as_subclass(torch.Tensor) if func is torch.Tensor.cpu else out
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_scores_come_back_in_dataset_order_bitwise(room):
+    """in_dataset_order: the scores of the length-sorted queries and training rows, put back in dataset order by a
+    gather where they are, or on the CPU where that runs out of memory, are the scatter's numbers bitwise."""
+    generator = torch.Generator().manual_seed(0)
+    q_order, t_order = (torch.randperm(n, generator=generator).numpy() for n in (7, 33))
+    scores = torch.randn(7, 33, generator=generator)
+    expected = torch.empty_like(scores)
+    expected[np.ix_(q_order, t_order)] = scores
+    got = fused_scores.in_dataset_order(scores if room else scores.as_subclass(_NoRoomForCopies), q_order, t_order)
+    assert type(got) is torch.Tensor and got.device.type == "cpu" and torch.equal(got, expected)
+
+
 @pytest.mark.slow
 def test_fast_path_agrees_with_fp32_reference_on_the_demo_model(demo_checkpoint, tmp_path):
     """bf16 compute with fp32 factor sums and fused scores tracks kronfluence's fp32 EKFAC on a trained

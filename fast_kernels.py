@@ -5,6 +5,7 @@ float32 sums of squares; matmul widths are padded to a multiple of ALIGN. `fast_
 kronfluence's trackers while it is open (process-wide, not thread-safe); tests/test_fused.py checks the factors
 against kronfluence's in float64 (on a CPU, where nothing is rounded to bf16)."""
 
+import weakref
 from contextlib import contextmanager
 from functools import partial
 
@@ -80,12 +81,14 @@ def token_mask(module, rows: int):
     return mask.reshape(-1, 1) if mask is not None and rows == mask.numel() else None
 
 
-def _covariance_hooks(original_register):
+def _covariance_hooks(original_register, shared: dict):
     """A replacement for kronfluence's CovarianceTracker.register_hooks: for nn.Linear, each batch's xᵀx by `gram`
     from the activations and output gradients as the forward and backward hand them over, kronfluence's bias column
     (ones, masked like the activations) added as the activations' column sums and the count of rows, without its
     float32 copies of the activations (masked, with the column appended) and output gradients; anything else goes to
-    kronfluence's own hooks. kronfluence's bookkeeping (storage, counts) runs on an empty batch."""
+    kronfluence's own hooks. kronfluence's bookkeeping (storage, counts) runs on an empty batch. Modules that read
+    the same input one after another (an attention layer's query, key and value) share its products: `shared` holds
+    the last input's (the same sums kronfluence computes for each)."""
 
     def register_hooks(self):
         module = self.module
@@ -93,24 +96,36 @@ def _covariance_hooks(original_register):
             return original_register(self)
         args, has_bias = module.factor_args, module.original_module.bias is not None
 
-        @torch.no_grad()
-        def forward_hook(_, inputs, outputs):
-            activation = inputs[0].detach().flatten(0, -2)
-            if activation.is_cuda and args.activation_covariance_dtype == torch.float32:
+        def activation_products(source: torch.Tensor, dtype: torch.dtype) -> tuple:
+            """(xᵀx, the column sums of x or None without a bias, the count of rows) for the masked input x."""
+            last = shared.get("activation")
+            if (last is not None and last[0]() is source and last[1] == source._version
+                    and last[2] is module.attention_mask and last[3] == (dtype, has_bias)):
+                return last[4]
+            activation = source.detach().flatten(0, -2)
+            if activation.is_cuda and dtype == torch.float32:
                 activation = activation.bfloat16()  # what the autocast matmul multiplies; gram's products are exact
             else:
-                activation = activation.to(args.activation_covariance_dtype)
+                activation = activation.to(dtype)
             mask, count = token_mask(module, activation.size(0)), activation.size(0)
             if mask is not None:
                 activation, count = activation * mask.to(activation.dtype), mask.sum()
-            width = activation.size(1) + has_bias
-            empty = activation.new_empty(0, width, dtype=args.activation_covariance_dtype)
-            self._update_activation_covariance_matrix(empty, count)  # allocates the storage on the first batch, counts
+            # Σ_t [a_t, m_t]ᵀ[a_t, m_t] with m_t ∈ {0, 1}: the masked sums of a, and Σ m_t = the count
+            products = (gram(activation, dtype), activation.sum(dim=0, dtype=dtype) if has_bias else None, count)
+            # a weak reference: the input is not kept beyond its batch (nor through the stages after the covariance)
+            shared["activation"] = (weakref.ref(source), source._version, module.attention_mask, (dtype, has_bias),
+                                    products)
+            return products
+
+        @torch.no_grad()
+        def forward_hook(_, inputs, outputs):
+            # the storage's dtype: kronfluence allocates it like the empty batch below
+            product, sums, count = activation_products(inputs[0], args.activation_covariance_dtype)
+            d = product.size(0)
+            self._update_activation_covariance_matrix(product.new_empty(0, d + has_bias), count)  # the storage, counts
             storage = module.storage[ACTIVATION_COVARIANCE_MATRIX_NAME]
-            d = activation.size(1)
-            storage[:d, :d].add_(gram(activation, storage.dtype))
-            if has_bias:  # Σ_t [a_t, m_t]ᵀ[a_t, m_t] with m_t ∈ {0, 1}: the masked sums of a, and Σ m_t = the count
-                sums = activation.sum(dim=0, dtype=storage.dtype)
+            storage[:d, :d].add_(product)
+            if has_bias:
                 storage[:d, d].add_(sums)
                 storage[d, :d].add_(sums)
                 storage[d, d].add_(count)
@@ -197,13 +212,15 @@ def fast_factor_kernels(num_choices: int = 1):
 
     saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks)
     loops = [(module, module.send_to_device) for module in (covariance, eigen)]  # the covariance and lambda loops
-    CovarianceTracker.register_hooks = _covariance_hooks(saved[0])
+    shared = {}  # the last input's covariance products, for the next module reading the same input
+    CovarianceTracker.register_hooks = _covariance_hooks(saved[0], shared)
     LambdaTracker.register_hooks = _lambda_hooks(saved[1], num_choices)
     for module, send in loops:
         module.send_to_device = partial(send, non_blocking=True)
     try:
         yield
     finally:
+        shared.clear()
         CovarianceTracker.register_hooks, LambdaTracker.register_hooks = saved
         for module, send in loops:
             module.send_to_device = send

@@ -289,6 +289,22 @@ def test_fast_lambda_applies_the_gradient_scale_as_kronfluence(setup, tmp_path):
         assert (lambdas[1][name] - expected).abs().max() <= 1e-12 * expected.abs().max(), name
 
 
+@pytest.mark.parametrize("width", [37, 48])
+def test_wide_covariances_are_symmetric_products_of_the_same_sums(width, monkeypatch):
+    """gram from SYMMETRIC_FROM columns: xᵀx from the first half's rows and the second half's diagonal block, exactly
+    symmetric and equal to one product in float64 (each entry a sum of 300 products in another order: within 1e-13 of
+    the largest entry); an unaligned width (37: padded to 40, split at 16) gives the same."""
+    x = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    expected = x.t() @ x
+    monkeypatch.setattr(fast_kernels, "SYMMETRIC_FROM", 16)
+    got = fast_kernels.gram(x, torch.float64)
+    assert got.shape == (width, width) and torch.equal(got, got.t())
+    assert (got - expected).abs().max() <= 1e-13 * expected.abs().max()
+    monkeypatch.setattr(fast_kernels, "SYMMETRIC_FROM", width + 1)  # narrower: one product of the padded x
+    padded = torch.nn.functional.pad(x, (0, -width % fast_kernels.ALIGN))
+    assert torch.equal(fast_kernels.gram(x, torch.float64), (padded.t() @ padded)[:width, :width])
+
+
 def test_rotated_example_gradients_identity():
     """(Gout Q_g)ᵀ (A Q_a) summed over an example's choices is Q_gᵀ (Σ_c Σ_t g aᵀ) Q_a, for odd widths."""
     torch.manual_seed(0)

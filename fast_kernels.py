@@ -1,32 +1,48 @@
 """Fast factor kernels (analyze.py --fast): kronfluence's covariance and lambda updates computed as the same sums
 in faster GPU kernels. Covariance products take bf16 inputs with float32 results; EKFAC's lambda rotates the
 activations and output gradients into the eigenbases before the per-example gradient is formed, in bf16 with
-float32 sums of squares; matmul widths are padded to a multiple of ALIGN. `fast_factor_kernels` patches
-kronfluence's trackers while it is open (process-wide, not thread-safe); tests/test_fused.py checks the factors
+float32 sums of squares; matmul widths are padded to a multiple of ALIGN; the eigendecompositions run several at a
+time. `fast_factor_kernels` patches kronfluence's trackers and its eigendecomposition while it is open
+(process-wide, not thread-safe); tests/test_fused.py checks the factors
 against kronfluence's in float64 (on a CPU, where nothing is rounded to bf16)."""
 
+import logging
+import threading
 import weakref
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
 from kronfluence.factor.config import FactorConfig
+from kronfluence.factor.eigen import perform_eigendecomposition
+from kronfluence.module.utils import get_tracked_module_names
 from kronfluence.utils.constants import (
     ACTIVATION_COVARIANCE_MATRIX_NAME,
+    ACTIVATION_EIGENVALUES_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
+    EIGENDECOMPOSITION_FACTOR_NAMES,
     GRADIENT_COVARIANCE_MATRIX_NAME,
+    GRADIENT_EIGENVALUES_NAME,
     GRADIENT_EIGENVECTORS_NAME,
     LAMBDA_MATRIX_NAME,
+    NUM_ACTIVATION_COVARIANCE_PROCESSED,
+    NUM_GRADIENT_COVARIANCE_PROCESSED,
     NUM_LAMBDA_PROCESSED,
 )
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
 
 ALIGN = 8  # matmul widths are padded to a multiple of this: the bias column's odd width (d_in + 1) selects
 # cuBLAS kernels for unaligned memory, several times slower
 # covariances this wide or wider are computed as symmetric products (gram): roberta-base's 3072-wide ones (a quarter
 # of their multiply-adds saved); its 768-wide ones stay one product
 SYMMETRIC_FROM = 2048
+# covariance matrices eigendecomposed at once on a GPU, each thread on a CUDA stream of its own
+EIGEN_THREADS = 4
 
 
 def _pad_last(x: torch.Tensor, *dims: int) -> torch.Tensor:
@@ -209,32 +225,81 @@ def _lambda_hooks(original_register, group: int):
     return register_hooks
 
 
+def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor_args, disable_tqdm: bool = False) -> dict:
+    """kronfluence's perform_eigendecomposition with EIGEN_THREADS matrices decomposed at once, each thread on a CUDA
+    stream of its own: per module and factor the same `eigh` of the same normalised, symmetrised matrix in the
+    eigendecomposition dtype, the results in the covariance's dtype on the CPU. A GPU
+    eigendecomposition waits on the host between its steps (cuSOLVER), one matrix after another, 144 for
+    roberta-base; several at once fill those waits. kronfluence's retry after an out-of-memory error is left out:
+    a 3072-wide float64 matrix takes 72 MiB."""
+    jobs = [(module, names) for module in get_tracked_module_names(model=model) for names in (
+        (ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED, ACTIVATION_EIGENVECTORS_NAME,
+         ACTIVATION_EIGENVALUES_NAME),
+        (GRADIENT_COVARIANCE_MATRIX_NAME, NUM_GRADIENT_COVARIANCE_PROCESSED, GRADIENT_EIGENVECTORS_NAME,
+         GRADIENT_EIGENVALUES_NAME))]
+    streams = threading.local()
+
+    def decompose(job) -> tuple:
+        module, (covariance, count, _, _) = job
+        if state.device.type == "cuda" and not hasattr(streams, "stream"):
+            streams.stream = torch.cuda.Stream(state.device)
+        with torch.cuda.stream(streams.stream) if state.device.type == "cuda" else nullcontext():
+            dtype = covariance_factors[covariance][module].dtype
+            # a copy on the CPU too, where kronfluence's loop divides the covariance itself: the fallback below
+            # decomposes the matrices as they came
+            matrix = covariance_factors[covariance][module].to(device=state.device, copy=True,
+                                                               dtype=factor_args.eigendecomposition_dtype)
+            matrix.div_(covariance_factors[count][module].to(device=state.device))
+            matrix = matrix + matrix.t()  # as kronfluence: numerically not quite symmetric
+            matrix.mul_(0.5)
+            values, vectors = torch.linalg.eigh(matrix)
+            return (values.contiguous().to(dtype=dtype, device="cpu"),
+                    vectors.contiguous().to(dtype=dtype, device="cpu"))  # blocking: done on this stream
+
+    factors = {name: {} for name in EIGENDECOMPOSITION_FACTOR_NAMES}
+    threads = EIGEN_THREADS if state.device.type == "cuda" else 1  # a CPU's eigh already runs on every core
+    try:
+        with ThreadPoolExecutor(threads) as pool, tqdm(total=len(jobs), desc="Performing Eigendecomposition",
+                                                       disable=not state.is_main_process or disable_tqdm) as bar:
+            for (module, (_, _, vectors, values)), results in zip(jobs, pool.map(decompose, jobs)):
+                factors[values][module], factors[vectors][module] = results
+                bar.update(1)
+    except Exception as exc:  # any, from a thread: kronfluence's own loop (and its retry after running out of memory)
+        logger.warning("eigendecomposition: %s in a thread (%s); one matrix after another instead", type(exc).__name__,
+                       str(exc).splitlines()[0] if str(exc) else "")
+        return perform_eigendecomposition(covariance_factors, model, state, factor_args, disable_tqdm)
+    return factors
+
+
 @contextmanager
 def fast_factor_kernels(num_choices: int = 1):
     """Inside the block kronfluence fits covariance and lambda factors with faster kernels for the same sums
     (analyze.py --fast): each batch's covariance xᵀx by `gram` (bf16 inputs, float32 result, on a GPU) and
     EKFAC's lambda from `rotated_example_gradients` (rotated before the example gradient is formed; bf16 with
-    float32 sums on a GPU, `rotation_dtype`). Widths are padded to multiples of ALIGN. `num_choices`: the sequences
+    float32 sums on a GPU, `rotation_dtype`), and the eigendecomposition runs several matrices at once
+    (`eigendecomposition`, the same decompositions). Widths are padded to multiples of ALIGN. `num_choices`: the sequences
     per example that the task's per-sample-gradient post-processing sums (MultipleChoiceTask). tests/test_fused.py
     checks that the factors equal kronfluence's in float64.
 
     The factor loops also copy each batch to the GPU without waiting: kronfluence's blocking copy first waits for the
     previous batch's work to finish, so the host's Python for the next batch (its hooks run once per module) cannot
     run ahead of the GPU. The loader's pinned memory is held until its copy is done (PyTorch's host allocator)."""
+    from kronfluence.computer import factor_computer
     from kronfluence.factor import covariance, eigen
     from kronfluence.module.tracker.factor import CovarianceTracker, LambdaTracker
 
-    saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks)
+    saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks, factor_computer.perform_eigendecomposition)
     loops = [(module, module.send_to_device) for module in (covariance, eigen)]  # the covariance and lambda loops
     shared = {}  # the last input's covariance products, for the next module reading the same input
     CovarianceTracker.register_hooks = _covariance_hooks(saved[0], shared)
     LambdaTracker.register_hooks = _lambda_hooks(saved[1], num_choices)
+    factor_computer.perform_eigendecomposition = eigendecomposition
     for module, send in loops:
         module.send_to_device = partial(send, non_blocking=True)
     try:
         yield
     finally:
         shared.clear()
-        CovarianceTracker.register_hooks, LambdaTracker.register_hooks = saved
+        CovarianceTracker.register_hooks, LambdaTracker.register_hooks, factor_computer.perform_eigendecomposition = saved
         for module, send in loops:
             module.send_to_device = send

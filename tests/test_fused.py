@@ -13,7 +13,13 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
 from kronfluence.module.tracked_module import TrackedModule
-from kronfluence.utils.constants import ACTIVATION_EIGENVECTORS_NAME, GRADIENT_EIGENVECTORS_NAME, LAMBDA_MATRIX_NAME
+from kronfluence.utils.constants import (
+    ACTIVATION_EIGENVALUES_NAME,
+    ACTIVATION_EIGENVECTORS_NAME,
+    GRADIENT_EIGENVALUES_NAME,
+    GRADIENT_EIGENVECTORS_NAME,
+    LAMBDA_MATRIX_NAME,
+)
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 import fast_kernels
@@ -210,6 +216,22 @@ def counting(monkeypatch, name):
     return calls
 
 
+def assert_same_eigendecompositions(got: dict, expected: dict) -> None:
+    """Two float64 eigendecompositions of the same covariances agree: eigenvalues and the matrices V diag(λ) Vᵀ they
+    rebuild within 1e-12 of the largest eigenvalue (float64 rounding of sums of a few thousand terms). The vectors
+    themselves are not compared: an eigenvector's sign and a degenerate eigenspace's basis are free, and nothing
+    promises that eigh rounds alike in another thread or on another buffer."""
+    pairs = ((ACTIVATION_EIGENVALUES_NAME, ACTIVATION_EIGENVECTORS_NAME),
+             (GRADIENT_EIGENVALUES_NAME, GRADIENT_EIGENVECTORS_NAME))
+    for values, vectors in pairs:
+        assert got[values].keys() == expected[values].keys()
+        for module, lam in expected[values].items():
+            scale = lam.abs().max()
+            assert (got[values][module] - lam).abs().max() <= 1e-12 * scale, (values, module)
+            rebuilt = [v[vectors][module] @ torch.diag(v[values][module]) @ v[vectors][module].t() for v in (got, expected)]
+            assert (rebuilt[0] - rebuilt[1]).abs().max() <= 1e-12 * scale, (vectors, module)
+
+
 def float64_ekfac_analyzer(setup, tmp_path) -> tuple:
     """(kronfluence Analyzer of the demo model on the CPU, its training rows, float64 EKFAC factor arguments)."""
     model, train, _, collator, _ = setup
@@ -250,6 +272,14 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
     shared = [name for name in reference["activation_covariance"] if name.endswith(("self.key", "self.value"))]
     assert shared and len(grams) == (2 * modules - len(shared)) * 4
     analyzer.perform_eigendecomposition("reference", factor_args=args, overwrite_output_dir=True)
+    eigen = analyzer.load_eigendecomposition("reference")
+    decompositions = counting(monkeypatch, "eigendecomposition")
+    with fast_factor_kernels(num_choices=4):  # several matrices at once: the same eigh of each
+        analyzer.perform_eigendecomposition("reference", factor_args=args, overwrite_output_dir=True)
+    assert len(decompositions) == 1
+    from kronfluence.computer import factor_computer
+    assert factor_computer.perform_eigendecomposition is kronfluence.factor.eigen.perform_eigendecomposition  # back
+    assert_same_eigendecompositions(analyzer.load_eigendecomposition("reference"), eigen)
     reference.update(stage("reference", 1, covariance=False))
     with fast_factor_kernels(num_choices=4):
         fast.update(stage("reference", 1, covariance=False))
@@ -267,6 +297,29 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
             # float64 sums of the same terms in another order (lambda: rotated before the product): ~1e-16
             # relative per term over a few thousand terms; 1e-12 still catches any missing or doubled term
             assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
+
+
+def test_an_eigendecomposition_failing_in_a_thread_falls_back_to_kronfluences_loop(setup, tmp_path, monkeypatch, caplog):
+    """fast_kernels.eigendecomposition: an error in one of its threads (here every eigh off the main thread) leaves
+    the stage to kronfluence's own loop, with a warning, and the same factors."""
+    import threading
+    analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
+    analyzer.fit_covariance_matrices("f", train, factor_args=args, per_device_batch_size=4)
+    analyzer.perform_eigendecomposition("f", factor_args=args)
+    expected = analyzer.load_eigendecomposition("f")
+    eigh = torch.linalg.eigh
+
+    def only_on_the_main_thread(matrix):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR")
+        return eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", only_on_the_main_thread)
+    with fast_factor_kernels(num_choices=4):
+        analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True)
+    assert "RuntimeError in a thread (cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR); one matrix after another" \
+        in caplog.text
+    assert_same_eigendecompositions(analyzer.load_eigendecomposition("f"), expected)
 
 
 @pytest.mark.slow

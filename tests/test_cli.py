@@ -321,11 +321,15 @@ def test_readme_demo_command_runs_and_prints_a_short_result(tmp_path):
     assert not [line for line in lines if "Warning" in line or "kronfluence." in line], "\n".join(lines)  # its loggers
     text = "\n".join(lines)
     assert "validation accuracy" in text and "QUERY #0" in text and "Top opponents" in text
-    # the README's excerpt is this output: the accuracy, the query, the proponents and opponents it shows
+    # the README's excerpt is this output: its lines in this form, and the query (the data's, the same everywhere).
+    # The numbers (accuracy, rows, scores) are the excerpt's on the CPU it ran on only: CPUs round differently in their
+    # vector kernels (AVX2, AVX-512), and a training run amplifies that (0.865 to 0.915 seen on the demo)
     excerpt = readme.split("```text\n", 1)[1].split("```", 1)[0]
-    shown = lambda pattern, source: re.findall(pattern, source)  # noqa: E731
-    for pattern in (r"validation accuracy [\d.]+", r"QUERY #\d+ .*\n.*", r"\+ train #\d+ +score \S+\n.*",
-                    r"- train #\d+ +score \S+\n.*"):
-        expected = shown(pattern, excerpt)
-        assert expected and expected == shown(pattern, text)[:len(expected)], (pattern, text)
-    assert shown(r"scores \(200, 600\) .* in \S+", excerpt) == shown(r"scores \(200, 600\) .* in \S+", text)
+    forms = (r"__main__: validation accuracy 0\.\d{4}; checkpoint in checkpoints/demo$",
+             r"__main__: scores \(200, 600\) \(queries × train\) in scores/demo/scores_ekfac_nall_qall$",
+             r"Top proponents \(training examples that most raise this query's margin\):\n  \+ train #\d+ +score \+\S+\n    \S",
+             r"Top opponents \(training examples that most lower it\):\n  - train #\d+ +score -\S+\n    \S")
+    for form in forms:
+        assert len(re.findall(form, excerpt, re.M)) == 1 and len(re.findall(form, text, re.M)) == 1, (form, text)
+    query = r"QUERY #0 \(correct choice\)\n.*"
+    assert re.findall(query, excerpt) == re.findall(query, text), text

@@ -57,9 +57,9 @@ def gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """xᵀx for the (tokens × d) matrix x, in `dtype`: kronfluence's covariance update. On a GPU a float32 result
     is computed from bf16 inputs (torch.mm's out_dtype: bf16 products are exact in float32 and summed in float32;
     the inputs are the numbers the autocast forward and backward multiply), elsewhere in `dtype`. From a width of
-    SYMMETRIC_FROM the product is symmetric by construction: the rows of the first half of the columns, then the
-    second half's block on the diagonal, the block below the diagonal the transpose of the one above (3/4 of the
-    multiply-adds of one product; each entry the same dot product)."""
+    SYMMETRIC_FROM it is two products: the rows of the first half of the columns, then the second half's block on the
+    diagonal, the block below the diagonal the transpose of the one above (3/4 of the multiply-adds of one product;
+    each entry the same dot product, the off-diagonal blocks exactly each other's transpose)."""
     d = x.size(1)
     if x.is_cuda and dtype == torch.float32:
         x, product = _pad_last(x.bfloat16(), d), partial(torch.mm, out_dtype=torch.float32)
@@ -230,8 +230,10 @@ def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor
     stream of its own: per module and factor the same `eigh` of the same normalised, symmetrised matrix in the
     eigendecomposition dtype, the results in the covariance's dtype on the CPU. A GPU
     eigendecomposition waits on the host between its steps (cuSOLVER), one matrix after another, 144 for
-    roberta-base; several at once fill those waits. kronfluence's retry after an out-of-memory error is left out:
-    a 3072-wide float64 matrix takes 72 MiB."""
+    roberta-base; several at once fill those waits. Each thread holds a few copies of its matrix (the copy, the
+    symmetrised one, the eigenvectors, cuSOLVER's workspace: about 0.3 GiB at 3072 wide in float64); a RuntimeError in
+    a thread (CUDA's and cuSOLVER's errors, running out of memory) leaves the stage to kronfluence's own loop, which
+    retries after running out of memory."""
     jobs = [(module, names) for module in get_tracked_module_names(model=model) for names in (
         (ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED, ACTIVATION_EIGENVECTORS_NAME,
          ACTIVATION_EIGENVALUES_NAME),
@@ -257,15 +259,18 @@ def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor
                     vectors.contiguous().to(dtype=dtype, device="cpu"))  # blocking: done on this stream
 
     factors = {name: {} for name in EIGENDECOMPOSITION_FACTOR_NAMES}
-    threads = EIGEN_THREADS if state.device.type == "cuda" else 1  # a CPU's eigh already runs on every core
+    # on a CPU in this thread: its eigh already runs on every core (another thread's would get another OpenMP pool)
+    threads = EIGEN_THREADS if state.device.type == "cuda" else 0
     try:
-        with ThreadPoolExecutor(threads) as pool, tqdm(total=len(jobs), desc="Performing Eigendecomposition",
-                                                       disable=not state.is_main_process or disable_tqdm) as bar:
-            for (module, (_, _, vectors, values)), results in zip(jobs, pool.map(decompose, jobs)):
+        with ThreadPoolExecutor(threads) if threads else nullcontext() as pool, \
+                tqdm(total=len(jobs), desc="Performing Eigendecomposition",
+                     disable=not state.is_main_process or disable_tqdm) as bar:
+            decomposed = pool.map(decompose, jobs) if pool else map(decompose, jobs)
+            for (module, (_, _, vectors, values)), results in zip(jobs, decomposed):
                 factors[values][module], factors[vectors][module] = results
                 bar.update(1)
-    except Exception as exc:  # any, from a thread: kronfluence's own loop (and its retry after running out of memory)
-        logger.warning("eigendecomposition: %s in a thread (%s); one matrix after another instead", type(exc).__name__,
+    except RuntimeError as exc:  # kronfluence's own loop instead (and its retry after running out of memory)
+        logger.warning("eigendecomposition: %s (%s); kronfluence's loop instead", type(exc).__name__,
                        str(exc).splitlines()[0] if str(exc) else "")
         return perform_eigendecomposition(covariance_factors, model, state, factor_args, disable_tqdm)
     return factors

@@ -273,10 +273,10 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
     assert shared and len(grams) == (2 * modules - len(shared)) * 4
     analyzer.perform_eigendecomposition("reference", factor_args=args, overwrite_output_dir=True)
     eigen = analyzer.load_eigendecomposition("reference")
-    decompositions = counting(monkeypatch, "eigendecomposition")
+    decompositions, fallbacks = counting(monkeypatch, "eigendecomposition"), counting(monkeypatch, "perform_eigendecomposition")
     with fast_factor_kernels(num_choices=4):  # several matrices at once: the same eigh of each
         analyzer.perform_eigendecomposition("reference", factor_args=args, overwrite_output_dir=True)
-    assert len(decompositions) == 1
+    assert len(decompositions) == 1 and not fallbacks  # the threads' decompositions, not kronfluence's loop's
     from kronfluence.computer import factor_computer
     assert factor_computer.perform_eigendecomposition is kronfluence.factor.eigen.perform_eigendecomposition  # back
     assert_same_eigendecompositions(analyzer.load_eigendecomposition("reference"), eigen)
@@ -299,27 +299,30 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
             assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
 
 
-def test_an_eigendecomposition_failing_in_a_thread_falls_back_to_kronfluences_loop(setup, tmp_path, monkeypatch, caplog):
-    """fast_kernels.eigendecomposition: an error in one of its threads (here every eigh off the main thread) leaves
-    the stage to kronfluence's own loop, with a warning, and the same factors."""
-    import threading
+def test_a_failing_eigendecomposition_falls_back_to_kronfluences_loop(setup, tmp_path, monkeypatch, caplog):
+    """fast_kernels.eigendecomposition: a RuntimeError in one of its decompositions (CUDA's, cuSOLVER's, running out of
+    memory) leaves the stage to kronfluence's own loop, with a warning, and the same factors; another error raises."""
     analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
     analyzer.fit_covariance_matrices("f", train, factor_args=args, per_device_batch_size=4)
     analyzer.perform_eigendecomposition("f", factor_args=args)
     expected = analyzer.load_eigendecomposition("f")
-    eigh = torch.linalg.eigh
+    eigh, failures, failures_as = torch.linalg.eigh, [], [RuntimeError]
 
-    def only_on_the_main_thread(matrix):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR")
+    def failing_once(matrix):
+        if not failures:
+            failures.append(1)
+            raise failures_as[0]("cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR")
         return eigh(matrix)
 
-    monkeypatch.setattr(torch.linalg, "eigh", only_on_the_main_thread)
+    monkeypatch.setattr(torch.linalg, "eigh", failing_once)
     with fast_factor_kernels(num_choices=4):
         analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True)
-    assert "RuntimeError in a thread (cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR); one matrix after another" \
-        in caplog.text
+    assert "RuntimeError (cusolver error: CUSOLVER_STATUS_INTERNAL_ERROR); kronfluence's loop instead" in caplog.text
     assert_same_eigendecompositions(analyzer.load_eigendecomposition("f"), expected)
+    failures.clear()
+    failures_as[0] = ValueError  # not the GPU's: a fault of the code, raised
+    with fast_factor_kernels(num_choices=4), pytest.raises(ValueError, match="CUSOLVER_STATUS"):
+        analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True)
 
 
 @pytest.mark.slow
@@ -344,18 +347,26 @@ def test_fast_lambda_applies_the_gradient_scale_as_kronfluence(setup, tmp_path):
 
 @pytest.mark.parametrize("width", [37, 48])
 def test_wide_covariances_are_symmetric_products_of_the_same_sums(width, monkeypatch):
-    """gram from SYMMETRIC_FROM columns: xᵀx from the first half's rows and the second half's diagonal block, exactly
-    symmetric and equal to one product in float64 (each entry a sum of 300 products in another order: within 1e-13 of
-    the largest entry); an unaligned width (37: padded to 40, split at 16) gives the same."""
+    """gram from SYMMETRIC_FROM columns: xᵀx as two products, the first half's rows (all columns) and the second half's
+    diagonal block, the block below the diagonal the transpose of the one above, equal to one product in float64
+    (each entry a sum of 300 products, perhaps in another order: within 1e-13 of the largest entry); an unaligned
+    width (37: padded to 40, split at 16) too."""
     x = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
     expected = x.t() @ x
+    products, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kwargs: products.append((a.shape, b.shape)) or mm(a, b, **kwargs))
     monkeypatch.setattr(fast_kernels, "SYMMETRIC_FROM", 16)
     got = fast_kernels.gram(x, torch.float64)
-    assert got.shape == (width, width) and torch.equal(got, got.t())
+    padded_width = width + -width % fast_kernels.ALIGN
+    half = padded_width // 2 // fast_kernels.ALIGN * fast_kernels.ALIGN
+    assert products == [((half, 300), (300, padded_width)), ((padded_width - half, 300), (300, padded_width - half))]
+    assert got.shape == (width, width) and torch.equal(got[half:, :half], got[:half, half:].t())
     assert (got - expected).abs().max() <= 1e-13 * expected.abs().max()
+    products.clear()
     monkeypatch.setattr(fast_kernels, "SYMMETRIC_FROM", width + 1)  # narrower: one product of the padded x
     padded = torch.nn.functional.pad(x, (0, -width % fast_kernels.ALIGN))
     assert torch.equal(fast_kernels.gram(x, torch.float64), (padded.t() @ padded)[:width, :width])
+    assert products == [((padded_width, 300), (300, padded_width))]
 
 
 def test_rotated_example_gradients_identity():

@@ -231,9 +231,9 @@ def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor
     eigendecomposition dtype, the results in the covariance's dtype on the CPU. A GPU
     eigendecomposition waits on the host between its steps (cuSOLVER), one matrix after another, 144 for
     roberta-base; several at once fill those waits. Each thread holds a few copies of its matrix (the copy, the
-    symmetrised one, the eigenvectors, cuSOLVER's workspace: about 0.3 GiB at 3072 wide in float64); a RuntimeError in
-    a thread (CUDA's and cuSOLVER's errors, running out of memory) leaves the stage to kronfluence's own loop, which
-    retries after running out of memory."""
+    symmetrised one, the eigenvectors, cuSOLVER's workspace: about 0.3 GiB at 3072 wide in float64); a RuntimeError
+    in a decomposition (CUDA's and cuSOLVER's errors, running out of memory) leaves the stage to kronfluence's own
+    loop, which retries after running out of memory. On a CPU one matrix after another, in the calling thread."""
     jobs = [(module, names) for module in get_tracked_module_names(model=model) for names in (
         (ACTIVATION_COVARIANCE_MATRIX_NAME, NUM_ACTIVATION_COVARIANCE_PROCESSED, ACTIVATION_EIGENVECTORS_NAME,
          ACTIVATION_EIGENVALUES_NAME),

@@ -12,6 +12,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from itertools import chain
 
 import torch
 from kronfluence.factor.config import FactorConfig
@@ -225,6 +226,12 @@ def _lambda_hooks(original_register, group: int):
     return register_hooks
 
 
+def eigen_threads(device: torch.device) -> int:
+    """Threads for `eigendecomposition`: EIGEN_THREADS on a GPU; none on a CPU, whose eigh already runs on every core
+    (another thread's would get another OpenMP pool)."""
+    return EIGEN_THREADS if device.type == "cuda" else 0
+
+
 def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor_args, disable_tqdm: bool = False) -> dict:
     """kronfluence's perform_eigendecomposition with EIGEN_THREADS matrices decomposed at once, each thread on a CUDA
     stream of its own: per module and factor the same `eigh` of the same normalised, symmetrised matrix in the
@@ -259,13 +266,15 @@ def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor
                     vectors.contiguous().to(dtype=dtype, device="cpu"))  # blocking: done on this stream
 
     factors = {name: {} for name in EIGENDECOMPOSITION_FACTOR_NAMES}
-    # on a CPU in this thread: its eigh already runs on every core (another thread's would get another OpenMP pool)
-    threads = EIGEN_THREADS if state.device.type == "cuda" else 0
+    threads = eigen_threads(state.device)
     try:
         with ThreadPoolExecutor(threads) if threads else nullcontext() as pool, \
                 tqdm(total=len(jobs), desc="Performing Eigendecomposition",
                      disable=not state.is_main_process or disable_tqdm) as bar:
-            decomposed = pool.map(decompose, jobs) if pool else map(decompose, jobs)
+            # the first in this thread: torch loads its GPU linear algebra lazily on the first call, and two threads
+            # making that call at once fail ("lazy wrapper should be called at most once")
+            first = [decompose(job) for job in jobs[:1]]
+            decomposed = chain(first, pool.map(decompose, jobs[1:]) if pool else map(decompose, jobs[1:]))
             for (module, (_, _, vectors, values)), results in zip(jobs, decomposed):
                 factors[values][module], factors[vectors][module] = results
                 bar.update(1)

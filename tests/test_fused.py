@@ -1,6 +1,7 @@
 """The fused scoring path (fused_scores.py) equals kronfluence's pairwise scores for the same factors."""
 
 import copy
+import threading
 from contextlib import nullcontext
 
 import kronfluence.factor.covariance
@@ -323,6 +324,33 @@ def test_a_failing_eigendecomposition_falls_back_to_kronfluences_loop(setup, tmp
     failures_as[0] = ValueError  # not the GPU's: a fault of the code, raised
     with fast_factor_kernels(num_choices=4), pytest.raises(ValueError, match="CUSOLVER_STATUS"):
         analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True)
+
+
+def test_threaded_eigendecompositions_make_torchs_first_linear_algebra_call_in_the_calling_thread(
+        setup, tmp_path, monkeypatch, caplog):
+    """torch loads its GPU linear algebra lazily on the first eigh, and two threads making that first call at once
+    fail ("lazy wrapper should be called at most once", seen on an H100, where the stage then fell back to
+    kronfluence's loop). The first decomposition runs in the calling thread, the rest in the pool: here the threads
+    are forced on the CPU and an eigh that fails unless its first call comes from the calling thread stands in."""
+    analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
+    analyzer.fit_covariance_matrices("f", train, factor_args=args, per_device_batch_size=4)
+    analyzer.perform_eigendecomposition("f", factor_args=args)
+    expected = analyzer.load_eigendecomposition("f")
+    eigh, callers, caller = torch.linalg.eigh, [], threading.get_ident()
+
+    def lazily_loaded(matrix):
+        if not callers and threading.get_ident() != caller:
+            raise RuntimeError("lazy wrapper should be called at most once")
+        callers.append(threading.get_ident())
+        return eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", lazily_loaded)
+    monkeypatch.setattr(fast_kernels, "eigen_threads", lambda device: 4)
+    with fast_factor_kernels(num_choices=4):
+        analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True)
+    assert "kronfluence's loop instead" not in caplog.text
+    assert callers[0] == caller and set(callers[1:]) - {caller}  # the rest in the pool's threads
+    assert_same_eigendecompositions(analyzer.load_eigendecomposition("f"), expected)
 
 
 @pytest.mark.slow

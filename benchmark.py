@@ -209,7 +209,8 @@ def timed(fn, profile: bool = False):
         torch.cuda.reset_peak_memory_stats()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                          if torch.cuda.is_available() else [])
-    profiler = torch.profiler.profile(activities=activities) if profile else None
+    # with the inputs' shapes: which matmul an `mm` is (a forward's, a per-example gradient's, the scores' contraction)
+    profiler = torch.profiler.profile(activities=activities, record_shapes=True) if profile else None
     sync()
     start = time.perf_counter()
     if profiler:
@@ -226,17 +227,17 @@ def timed(fn, profile: bool = False):
     return result
 
 
-def top_operations(profiler, k: int = 10) -> tuple:
-    """The k operators or kernels with the most self device time (CPU time on CPU), with their share of the
-    stage's device time. An operator's self device time is that of the kernels it launched, which are listed
-    too, so the share's total counts the device-side events (kernels, copies) alone."""
+def top_operations(profiler, k: int = 25) -> tuple:
+    """The k operators or kernels with the most self device time (CPU time on CPU), per input shapes, with their
+    share of the stage's device time. An operator's self device time is that of the kernels it launched, which are
+    listed too (without shapes), so the share's total counts the device-side events (kernels, copies) alone."""
     attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    events = [e for e in profiler.key_averages() if getattr(e, attr, 0) > 0]
+    events = [e for e in profiler.key_averages(group_by_input_shape=True) if getattr(e, attr, 0) > 0]
     device_side = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU] or events
     total = sum(getattr(e, attr) for e in device_side) or 1
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return ([{"op": e.key[:80], "ms": round(getattr(e, attr) / 1e3, 1), "share": round(getattr(e, attr) / total, 3),
-              "calls": e.count} for e in events[:k]], total / 1e6)
+    return ([{"op": e.key[:80], "shapes": str(e.input_shapes)[:120], "ms": round(getattr(e, attr) / 1e3, 1),
+              "share": round(getattr(e, attr) / total, 3), "calls": e.count} for e in events[:k]], total / 1e6)
 
 
 def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast, args, plan_rows: tuple = None):

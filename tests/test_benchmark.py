@@ -232,6 +232,7 @@ def test_benchmark_profiles_training(tmp_path, swag_files):
     profile = out["training"]["eager"]["profile"]
     assert profile["steps"] == 1 and profile["top_ops"] and profile["device_busy_seconds"] > 0
     assert 0 < sum(op["share"] for op in profile["top_ops"]) <= 1 + 1e-3  # shares of one total
+    assert any(op["op"].endswith("mm") and op["shapes"].startswith("[[") for op in profile["top_ops"])  # which matmul
 
 
 @pytest.mark.slow

@@ -78,6 +78,7 @@ from fused_scores import model_weights
 from influence import (
     BACKENDS,
     FACTOR_STAGES,
+    FUSED_BREAKDOWN,
     FUSED_SECONDS,
     AnalysisConfig,
     ScoringJob,
@@ -104,6 +105,7 @@ from task import MultipleChoiceTask
 from utils import (
     LOADER_WORKERS,
     ArgumentParser,
+    HookTimes,
     UserError,
     at_least,
     collector_paused,
@@ -451,9 +453,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
 
     # 1. the factors: the stages a killed or earlier run left unfinished
     started = time.perf_counter()
-    with fast_factor_kernels(task.num_choices) if args.fast else nullcontext():
+    hook_times = HookTimes() if args.fast else None  # where the fast kernels' stages spend their time
+    with fast_factor_kernels(task.num_choices, hook_times) if args.fast else nullcontext():
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
-                                        outputs.record_factors, args.factor_batch_size)
+                                        outputs.record_factors, args.factor_batch_size, hook_times)
     scores_started = time.perf_counter()
     factors_seconds = scores_started - started
     if factors_only:
@@ -480,6 +483,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
                          args.query_batch_size, rank, workers, segments)
         scores, sizes = compute_scores(job, scores_dir)
         split = {f"scores_{key}": round(float(sizes.pop(key)), 2) for key in FUSED_SECONDS if key in sizes}
+        split.update({f"scores_{key}": sizes.pop(key) for key in FUSED_BREAKDOWN if key in sizes})
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             timings = {"seconds": {**({"startup": round(startup_seconds, 2)} if startup_seconds is not None else {}),

@@ -83,6 +83,7 @@ from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first
 from influence import (
+    FUSED_BREAKDOWN,
     FUSED_SECONDS,
     QUERY_GRADIENT_ACCUMULATION,
     AnalysisConfig,
@@ -629,10 +630,10 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     subprocess.run(command, check=True, env=USER_ENVIRONMENT)
     wall = time.perf_counter() - started
     factors, scores = (read_json(d / METADATA_FILE, "analyze.py's record") for d in (factors_dir, scores_dir))
-    stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size")}
+    stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size", "hooks")}
               for name, how in factors["stages"].items()}
     stages["scores"] = {"seconds": scores["seconds"]["scores"], "peak_gpu_memory_gib": scores["peak_gpu_memory_gib"],
-                        **{key: scores["seconds"].get(f"scores_{key}") for key in FUSED_SECONDS},
+                        **{key: scores["seconds"].get(f"scores_{key}") for key in FUSED_SECONDS + FUSED_BREAKDOWN},
                         **{k: v for k, v in scores["fitted_in_memory"].items() if k != "factor_batch_size"}}
     return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,
             "wall_seconds": round(wall, 1), "reused_stages": reused,

@@ -11,7 +11,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from functools import partial
+from functools import partial, wraps
 from itertools import chain
 
 import torch
@@ -112,14 +112,27 @@ def token_mask(module, rows: int):
     return mask.reshape(-1, 1) if mask is not None and rows == mask.numel() else None
 
 
-def _covariance_hooks(original_register, shared: dict):
+def _timed(hook, times, name: str):
+    """`hook` inside `times.part(name)` (utils.HookTimes), or `hook` itself where `times` is None. A forward hook's
+    last argument is the module's output, a tensor hook's the gradient: where the part's kernels run."""
+    if times is None:
+        return hook
+
+    @wraps(hook)
+    def timed(*args):
+        with times.part(name, args[-1].is_cuda):
+            return hook(*args)
+    return timed
+
+
+def _covariance_hooks(original_register, shared: dict, times=None):
     """A replacement for kronfluence's CovarianceTracker.register_hooks: for nn.Linear, each batch's xᵀx by `gram`
     from the activations and output gradients as the forward and backward hand them over, kronfluence's bias column
     (ones, masked like the activations) added as the activations' column sums and the count of rows, without its
     float32 copies of the activations (masked, with the column appended) and output gradients; anything else goes to
     kronfluence's own hooks. kronfluence's bookkeeping (storage, counts) runs on an empty batch. Modules that read
     the same input one after another (an attention layer's query, key and value) share its products: `shared` holds
-    the last input's (the same sums kronfluence computes for each)."""
+    the last input's (the same sums kronfluence computes for each). `times`: a utils.HookTimes the hooks report to."""
 
     def register_hooks(self):
         module = self.module
@@ -174,15 +187,18 @@ def _covariance_hooks(original_register, shared: dict):
             scale = module.gradient_scale ** 2 if module.gradient_scale != 1.0 else 1
             storage.add_(gram(gradient, storage.dtype), alpha=scale)
 
+        forward_hook = _timed(forward_hook, times, "covariance: activations")
+        backward_hook = _timed(backward_hook, times, "covariance: gradients")
         self.registered_hooks.append(module.register_forward_hook(forward_hook))
 
     return register_hooks
 
 
-def _lambda_hooks(original_register, group: int):
+def _lambda_hooks(original_register, group: int, times=None):
     """A replacement for kronfluence's LambdaTracker.register_hooks: for EKFAC on nn.Linear, the rotated example
     gradients of `rotated_example_gradients`, squared and summed into its lambda storage; anything else (shared
-    parameters, offloaded activations, diagonal, other modules) goes to kronfluence's own hooks."""
+    parameters, offloaded activations, diagonal, other modules) goes to kronfluence's own hooks. `times`: a
+    utils.HookTimes the hooks report to."""
 
     def register_hooks(self):
         module, args = self.module, self.module.factor_args
@@ -221,6 +237,8 @@ def _lambda_hooks(original_register, group: int):
             squares = torch.linalg.vector_norm(rotated, dim=0, dtype=lam.dtype).square_()
             lam.add_(squares, alpha=module.gradient_scale ** 2 if module.gradient_scale != 1.0 else 1)
 
+        forward_hook = _timed(forward_hook, times, "lambda: activations")
+        backward_hook = _timed(backward_hook, times, "lambda: rotated squares")
         self.registered_hooks.append(module.register_forward_hook(forward_hook))
 
     return register_hooks
@@ -286,14 +304,15 @@ def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor
 
 
 @contextmanager
-def fast_factor_kernels(num_choices: int = 1):
+def fast_factor_kernels(num_choices: int = 1, times=None):
     """Inside the block kronfluence fits covariance and lambda factors with faster kernels for the same sums
     (analyze.py --fast): each batch's covariance xᵀx by `gram` (bf16 inputs, float32 result, on a GPU) and
     EKFAC's lambda from `rotated_example_gradients` (rotated before the example gradient is formed; bf16 with
     float32 sums on a GPU, `rotation_dtype`), and the eigendecomposition runs several matrices at once
     (`eigendecomposition`, the same decompositions). Widths are padded to multiples of ALIGN. `num_choices`: the sequences
-    per example that the task's per-sample-gradient post-processing sums (MultipleChoiceTask). tests/test_fused.py
-    checks that the factors equal kronfluence's in float64.
+    per example that the task's per-sample-gradient post-processing sums (MultipleChoiceTask). `times`: a
+    utils.HookTimes that the covariance and lambda hooks report their seconds to. tests/test_fused.py checks that
+    the factors equal kronfluence's in float64.
 
     The factor loops also copy each batch to the GPU without waiting: kronfluence's blocking copy first waits for the
     previous batch's work to finish, so the host's Python for the next batch (its hooks run once per module) cannot
@@ -305,8 +324,8 @@ def fast_factor_kernels(num_choices: int = 1):
     saved = (CovarianceTracker.register_hooks, LambdaTracker.register_hooks, factor_computer.perform_eigendecomposition)
     loops = [(module, module.send_to_device) for module in (covariance, eigen)]  # the covariance and lambda loops
     shared = {}  # the last input's covariance products, for the next module reading the same input
-    CovarianceTracker.register_hooks = _covariance_hooks(saved[0], shared)
-    LambdaTracker.register_hooks = _lambda_hooks(saved[1], num_choices)
+    CovarianceTracker.register_hooks = _covariance_hooks(saved[0], shared, times)
+    LambdaTracker.register_hooks = _lambda_hooks(saved[1], num_choices, times)
     factor_computer.perform_eigendecomposition = eigendecomposition
     for module, send in loops:
         module.send_to_device = partial(send, non_blocking=True)

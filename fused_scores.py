@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fast_kernels import ALIGN
-from utils import UserError, available_host_memory, available_memory, out_of_memory_detail, retry_on_oom
+from utils import HookTimes, UserError, available_host_memory, available_memory, out_of_memory_detail, retry_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,11 @@ class PerExampleGradients:
         self.active = set(modules)  # the modules of the current pass (a module group)
         self.num_examples, self.callback, self.handles = 0, None, []
         self.block = None  # the (queries × batch) slice of the score matrix being filled
+        self.times = HookTimes()  # where a pass's time goes (fused_pairwise_scores' timings)
+
+    def part(self, name: str, tensor: torch.Tensor):
+        """The block timed as `name` in `times`; `tensor`: where its kernels run."""
+        return self.times.part(name, tensor.is_cuda)
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -204,7 +209,9 @@ class PerExampleGradients:
             activation = inputs[0].detach()
 
             def on_grad(grad):
-                self.callback(name, *self.gradient(activation, grad, has_bias))  # returns None: grad unchanged
+                with self.part("per-example gradients", grad):
+                    weight, bias = self.gradient(activation, grad, has_bias)
+                self.callback(name, weight, bias)  # returns None: grad unchanged
 
             if output.requires_grad:
                 output.register_hook(on_grad)
@@ -709,20 +716,22 @@ class FusedScorer:
         return self.precondition(name, gradient).to(self.score_args.score_dtype)
 
     def _keep_query(self, name, weight, bias):
-        gradient = self._precondition(name, weight, bias)
-        w, b = self.query_grads[name]
-        rows = slice(self.filled[name], self.filled[name] + gradient.size(0))
-        w[rows] = gradient[..., :weight.size(-1)].flatten(1)
-        if b is not None:
-            b[rows] = gradient[..., -1]
-        self.filled[name] = rows.stop
+        with self.hooks.part("query preconditioning", weight):
+            gradient = self._precondition(name, weight, bias)
+            w, b = self.query_grads[name]
+            rows = slice(self.filled[name], self.filled[name] + gradient.size(0))
+            w[rows] = gradient[..., :weight.size(-1)].flatten(1)
+            if b is not None:
+                b[rows] = gradient[..., -1]
+            self.filled[name] = rows.stop
 
     def _add_scores(self, name, weight, bias):
-        w, b = self.query_grads[name]
-        block = (w @ weight.flatten(1).T).float()
-        if b is not None:
-            block += (b @ bias.T).float()
-        self.hooks.block.add_(block)
+        with self.hooks.part("contraction", weight):
+            w, b = self.query_grads[name]
+            block = (w @ weight.flatten(1).T).float()
+            if b is not None:
+                block += (b @ bias.T).float()
+            self.hooks.block.add_(block)
 
     def _add_self_scores(self, name, weight, bias):
         """kronfluence's SelfScoreTracker arithmetic: <precondition(g), g> per example, in the score dtype."""
@@ -804,7 +813,11 @@ class FusedScorer:
                 hidden = hidden.detach().requires_grad_().view_as(hidden)
                 output = (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             index = self.micro_batch
-            hidden.register_hook(lambda gradient: store.store(index, gradient))
+
+            def stored(gradient):
+                with self.hooks.part("boundary stores", gradient):
+                    store.store(index, gradient)
+            hidden.register_hook(stored)
             return output
 
         try:
@@ -899,8 +912,9 @@ class FusedScorer:
                 load_weights(self.model, self.query_weights)
             try:
                 for start in range(0, len(chunk), plan.query_micro):
-                    self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))),
-                                   measurement=True)
+                    with self.hooks.part("query micro-batches", block):
+                        self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))),
+                                       measurement=True)
             finally:
                 if self.query_weights is not None:
                     load_weights(self.model, self.train_weights)
@@ -913,7 +927,13 @@ class FusedScorer:
                 for i, (start, stop, batch) in enumerate(self.train_batches(train, train_batch_size, plan.train_micro,
                                                                             desc, disable_tqdm, plan.growth)):
                     self.hooks.block, self.micro_batch = block[:, start:stop], i
-                    self._run(batch, measurement=False, boundary=None if top is None else store.load(i))
+                    with self.hooks.part("training micro-batches", block):
+                        if top is None:
+                            boundary = None
+                        else:
+                            with self.hooks.part("boundary loads", block):
+                                boundary = store.load(i)
+                        self._run(batch, measurement=False, boundary=boundary)
         finally:  # also after an error: the query gradients freed, and every module's hooks on for what comes next
             self.query_grads.clear()
             self.hooks.active = set(self.modules)
@@ -1147,7 +1167,10 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
-    `timings`, if given, receives the seconds spent on query gradients and on training passes, and the plan.
+    `timings`, if given, receives the seconds spent on query gradients and on training passes (`pass_seconds`: each
+    pass's), where they went (`hooks`: utils.HookTimes of the query and training micro-batches, and inside them the
+    per-example gradients, the query preconditioning, the contraction, the boundary loads and stores; attempts that
+    ran out of memory included), and the plan.
     `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it).
     `precondition(module name, gradient)`, if given, replaces the strategy's preconditioning of the query gradients
     (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
@@ -1176,13 +1199,14 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                plan_queries, probe_rows)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
-            start, passes, most_groups = 0, 0, 0
+            start, passes, most_groups, pass_seconds = 0, 0, 0, []
+            scorer.hooks.times.take()  # the passes' parts only, not the planning's probes
             while start < len(queries):
                 def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
                     nonlocal store, decided
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
                     groups = plan.groups(rows.stop - rows.start)
-                    chunk, spent = queries.select(range(rows.start, rows.stop)), (0.0, 0.0)
+                    chunk, spent, each = queries.select(range(rows.start, rows.stop)), (0.0, 0.0), []
                     tops = scorer.cuts(groups) if boundaries else [None] * len(groups)
                     if any(top is not None for top in tops) and not decided:  # the first chunk in several groups
                         store, decided = boundary_store(scorer, train, plan, train_batch_size, len(groups)), True
@@ -1196,19 +1220,21 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                 + (f", module group {i + 1} of {len(groups)}" if len(groups) > 1 else ""))
                         plan.running = (len(chunk), group)
                         capture = tops[i + 1] if i + 1 < len(groups) else None
-                        spent = np.add(spent, scorer.score_pass(
+                        each.append(scorer.score_pass(
                             chunk, group, train, scores[rows], plan, train_batch_size, desc, disable_tqdm, tops[i],
                             None if capture == tops[i] else capture, store))
+                        spent = np.add(spent, each[-1])
                     plan.running = None
-                    return rows, groups, spent
+                    return rows, groups, spent, each
 
                 def shrink(detail, start=start):  # the failed chunk is redone from scratch; the finished rows stay
                     scorer.query_grads.clear()
                     scores[start:] = 0
                     plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
-                rows, groups, (query_s, train_s) = retry_on_oom(one_chunk, shrink, device)
+                rows, groups, (query_s, train_s), each = retry_on_oom(one_chunk, shrink, device)
                 seconds["query_seconds"] += query_s
                 seconds["train_seconds"] += train_s
+                pass_seconds += [round(float(pass_s), 2) for _, pass_s in each]
                 start, passes, most_groups = rows.stop, passes + len(groups), max(most_groups, len(groups))
     finally:
         try:
@@ -1224,7 +1250,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                        module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, train_growth=plan.growth,
-                       out_of_memory_retries=plan.retries)
+                       out_of_memory_retries=plan.retries, pass_seconds=pass_seconds, hooks=scorer.hooks.times.take())
     if world > 1:
         dist.all_reduce(scores)
     return in_dataset_order(scores, q_order, t_order)

@@ -43,7 +43,7 @@ from formats import (
 from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import decode_choices, model_logits
 from source import source_pairwise_scores
-from utils import UserError, at_least, halving_on_oom, positive_float, seed_value
+from utils import HookTimes, UserError, at_least, halving_on_oom, positive_float, seed_value
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +375,7 @@ FUSED_PLAN_SIZES = ("train_micro_batch", "train_growth", "query_micro_batch", "q
                     "passes", "boundary_gib")  # its plan, and the host memory its layer-output gradients took
 # a fused run's time on query gradients and on training passes, and in those passes waiting for host memory to be pinned
 FUSED_SECONDS = ("query_seconds", "train_seconds", "boundary_wait_seconds")
+FUSED_BREAKDOWN = ("pass_seconds", "hooks")  # each training pass's seconds, and where the passes' time went
 
 
 class FusedBackend:
@@ -392,7 +393,7 @@ class FusedBackend:
                                        job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
                                        job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
                                        device=job.device, timings=plan, num_workers=job.num_workers)
-        return scores, {key: plan[key] for key in FUSED_PLAN_SIZES + FUSED_SECONDS}
+        return scores, {key: plan[key] for key in FUSED_PLAN_SIZES + FUSED_SECONDS + FUSED_BREAKDOWN}
 
     def self_influence(self, job: ScoringJob) -> tuple:
         scores = fused_self_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
@@ -452,6 +453,8 @@ def score(job: ScoringJob) -> tuple:
         total = scores.double() if total is None else total.add_(scores.double())
         for key in seconds:  # the fused backend's time split, summed over the members
             seconds[key] += sizes.pop(key, 0.0)
+        for key in FUSED_BREAKDOWN:  # one member's: not summed
+            sizes.pop(key, None)
         # kronfluence's loop: the next member starts from the batch sizes that fitted, not from a full size that ran
         # out of memory (the fused backend plans each pass from the memory free at the time)
         job = dataclasses.replace(job, **{k: v for k, v in sizes.items() if k in ("train_batch_size", "query_batch_size")})
@@ -507,10 +510,11 @@ def model_fit(model, rows, collator, batch_size: int, device: torch.device) -> d
 
 
 def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_dir: Path, completed: list, record,
-                factor_batch_size: int) -> Optional[int]:
+                factor_batch_size: int, hook_times: HookTimes = None) -> Optional[int]:
     """Fit the factor stages not in `completed` (appending each, and calling `record(stage, how)` on rank 0), each
     checked for NaN and infinite values before it counts as finished. Returns the factor batch size that fitted in
-    memory (None if no stage ran here). `train`: the tokenized training rows."""
+    memory (None if no stage ran here). `train`: the tokenized training rows. `hook_times`: the HookTimes the factor
+    kernels report to (fast_factor_kernels); each stage's record holds its parts as "hooks"."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     kronfluence_ddp = analyzer.state.use_distributed
     # kronfluence's DDP: every rank fits together; gloo/CPU: rank 0 alone fits while the others wait, then loads
@@ -533,6 +537,8 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             torch.manual_seed(stage_seed(config.seed, name, rank))
             stage(factor_batch_size)
         batched = name != "eigendecomposition"  # which takes no batches: nothing to halve
+        if hook_times is not None:
+            hook_times.take()  # nothing from an earlier stage
         started = time.perf_counter()
         try:
             sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
@@ -554,7 +560,8 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
                           "factor_batch_size": batch_size if batched else None, "cpu_threads": torch.get_num_threads(),
                           "device": str(analyzer.state.device), "versions": library_versions(),
                           "seconds": round(seconds, 2),
-                          "peak_gpu_memory_gib": None if peak is None else round(peak, 2)})
+                          "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
+                          **({"hooks": hook_times.take()} if hook_times is not None else {})})
     if single_fitter and rank == 0:
         dist.barrier()
     return fitted

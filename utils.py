@@ -213,6 +213,58 @@ def long_lived_frozen():
         gc.unfreeze()
 
 
+class HookTimes:
+    """Where a stage's time goes, part by named part of its loop: per name the calls, the host's seconds inside them
+    (the Python that launches the part's kernels) and the device's (CUDA events at the part's start and end in the
+    current stream, read once they have passed, so nothing waits for them; on a CPU the host's). Host seconds near
+    the stage's wall clock mean the host bounds the stage; a part's device seconds include the device's idle time
+    inside the part."""
+
+    RESOLVE_EVERY = 1024  # parts between reads of the events that have passed
+
+    def __init__(self):
+        self.calls, self.host, self.device, self._pending = {}, {}, {}, []
+
+    @contextmanager
+    def part(self, name: str, cuda: bool):
+        """Time the block as `name`; `cuda`: its kernels run on the current CUDA device."""
+        events = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] if cuda else None
+        if events:
+            events[0].record()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            host = time.perf_counter() - started
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.host[name] = self.host.get(name, 0.0) + host
+            if events:
+                events[1].record()
+                self._pending.append((name, *events))
+                if len(self._pending) >= self.RESOLVE_EVERY:
+                    self._resolve(wait=False)
+            else:
+                self.device[name] = self.device.get(name, 0.0) + host
+
+    def _resolve(self, wait: bool) -> None:
+        pending, self._pending = self._pending, []
+        for name, start, end in pending:
+            if wait or end.query():
+                end.synchronize()
+                self.device[name] = self.device.get(name, 0.0) + start.elapsed_time(end) / 1e3
+            else:
+                self._pending.append((name, start, end))
+
+    def take(self) -> dict:
+        """{name: {"calls", "host_seconds", "device_seconds"}} of the parts since the last take (waiting for their
+        events), and a fresh start."""
+        self._resolve(wait=True)
+        summary = {name: {"calls": calls, "host_seconds": round(self.host[name], 3),
+                          "device_seconds": round(self.device.get(name, 0.0), 3)} for name, calls in self.calls.items()}
+        self.calls, self.host, self.device = {}, {}, {}
+        return summary
+
+
 def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:
     """What an out-of-memory error asked for and what the device had, in a few words."""
     asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(exc))

@@ -279,6 +279,85 @@ def test_the_analysis_runs_with_its_data_out_of_the_collectors_reach(tiny_checkp
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
+def test_fast_records_where_its_stages_spend_their_time(tiny_checkpoint, tmp_path):
+    """analyze.py --fast records, per factor stage, the calls and seconds of the fast kernels' hooks, and for the
+    scores each training pass's seconds and the parts of the passes (utils.HookTimes): one contraction and one
+    per-example gradient per module and training micro-batch, one per-example gradient and preconditioning per
+    module and query micro-batch, the parts inside the micro-batches that hold them. On a CPU a part's device seconds
+    are its host seconds."""
+    batches = ["--factor_batch_size", "8", "--train_batch_size", "8", "--query_batch_size", "4"]
+    scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--fast",
+                               *batches, "--output_dir", str(tmp_path)])
+    saved = json.loads((scores_dir / formats.METADATA_FILE).read_text())
+    factors = json.loads((scores_dir.parent / f"factors_{saved['factors_name']}" / formats.METADATA_FILE).read_text())
+    modules = len(Analyzer.load_file(next((scores_dir.parent / f"factors_{saved['factors_name']}").glob(
+        "activation_covariance.safetensors"))))
+    stages = factors["stages"]
+    assert set(stages["covariance"]["hooks"]) == {"covariance: activations", "covariance: gradients"}
+    assert set(stages["lambda"]["hooks"]) == {"lambda: activations", "lambda: rotated squares"}
+    assert stages["eigendecomposition"]["hooks"] == {}
+    for part in (*stages["covariance"]["hooks"].values(), *stages["lambda"]["hooks"].values()):
+        assert part["calls"] % modules == 0 and part["calls"] > 0
+        assert part["device_seconds"] == part["host_seconds"] <= stages["covariance"]["seconds"] + stages["lambda"][
+            "seconds"]
+    seconds = saved["seconds"]
+    assert len(seconds["scores_pass_seconds"]) == saved["fitted_in_memory"]["passes"]
+    assert sum(seconds["scores_pass_seconds"]) == pytest.approx(seconds["scores_train_seconds"], abs=0.01 * len(
+        seconds["scores_pass_seconds"]))  # rounded to 10 ms each
+    hooks = {name: part["calls"] for name, part in seconds["scores_hooks"].items()}
+    train_batches, query_batches = hooks["training micro-batches"], hooks["query micro-batches"]
+    assert hooks["contraction"] == modules * train_batches
+    assert hooks["query preconditioning"] == modules * query_batches
+    assert hooks["per-example gradients"] == modules * (train_batches + query_batches)
+    parts = seconds["scores_hooks"]
+    assert parts["contraction"]["host_seconds"] <= parts["training micro-batches"]["host_seconds"]
+
+
+def test_hook_times_read_each_parts_device_events_once_they_have_passed(monkeypatch):
+    """utils.HookTimes on a GPU: two CUDA events a part, read without waiting every RESOLVE_EVERY parts (those
+    that have passed; the others stay for later) and all of them, waiting, at take(). Fake events stand in for CUDA's:
+    each part lasts 2 ms on the device, and only events marked as passed answer query()."""
+    passed = set()
+
+    class Event:
+        made = 0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.id, Event.made = Event.made, Event.made + 1
+
+        def record(self):
+            pass
+
+        def query(self):
+            return self.id in passed
+
+        def synchronize(self):
+            passed.add(self.id)
+
+        def elapsed_time(self, end):
+            assert end.id == self.id + 1 and end.id in passed  # its own start's, once passed
+            return 2.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(utils.HookTimes, "RESOLVE_EVERY", 4)
+    times = utils.HookTimes()
+    for _ in range(3):
+        with times.part("a", cuda=True):
+            pass
+    passed.update({1, 3})  # the first two parts' end events have passed, the third's not
+    with times.part("b", cuda=True):
+        pass
+    assert times.device == {"a": 0.004} and len(times._pending) == 2  # read: the passed ones; kept: the others
+    with times.part("b", cuda=False):  # a CPU part: its host seconds
+        pass
+    summary = times.take()
+    assert summary["a"] == {"calls": 3, "host_seconds": summary["a"]["host_seconds"], "device_seconds": 0.006}
+    b = summary["b"]  # a GPU part's 2 ms and a CPU part's host seconds (rounded to 1 ms)
+    assert b["calls"] == 2 and 0.002 <= b["device_seconds"] <= 0.002 + b["host_seconds"] + 0.001
+    assert times.take() == {} and not times._pending
+
+
 @pytest.mark.slow
 def test_train_does_not_import_kronfluence():
     """Each retraining process imports train.py; kronfluence (about 3 s of each process's start-up on the GPU host,

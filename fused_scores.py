@@ -15,8 +15,10 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   once, whatever the number of groups. Each pass stores, per training micro-batch, the gradient at the output of the
   encoder layer that holds the next group's highest module (host memory, BoundaryGradients): the next pass runs the
   forward only up to that layer and its backward from the stored gradient, so the layers above its modules do not
-  run in it (every pass runs from the loss for a model without `base_model.encoder.layer`, for a group with a module
-  outside those layers, and where the gradients need more than HOST_MEMORY_SHARE of the free host memory). An
+  run in it; the query side of each pass does the same with the query micro-batches' gradients at that layer, which
+  the query side of the pass before stored (every pass runs from the loss for a model without
+  `base_model.encoder.layer`, for a group with a module outside those layers, and where the gradients need more than
+  HOST_MEMORY_SHARE of the free host memory). An
   out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
@@ -129,6 +131,11 @@ def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0,
             spans.append((row, min(row + grow * micro, stop)))
             row = spans[-1][1]
     return spans
+
+
+def query_spans(num_queries: int, micro: int) -> list:
+    """(start, stop) of the query micro-batches of a chunk of `num_queries` queries: `micro` queries each."""
+    return [(start, min(start + micro, num_queries)) for start in range(0, num_queries, micro)]
 
 
 def train_probes(lengths: np.ndarray, micro: int, growth: int = None) -> list:
@@ -740,10 +747,11 @@ class FusedScorer:
         products = self._precondition(name, weight, bias) * gradient.to(self.score_args.precondition_dtype).to(dtype)
         self.hooks.block.add_(products.sum(dim=(1, 2)).float())
 
-    def _backward(self, rows, measurement: bool):
-        """One forward/backward over `rows`, the hooks handing each module's per-example gradients on."""
+    def _backward(self, rows, measurement: bool, boundary: torch.Tensor = None):
+        """One forward/backward over `rows`, the hooks handing each module's per-example gradients on; with a
+        `boundary` gradient, from it (boundaries)."""
         for batch in DataLoader(rows, batch_size=len(rows), collate_fn=self.collator):
-            self._run(batch, measurement)
+            self._run(batch, measurement, boundary)
 
     def backward_order(self, queries) -> list:
         """The tracked modules in the order the backward reaches them (recorded on one query; a module the loss does
@@ -776,26 +784,34 @@ class FusedScorer:
     def boundary_bytes(self, train, plan: PassPlan, train_batch_size: int) -> Optional[int]:
         """The host bytes of one layer output's gradient for every training micro-batch of `plan` (the collator's
         padding: to each micro-batch's longest row, or to max_length); None where the model does not say its width."""
+        spans = self.spans(train, train_batch_size, plan.train_micro, plan.growth) if len(train) else []
+        return self.span_bytes(train, spans)
+
+    def query_boundary_bytes(self, chunk, plan: PassPlan) -> Optional[int]:
+        """boundary_bytes for the query micro-batches of a chunk of queries (longest first)."""
+        return self.span_bytes(chunk, query_spans(len(chunk), plan.query_micro))
+
+    def span_bytes(self, rows, spans: list) -> Optional[int]:
+        """The bytes of one layer output's gradient for the micro-batches `spans` of `rows` (longest first)."""
         config = getattr(self.model, "config", None)
         hidden = getattr(config, "hidden_size", None)
         if self.blocks is None or not hidden:
             return None
-        if not len(train):
+        if not len(rows):
             return 0
-        lengths = self.lengths(train)
-        spans = self.spans(train, train_batch_size, plan.train_micro, plan.growth)
+        lengths = self.lengths(rows)
         fixed = getattr(self.collator, "max_length", None) if getattr(self.collator, "padding", None) == "max_length" \
             else None
         multiple = getattr(self.collator, "pad_to_multiple_of", None) or 1
-        choices = len(train[0]["input_ids"])
+        choices = len(rows[0]["input_ids"])
         tokens = sum((stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple)
                      for start, stop in spans)
         return tokens * choices * hidden * next(self.model.parameters()).dtype.itemsize
 
     @contextmanager
     def boundaries(self, top: Optional[int], capture: Optional[int], store: Optional[BoundaryGradients]):
-        """Hooks for a training pass: the forward stops at layer `top`'s output (for a backward from a stored
-        gradient), and the gradient at layer `capture`'s output is stored for the micro-batch under way (the output
+        """Hooks for a pass's query or training side: the forward stops at layer `top`'s output (for a backward from a
+        stored gradient), and the gradient at layer `capture`'s output is stored for the micro-batch under way (the output
         detached where nothing below needs a gradient, so that the backward stops there)."""
         handles = []
 
@@ -888,11 +904,12 @@ class FusedScorer:
 
     def score_pass(self, chunk, group: list, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
                    desc: str, disable_tqdm: bool, top: Optional[int] = None, capture: Optional[int] = None,
-                   store: Optional[BoundaryGradients] = None) -> tuple:
+                   store: Optional[BoundaryGradients] = None, query_store: Optional[BoundaryGradients] = None) -> tuple:
         """Scores of the queries `chunk` against every training row of this rank through the modules `group`, added
         into `block` (chunk × train); returns the seconds of the query side and of the training side. The training
         side's backward starts from `store`'s gradients at layer `top`'s output (None: from the loss), and stores
-        the gradients at layer `capture`'s output (None: none) for the next pass (`boundaries`)."""
+        the gradients at layer `capture`'s output (None: none) for the next pass (`boundaries`); the query side's
+        likewise from and into `query_store`'s (None: every query side from the measurement)."""
         clock = _Clock(self.device)
         self.query_grads.clear()
         for name in group:
@@ -911,10 +928,17 @@ class FusedScorer:
             if self.query_weights is not None:
                 load_weights(self.model, self.query_weights)
             try:
-                for start in range(0, len(chunk), plan.query_micro):
-                    with self.hooks.part("query micro-batches", block):
-                        self._backward(chunk.select(range(start, min(start + plan.query_micro, len(chunk)))),
-                                       measurement=True)
+                query_top = top if query_store is not None else None
+                with self.boundaries(query_top, capture if query_store is not None else None, query_store):
+                    for i, (start, stop) in enumerate(query_spans(len(chunk), plan.query_micro)):
+                        self.micro_batch = i
+                        with self.hooks.part("query micro-batches", block):
+                            if query_top is None:
+                                boundary = None
+                            else:
+                                with self.hooks.part("boundary loads", block):
+                                    boundary = query_store.load(i)
+                            self._backward(chunk.select(range(start, stop)), measurement=True, boundary=boundary)
             finally:
                 if self.query_weights is not None:
                     load_weights(self.model, self.train_weights)
@@ -1185,7 +1209,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
                          query_weights, train_weights)
-    store, decided = None, False  # the BoundaryGradients, and whether boundary_store was asked
+    # the training and the query sides' BoundaryGradients, and whether boundary_store was asked
+    store, query_store, decided = None, None, False
     q_order = longest_first(query_dataset)
     queries, (train, t_order) = query_dataset.select(q_order), scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
@@ -1203,17 +1228,19 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
             scorer.hooks.times.take()  # the passes' parts only, not the planning's probes
             while start < len(queries):
                 def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
-                    nonlocal store, decided
+                    nonlocal store, query_store, decided
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
                     groups = plan.groups(rows.stop - rows.start)
                     chunk, spent, each = queries.select(range(rows.start, rows.stop)), (0.0, 0.0), []
                     tops = scorer.cuts(groups) if boundaries else [None] * len(groups)
                     if any(top is not None for top in tops) and not decided:  # the first chunk in several groups
-                        store, decided = boundary_store(scorer, train, plan, train_batch_size, len(groups)), True
+                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size, len(groups))
+                        decided = True
                     if store is None:
                         tops = [None] * len(groups)
                     else:
                         store.reset()
+                        query_store.reset()
                     for i, group in enumerate(groups):  # the top layers' modules first: each score adds its modules'
                         # terms in the backward's order, as one pass over all of them would (the same bits)
                         desc = (f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
@@ -1222,7 +1249,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                         capture = tops[i + 1] if i + 1 < len(groups) else None
                         each.append(scorer.score_pass(
                             chunk, group, train, scores[rows], plan, train_batch_size, desc, disable_tqdm, tops[i],
-                            None if capture == tops[i] else capture, store))
+                            None if capture == tops[i] else capture, store, query_store))
                         spent = np.add(spent, each[-1])
                     plan.running = None
                     return rows, groups, spent, each
@@ -1240,13 +1267,15 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         try:
             undo()
         finally:
-            if store is not None:
-                store.close()
-    boundary_gib = store.held / 2**30 if store is not None else 0.0  # the most any chunk took
+            for kept in (store, query_store):
+                if kept is not None:
+                    kept.close()
+    kept = [k for k in (store, query_store) if k is not None]
+    boundary_gib = sum(k.held for k in kept) / 2**30  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
                        boundary_gib=round(boundary_gib, 3),
-                       boundary_wait_seconds=round(store.waited if store is not None else 0.0, 3),
+                       boundary_wait_seconds=round(sum(k.waited for k in kept), 3),
                        module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, train_growth=plan.growth,
@@ -1269,20 +1298,22 @@ def in_dataset_order(scores: torch.Tensor, q_order: np.ndarray, t_order: np.ndar
     return scores.cpu().index_select(0, rows).index_select(1, columns)
 
 
-def boundary_store(scorer: FusedScorer, train, plan: PassPlan, train_batch_size: int,
-                   num_groups: int) -> Optional[BoundaryGradients]:
-    """A BoundaryGradients for passes in `num_groups` module groups, where one layer output's gradients for every
-    training micro-batch take at most HOST_MEMORY_SHARE of the host memory available (utils.available_host_memory);
-    else None: every pass from the loss."""
-    needed, available = scorer.boundary_bytes(train, plan, train_batch_size), available_host_memory()
+def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batch_size: int,
+                   num_groups: int) -> tuple:
+    """BoundaryGradients for the training and the query sides of passes in `num_groups` module groups over the
+    training rows `train` and chunks of queries like `chunk` (the first and longest), where one layer output's
+    gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
+    (utils.available_host_memory); else (None, None): every pass from the loss and the measurement."""
+    sides = scorer.boundary_bytes(train, plan, train_batch_size), scorer.query_boundary_bytes(chunk, plan)
+    needed, available = (None if None in sides else sum(sides)), available_host_memory()
     if needed is None or needed > HOST_MEMORY_SHARE * available:
         logger.info("fused scoring: every pass from the loss (%s)", "the model's config gives no hidden_size"
                     if needed is None else f"the layer-output gradients between passes need {needed / 2**30:.1f} GiB "
                     f"of host memory, {available / 2**30:.1f} GiB available")
-        return None
+        return None, None
     logger.info("fused scoring: %d module groups, each pass after the first from the layer-output gradients the pass "
                 "before kept (%.1f GiB of host memory)", num_groups, needed / 2**30)
-    return BoundaryGradients(scorer.device, needed)
+    return BoundaryGradients(scorer.device, sides[0]), BoundaryGradients(scorer.device, sides[1])
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,

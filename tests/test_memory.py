@@ -131,13 +131,13 @@ def test_module_groups_of_a_kronfluence_wrapped_model_under_autocast_give_the_sa
     assert (one["module_groups"], grouped["module_groups"]) == (1, 9) and any(kept)  # passes from kept gradients
 
 
-def layer_runs(monkeypatch, layer: int) -> list:
-    """Per training pass (score_pass), whether encoder layer `layer` ran a forward in it."""
+def layer_runs(monkeypatch, layer: int, side: str = "train") -> list:
+    """Per pass (score_pass), whether encoder layer `layer` ran a forward on its `side` ("train" or "query")."""
     runs, original = [], fused_scores.FusedScorer.score_pass
 
     def score_pass(self, chunk, group, *args, **kwargs):
-        ran = []
-        hook = lambda m, i, o: ran.append(not torch.is_grad_enabled() or self.hooks.callback == self._add_scores)
+        ran, callback = [], self._add_scores if side == "train" else self._keep_query
+        hook = lambda m, i, o: ran.append(self.hooks.callback == callback)
         handle = self.blocks[layer].register_forward_hook(hook)
         try:
             return original(self, chunk, group, *args, **kwargs)
@@ -148,20 +148,22 @@ def layer_runs(monkeypatch, layer: int) -> list:
     return runs
 
 
-def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, monkeypatch):
+@pytest.mark.parametrize("side", ["train", "query"])
+def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, monkeypatch, side):
     """Room for 1.2 queries' gradients: several module groups. A pass over the first encoder layer's modules alone
-    runs the forward up to that layer and its backward from the layer-output gradients the pass before stored, so the
-    top layer does not run on its training side; every pass from the loss runs it. The scores are the same bits
-    (float64 on CPU), and the stored gradients take the host bytes FusedScorer.boundary_bytes estimates."""
-    model, train = setup[:2]
+    runs the forward up to that layer and its backward from the layer-output gradients the pass before stored, on its
+    training side and on its query side, so the top layer runs on neither; every pass from the loss (and the
+    measurement) runs it. The scores are the same bits (float64 on CPU), and the stored gradients take the host bytes
+    FusedScorer.boundary_bytes and query_boundary_bytes estimate."""
+    model, train, queries = setup[:3]
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
-    runs, stores = layer_runs(monkeypatch, layer=1), []
+    runs, stores = layer_runs(monkeypatch, layer=1, side=side), []
     monkeypatch.setattr(fused_scores, "BoundaryGradients",
                         lambda *args: stores.append(BoundaryGradients(*args)) or stores[-1])
     timings, loss_timings = {}, {}
     cut = identity_scores(setup, timings)
-    assert timings["module_groups"] > 2 and len(stores) == 1
+    assert timings["module_groups"] > 2 and len(stores) == 2  # the training side's and the query side's
     below = [ran for group, ran in runs if all(".layer.0." in name for name in group)]
     assert below and not any(below)
     assert all(ran for group, ran in runs if not all(".layer.0." in name for name in group))
@@ -173,7 +175,9 @@ def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, m
     scorer = FusedScorer(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, setup[3], torch.device("cpu"))
     plan = fused_scores.PassPlan(8, 2, 2)
     assert stores[0].held == scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2) == stores[0].expected > 0
-    assert not stores[0].slots and timings["boundary_gib"] == round(stores[0].held / 2**30, 3)
+    assert stores[1].held == scorer.query_boundary_bytes(scorer.sorted_rows(queries)[0], plan) == stores[1].expected > 0
+    assert not stores[0].slots and not stores[1].slots
+    assert timings["boundary_gib"] == round((stores[0].held + stores[1].held) / 2**30, 3)
 
 
 def test_an_out_of_memory_error_in_a_pass_from_kept_gradients_redoes_the_chunk_from_the_loss(setup, monkeypatch):

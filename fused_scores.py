@@ -18,8 +18,8 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   run in it; the query side of each pass does the same with the query micro-batches' gradients at that layer, which
   the query side of the pass before stored (every pass runs from the loss for a model without
   `base_model.encoder.layer`, for a group with a module outside those layers, and where the gradients need more than
-  HOST_MEMORY_SHARE of the free host memory). An
-  out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished chunks;
+  HOST_MEMORY_SHARE of the free host memory). An out-of-memory error halves the passes' memory and redoes the
+  chunk, keeping the finished chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
@@ -260,8 +260,12 @@ class BoundaryGradients:
     stored gradient: the values the backward from the loss reaches there (the layers above are the same functions of
     the same inputs), without the layers above.
 
-    On a GPU the slots are page-locked (the copies take the DMA path and do not hold up the host; they run in the
-    passes' stream, in order with their kernels) and cut from blocks of at most BLOCK bytes. cudaHostAlloc faults the
+    On a GPU the slots are page-locked (the copies take the DMA path and do not hold up the host) and cut from blocks
+    of at most BLOCK bytes. The copies run on two streams of their own, to the host and to the GPU, beside the
+    passes' kernels (34.8 GiB each way a pass at SWAG scale): a store waits for the kernels launched before it and
+    holds the gradient's memory until its copy is done; a load waits for the slot's last store and, as the pass
+    takes it, fetches the next micro-batch's; a slot is stored into only after its load is done (the store follows
+    the kernels that waited for the load). cudaHostAlloc faults the
     pages in while it holds the CUDA driver's lock: on an H100 it pins 8 GiB in 2.7 s, while a thread launching
     matmuls runs at 0.6% of its rate (results/pin_probe.py). A thread therefore pins the blocks of the `expected`
     bytes while the first pass runs, each in two steps: it writes the block's pages in a mapping of its own (faulting
@@ -281,6 +285,9 @@ class BoundaryGradients:
             if device.type == "cuda" else None
         self.expected = expected  # the bytes the slots will take (boundary_bytes): smaller blocks below BLOCK
         self.slots, self.blocks, self.used, self.held, self.waited = {}, [], 0, 0, 0.0
+        # to the host, to the GPU; per slot the event after its last store, and a load fetched ahead
+        self.streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if device.type == "cuda" else None
+        self.stored, self.fetched = {}, {}
         self.spare = []  # the blocks of the chunk before, for this chunk's slots
         self.pinned = []  # every block registered with CUDA (the thread's too), until close() unregisters it
         # the blocks pinned ahead: a queue the thread fills (a block, or the exception that ended pinning), and how
@@ -412,10 +419,10 @@ class BoundaryGradients:
         """Before a chunk's first pass: the slots are laid out again (an out-of-memory retry may change the
         micro-batches), in the blocks already there first."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # no copy into or out of a slot is pending
+            torch.cuda.synchronize(self.device)  # no copy into or out of a slot is pending, on any stream
         self.held = max(self.held, self.nbytes())  # the most a chunk's slots took
         self.spare += self.blocks
-        self.slots, self.blocks, self.used = {}, [], 0
+        self.slots, self.blocks, self.used, self.stored, self.fetched = {}, [], 0, {}, {}
 
     def close(self) -> None:
         """The host memory back: the pinning thread stopped, the slots and blocks dropped, every pinned block
@@ -470,12 +477,40 @@ class BoundaryGradients:
         elif slot.shape != gradient.shape or slot.dtype != gradient.dtype:
             raise RuntimeError(f"training micro-batch {index}: a boundary gradient of {tuple(gradient.shape)} for a "
                                f"slot of {tuple(slot.shape)}")
-        slot.copy_(gradient.detach(), non_blocking=True)  # ordered with the passes' kernels (one stream)
+        if self.streams is None:
+            slot.copy_(gradient.detach())
+            return
+        to_host = self.streams[0]
+        to_host.wait_stream(torch.cuda.current_stream(self.device))  # the kernels that computed the gradient
+        with torch.cuda.stream(to_host):
+            slot.copy_(gradient.detach(), non_blocking=True)
+        gradient.record_stream(to_host)  # its memory is not handed out again before the copy is done
+        self.stored[index] = to_host.record_event()
 
     def load(self, index: int) -> torch.Tensor:
+        """Micro-batch `index`'s gradient on the device, for the kernels launched next on the current stream (a copy:
+        the pass may store into the slot)."""
         if index not in self.slots:
             raise RuntimeError(f"no boundary gradient stored for training micro-batch {index}")
-        return self.slots[index].to(self.device, non_blocking=True, copy=True)  # the pass may store into the slot
+        if self.streams is None:
+            return self.slots[index].clone()
+        gradient, done = self.fetched.pop(index, None) or self._fetch(index)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        gradient.record_stream(compute)
+        if index + 1 in self.slots:  # the next micro-batch's, while this one computes
+            self.fetched[index + 1] = self._fetch(index + 1)
+        return gradient
+
+    def _fetch(self, index: int) -> tuple:
+        """(a copy of slot `index` on the device, the event after it), on the stream to the GPU, after the slot's
+        last store."""
+        to_device = self.streams[1]
+        if index in self.stored:
+            to_device.wait_event(self.stored[index])
+        with torch.cuda.stream(to_device):
+            gradient = self.slots[index].to(self.device, non_blocking=True, copy=True)
+        return gradient, to_device.record_event()
 
     def nbytes(self) -> int:
         """The bytes of the slots (boundary_bytes's estimate)."""

@@ -25,6 +25,16 @@ from pipeline import margins, model_logits
 Batch = Dict[str, torch.Tensor]
 
 
+def sample_labels(logits: torch.Tensor) -> torch.Tensor:
+    """One label per row of `logits` drawn from its softmax: torch.multinomial(p, 1)'s own draw, argmax(p / q) with
+    q ~ Exp(1) from the same generator (the same random numbers, the same labels), without its checks of p, which
+    wait for the GPU twice in the middle of every factor batch (`.item()`) so that the host cannot queue the backward
+    and the next batch ahead of the GPU. NaN logits give some label and a NaN loss, which the factors' NaN check
+    reports."""
+    probabilities = logits.float().softmax(dim=-1)
+    return (probabilities / torch.empty_like(probabilities).exponential_(1)).argmax(dim=-1)
+
+
 class MultipleChoiceTask(Task):
     enable_post_process_per_sample_gradient = True
 
@@ -37,7 +47,7 @@ class MultipleChoiceTask(Task):
         if not sample:
             return F.cross_entropy(logits, batch[LABELS], reduction="sum")
         with torch.no_grad():
-            sampled = torch.multinomial(logits.float().softmax(dim=-1), num_samples=1).flatten()
+            sampled = sample_labels(logits)
         return F.cross_entropy(logits, sampled, reduction="sum")
 
     def compute_measurement(self, batch: Batch, model: nn.Module) -> torch.Tensor:

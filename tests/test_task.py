@@ -12,7 +12,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
 from pipeline import make_collator, margins, model_logits, tokenize
-from task import MultipleChoiceTask
+from task import MultipleChoiceTask, sample_labels
 from training import LENGTH_BUCKET, bucketed
 
 
@@ -92,6 +92,24 @@ def test_sampled_loss_uses_model_distribution(tiny):
     drawn = [torch.multinomial(logits.float().softmax(-1), 1).flatten() for _ in range(20)]
     assert all(torch.equal(s, F.cross_entropy(logits, d, reduction="sum")) for s, d in zip(sampled, drawn))
     assert any(not torch.equal(d, batch["labels"]) for d in drawn)
+
+
+def test_sampled_labels_are_multinomials_draws_without_its_checks(tiny, monkeypatch):
+    """sample_labels draws what torch.multinomial(softmax, 1) draws, bitwise, from the same random numbers (the
+    generator left in the same state), for bf16 and float32 logits, near-one-hot and flat rows; the sampled loss no
+    longer calls torch.multinomial, whose checks wait for the GPU (`.item()`) in the middle of each factor batch."""
+    for seed in range(50):
+        generator = torch.Generator().manual_seed(seed)
+        logits = torch.randn(64, 4, generator=generator) * (0.01, 1.0, 30.0)[seed % 3]
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(seed)
+            expected, after = torch.multinomial(logits.to(dtype).float().softmax(-1), 1).flatten(), torch.rand(2)
+            torch.manual_seed(seed)
+            assert torch.equal(sample_labels(logits.to(dtype)), expected) and torch.equal(torch.rand(2), after)
+    raw, tokenizer, model = tiny
+    batch = make_collator(tokenizer)([tokenize(raw["train"], tokenizer)[i] for i in range(4)])
+    monkeypatch.setattr(torch, "multinomial", lambda *args, **kwargs: pytest.fail("torch.multinomial called"))
+    MultipleChoiceTask().compute_train_loss(batch, model, sample=True)
 
 
 @pytest.mark.slow

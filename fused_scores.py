@@ -254,11 +254,11 @@ class _Stopped(Exception):
 
 
 class BoundaryGradients:
-    """Between the passes of a chunk, per training micro-batch, the gradient of the loss with respect to one encoder
-    layer's output, in host memory. A module group's pass stores the gradient at the output of the layer holding the
-    next group's highest module; the next pass runs the forward up to that layer only, and its backward from the
-    stored gradient: the values the backward from the loss reaches there (the layers above are the same functions of
-    the same inputs), without the layers above.
+    """Between the passes of a chunk, per micro-batch of one side (training or query), the gradient of the loss (or
+    the measurement) with respect to one encoder layer's output, in host memory. A module group's pass stores the
+    gradient at the output of the layer holding the next group's highest module; the next pass runs the forward up to
+    that layer only, and its backward from the stored gradient: the values the backward from the loss reaches there
+    (the layers above are the same functions of the same inputs), without the layers above.
 
     On a GPU the slots are page-locked (the copies take the DMA path and do not hold up the host) and cut from blocks
     of at most BLOCK bytes. The copies run on two streams of their own, to the host and to the GPU, beside the
@@ -475,7 +475,7 @@ class BoundaryGradients:
         if slot is None:
             slot = self.slots[index] = self._bytes(gradient.nbytes).view(gradient.dtype).view(gradient.shape)
         elif slot.shape != gradient.shape or slot.dtype != gradient.dtype:
-            raise RuntimeError(f"training micro-batch {index}: a boundary gradient of {tuple(gradient.shape)} for a "
+            raise RuntimeError(f"micro-batch {index}: a boundary gradient of {tuple(gradient.shape)} for a "
                                f"slot of {tuple(slot.shape)}")
         if self.streams is None:
             slot.copy_(gradient.detach())
@@ -491,7 +491,7 @@ class BoundaryGradients:
         """Micro-batch `index`'s gradient on the device, for the kernels launched next on the current stream (a copy:
         the pass may store into the slot)."""
         if index not in self.slots:
-            raise RuntimeError(f"no boundary gradient stored for training micro-batch {index}")
+            raise RuntimeError(f"no boundary gradient stored for micro-batch {index}")
         if self.streams is None:
             return self.slots[index].clone()
         gradient, done = self.fetched.pop(index, None) or self._fetch(index)
@@ -751,7 +751,7 @@ class FusedScorer:
         self.blocks = encoder_blocks(model)
         held_by = {id(m): i for i, block in enumerate(self.blocks or []) for m in block.modules()}
         self.block_of = {name: held_by.get(id(m)) for name, m in self.modules.items()}  # None: outside the layers
-        self.micro_batch = 0  # the index of the training micro-batch under way in a pass
+        self.micro_batch = 0  # the index of the micro-batch under way on a pass's side
 
     def _precondition(self, name, weight, bias):
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
@@ -1228,8 +1228,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     that chunk alone.
     `timings`, if given, receives the seconds spent on query gradients and on training passes (`pass_seconds`: each
     pass's), where they went (`hooks`: utils.HookTimes of the query and training micro-batches, and inside them the
-    per-example gradients, the query preconditioning, the contraction, the boundary loads and stores; attempts that
-    ran out of memory included), and the plan.
+    per-example gradients, the query preconditioning, the contraction, and the boundary loads and stores: the passes'
+    own stream's time queueing and awaiting the copies, which run on streams of their own; attempts that ran out of
+    memory included), and the plan.
     `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it).
     `precondition(module name, gradient)`, if given, replaces the strategy's preconditioning of the query gradients
     (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
@@ -1291,6 +1292,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
 
                 def shrink(detail, start=start):  # the failed chunk is redone from scratch; the finished rows stay
                     scorer.query_grads.clear()
+                    for kept in (store, query_store):  # a load fetched ahead freed before the cache is cleared
+                        if kept is not None:
+                            kept.reset()
                     scores[start:] = 0
                     plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
                 rows, groups, (query_s, train_s), each = retry_on_oom(one_chunk, shrink, device)
@@ -1302,9 +1306,12 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         try:
             undo()
         finally:
-            for kept in (store, query_store):
-                if kept is not None:
-                    kept.close()
+            try:  # each store closed whatever the other's close raises (a sticky CUDA error in its synchronize)
+                if store is not None:
+                    store.close()
+            finally:
+                if query_store is not None:
+                    query_store.close()
     kept = [k for k in (store, query_store) if k is not None]
     boundary_gib = sum(k.held for k in kept) / 2**30  # the most any chunk took
     if timings is not None:
@@ -1336,7 +1343,7 @@ def in_dataset_order(scores: torch.Tensor, q_order: np.ndarray, t_order: np.ndar
 def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batch_size: int,
                    num_groups: int) -> tuple:
     """BoundaryGradients for the training and the query sides of passes in `num_groups` module groups over the
-    training rows `train` and chunks of queries like `chunk` (the first and longest), where one layer output's
+    training rows `train` and chunks of queries like `chunk` (the first chunk in several groups), where one layer output's
     gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
     (utils.available_host_memory); else (None, None): every pass from the loss and the measurement."""
     sides = scorer.boundary_bytes(train, plan, train_batch_size), scorer.query_boundary_bytes(chunk, plan)

@@ -453,7 +453,7 @@ def score(job: ScoringJob) -> tuple:
         total = scores.double() if total is None else total.add_(scores.double())
         for key in seconds:  # the fused backend's time split, summed over the members
             seconds[key] += sizes.pop(key, 0.0)
-        for key in FUSED_BREAKDOWN:  # one member's: not summed
+        for key in FUSED_BREAKDOWN:  # per pass and part of one member's run: not recorded for the ensemble
             sizes.pop(key, None)
         # kronfluence's loop: the next member starts from the batch sizes that fitted, not from a full size that ran
         # out of memory (the fused backend plans each pass from the memory free at the time)

@@ -224,6 +224,7 @@ class HookTimes:
 
     def __init__(self):
         self.calls, self.host, self.device, self._pending = {}, {}, {}, []
+        self._resolve_at = self.RESOLVE_EVERY  # pending parts at which to read the passed ones
 
     @contextmanager
     def part(self, name: str, cuda: bool):
@@ -241,8 +242,9 @@ class HookTimes:
             if events:
                 events[1].record()
                 self._pending.append((name, *events))
-                if len(self._pending) >= self.RESOLVE_EVERY:
+                if len(self._pending) >= self._resolve_at:
                     self._resolve(wait=False)
+                    self._resolve_at = len(self._pending) + self.RESOLVE_EVERY  # no rescan of those still pending
             else:
                 self.device[name] = self.device.get(name, 0.0) + host
 
@@ -261,7 +263,7 @@ class HookTimes:
         self._resolve(wait=True)
         summary = {name: {"calls": calls, "host_seconds": round(self.host[name], 3),
                           "device_seconds": round(self.device.get(name, 0.0), 3)} for name, calls in self.calls.items()}
-        self.calls, self.host, self.device = {}, {}, {}
+        self.calls, self.host, self.device, self._resolve_at = {}, {}, {}, self.RESOLVE_EVERY
         return summary
 
 

@@ -180,18 +180,22 @@ def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, m
     assert timings["boundary_gib"] == round((stores[0].held + stores[1].held) / 2**30, 3)
 
 
-def test_an_out_of_memory_error_in_a_pass_from_kept_gradients_redoes_the_chunk_from_the_loss(setup, monkeypatch):
-    """An out-of-memory error in the second micro-batch of the first pass that starts from kept gradients shrinks the
-    plan and redoes the chunk from its first pass, whose gradients the later passes start from again: the same bits
-    as passes from the loss."""
+@pytest.mark.parametrize("side", ["train", "query"])
+def test_an_out_of_memory_error_in_a_pass_from_kept_gradients_redoes_the_chunk_from_the_loss(setup, monkeypatch,
+                                                                                             side):
+    """An out-of-memory error in the second micro-batch of one side of the first pass that starts from kept
+    gradients shrinks the plan and redoes the chunk from its first pass, whose gradients the later passes start from
+    again: the same bits as passes from the loss."""
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, int(2.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
     original, calls = fused_scores._backward, []
 
     def backward(*args):
-        calls.append(len(args) > 6 and args[6] is not None)  # a backward from a kept gradient
-        if sum(calls) == 2 and calls[-1]:
-            raise torch.OutOfMemoryError(OOM)
+        measurement, boundary = args[5], (args[6] if len(args) > 6 else None)
+        if measurement == (side == "query"):
+            calls.append(boundary is not None)  # a backward of this side from a kept gradient
+            if sum(calls) == 2 and calls[-1]:
+                raise torch.OutOfMemoryError(OOM)
         return original(*args)
     monkeypatch.setattr(fused_scores, "_backward", backward)
     timings = {}
@@ -199,6 +203,40 @@ def test_an_out_of_memory_error_in_a_pass_from_kept_gradients_redoes_the_chunk_f
     assert sum(calls) > 2 and timings["out_of_memory_retries"] == 1 and timings["boundary_gib"] > 0
     monkeypatch.undo()
     assert torch.equal(retried, identity_scores(setup, boundaries=False))
+
+
+def test_several_chunks_of_queries_start_each_later_pass_from_kept_gradients(setup, monkeypatch):
+    """Room for three queries' gradients of the largest module: the 8 queries come in chunks of 3, 3 and 2, each in
+    several module groups whose later passes start both sides from the gradients the pass before kept (the stores
+    laid out again for each chunk): the same bits as every pass from the loss and the measurement."""
+    model = setup[0]
+    modules = fused_scores.tracked_linears(model, fused_scores.linear_module_names(model))
+    largest = max(query_gradient_bytes(modules, torch.float64).values())
+    fake_memory(monkeypatch, int(3.5 * largest / fused_scores.MEMORY_HEADROOM), 0)
+    original, from_kept = fused_scores._backward, []
+    monkeypatch.setattr(fused_scores, "_backward", lambda *args: from_kept.append(
+        (args[5], len(args) > 6 and args[6] is not None)) or original(*args))
+    timings = {}
+    chunks = identity_scores(setup, timings)
+    assert timings["queries_per_pass"] == 3 and timings["passes"] > 3 * 2  # 3 chunks, several groups each
+    assert (True, True) in from_kept and (False, True) in from_kept  # both sides from kept gradients
+    monkeypatch.setattr(fused_scores, "_backward", original)
+    assert torch.equal(chunks, identity_scores(setup, boundaries=False))
+
+
+def test_query_weights_of_their_own_start_later_passes_from_kept_gradients(setup, monkeypatch):
+    """source.py's query side at other weights than the training side's: its kept gradients are the query weights'
+    own, the same bits as every pass from the loss and the measurement."""
+    model = setup[0]
+    per_query = per_query_bytes(setup)
+    fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
+    torch.manual_seed(1)
+    other = {name: w + 0.05 * torch.randn_like(w) for name, w in fused_scores.model_weights(model).items()}
+    timings = {}
+    kept = identity_scores(setup, timings, query_weights=other)
+    assert timings["module_groups"] > 2 and timings["boundary_gib"] > 0
+    assert torch.equal(kept, identity_scores(setup, boundaries=False, query_weights=other))
+    assert not torch.equal(kept, identity_scores(setup, boundaries=False))  # the query weights count
 
 
 def test_layer_output_gradients_that_do_not_fit_the_host_memory_leave_every_pass_from_the_loss(setup, monkeypatch,
@@ -248,7 +286,7 @@ def test_boundary_gradients_keep_each_micro_batch_apart():
         store.store(0, torch.zeros(3, 5, dtype=torch.float64))
     store.reset()
     assert store.held == sum(g.nbytes for g in gradients) and not store.blocks and len(store.spare) == 3
-    with pytest.raises(RuntimeError, match="no boundary gradient stored for training micro-batch 1"):
+    with pytest.raises(RuntimeError, match="no boundary gradient stored for micro-batch 1"):
         store.load(1)
     small = fused_scores.BoundaryGradients(torch.device("cpu"), expected=840)
     small.store(0, gradients[0])

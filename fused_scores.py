@@ -937,6 +937,14 @@ class FusedScorer:
         self.probing = "query" if query_peak > train_peak else "train"  # the larger, if none fails
         return max(query_peak, train_peak)
 
+    def _kept(self, top: Optional[int], store: Optional[BoundaryGradients], index: int, like: torch.Tensor):
+        """The gradient `store` kept for micro-batch `index` (a "boundary loads" part; `like`: a tensor on the device),
+        or None where the side runs from the loss or the measurement (`top` None)."""
+        if top is None:
+            return None
+        with self.hooks.part("boundary loads", like):
+            return store.load(index)
+
     def score_pass(self, chunk, group: list, train, block: torch.Tensor, plan: PassPlan, train_batch_size: int,
                    desc: str, disable_tqdm: bool, top: Optional[int] = None, capture: Optional[int] = None,
                    store: Optional[BoundaryGradients] = None, query_store: Optional[BoundaryGradients] = None) -> tuple:
@@ -968,12 +976,8 @@ class FusedScorer:
                     for i, (start, stop) in enumerate(query_spans(len(chunk), plan.query_micro)):
                         self.micro_batch = i
                         with self.hooks.part("query micro-batches", block):
-                            if query_top is None:
-                                boundary = None
-                            else:
-                                with self.hooks.part("boundary loads", block):
-                                    boundary = query_store.load(i)
-                            self._backward(chunk.select(range(start, stop)), measurement=True, boundary=boundary)
+                            self._backward(chunk.select(range(start, stop)), measurement=True,
+                                           boundary=self._kept(query_top, query_store, i, block))
             finally:
                 if self.query_weights is not None:
                     load_weights(self.model, self.train_weights)
@@ -987,12 +991,7 @@ class FusedScorer:
                                                                             desc, disable_tqdm, plan.growth)):
                     self.hooks.block, self.micro_batch = block[:, start:stop], i
                     with self.hooks.part("training micro-batches", block):
-                        if top is None:
-                            boundary = None
-                        else:
-                            with self.hooks.part("boundary loads", block):
-                                boundary = store.load(i)
-                        self._run(batch, measurement=False, boundary=boundary)
+                        self._run(batch, measurement=False, boundary=self._kept(top, store, i, block))
         finally:  # also after an error: the query gradients freed, and every module's hooks on for what comes next
             self.query_grads.clear()
             self.hooks.active = set(self.modules)

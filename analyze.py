@@ -428,11 +428,13 @@ def scores_metadata(args, data, outputs: Outputs, trained: dict, scores, timings
 
 
 def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = None,
-                 factors_only: bool = False, startup_seconds: Optional[float] = None) -> Path:
+                 factors_only: bool = False, startup_seconds: Optional[float] = None,
+                 startup_parts: Optional[dict] = None) -> Path:
     """Fit the factors and compute the scores, resuming what an interrupted run with the same settings finished;
     the output directories stay locked (by rank 0) until `stack` closes. Returns the scores directory (the factors
     directory with `factors_only`). `source`: SOURCE's earlier segments and shares (earlier_segments).
-    `startup_seconds`: the process's start-up before this analysis, recorded with the scores."""
+    `startup_seconds`: the process's start-up before this analysis, recorded with the scores, and `startup_parts`
+    its parts (the interpreter and imports, the checkpoint, the data)."""
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
@@ -487,6 +489,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
         if rank == 0:
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             timings = {"seconds": {**({"startup": round(startup_seconds, 2)} if startup_seconds is not None else {}),
+                                   **({"startup_parts": startup_parts} if startup_parts else {}),
                                    "factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
                                    "scores": round(time.perf_counter() - scores_started, 2), **split,
                                    # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)
@@ -570,9 +573,14 @@ def main(argv=None):
     if args.checkpoint_epoch:
         args.checkpoint_dir = epoch_checkpoint(args.checkpoint_dir, args.checkpoint_epoch)
     args = resolve_data_args(args, args.checkpoint_dir if (args.checkpoint_dir / "config.json").exists() else None)
+    imported = process_seconds()  # the interpreter, the imports and the arguments
     with collector_paused():
+        started = time.perf_counter()
         model, tokenizer = load_checkpoint(args.checkpoint_dir)
+        loaded = time.perf_counter()
         data = prepare_data(args, tokenizer)
+    startup_parts = {"imports": round(imported, 2), "checkpoint": round(loaded - started, 2),
+                     "data": round(time.perf_counter() - loaded, 2)}
     require_labels(data.queries)  # the measurement is the query's margin; before any work, and on every rank
     if not 0 <= args.query_index < len(data.queries):
         raise UserError(f"--query_index {args.query_index} is outside the {len(data.queries)} queries; "
@@ -589,7 +597,8 @@ def main(argv=None):
         # SOURCE's earlier segments first: their factors, each as its own analysis would fit them
         source = earlier_segments(args, run_dir, tokenizer, data) if args.source_horizon else None
         with ExitStack() as locks:
-            scores_dir = run_analysis(args, model, tokenizer, data, locks, source, startup_seconds=startup_seconds)
+            scores_dir = run_analysis(args, model, tokenizer, data, locks, source, startup_seconds=startup_seconds,
+                                      startup_parts=startup_parts)
     if dist.is_initialized() and not external_group:  # leave together: a rank that exits while another is still
         dist.barrier()                                 # in a gloo collective can abort it. (kronfluence's State
         dist.destroy_process_group()                   # still counts the ranks: main runs once per process.)

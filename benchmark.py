@@ -639,7 +639,8 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             "wall_seconds": round(wall, 1), "reused_stages": reused,
             # the process's start-up: imports, the checkpoint, tokenizing (the earlier process's, where the scores
             # are reused)
-            "startup_seconds": scores["seconds"].get("startup"), "stages": stages,
+            "startup_seconds": scores["seconds"].get("startup"), "startup_parts": scores["seconds"].get("startup_parts"),
+            "stages": stages,
             "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
 

@@ -280,11 +280,11 @@ def test_the_analysis_runs_with_its_data_out_of_the_collectors_reach(tiny_checkp
 
 
 def test_fast_records_where_its_stages_spend_their_time(tiny_checkpoint, tmp_path):
-    """analyze.py --fast records, per factor stage, the calls and seconds of the fast kernels' hooks, and for the
-    scores each training pass's seconds and the parts of the passes (utils.HookTimes): one contraction and one
-    per-example gradient per module and training micro-batch, one per-example gradient and preconditioning per
-    module and query micro-batch, the parts inside the micro-batches that hold them. On a CPU a part's device seconds
-    are its host seconds."""
+    """analyze.py --fast records its start-up's parts, per factor stage the calls and seconds of the fast kernels'
+    hooks, and for the scores each training pass's seconds and the parts of the passes (utils.HookTimes): one
+    contraction and one per-example gradient per module and training micro-batch, one per-example gradient and
+    preconditioning per module and query micro-batch, the parts inside the micro-batches that hold them. On a CPU a
+    part's device seconds are its host seconds."""
     batches = ["--factor_batch_size", "8", "--train_batch_size", "8", "--query_batch_size", "4"]
     scores_dir = analyze.main(["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "ekfac", "--fast",
                                *batches, "--output_dir", str(tmp_path)])
@@ -311,6 +311,9 @@ def test_fast_records_where_its_stages_spend_their_time(tiny_checkpoint, tmp_pat
     assert hooks["per-example gradients"] == modules * (train_batches + query_batches)
     parts = seconds["scores_hooks"]
     assert parts["contraction"]["host_seconds"] <= parts["training micro-batches"]["host_seconds"]
+    startup = seconds["startup_parts"]  # the process's start (here pytest's) to the data, in three parts
+    assert set(startup) == {"imports", "checkpoint", "data"} and min(startup.values()) >= 0
+    assert sum(startup.values()) <= seconds["startup"] + 0.015  # each rounded to 10 ms
 
 
 def test_hook_times_read_each_parts_device_events_once_they_have_passed(monkeypatch):

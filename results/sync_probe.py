@@ -52,7 +52,7 @@ def synchronisations(fn) -> tuple:
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchronizing" in str(message):
-            frames = traceback.extract_stack()[:-1]
+            frames = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"]
             sites[tuple(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-6:])] += 1
 
     with warnings.catch_warnings():

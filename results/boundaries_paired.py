@@ -10,7 +10,6 @@ Writes OUT_DIR/boundaries_paired.json: each run's seconds (wall, query side, tra
 memory, and how far the two score matrices are apart (bitwise equal, the largest difference over the largest
 score, metrics.per_query_correlations).
 """
-import argparse
 import importlib.metadata
 import json
 import os
@@ -21,27 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from datasets import load_dataset
 from kronfluence.analyzer import prepare_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+from anetcap_roberta import anetcap_rows, driver_parser  # noqa: E402
+
 import fused_scores  # noqa: E402
 from benchmark import load_tokenizer, random_roberta  # noqa: E402
 from influence import AnalysisConfig  # noqa: E402
 from metrics import per_query_correlations  # noqa: E402
-from pipeline import make_collator, tokenize  # noqa: E402
+from pipeline import make_collator  # noqa: E402
 from task import MultipleChoiceTask  # noqa: E402
 from utils import configure_attention, loader_workers  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--tokenizer_dir", type=Path, required=True, help="roberta-base's vocab.json and merges.txt")
-    parser.add_argument("--data_dir", type=Path, required=True, help="anetcap's train.csv.gz and validation.csv.gz")
-    parser.add_argument("--num_train", type=int, default=16384, help="the first N training rows")
-    parser.add_argument("--num_queries", type=int, default=2000, help="the first N validation rows")
-    return parser.parse_args(argv)
+    return driver_parser(__doc__, "out_dir", num_train=16384, num_queries=2000).parse_args(argv)
 
 
 def main(argv=None):
@@ -51,10 +45,7 @@ def main(argv=None):
     out_file = args.out_dir / "boundaries_paired.json"
     device = torch.device("cuda")
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    raw = load_dataset("csv", data_files={split: str(args.data_dir / f"{split}.csv.gz")
-                                          for split in ("train", "validation")})
-    train = tokenize(raw["train"].select(range(args.num_train)), tokenizer)
-    queries = tokenize(raw["validation"].select(range(args.num_queries)), tokenizer)
+    train, queries = anetcap_rows(args, tokenizer)
     collator, task = make_collator(tokenizer), MultipleChoiceTask()
     model = prepare_model(random_roberta(tokenizer), task).to(device)
     names = fused_scores.linear_module_names(model)

@@ -10,7 +10,6 @@ anetcap's real text through the roberta-base BPE, as results/boundaries_paired.p
 Writes OUT.json: per stage its seconds, its batches and each place that synchronised (the Python stack's last frames
 and how often), most frequent first.
 """
-import argparse
 import json
 import sys
 import time
@@ -20,16 +19,17 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+from anetcap_roberta import anetcap_rows, driver_parser  # noqa: E402
+
 import fused_scores  # noqa: E402
 from benchmark import load_tokenizer, random_roberta  # noqa: E402
 from fast_kernels import fast_factor_kernels  # noqa: E402
 from influence import AnalysisConfig, factor_rows, factor_stages  # noqa: E402
-from pipeline import make_collator, tokenize  # noqa: E402
+from pipeline import make_collator  # noqa: E402
 from task import MultipleChoiceTask  # noqa: E402
 from utils import configure_attention  # noqa: E402
 
@@ -37,13 +37,7 @@ FACTOR_BATCH = 256  # analyze.py --fast's
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--tokenizer_dir", type=Path, required=True, help="roberta-base's vocab.json and merges.txt")
-    parser.add_argument("--data_dir", type=Path, required=True, help="anetcap's train.csv.gz and validation.csv.gz")
-    parser.add_argument("--num_train", type=int, default=1024, help="the first N training rows")
-    parser.add_argument("--num_queries", type=int, default=64, help="the first N validation rows")
-    return parser.parse_args(argv)
+    return driver_parser(__doc__, "output", num_train=1024, num_queries=64).parse_args(argv)
 
 
 def synchronisations(fn) -> tuple:
@@ -74,10 +68,7 @@ def main(argv=None):
     configure_attention()  # as analyze.py
     device = torch.device("cuda")
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    raw = load_dataset("csv", data_files={split: str(args.data_dir / f"{split}.csv.gz")
-                                          for split in ("train", "validation")})
-    train = tokenize(raw["train"].select(range(args.num_train)), tokenizer)
-    queries = tokenize(raw["validation"].select(range(args.num_queries)), tokenizer)
+    train, queries = anetcap_rows(args, tokenizer)
     collator, task = make_collator(tokenizer), MultipleChoiceTask()
     model = prepare_model(random_roberta(tokenizer), task).to(device)
     config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused")

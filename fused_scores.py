@@ -1246,6 +1246,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                          query_weights, train_weights)
     # the training and the query sides' BoundaryGradients, and whether boundary_store was asked
     store, query_store, decided = None, None, False
+
+    def kept() -> list:
+        return [k for k in (store, query_store) if k is not None]
     q_order = longest_first(query_dataset)
     queries, (train, t_order) = query_dataset.select(q_order), scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
@@ -1291,9 +1294,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
 
                 def shrink(detail, start=start):  # the failed chunk is redone from scratch; the finished rows stay
                     scorer.query_grads.clear()
-                    for kept in (store, query_store):  # a load fetched ahead freed before the cache is cleared
-                        if kept is not None:
-                            kept.reset()
+                    for k in kept():  # a load fetched ahead freed before the cache is cleared
+                        k.reset()
                     scores[start:] = 0
                     plan.shrink("fused scores", detail, "free memory on the GPU or lower --max_length")
                 rows, groups, (query_s, train_s), each = retry_on_oom(one_chunk, shrink, device)
@@ -1311,12 +1313,11 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
             finally:
                 if query_store is not None:
                     query_store.close()
-    kept = [k for k in (store, query_store) if k is not None]
-    boundary_gib = sum(k.held for k in kept) / 2**30  # the most any chunk took
+    boundary_gib = sum(k.held for k in kept()) / 2**30  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
                        boundary_gib=round(boundary_gib, 3),
-                       boundary_wait_seconds=round(sum(k.waited for k in kept), 3),
+                       boundary_wait_seconds=round(sum(k.waited for k in kept()), 3),
                        module_groups=most_groups, chunk_capacity=plan.chunk_capacity,
                        pass_capacity=plan.capacity, query_micro_batch=plan.query_micro,
                        train_micro_batch=plan.train_micro, train_growth=plan.growth,

@@ -74,7 +74,7 @@ from formats import (
     save_fit,
     save_scores,
 )
-from fused_scores import model_weights
+from fused_scores import model_weights, pin_ahead
 from influence import (
     BACKENDS,
     FACTOR_STAGES,
@@ -453,7 +453,14 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
     if args.max_memory_gb and device.type == "cuda":
         limit_gpu_memory(args.max_memory_gb, device)
 
-    # 1. the factors: the stages a killed or earlier run left unfinished
+    # 1. the factors: the stages a killed or earlier run left unfinished (meanwhile, host memory for the fused
+    # passes' layer-output gradients is pinned: pinning it as the first pass stores into it holds that pass up)
+    boundary_memory = None
+    if (args.scoring == "fused" and not (factors_only or reuse_scores or args.self_influence or config.source_horizon)):
+        boundary_memory = pin_ahead(model, collator, data.train, args.train_batch_size, len(data.queries),
+                                    config.score_arguments().score_dtype, device)
+        if boundary_memory is not None:
+            stack.callback(boundary_memory.close)  # where the scores never take it over
     started = time.perf_counter()
     hook_times = HookTimes() if args.fast else None  # where the fast kernels' stages spend their time
     with ExitStack() as fast:
@@ -486,7 +493,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
                           zip(source["weights"], source["factors_dirs"], source["shares"])),
                         Segment(None, analyzer.load_all_factors(f_name), source["shares"][-1])]
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
-                         args.query_batch_size, rank, workers, segments)
+                         args.query_batch_size, rank, workers, segments, boundary_memory)
         scores, sizes = compute_scores(job, scores_dir)
         split = {f"scores_{key}": round(float(sizes.pop(key)), 2) for key in FUSED_SECONDS if key in sizes}
         split.update({f"scores_{key}": sizes.pop(key) for key in FUSED_BREAKDOWN if key in sizes})

@@ -517,6 +517,45 @@ class BoundaryGradients:
         return sum(slot.nbytes for slot in self.slots.values())
 
 
+def layer_output_bytes(model: nn.Module, collator, lengths: np.ndarray, spans: list, choices: int) -> Optional[int]:
+    """The bytes of one encoder layer output's gradient for the micro-batches `spans` of rows of `lengths` tokens
+    (longest first), `choices` sequences a row, as the collator pads them (to each micro-batch's longest row, or to
+    max_length); None for a model without encoder layers (encoder_blocks) or without a hidden_size in its config."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if encoder_blocks(model) is None or not hidden:
+        return None
+    fixed = getattr(collator, "max_length", None) if getattr(collator, "padding", None) == "max_length" else None
+    multiple = getattr(collator, "pad_to_multiple_of", None) or 1
+    tokens = sum((stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple) for start, stop in spans)
+    return tokens * choices * hidden * next(model.parameters()).dtype.itemsize
+
+
+def pin_ahead(model: nn.Module, collator, train_dataset, train_batch_size: int, num_queries: int,
+              score_dtype: torch.dtype, device: torch.device) -> Optional[BoundaryGradients]:
+    """The training side's BoundaryGradients for a later fused_pairwise_scores (its `boundary_memory`), its thread
+    pinning the host memory from now on, beside other work (analyze.py: the factor stages); None where the passes
+    would not need it or it should not be taken now: off a GPU, for a model without encoder layers, where the queries'
+    gradients fit in the GPU's free memory (perhaps one module group), or where the gradients need more than
+    HOST_MEMORY_SHARE of the host memory available. Sized for the plan's first choice of training micro-batches
+    (`train_batch_size` rows, GROWTH); a plan with others pins what it needs beyond that as it stores, and leaves
+    what it does not."""
+    if device.type != "cuda" or not len(train_dataset):
+        return None
+    gradients = num_queries * sum(query_gradient_bytes(tracked_linears(model, linear_module_names(model)),
+                                                       score_dtype).values())
+    room = available_memory(device)
+    if room is None or gradients <= room:
+        return None
+    lengths = -np.sort(-row_lengths(train_dataset))  # as sorted_rows orders the rows
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    spans = micro_spans(lengths, train_batch_size, min(train_batch_size, len(lengths)), rank, world)
+    needed = layer_output_bytes(model, collator, lengths, spans, len(train_dataset[0]["input_ids"]))
+    if not needed or needed > HOST_MEMORY_SHARE * available_host_memory():
+        return None
+    logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead", needed / 2**30)
+    return BoundaryGradients(device, needed)
+
+
 def model_weights(model: nn.Module) -> dict:
     """The model's parameters by their own names (without kronfluence's wrappers and the constants they add)."""
     return {name.replace(".original_module", ""): p for name, p in model.named_parameters()
@@ -828,20 +867,8 @@ class FusedScorer:
 
     def span_bytes(self, rows, spans: list) -> Optional[int]:
         """The bytes of one layer output's gradient for the micro-batches `spans` of `rows` (longest first)."""
-        config = getattr(self.model, "config", None)
-        hidden = getattr(config, "hidden_size", None)
-        if self.blocks is None or not hidden:
-            return None
-        if not len(rows):
-            return 0
-        lengths = self.lengths(rows)
-        fixed = getattr(self.collator, "max_length", None) if getattr(self.collator, "padding", None) == "max_length" \
-            else None
-        multiple = getattr(self.collator, "pad_to_multiple_of", None) or 1
-        choices = len(rows[0]["input_ids"])
-        tokens = sum((stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple)
-                     for start, stop in spans)
-        return tokens * choices * hidden * next(self.model.parameters()).dtype.itemsize
+        lengths, choices = (self.lengths(rows), len(rows[0]["input_ids"])) if len(rows) else (np.zeros(0), 0)
+        return layer_output_bytes(self.model, self.collator, lengths, spans, choices)
 
     @contextmanager
     def boundaries(self, top: Optional[int], capture: Optional[int], store: Optional[BoundaryGradients]):
@@ -1221,7 +1248,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
                           train_weights: dict = None, plan_queries: int = 0, plan_rows: tuple = None,
-                          boundaries: bool = True):
+                          boundaries: bool = True, boundary_memory: Optional[BoundaryGradients] = None):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
@@ -1239,7 +1266,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     whose longest micro-batches the memory probes take instead of these rows' (a subset's longest rows may be
     shorter than the full run's). `boundaries`: where the model's encoder layers allow, each module group's pass after
     the first runs the forward up to its highest layer only and the backward from the gradients the pass before kept
-    (BoundaryGradients; the same scores); False: every pass from the loss."""
+    (BoundaryGradients; the same scores); False: every pass from the loss. `boundary_memory` (pin_ahead's), if given,
+    holds the training side's gradients where the passes keep them; it is closed at the end, used or not."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
@@ -1272,7 +1300,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                     chunk, spent, each = queries.select(range(rows.start, rows.stop)), (0.0, 0.0), []
                     tops = scorer.cuts(groups) if boundaries else [None] * len(groups)
                     if any(top is not None for top in tops) and not decided:  # the first chunk in several groups
-                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size, len(groups))
+                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size, len(groups),
+                                                            boundary_memory)
                         decided = True
                     if store is None:
                         tops = [None] * len(groups)
@@ -1311,8 +1340,12 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 if store is not None:
                     store.close()
             finally:
-                if query_store is not None:
-                    query_store.close()
+                try:
+                    if query_store is not None:
+                        query_store.close()
+                finally:
+                    if boundary_memory is not None and boundary_memory is not store:  # pinned ahead, not used
+                        boundary_memory.close()
     boundary_gib = sum(k.held for k in kept()) / 2**30  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
@@ -1341,13 +1374,15 @@ def in_dataset_order(scores: torch.Tensor, q_order: np.ndarray, t_order: np.ndar
 
 
 def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batch_size: int,
-                   num_groups: int) -> tuple:
+                   num_groups: int, ahead: Optional[BoundaryGradients] = None) -> tuple:
     """BoundaryGradients for the training and the query sides of passes in `num_groups` module groups over the
     training rows `train` and chunks of queries like `chunk` (the first chunk in several groups), where one layer output's
     gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
-    (utils.available_host_memory); else (None, None): every pass from the loss and the measurement."""
+    (utils.available_host_memory, with what `ahead` expects to pin); else (None, None): every pass from the loss and
+    the measurement. `ahead` (pin_ahead's), if given, is the training side's."""
     sides = scorer.boundary_bytes(train, plan, train_batch_size), scorer.query_boundary_bytes(chunk, plan)
-    needed, available = (None if None in sides else sum(sides)), available_host_memory()
+    needed = None if None in sides else sum(sides)
+    available = available_host_memory() + (ahead.expected if ahead is not None else 0)
     if needed is None or needed > HOST_MEMORY_SHARE * available:
         logger.info("fused scoring: every pass from the loss (%s)", "the model's config gives no hidden_size"
                     if needed is None else f"the layer-output gradients between passes need {needed / 2**30:.1f} GiB "
@@ -1355,7 +1390,8 @@ def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batc
         return None, None
     logger.info("fused scoring: %d module groups, each pass after the first from the layer-output gradients the pass "
                 "before kept (%.1f GiB of host memory)", num_groups, needed / 2**30)
-    return BoundaryGradients(scorer.device, sides[0]), BoundaryGradients(scorer.device, sides[1])
+    return (ahead if ahead is not None else BoundaryGradients(scorer.device, sides[0]),
+            BoundaryGradients(scorer.device, sides[1]))
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,

@@ -332,6 +332,8 @@ class ScoringJob:
     rank: int = 0
     num_workers: int = 0  # DataLoader processes collating the training batches (utils.loader_workers)
     segments: Optional[list] = None  # with --source_horizon: source.Segment per segment, the analysed model's last
+    # fused_scores.pin_ahead's host memory for the first fused pairwise run (which takes it over and closes it)
+    boundary_memory: Optional[object] = None
 
     @property
     def device(self) -> torch.device:
@@ -388,11 +390,12 @@ class FusedBackend:
 
     def pairwise(self, job: ScoringJob) -> tuple:
         torch.manual_seed(stage_seed(job.config.seed, "scores", job.rank))
-        plan = {}
+        plan, ahead, job.boundary_memory = {}, job.boundary_memory, None
         scores = fused_pairwise_scores(job.model.to(job.device), job.analyzer.task, job.factors(),
                                        job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
                                        job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
-                                       device=job.device, timings=plan, num_workers=job.num_workers)
+                                       device=job.device, timings=plan, num_workers=job.num_workers,
+                                       boundary_memory=ahead)
         return scores, {key: plan[key] for key in FUSED_PLAN_SIZES + FUSED_SECONDS + FUSED_BREAKDOWN}
 
     def self_influence(self, job: ScoringJob) -> tuple:

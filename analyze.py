@@ -457,10 +457,10 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
     # passes' layer-output gradients is pinned: pinning it as the first pass stores into it holds that pass up)
     boundary_memory = None
     if (args.scoring == "fused" and not (factors_only or reuse_scores or args.self_influence or config.source_horizon)):
-        boundary_memory = pin_ahead(model, collator, data.train, args.train_batch_size, len(data.queries),
-                                    config.score_arguments().score_dtype, device)
-        if boundary_memory is not None:
-            stack.callback(boundary_memory.close)  # where the scores never take it over
+        boundary_memory = pin_ahead(model, collator, data.train, data.queries, args.train_batch_size,
+                                    args.query_batch_size, config.score_arguments().score_dtype, device)
+        for store in boundary_memory or ():
+            stack.callback(store.close)  # where the scores never take it over
     started = time.perf_counter()
     hook_times = HookTimes() if args.fast else None  # where the fast kernels' stages spend their time
     with ExitStack() as fast:

@@ -309,6 +309,7 @@ class BoundaryGradients:
         return min(self.BLOCK, 1 << (nbytes - 1).bit_length())  # a power of two: room for the slots' alignment
 
     def _pin_ahead(self, sizes: list) -> None:
+        started, pinned = time.perf_counter(), 0
         try:
             for size in sizes:
                 if self.stopping.is_set():
@@ -320,8 +321,11 @@ class BoundaryGradients:
                     return
                 self.pinned.append(block)
                 self.ahead.put(block)
+                pinned += size
         finally:
             self.ahead.put(None)  # the end, however the thread ends: a slot never waits for a block that is not coming
+            logger.info("fused scoring: %.1f GiB of host memory pinned ahead in %.1f s", pinned / 2**30,
+                        time.perf_counter() - started)
 
     @staticmethod
     def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
@@ -530,30 +534,33 @@ def layer_output_bytes(model: nn.Module, collator, lengths: np.ndarray, spans: l
     return tokens * choices * hidden * next(model.parameters()).dtype.itemsize
 
 
-def pin_ahead(model: nn.Module, collator, train_dataset, train_batch_size: int, num_queries: int,
-              score_dtype: torch.dtype, device: torch.device) -> Optional[BoundaryGradients]:
-    """The training side's BoundaryGradients for a later fused_pairwise_scores (its `boundary_memory`), its thread
-    pinning the host memory from now on, beside other work (analyze.py: the factor stages); None where the passes
-    would not need it or it should not be taken now: off a GPU, for a model without encoder layers, where the queries'
-    gradients fit in the GPU's free memory (perhaps one module group), or where the gradients need more than
-    HOST_MEMORY_SHARE of the host memory available. Sized for the plan's first choice of training micro-batches
-    (`train_batch_size` rows, GROWTH); a plan with others pins what it needs beyond that as it stores, and leaves
-    what it does not."""
-    if device.type != "cuda" or not len(train_dataset):
+def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_batch_size: int,
+              query_batch_size: int, score_dtype: torch.dtype, device: torch.device) -> Optional[tuple]:
+    """The training and the query sides' BoundaryGradients for a later fused_pairwise_scores (its `boundary_memory`),
+    their threads pinning the host memory from now on, beside other work (analyze.py: the factor stages); None where
+    the passes would not need them or they should not be taken now: off a GPU, for a model without encoder layers,
+    where the queries' gradients fit in the GPU's free memory (perhaps one module group), or where the gradients need
+    more than HOST_MEMORY_SHARE of the host memory available. Sized for the plan's first choice of micro-batches
+    (`train_batch_size` training rows with GROWTH, `query_batch_size` queries, every query in one chunk); a plan with
+    others pins what it needs beyond that as it stores, and leaves what it does not."""
+    if device.type != "cuda" or not len(train_dataset) or not len(query_dataset):
         return None
-    gradients = num_queries * sum(query_gradient_bytes(tracked_linears(model, linear_module_names(model)),
-                                                       score_dtype).values())
+    gradients = len(query_dataset) * sum(query_gradient_bytes(tracked_linears(model, linear_module_names(model)),
+                                                              score_dtype).values())
     room = available_memory(device)
     if room is None or gradients <= room:
         return None
-    lengths = -np.sort(-row_lengths(train_dataset))  # as sorted_rows orders the rows
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    spans = micro_spans(lengths, train_batch_size, min(train_batch_size, len(lengths)), rank, world)
-    needed = layer_output_bytes(model, collator, lengths, spans, len(train_dataset[0]["input_ids"]))
-    if not needed or needed > HOST_MEMORY_SHARE * available_host_memory():
+    sides = []
+    for rows in (train_dataset, query_dataset):
+        lengths = -np.sort(-row_lengths(rows))  # as sorted_rows orders the rows
+        spans = (micro_spans(lengths, train_batch_size, min(train_batch_size, len(rows)), rank, world)
+                 if rows is train_dataset else query_spans(len(rows), min(query_batch_size, len(rows))))
+        sides.append(layer_output_bytes(model, collator, lengths, spans, len(rows[0]["input_ids"])))
+    if None in sides or sum(sides) > HOST_MEMORY_SHARE * available_host_memory():
         return None
-    logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead", needed / 2**30)
-    return BoundaryGradients(device, needed)
+    logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead", sum(sides) / 2**30)
+    return tuple(BoundaryGradients(device, nbytes) for nbytes in sides)
 
 
 def model_weights(model: nn.Module) -> dict:
@@ -1248,7 +1255,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
                           train_weights: dict = None, plan_queries: int = 0, plan_rows: tuple = None,
-                          boundaries: bool = True, boundary_memory: Optional[BoundaryGradients] = None):
+                          boundaries: bool = True, boundary_memory: Optional[tuple] = None):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
@@ -1266,8 +1273,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     whose longest micro-batches the memory probes take instead of these rows' (a subset's longest rows may be
     shorter than the full run's). `boundaries`: where the model's encoder layers allow, each module group's pass after
     the first runs the forward up to its highest layer only and the backward from the gradients the pass before kept
-    (BoundaryGradients; the same scores); False: every pass from the loss. `boundary_memory` (pin_ahead's), if given,
-    holds the training side's gradients where the passes keep them; it is closed at the end, used or not."""
+    (BoundaryGradients; the same scores); False: every pass from the loss. `boundary_memory` (pin_ahead's training and
+    query sides), if given, holds the gradients where the passes keep them; it is closed at the end, used or not."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
@@ -1344,8 +1351,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                     if query_store is not None:
                         query_store.close()
                 finally:
-                    if boundary_memory is not None and boundary_memory is not store:  # pinned ahead, not used
-                        boundary_memory.close()
+                    for ahead in boundary_memory or ():  # pinned ahead and not used (closing twice is harmless)
+                        ahead.close()
     boundary_gib = sum(k.held for k in kept()) / 2**30  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
@@ -1374,15 +1381,15 @@ def in_dataset_order(scores: torch.Tensor, q_order: np.ndarray, t_order: np.ndar
 
 
 def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batch_size: int,
-                   num_groups: int, ahead: Optional[BoundaryGradients] = None) -> tuple:
+                   num_groups: int, ahead: Optional[tuple] = None) -> tuple:
     """BoundaryGradients for the training and the query sides of passes in `num_groups` module groups over the
     training rows `train` and chunks of queries like `chunk` (the first chunk in several groups), where one layer output's
     gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
     (utils.available_host_memory, with what `ahead` expects to pin); else (None, None): every pass from the loss and
-    the measurement. `ahead` (pin_ahead's), if given, is the training side's."""
+    the measurement. `ahead` (pin_ahead's pair), if given, holds the two sides."""
     sides = scorer.boundary_bytes(train, plan, train_batch_size), scorer.query_boundary_bytes(chunk, plan)
     needed = None if None in sides else sum(sides)
-    available = available_host_memory() + (ahead.expected if ahead is not None else 0)
+    available = available_host_memory() + sum(store.expected for store in ahead or ())
     if needed is None or needed > HOST_MEMORY_SHARE * available:
         logger.info("fused scoring: every pass from the loss (%s)", "the model's config gives no hidden_size"
                     if needed is None else f"the layer-output gradients between passes need {needed / 2**30:.1f} GiB "
@@ -1390,8 +1397,7 @@ def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batc
         return None, None
     logger.info("fused scoring: %d module groups, each pass after the first from the layer-output gradients the pass "
                 "before kept (%.1f GiB of host memory)", num_groups, needed / 2**30)
-    return (ahead if ahead is not None else BoundaryGradients(scorer.device, sides[0]),
-            BoundaryGradients(scorer.device, sides[1]))
+    return ahead or tuple(BoundaryGradients(scorer.device, nbytes) for nbytes in sides)
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,

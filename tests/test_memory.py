@@ -239,11 +239,11 @@ def test_query_weights_of_their_own_start_later_passes_from_kept_gradients(setup
     assert not torch.equal(kept, identity_scores(setup, boundaries=False))  # the query weights count
 
 
-def test_host_memory_pinned_ahead_holds_the_training_side_of_the_passes(setup, monkeypatch):
-    """pin_ahead (analyze.py, before the factors): on a GPU where the queries' gradients exceed the free memory, a
-    training-side BoundaryGradients of the bytes the plan's first choice of micro-batches needs; none where they fit,
-    off a GPU, or where the host memory is short. fused_pairwise_scores takes it as its training side (only the query
-    side's store is new), gives the bits of passes from the loss, and closes it, used or not."""
+def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypatch):
+    """pin_ahead (analyze.py, before the factors): on a GPU where the queries' gradients exceed the free memory, the
+    training and the query sides' BoundaryGradients of the bytes the plan's first choice of micro-batches needs; none
+    where the gradients fit, off a GPU, or where the host memory is short. fused_pairwise_scores keeps its gradients in
+    them (no store of its own), gives the bits of passes from the loss, and closes them, used or not."""
     model, train, queries, collator = setup
     per_query = per_query_bytes(setup)
     made = []
@@ -253,16 +253,18 @@ def test_host_memory_pinned_ahead_holds_the_training_side_of_the_passes(setup, m
 
     def ahead(room, device=gpu):
         monkeypatch.setattr(fused_scores, "available_memory", lambda device: room)
-        return fused_scores.pin_ahead(model, collator, train, 2, len(queries), torch.float64, device)
+        return fused_scores.pin_ahead(model, collator, train, queries, 2, 2, torch.float64, device)
 
     assert ahead(len(queries) * per_query) is None and ahead(per_query, torch.device("cpu")) is None and not made
     pinned = ahead(per_query)
     args = AnalysisConfig(factor_strategy="identity").score_arguments()
     scorer = FusedScorer(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, collator,
                          torch.device("cpu"))
-    assert made == [pinned] and pinned.expected == scorer.boundary_bytes(
-        scorer.sorted_rows(train)[0], fused_scores.PassPlan(8, 2, 2), 2) > 0
-    monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2 * pinned.expected - 1)
+    plan = fused_scores.PassPlan(8, 2, 2)
+    assert made == list(pinned) and [store.expected for store in pinned] == [
+        scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2),
+        scorer.query_boundary_bytes(scorer.sorted_rows(queries)[0], plan)] and min(s.expected for s in pinned) > 0
+    monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2 * sum(s.expected for s in pinned) - 1)
     assert ahead(per_query) is None
     monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2**40)
     closed = []
@@ -272,10 +274,11 @@ def test_host_memory_pinned_ahead_holds_the_training_side_of_the_passes(setup, m
     made.clear()
     timings = {}
     kept = identity_scores(setup, timings, boundary_memory=pinned)
-    assert len(made) == 1 and made[0] is not pinned and pinned in closed  # the query side's store only
-    assert timings["module_groups"] > 2 and pinned.held == pinned.expected
-    unused = BoundaryGradients(torch.device("cpu"), pinned.expected)
-    assert torch.equal(kept, identity_scores(setup, boundaries=False, boundary_memory=unused)) and unused in closed
+    assert not made and all(store in closed for store in pinned)
+    assert timings["module_groups"] > 2 and [store.held for store in pinned] == [store.expected for store in pinned]
+    unused = tuple(BoundaryGradients(torch.device("cpu"), store.expected) for store in pinned)
+    assert torch.equal(kept, identity_scores(setup, boundaries=False, boundary_memory=unused))
+    assert all(store in closed for store in unused)
 
 
 def test_layer_output_gradients_that_do_not_fit_the_host_memory_leave_every_pass_from_the_loss(setup, monkeypatch,

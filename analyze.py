@@ -43,7 +43,7 @@ import logging
 import os
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from itertools import takewhile
 from pathlib import Path
 from typing import Optional
@@ -55,7 +55,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.factor.eigen import load_eigendecomposition, load_lambda_matrices
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-from fast_kernels import fast_factor_kernels, input_gradients_only
+from fast_kernels import fast_factor_kernels
 from formats import (
     CHECKPOINTS_DIR,
     METADATA_FILE,
@@ -463,11 +463,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
             stack.callback(store.close)  # where the scores never take it over
     started = time.perf_counter()
     hook_times = HookTimes() if args.fast else None  # where the fast kernels' stages spend their time
-    with ExitStack() as fast:
-        if args.fast:  # the factor stages' kernels
-            fast.enter_context(fast_factor_kernels(task.num_choices, hook_times))
-            if not analyzer.state.use_distributed:  # no parameter gradients (DDP's reducer expects them)
-                fast.enter_context(input_gradients_only(model))
+    with fast_factor_kernels(task.num_choices, hook_times) if args.fast else nullcontext():
         factor_batch_size = fit_factors(analyzer, config, data.train, f_name, outputs.factors_dir, outputs.completed,
                                         outputs.record_factors, args.factor_batch_size, hook_times)
     scores_started = time.perf_counter()

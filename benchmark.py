@@ -79,7 +79,7 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
-from fast_kernels import fast_factor_kernels, input_gradients_only
+from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first
 from influence import (
@@ -273,13 +273,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
 
     def batched(stage, fn, sizes):
         return lambda: fitted.__setitem__(stage, halving_on_oom(stage, fn, sizes, device))
-    def frozen(fn):  # analyze.py --fast's factor stages: no parameter gradients
-        def run(**sizes):
-            with input_gradients_only(prepared):
-                fn(**sizes)
-        return run if fast else fn
-    stages = {stage: batched(stage, frozen(fn), {} if stage == "eigendecomposition" else
-                             {"factor_batch_size": c["factor_bs"]})
+    stages = {stage: batched(stage, fn, {} if stage == "eigendecomposition" else {"factor_batch_size": c["factor_bs"]})
               for stage, fn in factor_stages(analyzer, "f", cov_rows, lambda_rows, factor_args, overwrite=True).items()}
     holder, fused_timings = {}, {}
     if c["scoring"] == "fused":

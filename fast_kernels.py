@@ -17,7 +17,6 @@ from itertools import chain
 import torch
 from kronfluence.factor.config import FactorConfig
 from kronfluence.factor.eigen import perform_eigendecomposition
-from kronfluence.module.tracked_module import TrackedModule
 from kronfluence.module.utils import get_tracked_module_names
 from kronfluence.utils.constants import (
     ACTIVATION_COVARIANCE_MATRIX_NAME,
@@ -302,44 +301,6 @@ def eigendecomposition(covariance_factors: dict, model: nn.Module, state, factor
                        str(exc).splitlines()[0] if str(exc) else "")
         return perform_eigendecomposition(covariance_factors, model, state, factor_args, disable_tqdm)
     return factors
-
-
-@contextmanager
-def input_gradients_only(model: nn.Module):
-    """Inside the block the backward computes no parameter gradients, only the activation gradients the factors
-    need: the model's parameters are frozen, and a tracked module's input that needs no gradient (the lowest layer's,
-    from the embeddings) is replaced by a copy that does, so every tracked output still needs one (kronfluence's
-    wrapper would otherwise add its float32 `_constant` to the output, turning bf16 outputs into float32 ones).
-    Modules reading the same input one after another (an attention layer's query, key and value) get the same copy:
-    the covariance hooks share that input's products. The outputs and their gradients are the same tensors as with
-    trainable parameters (tests/test_fused.py: the same factors, bitwise), without a weight-gradient matmul per module
-    and batch (a third of the linear layers' multiply-adds). For the factor stages only: the hooks would start a
-    fused scoring pass's backward below its modules."""
-    wrappers = [m for m in model.modules() if isinstance(m, TrackedModule)]
-    constants = {id(w._constant) for w in wrappers}
-    flags = [(p, p.requires_grad) for p in model.parameters() if id(p) not in constants]
-    last = {}  # the last input replaced: a weak reference to it, its version, and its copy
-
-    def start(module, inputs):
-        x = inputs[0] if inputs else None
-        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_floating_point()
-                and not x.requires_grad):
-            return None
-        if not (last and last["input"]() is x and last["version"] == x._version):
-            last.update(input=weakref.ref(x), version=x._version, copy=x.detach().requires_grad_())
-        return (last["copy"], *inputs[1:])
-
-    handles = [w.register_forward_pre_hook(start) for w in wrappers]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        last.clear()
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 import fast_kernels
 import fused_scores
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
-from fast_kernels import fast_factor_kernels, input_gradients_only, rotated_example_gradients, rotation_dtype
+from fast_kernels import fast_factor_kernels, rotated_example_gradients, rotation_dtype
 from formats import load_scores
 from fused_scores import (
     AlignedEkfac,
@@ -298,43 +298,6 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
             # float64 sums of the same terms in another order (lambda: rotated before the product): ~1e-16
             # relative per term over a few thousand terms; 1e-12 still catches any missing or doubled term
             assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), (factor, module)
-
-
-def test_factors_without_parameter_gradients_are_the_same_bits(setup, tmp_path):
-    """Inside input_gradients_only the covariance and lambda stages compute no parameter gradient (none is
-    accumulated into any parameter) and give bitwise the factors of the backward with trainable parameters (the same
-    outputs and output gradients); the parameters are trainable again after the block."""
-    analyzer, train, args = float64_ekfac_analyzer(setup, tmp_path)
-    accumulated, flags = [], [p.requires_grad for p in analyzer.model.parameters()]
-    for p in analyzer.model.parameters():
-        if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
-
-    def stages(name, model=None):
-        factors = {}
-        with fast_factor_kernels(num_choices=4), input_gradients_only(model) if model is not None else nullcontext():
-            torch.manual_seed(0)  # the same sampled labels on both sides
-            analyzer.fit_covariance_matrices(name, train, factor_args=args, per_device_batch_size=4,
-                                             overwrite_output_dir=True)
-            factors.update(analyzer.load_covariance_matrices(name))
-            analyzer.perform_eigendecomposition(name, factor_args=args, overwrite_output_dir=True)
-            torch.manual_seed(1)
-            analyzer.fit_lambda_matrices(name, train, factor_args=args, per_device_batch_size=4,
-                                         overwrite_output_dir=True)
-            factors.update(analyzer.load_lambda_matrices(name))
-        return factors
-
-    trainable = stages("trainable")
-    assert accumulated  # the check can fail: kronfluence's backward accumulates parameter gradients
-    accumulated.clear()
-    frozen = stages("frozen", analyzer.model)
-    assert not accumulated
-    assert [p.requires_grad for p in analyzer.model.parameters()] == flags
-    assert trainable.keys() == frozen.keys()
-    for factor, modules in trainable.items():
-        assert modules.keys() == frozen[factor].keys()
-        for module, expected in modules.items():
-            assert torch.equal(frozen[factor][module], expected), (factor, module)
 
 
 def test_a_failing_eigendecomposition_falls_back_to_kronfluences_loop(setup, tmp_path, monkeypatch, caplog):

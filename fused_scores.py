@@ -78,8 +78,9 @@ PASS_ROW_COST = 7.3
 # gradients take memory from the query gradients, so where the passes are several the plan also weighs no growth
 # (fewer_passes).
 GROWTH = 4
-# Of the host memory available when scoring starts, the share that the boundary gradients (BoundaryGradients) may take;
-# where they need more, every pass runs the whole forward and the backward from the loss.
+# Of the host memory available (before the factor stages for pin_ahead, when scoring starts otherwise), the share that
+# the boundary gradients (BoundaryGradients) may take; where they need more, every pass runs the whole forward and the
+# backward from the loss.
 HOST_MEMORY_SHARE = 0.5
 
 
@@ -262,28 +263,31 @@ class BoundaryGradients:
 
     On a GPU the slots are page-locked (the copies take the DMA path and do not hold up the host) and cut from blocks
     of at most BLOCK bytes. The copies run on two streams of their own, to the host and to the GPU, beside the
-    passes' kernels (34.8 GiB each way a pass at SWAG scale): a store waits for the kernels launched before it and
+    passes' kernels (35 GiB each way a pass at SWAG scale): a store waits for the kernels launched before it and
     holds the gradient's memory until its copy is done; a load waits for the slot's last store and, as the pass
     takes it, fetches the next micro-batch's; a slot is stored into only after its load is done (the store follows
-    the kernels that waited for the load). cudaHostAlloc faults the
-    pages in while it holds the CUDA driver's lock: on an H100 it pins 8 GiB in 2.7 s, while a thread launching
-    matmuls runs at 0.6% of its rate (results/pin_probe.py). A thread therefore pins the blocks of the `expected`
-    bytes while the first pass runs, each in two steps: it writes the block's pages in a mapping of its own (faulting
-    them in, no lock held), then registers them (cudaHostRegister): 8 GiB in 0.85 s, the matmuls at 72% of their
-    rate meanwhile. A slot waits only for a block not pinned yet (`waited`: the seconds the passes waited for pinned
-    memory, from the thread or pinned in place). A slot larger than a block is pinned on its own and ends the pinning
-    ahead. The blocks serve the next chunk's slots too (`reset`) and are unregistered by `close`. Where pinning
-    fails, the slots are ordinary host memory."""
+    the kernels that waited for the load). cudaHostAlloc faults the pages in while it holds the CUDA driver's lock:
+    on an H100 it pins 8 GiB in 2.7 s, while a thread launching matmuls runs at 0.6% of its rate
+    (results/pin_probe.py). A thread therefore pins the blocks from the store's creation on (pin_ahead's: before the
+    factor stages; boundary_store's: as the first pass starts), each in two steps: it writes the block's pages in a
+    mapping of its own (faulting them in, no lock held), then registers them (cudaHostRegister): 8 GiB in 0.85 s,
+    the matmuls at 72% of their rate meanwhile. The blocks are those the `slots` (each micro-batch's bytes, in the
+    order they are stored) take laid out as `_bytes` lays them out, a slot never straddling two blocks; without
+    `slots`, enough for `expected` bytes. A slot waits only for a block not pinned yet (`waited`: the seconds the
+    passes waited for pinned memory, from the thread or pinned in place). A slot larger than a block is pinned on its
+    own and ends the pinning ahead. The blocks serve the next chunk's slots too (`reset`) and are unregistered by
+    `close`. Where pinning fails, the slots are ordinary host memory."""
 
     BLOCK = 2**30
     ALIGNMENT = 512
 
-    def __init__(self, device: torch.device, expected: int = 0):
+    def __init__(self, device: torch.device, expected: int = 0, slots: Optional[list] = None):
         self.device, self.pin = device, self._pins(device)
         # the GPU the registrations are for: a thread starts on GPU 0 whatever the caller's (torchrun's other ranks)
         self.gpu = (device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else None
-        self.expected = expected  # the bytes the slots will take (boundary_bytes): smaller blocks below BLOCK
+        # the bytes the slots will take (boundary_slots): smaller blocks below BLOCK
+        self.expected = expected or sum(slots or ())
         self.slots, self.blocks, self.used, self.held, self.waited = {}, [], 0, 0, 0.0
         # to the host, to the GPU; per slot the event after its last store, and a load fetched ahead
         self.streams = (torch.cuda.Stream(device), torch.cuda.Stream(device)) if device.type == "cuda" else None
@@ -293,9 +297,8 @@ class BoundaryGradients:
         # the blocks pinned ahead: a queue the thread fills (a block, or the exception that ended pinning), and how
         # many it has yet to hand over
         self.ahead, self.coming, self.stopping, self.thread = queue.Queue(), 0, threading.Event(), None
-        if self.pin and expected > 0:
-            # whole blocks (a slot does not straddle two, so a smaller last one might hold none)
-            sizes = [self.BLOCK] * -(-expected // self.BLOCK) if expected > self.BLOCK else [self._block_size(expected)]
+        if self.pin and self.expected > 0:
+            sizes = self._ahead(self.expected, slots)
             self.coming = len(sizes)
             self.thread = threading.Thread(target=self._pin_ahead, args=(sizes,), name="pin boundary blocks",
                                            daemon=True)
@@ -307,6 +310,24 @@ class BoundaryGradients:
 
     def _block_size(self, nbytes: int) -> int:
         return min(self.BLOCK, 1 << (nbytes - 1).bit_length())  # a power of two: room for the slots' alignment
+
+    def _ahead(self, expected: int, slots: Optional[list]) -> list:
+        """The sizes of the blocks to pin ahead: whole blocks (BLOCK, or one power of two below it that holds every
+        slot), as many as the `slots` take in `_bytes`'s layout (up to the first slot larger than a block, which ends
+        the pinning ahead), or without `slots` enough for `expected` bytes."""
+        aligned = [-(-nbytes // self.ALIGNMENT) * self.ALIGNMENT for nbytes in slots or ()]
+        total = sum(aligned) if slots is not None else expected
+        size = self.BLOCK if total > self.BLOCK else self._block_size(total)
+        if slots is None:
+            return [size] * -(-expected // size)
+        count, used = 0, size
+        for nbytes, room in zip(slots, aligned):
+            if nbytes > size:
+                break
+            if used + nbytes > size:
+                count, used = count + 1, 0
+            used += room
+        return [size] * count
 
     def _pin_ahead(self, sizes: list) -> None:
         started, pinned = time.perf_counter(), 0
@@ -517,21 +538,21 @@ class BoundaryGradients:
         return gradient, to_device.record_event()
 
     def nbytes(self) -> int:
-        """The bytes of the slots (boundary_bytes's estimate)."""
+        """The bytes of the slots (boundary_slots's estimate)."""
         return sum(slot.nbytes for slot in self.slots.values())
 
 
-def layer_output_bytes(model: nn.Module, collator, lengths: np.ndarray, spans: list, choices: int) -> Optional[int]:
-    """The bytes of one encoder layer output's gradient for the micro-batches `spans` of rows of `lengths` tokens
-    (longest first), `choices` sequences a row, as the collator pads them (to each micro-batch's longest row, or to
+def layer_output_slots(model: nn.Module, collator, lengths: np.ndarray, spans: list, choices: int) -> Optional[list]:
+    """Per micro-batch of `spans` (rows of `lengths` tokens, longest first; `choices` sequences a row), the bytes of one
+    encoder layer output's gradient, as the collator pads the rows (to each micro-batch's longest row, or to
     max_length); None for a model without encoder layers (encoder_blocks) or without a hidden_size in its config."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if encoder_blocks(model) is None or not hidden:
         return None
     fixed = getattr(collator, "max_length", None) if getattr(collator, "padding", None) == "max_length" else None
     multiple = getattr(collator, "pad_to_multiple_of", None) or 1
-    tokens = sum((stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple) for start, stop in spans)
-    return tokens * choices * hidden * next(model.parameters()).dtype.itemsize
+    width = choices * hidden * next(model.parameters()).dtype.itemsize
+    return [(stop - start) * (fixed or -(-int(lengths[start]) // multiple) * multiple) * width for start, stop in spans]
 
 
 def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_batch_size: int,
@@ -539,10 +560,11 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
     """The training and the query sides' BoundaryGradients for a later fused_pairwise_scores (its `boundary_memory`),
     their threads pinning the host memory from now on, beside other work (analyze.py: the factor stages); None where
     the passes would not need them or they should not be taken now: off a GPU, for a model without encoder layers,
-    where the queries' gradients fit in the GPU's free memory (perhaps one module group), or where the gradients need
-    more than HOST_MEMORY_SHARE of the host memory available. Sized for the plan's first choice of micro-batches
-    (`train_batch_size` training rows with GROWTH, `query_batch_size` queries, every query in one chunk); a plan with
-    others pins what it needs beyond that as it stores, and leaves what it does not."""
+    where the queries' gradients fit in the GPU's free memory now (a rougher test than plan_passes': some runs of
+    several module groups pin as their first pass stores), or where the gradients need more than HOST_MEMORY_SHARE of
+    the host memory available. Laid out for the plan's first choice of micro-batches (`train_batch_size` training rows
+    with GROWTH, `query_batch_size` queries, every query in one chunk); a plan with others pins what it needs beyond
+    that as it stores, and what it does not need stays pinned until the scores end."""
     if device.type != "cuda" or not len(train_dataset) or not len(query_dataset):
         return None
     gradients = len(query_dataset) * sum(query_gradient_bytes(tracked_linears(model, linear_module_names(model)),
@@ -556,11 +578,41 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
         lengths = -np.sort(-row_lengths(rows))  # as sorted_rows orders the rows
         spans = (micro_spans(lengths, train_batch_size, min(train_batch_size, len(rows)), rank, world)
                  if rows is train_dataset else query_spans(len(rows), min(query_batch_size, len(rows))))
-        sides.append(layer_output_bytes(model, collator, lengths, spans, len(rows[0]["input_ids"])))
-    if None in sides or sum(sides) > HOST_MEMORY_SHARE * available_host_memory():
+        sides.append(layer_output_slots(model, collator, lengths, spans, len(rows[0]["input_ids"])))
+    if None in sides or sum(map(sum, sides)) > HOST_MEMORY_SHARE * available_host_memory():
         return None
-    logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead", sum(sides) / 2**30)
-    return tuple(BoundaryGradients(device, nbytes) for nbytes in sides)
+    logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead",
+                sum(map(sum, sides)) / 2**30)
+    return new_stores(device, sides)
+
+
+def new_stores(device: torch.device, sides: list) -> tuple:
+    """A BoundaryGradients for each side's `slots`, made one at a time: a store whose thread started is closed if the
+    next one fails."""
+    stores = []
+    try:
+        for slots in sides:
+            stores.append(BoundaryGradients(device, slots=slots))
+    except BaseException:
+        close_all(stores)
+        raise
+    return tuple(stores)
+
+
+def close_all(stores) -> None:
+    """Close each BoundaryGradients of `stores` (None skipped, each once), whatever the others' close raises (a sticky
+    CUDA error in its synchronize); the first error is raised after the rest are closed."""
+    error, closed = None, set()
+    for store in stores:
+        if store is None or id(store) in closed:
+            continue
+        closed.add(id(store))
+        try:
+            store.close()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def model_weights(model: nn.Module) -> dict:
@@ -862,20 +914,20 @@ class FusedScorer:
             tops.append(top)
         return tops
 
-    def boundary_bytes(self, train, plan: PassPlan, train_batch_size: int) -> Optional[int]:
-        """The host bytes of one layer output's gradient for every training micro-batch of `plan` (the collator's
-        padding: to each micro-batch's longest row, or to max_length); None where the model does not say its width."""
+    def boundary_slots(self, train, plan: PassPlan, train_batch_size: int) -> Optional[list]:
+        """Per training micro-batch of `plan`, the host bytes of one layer output's gradient (layer_output_slots); None
+        where the model does not say its width."""
         spans = self.spans(train, train_batch_size, plan.train_micro, plan.growth) if len(train) else []
-        return self.span_bytes(train, spans)
+        return self.span_slots(train, spans)
 
-    def query_boundary_bytes(self, chunk, plan: PassPlan) -> Optional[int]:
-        """boundary_bytes for the query micro-batches of a chunk of queries (longest first)."""
-        return self.span_bytes(chunk, query_spans(len(chunk), plan.query_micro))
+    def query_boundary_slots(self, chunk, plan: PassPlan) -> Optional[list]:
+        """boundary_slots for the query micro-batches of a chunk of queries (longest first)."""
+        return self.span_slots(chunk, query_spans(len(chunk), plan.query_micro))
 
-    def span_bytes(self, rows, spans: list) -> Optional[int]:
-        """The bytes of one layer output's gradient for the micro-batches `spans` of `rows` (longest first)."""
+    def span_slots(self, rows, spans: list) -> Optional[list]:
+        """layer_output_slots of the micro-batches `spans` of `rows` (longest first)."""
         lengths, choices = (self.lengths(rows), len(rows[0]["input_ids"])) if len(rows) else (np.zeros(0), 0)
-        return layer_output_bytes(self.model, self.collator, lengths, spans, choices)
+        return layer_output_slots(self.model, self.collator, lengths, spans, choices)
 
     @contextmanager
     def boundaries(self, top: Optional[int], capture: Optional[int], store: Optional[BoundaryGradients]):
@@ -1343,16 +1395,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         try:
             undo()
         finally:
-            try:  # each store closed whatever the other's close raises (a sticky CUDA error in its synchronize)
-                if store is not None:
-                    store.close()
-            finally:
-                try:
-                    if query_store is not None:
-                        query_store.close()
-                finally:
-                    for ahead in boundary_memory or ():  # pinned ahead and not used (closing twice is harmless)
-                        ahead.close()
+            close_all([store, query_store, *(boundary_memory or ())])  # those pinned ahead, used or not
     boundary_gib = sum(k.held for k in kept()) / 2**30  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,
@@ -1385,19 +1428,20 @@ def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batc
     """BoundaryGradients for the training and the query sides of passes in `num_groups` module groups over the
     training rows `train` and chunks of queries like `chunk` (the first chunk in several groups), where one layer output's
     gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
-    (utils.available_host_memory, with what `ahead` expects to pin); else (None, None): every pass from the loss and
-    the measurement. `ahead` (pin_ahead's pair), if given, holds the two sides."""
-    sides = scorer.boundary_bytes(train, plan, train_batch_size), scorer.query_boundary_bytes(chunk, plan)
-    needed = None if None in sides else sum(sides)
-    available = available_host_memory() + sum(store.expected for store in ahead or ())
+    (utils.available_host_memory, with what `ahead` has pinned so far); else (None, None): every pass from the loss and
+    the measurement, and `ahead` closed. `ahead` (pin_ahead's pair), if given, holds the two sides."""
+    sides = scorer.boundary_slots(train, plan, train_batch_size), scorer.query_boundary_slots(chunk, plan)
+    needed = None if None in sides else sum(map(sum, sides))
+    available = available_host_memory() + sum(block.numel() for store in ahead or () for block in list(store.pinned))
     if needed is None or needed > HOST_MEMORY_SHARE * available:
         logger.info("fused scoring: every pass from the loss (%s)", "the model's config gives no hidden_size"
                     if needed is None else f"the layer-output gradients between passes need {needed / 2**30:.1f} GiB "
                     f"of host memory, {available / 2**30:.1f} GiB available")
+        close_all(ahead or ())
         return None, None
     logger.info("fused scoring: %d module groups, each pass after the first from the layer-output gradients the pass "
                 "before kept (%.1f GiB of host memory)", num_groups, needed / 2**30)
-    return ahead or tuple(BoundaryGradients(scorer.device, nbytes) for nbytes in sides)
+    return ahead or new_stores(scorer.device, sides)
 
 
 def fused_self_scores(model: nn.Module, task, factors: dict, strategy: str, score_args, train_dataset, collator,

@@ -2,7 +2,8 @@
 factor batch size, timed, with the seconds the GPU spent in kernels (torch.profiler, CUDA activity) against the
 wall clock, and the fast hooks' host and device seconds (utils.HookTimes). A busy share well below 1 means the host
 (its Python per module and batch) bounds the stage, and larger batches, which amortise that Python over more rows,
-run faster; near 1, the kernels bound it. The roberta-base architecture (random weights), anetcap's real text through
+run faster; near 1, the kernels bound it (the profiler's own host time lowers the share a little; kernels
+overlapping on several streams could raise it). The roberta-base architecture (random weights), anetcap's real text through
 the roberta-base BPE, as results/sync_probe.py; each batch size after a warm-up on its first batch.
 
     python results/covariance_probe.py OUT.json --tokenizer_dir ../shared/tokenizers/roberta-base \
@@ -13,6 +14,7 @@ hooks' parts.
 """
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,8 +54,8 @@ def main(argv=None):
     train, _ = anetcap_rows(args, tokenizer)
     task = MultipleChoiceTask()
     model = prepare_model(random_roberta(tokenizer), task)
-    analyzer = Analyzer(analysis_name="covariance", model=model, task=task, output_dir="/tmp/covariance_probe",
-                        disable_tqdm=True, log_level=None, cpu=not cuda)
+    analyzer = Analyzer(analysis_name="covariance", model=model, task=task, disable_tqdm=True, log_level=None,
+                        output_dir=tempfile.mkdtemp(prefix="covariance_probe_"), cpu=not cuda)
     device = analyzer.state.device
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=make_collator(tokenizer),
                                                     num_workers=loader_workers(None, device), pin_memory=cuda))

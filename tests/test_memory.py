@@ -154,13 +154,13 @@ def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, m
     runs the forward up to that layer and its backward from the layer-output gradients the pass before stored, on its
     training side and on its query side, so the top layer runs on neither; every pass from the loss (and the
     measurement) runs it. The scores are the same bits (float64 on CPU), and the stored gradients take the host bytes
-    FusedScorer.boundary_bytes and query_boundary_bytes estimate."""
+    FusedScorer.boundary_slots and query_boundary_slots estimate."""
     model, train, queries = setup[:3]
     per_query = per_query_bytes(setup)
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
     runs, stores = layer_runs(monkeypatch, layer=1, side=side), []
     monkeypatch.setattr(fused_scores, "BoundaryGradients",
-                        lambda *args: stores.append(BoundaryGradients(*args)) or stores[-1])
+                        lambda *args, **kwargs: stores.append(BoundaryGradients(*args, **kwargs)) or stores[-1])
     timings, loss_timings = {}, {}
     cut = identity_scores(setup, timings)
     assert timings["module_groups"] > 2 and len(stores) == 2  # the training side's and the query side's
@@ -174,8 +174,9 @@ def test_later_module_groups_start_at_the_gradient_the_pass_before_kept(setup, m
     args = AnalysisConfig(factor_strategy="identity").score_arguments()
     scorer = FusedScorer(copy.deepcopy(model), MultipleChoiceTask(), {}, "identity", args, setup[3], torch.device("cpu"))
     plan = fused_scores.PassPlan(8, 2, 2)
-    assert stores[0].held == scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2) == stores[0].expected > 0
-    assert stores[1].held == scorer.query_boundary_bytes(scorer.sorted_rows(queries)[0], plan) == stores[1].expected > 0
+    assert stores[0].held == sum(scorer.boundary_slots(scorer.sorted_rows(train)[0], plan, 2)) == stores[0].expected > 0
+    assert stores[1].held == sum(scorer.query_boundary_slots(scorer.sorted_rows(queries)[0], plan)) \
+        == stores[1].expected > 0
     assert not stores[0].slots and not stores[1].slots
     assert timings["boundary_gib"] == round((stores[0].held + stores[1].held) / 2**30, 3)
 
@@ -247,8 +248,8 @@ def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypa
     model, train, queries, collator = setup
     per_query = per_query_bytes(setup)
     made = []
-    monkeypatch.setattr(fused_scores, "BoundaryGradients", lambda device, expected=0: made.append(
-        BoundaryGradients(torch.device("cpu"), expected)) or made[-1])  # a CPU store: no CUDA streams here
+    monkeypatch.setattr(fused_scores, "BoundaryGradients", lambda device, expected=0, slots=None: made.append(
+        BoundaryGradients(torch.device("cpu"), expected, slots)) or made[-1])  # a CPU store: no CUDA streams here
     gpu = torch.device("cuda")
 
     def ahead(room, device=gpu):
@@ -262,8 +263,8 @@ def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypa
                          torch.device("cpu"))
     plan = fused_scores.PassPlan(8, 2, 2)
     assert made == list(pinned) and [store.expected for store in pinned] == [
-        scorer.boundary_bytes(scorer.sorted_rows(train)[0], plan, 2),
-        scorer.query_boundary_bytes(scorer.sorted_rows(queries)[0], plan)] and min(s.expected for s in pinned) > 0
+        sum(scorer.boundary_slots(scorer.sorted_rows(train)[0], plan, 2)),
+        sum(scorer.query_boundary_slots(scorer.sorted_rows(queries)[0], plan))] and min(s.expected for s in pinned) > 0
     monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2 * sum(s.expected for s in pinned) - 1)
     assert ahead(per_query) is None
     monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2**40)
@@ -279,6 +280,40 @@ def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypa
     unused = tuple(BoundaryGradients(torch.device("cpu"), store.expected) for store in pinned)
     assert torch.equal(kept, identity_scores(setup, boundaries=False, boundary_memory=unused))
     assert all(store in closed for store in unused)
+    # too little host memory when the passes start: every pass from the loss, and the memory pinned ahead given back
+    # before them (the last backward already sees it closed)
+    declined = tuple(BoundaryGradients(torch.device("cpu"), store.expected) for store in pinned)
+    monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 1000)
+    original, seen = fused_scores._backward, []
+    monkeypatch.setattr(fused_scores, "_backward", lambda *args: seen.append(
+        all(store in closed for store in declined)) or original(*args))
+    timings = {}
+    assert torch.equal(kept, identity_scores(setup, timings, boundary_memory=declined))
+    assert timings["boundary_gib"] == 0 and seen[-1] and not seen[0]
+
+
+def test_analyze_hands_the_memory_pinned_ahead_to_the_fused_scores_and_closes_it(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    """analyze.py --scoring fused makes pin_ahead's stores before the factors and hands them to the fused scores,
+    which close them; where a factor stage fails, the analysis closes them itself."""
+    made, handed, closed = [], [], []
+    monkeypatch.setattr(analyze, "pin_ahead", lambda *args: made.append(
+        (BoundaryGradients(torch.device("cpu"), 1), BoundaryGradients(torch.device("cpu"), 1))) or made[-1])
+    monkeypatch.setattr(BoundaryGradients, "close", lambda self, close=BoundaryGradients.close: closed.append(self)
+                        or close(self))
+    import influence
+    monkeypatch.setattr(influence, "fused_pairwise_scores", lambda *args, fused=influence.fused_pairwise_scores,
+                        **kwargs: handed.append(kwargs["boundary_memory"]) or fused(*args, **kwargs))
+    base = ["--checkpoint_dir", str(tiny_checkpoint), "--factor_strategy", "identity", "--scoring", "fused"]
+    analyze.main([*base, "--output_dir", str(tmp_path / "scored")])
+    assert len(made) == 1 and handed == made and all(store in closed for store in made[0])
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a factor stage failed")
+    monkeypatch.setattr(analyze, "fit_factors", failing)
+    with pytest.raises(RuntimeError, match="a factor stage failed"):
+        analyze.main([*base, "--output_dir", str(tmp_path / "failed")])
+    assert len(made) == 2 and len(handed) == 1 and all(store in closed for store in made[1])
 
 
 def test_layer_output_gradients_that_do_not_fit_the_host_memory_leave_every_pass_from_the_loss(setup, monkeypatch,
@@ -398,6 +433,23 @@ def test_boundary_blocks_are_pinned_ahead_by_a_thread_and_a_slot_waits_only_for_
     store.close()
     assert not store.thread.is_alive() and not store.blocks and not store.pinned
     assert [id(b) for b in unpinned] == [id(b) for b in blocks]
+
+
+def test_blocks_pinned_ahead_are_those_the_slots_layout_takes(monkeypatch):
+    """With the slots' sizes known (boundary_slots), the thread pins the blocks their layout takes: four slots of
+    3,200 bytes, one a block of 4,096 (a slot never straddles two), are four blocks, not the three that 12,800 bytes
+    would fill; none is pinned in place. Aligned to 512 bytes, slots of 1,900 bytes go two a block."""
+    pinned, permits, _ = _pin_ahead_allocator(monkeypatch)
+    permits.release(100)
+    gradients = [torch.randn(40, 20, dtype=torch.float32) for _ in range(4)]
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), slots=[g.nbytes for g in gradients])
+    for i, gradient in enumerate(gradients):
+        store.store(i, gradient)
+    assert store.expected == 4 * 3200 and pinned == [(4096, "pin boundary blocks")] * 4 and store.waited >= 0
+    assert all(torch.equal(store.load(i), g) for i, g in enumerate(gradients))
+    store.close()
+    assert store._ahead(4 * 1900, [1900] * 4) == [4096] * 2 and store._ahead(4 * 2100, [2100] * 4) == [4096] * 4
+    assert store._ahead(300, [100, 200]) == [1024]  # below BLOCK one block, a power of two holding both aligned slots
 
 
 def test_the_next_chunk_reuses_the_pinned_blocks(monkeypatch):

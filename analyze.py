@@ -74,7 +74,7 @@ from formats import (
     save_fit,
     save_scores,
 )
-from fused_scores import model_weights, pin_ahead
+from fused_scores import close_all, model_weights, pin_ahead
 from influence import (
     BACKENDS,
     FACTOR_STAGES,
@@ -459,8 +459,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
     if (args.scoring == "fused" and not (factors_only or reuse_scores or args.self_influence or config.source_horizon)):
         boundary_memory = pin_ahead(model, collator, data.train, data.queries, args.train_batch_size,
                                     args.query_batch_size, config.score_arguments().score_dtype, device)
-        for store in boundary_memory or ():
-            stack.callback(store.close)  # where the scores never take it over
+        if boundary_memory is not None:
+            stack.callback(close_all, boundary_memory)  # where the scores never take it over
     started = time.perf_counter()
     hook_times = HookTimes() if args.fast else None  # where the fast kernels' stages spend their time
     with fast_factor_kernels(task.num_choices, hook_times) if args.fast else nullcontext():

@@ -573,12 +573,12 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
     if room is None or gradients <= room:
         return None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sides = []
-    for rows in (train_dataset, query_dataset):
-        lengths = -np.sort(-row_lengths(rows))  # as sorted_rows orders the rows
-        spans = (micro_spans(lengths, train_batch_size, min(train_batch_size, len(rows)), rank, world)
-                 if rows is train_dataset else query_spans(len(rows), min(query_batch_size, len(rows))))
-        sides.append(layer_output_slots(model, collator, lengths, spans, len(rows[0]["input_ids"])))
+    # longest first, as sorted_rows orders the rows
+    train_lengths, query_lengths = (-np.sort(-row_lengths(rows)) for rows in (train_dataset, query_dataset))
+    train_spans = micro_spans(train_lengths, train_batch_size, min(train_batch_size, len(train_lengths)), rank, world)
+    queries_spans = query_spans(len(query_lengths), min(query_batch_size, len(query_lengths)))
+    sides = [layer_output_slots(model, collator, train_lengths, train_spans, len(train_dataset[0]["input_ids"])),
+             layer_output_slots(model, collator, query_lengths, queries_spans, len(query_dataset[0]["input_ids"]))]
     if None in sides or sum(map(sum, sides)) > HOST_MEMORY_SHARE * available_host_memory():
         return None
     logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead",

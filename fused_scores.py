@@ -254,6 +254,13 @@ class _Stopped(Exception):
         self.output = output
 
 
+class _Discarded:
+    """A stand-in for BoundaryGradients in the memory probes (FusedScorer.working_memory): what it is given is dropped."""
+
+    def store(self, index: int, gradient: torch.Tensor) -> None:
+        pass
+
+
 class BoundaryGradients:
     """Between the passes of a chunk, per micro-batch of one side (training or query), the gradient of the loss (or
     the measurement) with respect to one encoder layer's output, in host memory. A module group's pass stores the
@@ -649,7 +656,8 @@ def prepared_storages(factors: dict, strategy: str, names, score_args, device) -
 
 def _backward(model, task, batch, device, amp_dtype, measurement: bool, boundary: torch.Tensor = None):
     """The loss's (or the measurement's) backward over `batch`; with a `boundary` gradient, the backward of the output
-    at which a forward hook stopped the forward (FusedScorer.boundaries), from that gradient."""
+    at which a forward hook stopped the forward (FusedScorer.boundaries), from that gradient (or from
+    `boundary(output)` where it is a callable: the memory probes' zeros)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     try:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -662,7 +670,7 @@ def _backward(model, task, batch, device, amp_dtype, measurement: bool, boundary
     else:
         if boundary is not None:
             raise RuntimeError("the forward did not stop at the boundary layer")
-    loss.backward(boundary)  # None: the scalar loss's own
+    loss.backward(boundary(loss) if callable(boundary) else boundary)  # None: the scalar loss's own
 
 
 def _frozen(model: nn.Module):
@@ -753,6 +761,9 @@ class PassPlan:
     # module name -> bytes a pass whose lowest module it is may hold beyond `budget`: a pass backpropagates down to its
     # lowest module only, so the higher that is, the less working memory it needs than `budget` leaves for
     extra: dict = field(default_factory=dict)
+    # the passes after a chunk's first run from the gradients the pass before kept (boundaries): a pass's forward stops
+    # at its highest layer too, so it holds about its own layers' activations, and `extra` is probed that way
+    boundaries: bool = False
     running: Optional[tuple] = None  # (queries, module group) of the pass under way: the one an out-of-memory error hit
     side: Optional[str] = None  # "query" or "train": the side of the pass under way
     retries: int = 0
@@ -998,30 +1009,49 @@ class FusedScorer:
         for batch, (start, stop) in zip(batches, spans):  # the loader first: its bar closes when it ends
             yield start, stop, batch
 
-    def working_memory(self, queries, train, plan: PassPlan, active=None) -> int:
+    def working_memory(self, queries, train, plan: PassPlan, active=None, cut: Optional[tuple] = None) -> int:
         """Peak bytes above the current allocation that the first (longest) query micro-batch and the training
         micro-batches of train_probes need in a pass over the modules `active` (default: all), preconditioning
-        included. 0 on CPU."""
+        included; `cut`: see probe_runs. 0 on CPU."""
         if self.device.type != "cuda":
             return 0
+        peaks, base, side = {}, torch.cuda.memory_allocated(self.device), None
+
+        def mark(next_side: Optional[str]) -> None:
+            nonlocal side
+            if side is not None:
+                peaks[side] = torch.cuda.max_memory_allocated(self.device) - base
+            torch.cuda.reset_peak_memory_stats(self.device)
+            side = next_side
+        self.probe_runs(queries, train, plan, active, cut, mark)
+        self.probing = "query" if peaks["query"] > peaks["train"] else "train"  # the larger, if none fails
+        return max(peaks.values())
+
+    def probe_runs(self, queries, train, plan: PassPlan, active=None, cut: Optional[tuple] = None,
+                   mark=lambda side: None) -> None:
+        """The runs working_memory measures: the first (longest) query micro-batch's backward, then the training
+        micro-batches of train_probes, over the modules `active` (default: all), `mark(side)` called before each
+        side's ("query", "train") and after the last (None). With `cut` (top, capture), the pass as `boundaries` runs
+        it: the forward up to layer `top`'s output and the backward from zeros there (top None: the whole forward, from
+        the loss), the gradient at layer `capture`'s output taken as for the next pass (None: none)."""
+        top, capture = cut or (None, None)
+        start_at = torch.zeros_like if top is not None else None
         self.hooks.active = set(self.modules if active is None else active)
         try:
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.probing = "query"  # the side a probe that runs out of memory was on (plan_passes halves its micro-batch)
-            self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
-            self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True)
-            query_peak = torch.cuda.max_memory_allocated(self.device) - base
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.probing = "train"
-            self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
-            for start, stop in train_probes(self.lengths(train), plan.train_micro, plan.growth):
-                self._backward(train.select(range(start, stop)), measurement=False)
-            train_peak = torch.cuda.max_memory_allocated(self.device) - base
+            with self.boundaries(top, capture, _Discarded()):
+                mark("query")
+                self.probing = "query"  # the side a probe that runs out of memory was on (plan_passes halves its micro-batch)
+                self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
+                self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True,
+                               boundary=start_at)
+                mark("train")
+                self.probing = "train"
+                self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
+                for start, stop in train_probes(self.lengths(train), plan.train_micro, plan.growth):
+                    self._backward(train.select(range(start, stop)), measurement=False, boundary=start_at)
+                mark(None)
         finally:
             self.hooks.active = set(self.modules)
-        self.probing = "query" if query_peak > train_peak else "train"  # the larger, if none fails
-        return max(query_peak, train_peak)
 
     def _kept(self, top: Optional[int], store: Optional[BoundaryGradients], index: int, like: torch.Tensor):
         """The gradient `store` kept for micro-batch `index` (a "boundary loads" part; `like`: a tensor on the device),
@@ -1107,12 +1137,14 @@ class AlignedEkfac:
 
 
 def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, train_batch_size: int,
-                max_queries_per_pass: int = 0, plan_queries: int = 0, probe_rows: tuple = None) -> PassPlan:
+                max_queries_per_pass: int = 0, plan_queries: int = 0, probe_rows: tuple = None,
+                boundaries: bool = False) -> PassPlan:
     """The passes from the memory available now: what is left after the longest micro-batches' working memory, in
     MEMORY_HEADROOM of it, is the budget of one pass's query gradients. A chunk holds as many queries as the largest
     module's gradients fit for (all of them on most GPUs) and is scored in as few module groups as the budget allows.
     A micro-batch that does not fit at all is halved first. `plan_queries`: see with_budget. `probe_rows`: (queries,
-    training rows), longest first, whose first micro-batches the memory probes run instead of the scored ones'."""
+    training rows), longest first, whose first micro-batches the memory probes run instead of the scored ones'.
+    `boundaries`: the passes after a chunk's first will run from the gradients the pass before kept (PassPlan)."""
     pq, pt = probe_rows or (queries, train)
     hint = "free memory on the GPU (other jobs, a larger --max_memory_gb) or lower --max_length"
     try:
@@ -1124,7 +1156,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                         f"({out_of_memory_detail(exc, scorer.device)}); {hint}") from None
     plan = PassPlan(len(queries), min(query_batch_size, len(queries)), min(train_batch_size, len(train)),
                     order=order, sizes=query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype),
-                    growth=GROWTH)
+                    growth=GROWTH, boundaries=boundaries)
     if max_queries_per_pass:
         plan.per_pass = min(max_queries_per_pass, len(queries))
         return plan
@@ -1154,8 +1186,11 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
                                 " (none larger for shorter rows)", chosen.per_pass, len(chosen.groups(chosen.per_pass)))
                 checked = checked_room_above(scorer, pq, pt, chosen, room, len(queries), plan_queries)
                 if any(checked.extra.values()):
-                    logger.info("fused scoring: %d module groups a chunk, the higher ones holding more (their "
-                                "backward stops higher; each probed)", len(checked.groups(checked.per_pass)))
+                    logger.info("fused scoring: %d module groups a chunk, %s; each probed)",
+                                len(checked.groups(checked.per_pass)),
+                                "holding more than a whole backward leaves room for (a pass holds about its own "
+                                "layers' activations" if checked.boundaries else
+                                "the higher ones holding more (their backward stops higher")
                 return checked
             detail = (f"a pass needs {(working + max(plan.sizes.values())) / 2**30:.1f} GiB, "
                       f"{room / 2**30:.1f} GiB available")
@@ -1188,10 +1223,11 @@ def _budget_scale(plan: PassPlan, plan_queries: int) -> float:
     return plan.per_pass / full_chunk if full_chunk > plan.per_pass else 1.0
 
 
-def _probe(scorer: "FusedScorer", queries, train, plan: PassPlan, active) -> Optional[int]:
-    """The working memory of a pass over the modules `active`, or None where the probe runs out of memory."""
+def _probe(scorer: "FusedScorer", queries, train, plan: PassPlan, active, cut: Optional[tuple] = None) -> Optional[int]:
+    """The working memory of a pass over the modules `active` (with `cut`: see FusedScorer.working_memory), or None
+    where the probe runs out of memory."""
     try:
-        return scorer.working_memory(queries, train, plan, active=active)
+        return scorer.working_memory(queries, train, plan, active=active, **({"cut": cut} if cut else {}))
     except Exception as exc:
         if not should_reduce_batch_size(exc):
             raise
@@ -1205,8 +1241,9 @@ def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, worki
     `working` is the working memory of every module's backward, and a pass over the modules the backward reaches
     first, down to the first of the largest ones (whose per-example gradients and preconditioning any pass may need),
     is probed; below that module the extra room is interpolated linearly along the backward order (the layers above a
-    module hold its pass's activations), down to none for the lowest module. checked_room_above probes the passes
-    planned with it. No extra room where the probe does not fit."""
+    module hold its pass's activations), down to none for the lowest module; with `plan.boundaries`, from the layers
+    each group's pass holds (_room_from_kept). checked_room_above probes the passes planned with it. No extra room
+    where the probe does not fit."""
     largest = max(plan.sizes[name] for name in plan.order) if plan.order else 0
     first = next((i for i, name in enumerate(plan.order) if plan.sizes[name] == largest), 0)
     last = len(plan.order) - 1
@@ -1215,36 +1252,75 @@ def with_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, worki
     top = _probe(scorer, queries, train, plan, plan.order[:first + 1])
     if top is None:
         return replace(plan, extra={})
+    if plan.boundaries:
+        return replace(plan, extra=_room_from_kept(scorer, plan, working, top, _budget_scale(plan, plan_queries)))
     saved = max(working - top, 0) * _budget_scale(plan, plan_queries)
     return replace(plan, extra={name: int(saved * (last - max(i, first)) / (last - first))
                                 for i, name in enumerate(plan.order)})
 
 
+def _room_from_kept(scorer: "FusedScorer", plan: PassPlan, working: int, top: int, scale: float) -> dict:
+    """PassPlan.extra for passes from kept gradients (`plan.boundaries`): a pass holds the activations of the layers
+    from its lowest module's up to its highest module's, where its forward stops, each layer's about the same, so
+    its working memory is estimated as `top` (the probe of a pass within the top layer) plus a layer's share of the
+    rest of `working` (every module's backward: all the layers) for each layer more. The groups of a chunk are packed
+    from the top as module_groups packs them, each module's extra room estimated for the group it would end (its
+    highest layer that of the group's first module); checked_room_above probes them. `scale`: _budget_scale."""
+    layers = len(scorer.blocks or ()) or 1
+    # a module outside the layers (the classifier, the pooler) as above the top one
+    layer = {name: layers - 1 if scorer.block_of.get(name) is None else scorer.block_of[name] for name in plan.order}
+    per_layer = max(working - top, 0) / max(layers - 1, 1)
+    extra, used, highest = {}, 0, None
+    for name in plan.order:
+        highest = layer[name] if highest is None else highest
+        extra[name] = int(max(working - top - (highest - layer[name]) * per_layer, 0) * scale)
+        size = plan.per_pass * plan.sizes[name]
+        if used and used + size > plan.budget + extra[name]:  # `name` starts the next group
+            highest, used = layer[name], 0
+        used += size
+    return extra
+
+
 def checked_room_above(scorer: "FusedScorer", queries, train, plan: PassPlan, room: int, num_queries: int,
                        plan_queries: int = 0) -> PassPlan:
     """`plan` with each module group that holds more than the budget (of a full chunk, and of a shorter last chunk of
-    the `num_queries` queries) probed as the pass it is, its backward down to its lowest module: where the probe leaves
-    less than the group holds, the extra room of its lowest module and of every module below is cut to what the probe
-    leaves, and the groups are packed again, until every group fits. No extra room where a probe does not fit."""
+    the `num_queries` queries) probed as the pass it is, its backward down to its lowest module (with
+    `plan.boundaries`, its forward up to where the pass before kept the gradients, FusedScorer.cuts, and the next
+    pass's gradients taken): where the probe leaves less than the group holds, the extra room of its lowest module and
+    of every module below (with `plan.boundaries`, of that module alone) is cut to what the probe leaves, and the
+    groups are packed again, until every group fits. No extra room where a probe does not fit."""
     scale = _budget_scale(plan, plan_queries)
     chunks = {plan.per_pass, num_queries % plan.per_pass or plan.per_pass}
     probed = set()
     while True:
-        for group, queries_held in ((g, n) for n in sorted(chunks, reverse=True) for g in plan.groups(n)):
+        for group, queries_held, cut in ((g, n, c) for n in sorted(chunks, reverse=True)
+                                         for g, c in zip(plan.groups(n), pass_cuts(scorer, plan, n))):
             held = queries_held * sum(plan.sizes[name] for name in group)
-            if held <= plan.budget or (tuple(group), queries_held) in probed:
+            if held <= plan.budget or (tuple(group), queries_held, cut) in probed:
                 continue  # within the budget, which every module's backward leaves, or probed
-            probed.add((tuple(group), queries_held))
-            working = _probe(scorer, queries, train, plan, group)
+            probed.add((tuple(group), queries_held, cut))
+            working = _probe(scorer, queries, train, plan, group, cut)
             if working is None:
                 return replace(plan, extra={})
             allowed = max(int((room * MEMORY_HEADROOM - working) * scale) - plan.budget, 0)
             if held > plan.budget + allowed:
-                below = plan.order[plan.order.index(group[-1]):]
-                plan = replace(plan, extra={**plan.extra, **{n: min(plan.extra[n], allowed) for n in below}})
+                # from the loss, a lower pass holds more; from kept gradients, each pass its own layers
+                cut_back = group[-1:] if plan.boundaries else plan.order[plan.order.index(group[-1]):]
+                plan = replace(plan, extra={**plan.extra, **{n: min(plan.extra[n], allowed) for n in cut_back}})
                 break  # packed again with less room from this module down
         else:
             return plan
+
+
+def pass_cuts(scorer: "FusedScorer", plan: PassPlan, queries: int) -> list:
+    """Per module group of a chunk of `queries` queries, the (top, capture) layers its pass runs with where
+    `plan.boundaries` (FusedScorer.cuts: the layer whose stored gradient starts its backward, and the next group's,
+    whose gradient it takes; fused_pairwise_scores' passes), else None: from the loss, nothing taken."""
+    groups = plan.groups(queries)
+    if not plan.boundaries:
+        return [None] * len(groups)
+    tops = scorer.cuts(groups) + [None]
+    return [(top, None if below == top else below) for top, below in zip(tops, tops[1:])]
 
 
 def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
@@ -1346,7 +1422,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
             probe_rows = None if plan_rows is None else (plan_rows[0].select(longest_first(plan_rows[0])),
                                                          scorer.sorted_rows(plan_rows[1])[0])
             plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass,
-                               plan_queries, probe_rows)
+                               plan_queries, probe_rows, boundaries and scorer.blocks is not None)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
             start, passes, most_groups, pass_seconds = 0, 0, 0, []
@@ -1363,6 +1439,9 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                                                             boundary_memory)
                         decided = True
                     if store is None:
+                        if plan.boundaries:  # planned for passes from kept gradients: each within the budget instead
+                            plan.boundaries, plan.extra = False, {}
+                            groups = plan.groups(rows.stop - rows.start)
                         tops = [None] * len(groups)
                     else:
                         store.reset()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForMultipleChoice
 
 import analyze
 import formats
@@ -52,7 +53,7 @@ def identity_scores(setup, timings=None, **kwargs):
 
 def fake_memory(monkeypatch, room: int, working: int):
     monkeypatch.setattr(fused_scores, "available_memory", lambda device: room)
-    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan, active=None: working)
+    monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan, active=None, cut=None: working)
 
 
 def per_query_bytes(setup) -> int:
@@ -607,7 +608,7 @@ class DepthProbes:
     def __init__(self, top: int, full: int, shape):
         self.top, self.full, self.shape, self.calls = top, full, shape, []
 
-    def working_memory(self, queries, train, plan, active=None):
+    def working_memory(self, queries, train, plan, active=None, cut=None):
         depth = 1.0 if active is None else max(plan.order.index(n) for n in active) / (len(plan.order) - 1)
         self.calls.append(None if active is None else tuple(active))
         return int(self.top + (self.full - self.top) * self.shape(depth))
@@ -693,7 +694,7 @@ def test_a_smaller_training_micro_batch_is_planned_with_its_own_extra_room(monke
         def lengths(self, rows):  # rows of one length: micro-batches of train_micro rows (micro_spans)
             return np.full(64, 10)
 
-        def working_memory(self, queries, train, plan, active=None):
+        def working_memory(self, queries, train, plan, active=None, cut=None):
             depth = 1.0 if active is None else max(plan.order.index(n) for n in active) / (len(plan.order) - 1)
             return plan.train_micro * int(4 + 36 * depth)
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 1)
@@ -720,7 +721,7 @@ class GrowthProbes:
     def lengths(self, rows):
         return np.array([40] * 32 + [10] * 96)
 
-    def working_memory(self, queries, train, plan, active=None):
+    def working_memory(self, queries, train, plan, active=None, cut=None):
         self.probes.append((plan.train_micro, plan.growth))
         return self.per_row * max(b - a for a, b in fused_scores.train_probes(self.lengths(None), plan.train_micro,
                                                                                plan.growth))
@@ -754,7 +755,7 @@ def test_a_training_probe_out_of_memory_drops_the_growth_before_halving_the_micr
     """plan_passes: the first probe of grown micro-batches runs out of memory on the training side: the plan retries
     the same micro-batch without growth, and halves it only if that fails too."""
     class Probes(GrowthProbes):
-        def working_memory(self, queries, train, plan, active=None):
+        def working_memory(self, queries, train, plan, active=None, cut=None):
             if active is None and plan.growth > 1:
                 self.probes.append((plan.train_micro, plan.growth))
                 raise torch.OutOfMemoryError(OOM)
@@ -779,7 +780,7 @@ def test_a_probe_that_runs_out_of_memory_leaves_no_extra_room():
             super().__init__(0, 176, lambda d: d)
             self.fail = fail
 
-        def working_memory(self, queries, train, plan, active=None):
+        def working_memory(self, queries, train, plan, active=None, cut=None):
             if active is not None and self.fail(active):
                 raise torch.OutOfMemoryError(OOM)
             return super().working_memory(queries, train, plan, active)
@@ -830,7 +831,7 @@ def test_module_groups_with_extra_room_give_the_same_bits(setup, monkeypatch):
     groups = {}
     for name, probes in {"flat": DepthProbes(5 * per_query, 5 * per_query, lambda d: d),
                          "deeper needs more": DepthProbes(0, 5 * per_query, lambda d: d)}.items():
-        monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan, active=None, p=probes:
+        monkeypatch.setattr(FusedScorer, "working_memory", lambda self, queries, train, plan, active=None, cut=None, p=probes:
                             p.working_memory(queries, train, plan, active))
         timings = {}
         scores = identity_scores(setup, timings)
@@ -839,6 +840,95 @@ def test_module_groups_with_extra_room_give_the_same_bits(setup, monkeypatch):
     assert groups == {"flat": 9, "deeper needs more": 5}
     monkeypatch.undo()
     assert torch.equal(scores, identity_scores(setup))
+
+
+@pytest.fixture(scope="module")
+def deeper(setup):
+    """The demo model with 4 encoder layers (random weights): passes from kept gradients need layers to skip."""
+    model, train, queries, collator = setup
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    return AutoModelForMultipleChoice.from_config(config).double().eval(), train, queries, collator
+
+
+def layer_span_memory(per_layer: int):
+    """A working_memory whose bytes are `per_layer` for each encoder layer a pass holds activations of: from the layer
+    of its lowest module (a module outside the layers counts as above the last) up to where its forward stops (the
+    last layer without a cut)."""
+    def working_memory(self, queries, train, plan, active=None, cut=None):
+        layers = len(self.blocks)
+        lowest = min(layers if self.block_of[n] is None else self.block_of[n] for n in (active or self.modules))
+        top = layers - 1 if cut is None or cut[0] is None else cut[0]
+        return (top - lowest + 1) * per_layer
+    return working_memory
+
+
+def test_probe_runs_run_a_pass_from_kept_gradients_as_it_runs(deeper):
+    """The memory probe of a module group whose pass starts from a kept gradient runs that pass: the forward stops at
+    the group's top layer on both sides, the query side's per-example gradients are those of the group's modules (from
+    zeros at the top), and the gradient at the next group's top is taken for every training micro-batch probed."""
+    model, train, queries, collator = deeper
+    args = AnalysisConfig(factor_strategy="identity").score_arguments()
+    args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
+    model = copy.deepcopy(model)
+    scorer = FusedScorer(model, MultipleChoiceTask(), {}, "identity", args, collator, torch.device("cpu"))
+    undo = fused_scores._frozen(model)
+    ran, preconditioned, taken = [], [], []
+    handles = [block.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, block in enumerate(scorer.blocks)]
+    precondition = scorer._precondition
+    scorer._precondition = lambda name, w, b: preconditioned.append(name) or precondition(name, w, b)
+    store = fused_scores._Discarded.store
+    try:
+        with scorer.hooks:
+            queries, train = queries.select(fused_scores.longest_first(queries)), scorer.sorted_rows(train)[0]
+            order = scorer.backward_order(queries)
+            sizes = query_gradient_bytes(scorer.modules, torch.float64)
+            # a layer's modules a group (the classifier and pooler with the top layer's)
+            plan = fused_scores.PassPlan(len(queries), 2, 2, budget=sum(sizes[n] for n in order[:8]) * len(queries),
+                                         order=order, sizes=sizes, growth=1, boundaries=True)
+            groups, cuts = plan.groups(len(queries)), fused_scores.pass_cuts(scorer, plan, len(queries))
+            assert [len(g) for g in groups] == [8, 6, 6, 6] and cuts == [(None, 2), (2, 1), (1, 0), (0, None)]
+            probes = fused_scores.train_probes(scorer.lengths(train), plan.train_micro, plan.growth)
+            fused_scores._Discarded.store = lambda self, index, gradient: taken.append(tuple(gradient.shape))
+            for group, cut in zip(groups, cuts):
+                ran.clear(), preconditioned.clear(), taken.clear()
+                scorer.probe_runs(queries, train, plan, group, cut)
+                top = len(scorer.blocks) - 1 if cut[0] is None else cut[0]
+                assert ran == [*range(top + 1)] * (1 + len(probes)), cut
+                assert sorted(preconditioned) == sorted(group), cut
+                assert len(taken) == (0 if cut[1] is None else 1 + len(probes)), cut
+    finally:
+        fused_scores._Discarded.store = store
+        for handle in handles:
+            handle.remove()
+        undo()
+
+
+def test_passes_from_kept_gradients_are_planned_with_their_own_layers_memory(deeper, monkeypatch):
+    """Working memory of `per_layer` bytes for each layer a pass holds activations of (layer_span_memory), room for
+    two layers' query gradients beside the whole backward's. Planned from the loss, only the top group's pass holds
+    less than the whole backward (3 groups); planned for passes from kept gradients, each group's probe (its cut) leaves
+    room for more modules (2 groups); planned so but declined for want of host memory, every group within the budget
+    the whole backward leaves (5). The same bits as one pass over every module, each way."""
+    model, train, queries, collator = deeper
+    per_query = per_query_bytes((model,))
+    per_layer = 2 * per_query
+    monkeypatch.setattr(fused_scores, "available_memory",
+                        lambda device: int((4 * per_layer + len(queries) * per_query / 4) / fused_scores.MEMORY_HEADROOM))
+    monkeypatch.setattr(FusedScorer, "working_memory", layer_span_memory(per_layer))
+    groups, scores = {}, {}
+    for kept in (False, True, "declined"):
+        if kept == "declined":  # planned for kept gradients, which the host then has no room for
+            monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 0)
+        timings = {}
+        scores[kept] = identity_scores(deeper, timings, boundaries=bool(kept))
+        groups[kept] = timings["module_groups"]
+    # from the loss: 3 groups, the top one holding more; from kept gradients: 2; declined: each within the budget
+    assert groups == {False: 3, True: 2, "declined": 5}, groups
+    monkeypatch.undo()
+    one_pass = identity_scores(deeper)
+    assert all(torch.equal(s, one_pass) for s in scores.values())
 
 
 def test_a_subset_plans_its_memory_with_the_full_runs_longest_rows(setup, monkeypatch):
@@ -850,7 +940,7 @@ def test_a_subset_plans_its_memory_with_the_full_runs_longest_rows(setup, monkey
     per_query = per_query_bytes(setup)
     monkeypatch.setattr(fused_scores, "available_memory", lambda device: int(7.5 * per_query / fused_scores.MEMORY_HEADROOM))
 
-    def probe(self, queries, train, plan, active=None):
+    def probe(self, queries, train, plan, active=None, cut=None):
         rows = train.select(range(min(plan.train_micro, len(train))))["input_ids"]
         return max(len(ids) for row in rows for ids in row) * per_query // 4
     monkeypatch.setattr(FusedScorer, "working_memory", probe)
@@ -877,7 +967,7 @@ def test_a_smaller_training_micro_batch_is_taken_where_it_saves_time(setup, monk
     monkeypatch.setattr(fused_scores, "MIN_TRAIN_MICRO", 2)
     monkeypatch.setattr(fused_scores, "available_memory", lambda device: int(10.5 * per_query / fused_scores.MEMORY_HEADROOM))
     monkeypatch.setattr(FusedScorer, "working_memory",
-                        lambda self, queries, train, plan, active=None: plan.train_micro * per_query)
+                        lambda self, queries, train, plan, active=None, cut=None: plan.train_micro * per_query)
     args = AnalysisConfig(factor_strategy="identity").score_arguments()
     args.per_sample_gradient_dtype = args.precondition_dtype = args.score_dtype = torch.float64
 
@@ -919,7 +1009,7 @@ def test_too_little_memory_for_one_query_halves_the_batches_then_stops_in_one_li
 def test_a_query_micro_batch_that_does_not_fit_is_halved_not_the_training_one(setup, monkeypatch, caplog):
     """The working-memory probe runs out of memory on the query side (100 queries' gradients preconditioned at once
     can outweigh a training micro-batch): the query micro-batch halves, the training one stays."""
-    def probe(self, queries, train, plan, active=None):
+    def probe(self, queries, train, plan, active=None, cut=None):
         self.probing = "query"
         if plan.query_micro > 1:
             raise torch.OutOfMemoryError(OOM)

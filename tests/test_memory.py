@@ -751,20 +751,6 @@ def test_the_plan_weighs_micro_batches_without_growth_where_it_costs_passes(usab
         assert fused_scores.pass_count(best, 64) == 1 and scorer.probes == [(8, 4)]
 
 
-def planned_on_a_gpu(scorer, monkeypatch) -> "fused_scores.PassPlan":
-    """plan_passes with `scorer`'s probes as a GPU's (12 modules of 10 bytes a query, 100,000 bytes free): 64
-    queries, 128 training rows, micro-batches of 4 queries and 8 training rows."""
-    scorer.backward_order = lambda queries: [f"m{i}" for i in range(12)]
-    scorer.modules = {}
-    scorer.score_args = AnalysisConfig().score_arguments()
-    scorer.device = torch.device("cuda")
-    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype: {f"m{i}": 10 for i in range(12)})
-    monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100_000)
-    monkeypatch.setattr(fused_scores, "clear_device_cache", lambda **kwargs: None)
-    monkeypatch.setattr(fused_scores, "out_of_memory_detail", lambda exc, device: "2.00 GiB more")
-    return fused_scores.plan_passes(scorer, list(range(64)), list(range(128)), 4, 8)
-
-
 def test_a_training_probe_out_of_memory_drops_the_growth_before_halving_the_micro_batch(monkeypatch):
     """plan_passes: the first probe of grown micro-batches runs out of memory on the training side: the plan retries
     the same micro-batch without growth, and halves it only if that fails too."""
@@ -775,7 +761,15 @@ def test_a_training_probe_out_of_memory_drops_the_growth_before_halving_the_micr
                 raise torch.OutOfMemoryError(OOM)
             return super().working_memory(queries, train, plan, active)
     scorer = Probes(10)
-    plan = planned_on_a_gpu(scorer, monkeypatch)
+    scorer.backward_order = lambda queries: [f"m{i}" for i in range(12)]
+    scorer.modules = {}
+    scorer.score_args = AnalysisConfig().score_arguments()
+    scorer.device = torch.device("cuda")
+    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype: {f"m{i}": 10 for i in range(12)})
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100_000)
+    monkeypatch.setattr(fused_scores, "clear_device_cache", lambda **kwargs: None)
+    monkeypatch.setattr(fused_scores, "out_of_memory_detail", lambda exc, device: "2.00 GiB more")
+    plan = fused_scores.plan_passes(scorer, list(range(64)), list(range(128)), 4, 8)
     assert scorer.probes[0] == (8, 4) and (plan.train_micro, plan.growth, plan.retries) == (8, 1, 1)
 
 
@@ -790,7 +784,15 @@ def test_a_halved_training_micro_batch_is_probed_with_growth_again(monkeypatch):
                 raise torch.OutOfMemoryError(OOM)
             return super().working_memory(queries, train, plan, active)
     scorer = Probes(10)
-    plan = planned_on_a_gpu(scorer, monkeypatch)
+    scorer.backward_order = lambda queries: [f"m{i}" for i in range(12)]
+    scorer.modules = {}
+    scorer.score_args = AnalysisConfig().score_arguments()
+    scorer.device = torch.device("cuda")
+    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype: {f"m{i}": 10 for i in range(12)})
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100_000)
+    monkeypatch.setattr(fused_scores, "clear_device_cache", lambda **kwargs: None)
+    monkeypatch.setattr(fused_scores, "out_of_memory_detail", lambda exc, device: "2.00 GiB more")
+    plan = fused_scores.plan_passes(scorer, list(range(64)), list(range(128)), 4, 8)
     assert scorer.probes[:3] == [(8, 4), (8, 1), (4, 4)]
     assert (plan.train_micro, plan.growth, plan.retries) == (4, fused_scores.GROWTH, 2)
 

@@ -1142,8 +1142,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
     """The passes from the memory available now: what is left after the longest micro-batches' working memory, in
     MEMORY_HEADROOM of it, is the budget of one pass's query gradients. A chunk holds as many queries as the largest
     module's gradients fit for (all of them on most GPUs) and is scored in as few module groups as the budget allows.
-    A micro-batch that does not fit at all is halved first (the training one first without growth, then halved and
-    with growth again). `plan_queries`: see with_budget. `probe_rows`: (queries,
+    A micro-batch that does not fit at all is halved first. `plan_queries`: see with_budget. `probe_rows`: (queries,
     training rows), longest first, whose first micro-batches the memory probes run instead of the scored ones'.
     `boundaries`: the passes after a chunk's first will run from the gradients the pass before kept (PassPlan)."""
     pq, pt = probe_rows or (queries, train)
@@ -1198,10 +1197,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
         if scorer.probing == "train" and plan.growth > 1:  # the grown micro-batches first
             plan.drop_growth("fused scores", detail)
         else:
-            micro = plan.train_micro
             plan.halve_micro(scorer.probing, "fused scores", detail, hint)
-            if plan.train_micro < micro:  # the halved micro-batch tried with growth again: fewer rows, fewer tokens
-                plan.growth = GROWTH
 
 
 def with_budget(plan: PassPlan, budget: int, num_queries: int, plan_queries: int = 0) -> PassPlan:

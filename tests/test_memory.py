@@ -773,30 +773,6 @@ def test_a_training_probe_out_of_memory_drops_the_growth_before_halving_the_micr
     assert scorer.probes[0] == (8, 4) and (plan.train_micro, plan.growth, plan.retries) == (8, 1, 1)
 
 
-def test_a_halved_training_micro_batch_is_probed_with_growth_again(monkeypatch):
-    """plan_passes: neither 8 rows with growth nor without it fit (more than 100 rows' working memory): the halved
-    micro-batch of 4 rows is probed with growth again (16 short rows, 160 bytes), fits, and keeps it; a larger
-    first micro-batch costs probes, not growth."""
-    class Probes(GrowthProbes):
-        def working_memory(self, queries, train, plan, active=None, cut=None):
-            if active is None and plan.train_micro > 4:
-                self.probes.append((plan.train_micro, plan.growth))
-                raise torch.OutOfMemoryError(OOM)
-            return super().working_memory(queries, train, plan, active)
-    scorer = Probes(10)
-    scorer.backward_order = lambda queries: [f"m{i}" for i in range(12)]
-    scorer.modules = {}
-    scorer.score_args = AnalysisConfig().score_arguments()
-    scorer.device = torch.device("cuda")
-    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype: {f"m{i}": 10 for i in range(12)})
-    monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100_000)
-    monkeypatch.setattr(fused_scores, "clear_device_cache", lambda **kwargs: None)
-    monkeypatch.setattr(fused_scores, "out_of_memory_detail", lambda exc, device: "2.00 GiB more")
-    plan = fused_scores.plan_passes(scorer, list(range(64)), list(range(128)), 4, 8)
-    assert scorer.probes[:3] == [(8, 4), (8, 1), (4, 4)]
-    assert (plan.train_micro, plan.growth, plan.retries) == (4, fused_scores.GROWTH, 2)
-
-
 def test_a_probe_that_runs_out_of_memory_leaves_no_extra_room():
     """Either probe of the extra room running out of memory: the plan keeps the full backward's budget alone."""
     class Failing(DepthProbes):

@@ -10,16 +10,17 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
   (params × examples) matmul per module and batch. The preconditioned query gradients that fit in the memory
   available when scoring starts are held at once: every query of a chunk (all 2,000 SWAG queries on an H200),
   for a group of modules, the top layers' first. Each module group is a pass whose backward stops below its
-  lowest module, so a higher group needs less working memory and may hold more modules (each group holding more than
-  the full backward leaves room for is probed before scoring); the per-example gradients of a module are formed
-  once, whatever the number of groups. Each pass stores, per training micro-batch, the gradient at the output of the
-  encoder layer that holds the next group's highest module (host memory, BoundaryGradients): the next pass runs the
-  forward only up to that layer and its backward from the stored gradient, so the layers above its modules do not
-  run in it; the query side of each pass does the same with the query micro-batches' gradients at that layer, which
-  the query side of the pass before stored (every pass runs from the loss for a model without
-  `base_model.encoder.layer`, for a group with a module outside those layers, and where the gradients need more than
-  HOST_MEMORY_SHARE of the free host memory). An out-of-memory error halves the passes' memory and redoes the
-  chunk, keeping the finished chunks;
+  lowest module; the per-example gradients of a module are formed once, whatever the number of groups. Each pass
+  stores, per training micro-batch, the gradient at the output of the encoder layer that holds the next group's
+  highest module (host memory, BoundaryGradients): the next pass runs the forward only up to that layer and its
+  backward from the stored gradient, so the layers above its modules do not run in it; the query side of each pass
+  does the same with the query micro-batches' gradients at that layer, which the query side of the pass before
+  stored (every pass runs from the loss for a model without `base_model.encoder.layer`, for a group with a module
+  outside those layers, and where the gradients need more than HOST_MEMORY_SHARE of the free host memory). A pass
+  thus holds about its own layers' activations (from the loss: those above its lowest module), so a group may hold
+  more modules than a whole backward leaves room for (PassPlan.extra; each such group is probed as its pass runs
+  before scoring). An out-of-memory error halves the passes' memory and redoes the chunk, keeping the finished
+  chunks;
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - no parameter gradients: only activation gradients flow backwards;
@@ -759,7 +760,8 @@ class PassPlan:
     order: list = field(default_factory=list)  # module names in the order the backward reaches them
     sizes: dict = field(default_factory=dict)  # module name -> bytes of one query's preconditioned gradient
     # module name -> bytes a pass whose lowest module it is may hold beyond `budget`: a pass backpropagates down to its
-    # lowest module only, so the higher that is, the less working memory it needs than `budget` leaves for
+    # lowest module only, so the higher that is, the less working memory it needs than `budget` leaves for (with
+    # `boundaries`, the fewer layers it spans)
     extra: dict = field(default_factory=dict)
     # the passes after a chunk's first run from the gradients the pass before kept (boundaries): a pass's forward stops
     # at its highest layer too, so it holds about its own layers' activations, and `extra` is probed that way
@@ -1264,8 +1266,9 @@ def _room_from_kept(scorer: "FusedScorer", plan: PassPlan, working: int, top: in
     from its lowest module's up to its highest module's, where its forward stops, each layer's about the same, so
     its working memory is estimated as `top` (the probe of a pass within the top layer) plus a layer's share of the
     rest of `working` (every module's backward: all the layers) for each layer more. The groups of a chunk are packed
-    from the top as module_groups packs them, each module's extra room estimated for the group it would end (its
-    highest layer that of the group's first module); checked_room_above probes them. `scale`: _budget_scale."""
+    from the top as module_groups first packs them (before evening them out), each module's extra room estimated for
+    the group it would end (its highest layer that of the group's first module); checked_room_above probes the groups
+    as packed. `scale`: _budget_scale."""
     layers = len(scorer.blocks or ()) or 1
     # a module outside the layers (the classifier, the pooler) as above the top one
     layer = {name: layers - 1 if scorer.block_of.get(name) is None else scorer.block_of[name] for name in plan.order}
@@ -1321,6 +1324,11 @@ def pass_cuts(scorer: "FusedScorer", plan: PassPlan, queries: int) -> list:
         return [None] * len(groups)
     tops = scorer.cuts(groups) + [None]
     return [(top, None if below == top else below) for top, below in zip(tops, tops[1:])]
+
+
+def starts_from_kept(cuts: list) -> bool:
+    """Whether a pass of `cuts` (pass_cuts) starts from the gradients a pass before kept."""
+    return any(cut is not None and cut[0] is not None for cut in cuts)
 
 
 def pass_count(plan: PassPlan, num_queries: int, plan_queries: int = 0) -> int:
@@ -1421,8 +1429,17 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         with scorer.hooks:
             probe_rows = None if plan_rows is None else (plan_rows[0].select(longest_first(plan_rows[0])),
                                                          scorer.sorted_rows(plan_rows[1])[0])
-            plan = plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass,
-                               plan_queries, probe_rows, boundaries and scorer.blocks is not None)
+            def planned(kept: bool) -> PassPlan:
+                return plan_passes(scorer, queries, train, query_batch_size, train_batch_size, max_queries_per_pass,
+                                   plan_queries, probe_rows, kept)
+            plan = planned(boundaries and scorer.blocks is not None)
+            first = min(plan.per_pass, len(queries))
+            if starts_from_kept(pass_cuts(scorer, plan, first)):
+                store, query_store = boundary_store(scorer, train, queries.select(range(first)), plan,
+                                                    train_batch_size, len(plan.groups(first)), boundary_memory)
+                decided = True
+                if store is None:  # no host memory for the kept gradients: planned again for passes from the loss
+                    plan = planned(False)
             logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
                         len(queries), len(train), plan.per_pass, rank, world)
             start, passes, most_groups, pass_seconds = 0, 0, 0, []
@@ -1431,30 +1448,29 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 def one_chunk(start=start):  # as many queries as the plan holds now (an out-of-memory retry shrinks it)
                     nonlocal store, query_store, decided
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
-                    groups = plan.groups(rows.stop - rows.start)
+                    held = rows.stop - rows.start
                     chunk, spent, each = queries.select(range(rows.start, rows.stop)), (0.0, 0.0), []
-                    tops = scorer.cuts(groups) if boundaries else [None] * len(groups)
-                    if any(top is not None for top in tops) and not decided:  # the first chunk in several groups
-                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size, len(groups),
-                                                            boundary_memory)
+                    if not decided and starts_from_kept(pass_cuts(scorer, plan, held)):
+                        # the first chunk in several groups after an out-of-memory retry (planned in one)
+                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size,
+                                                            len(plan.groups(held)), boundary_memory)
                         decided = True
-                    if store is None:
-                        if plan.boundaries:  # planned for passes from kept gradients: each within the budget instead
+                        if store is None:  # declined: each group within the budget that a whole backward leaves
                             plan.boundaries, plan.extra = False, {}
-                            groups = plan.groups(rows.stop - rows.start)
-                        tops = [None] * len(groups)
-                    else:
+                    groups = plan.groups(held)
+                    cuts = pass_cuts(scorer, plan, held) if store is not None else [None] * len(groups)
+                    if store is not None:
                         store.reset()
                         query_store.reset()
-                    for i, group in enumerate(groups):  # the top layers' modules first: each score adds its modules'
-                        # terms in the backward's order, as one pass over all of them would (the same bits)
+                    for i, (group, cut) in enumerate(zip(groups, cuts)):  # the top layers' modules first: each score
+                        # adds its modules' terms in the backward's order, as one pass over all of them would (the
+                        # same bits)
                         desc = (f"fused scores, queries {rows.start + 1}-{rows.stop} of {len(queries)}"
                                 + (f", module group {i + 1} of {len(groups)}" if len(groups) > 1 else ""))
                         plan.running = (len(chunk), group)
-                        capture = tops[i + 1] if i + 1 < len(groups) else None
-                        each.append(scorer.score_pass(
-                            chunk, group, train, scores[rows], plan, train_batch_size, desc, disable_tqdm, tops[i],
-                            None if capture == tops[i] else capture, store, query_store))
+                        top, capture = cut or (None, None)
+                        each.append(scorer.score_pass(chunk, group, train, scores[rows], plan, train_batch_size, desc,
+                                                      disable_tqdm, top, capture, store, query_store))
                         spent = np.add(spent, each[-1])
                     plan.running = None
                     return rows, groups, spent, each

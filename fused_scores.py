@@ -863,6 +863,7 @@ class FusedScorer:
         held_by = {id(m): i for i, block in enumerate(self.blocks or []) for m in block.modules()}
         self.block_of = {name: held_by.get(id(m)) for name, m in self.modules.items()}  # None: outside the layers
         self.micro_batch = 0  # the index of the micro-batch under way on a pass's side
+        self.probes = 0  # working_memory's probes (on a GPU)
 
     def _precondition(self, name, weight, bias):
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
@@ -1017,6 +1018,7 @@ class FusedScorer:
         included; `cut`: see probe_runs. 0 on CPU."""
         if self.device.type != "cuda":
             return 0
+        self.probes += 1
         peaks, base, side = {}, torch.cuda.memory_allocated(self.device), None
 
         def mark(next_side: Optional[str]) -> None:
@@ -1395,11 +1397,11 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
-    `timings`, if given, receives the seconds spent on query gradients and on training passes (`pass_seconds`: each
-    pass's), where they went (`hooks`: utils.HookTimes of the query and training micro-batches, and inside them the
-    per-example gradients, the query preconditioning, the contraction, and the boundary loads and stores: the passes'
-    own stream's time queueing and awaiting the copies, which run on streams of their own; attempts that ran out of
-    memory included), and the plan.
+    `timings`, if given, receives the seconds spent planning the passes (from the call to the first pass), on query
+    gradients and on training passes (`pass_seconds`: each pass's), where they went (`hooks`: utils.HookTimes of the
+    query and training micro-batches, and inside them the per-example gradients, the query preconditioning, the
+    contraction, and the boundary loads and stores: the passes' own stream's time queueing and awaiting the copies,
+    which run on streams of their own; attempts that ran out of memory included), and the plan.
     `num_workers`: DataLoader processes collating the training micro-batches (the scores do not depend on it).
     `precondition(module name, gradient)`, if given, replaces the strategy's preconditioning of the query gradients
     (with the bias as the last input column); `query_weights` (model_weights's names), if given, are the weights the
@@ -1412,6 +1414,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     (BoundaryGradients; the same scores); False: every pass from the loss. `boundary_memory` (pin_ahead's training and
     query sides), if given, holds the gradients where the passes keep them; it is closed at the end, used or not."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # the planning: the factors prepared, the rows sorted, the memory probes, the host memory for kept gradients
+    clock = _Clock(device)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
                          query_weights, train_weights)
@@ -1423,7 +1427,7 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     q_order = longest_first(query_dataset)
     queries, (train, t_order) = query_dataset.select(q_order), scorer.sorted_rows(train_dataset)
     scores = torch.zeros(len(queries), len(train), dtype=torch.float32, device=device)
-    seconds = {"query_seconds": 0.0, "train_seconds": 0.0}
+    seconds = {"query_seconds": 0.0, "train_seconds": 0.0, "planning_seconds": 0.0}
     undo = _frozen(model)
     try:
         with scorer.hooks:
@@ -1440,8 +1444,10 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                 decided = True
                 if store is None:  # no host memory for the kept gradients: planned again for passes from the loss
                     plan = planned(False)
-            logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d",
-                        len(queries), len(train), plan.per_pass, rank, world)
+            seconds["planning_seconds"] = clock.lap()
+            logger.info("fused scoring: %d queries × %d train rows, %d queries per chunk, rank %d of %d; planned in "
+                        "%.1f s (%d memory probes)", len(queries), len(train), plan.per_pass, rank, world,
+                        seconds["planning_seconds"], scorer.probes)
             start, passes, most_groups, pass_seconds = 0, 0, 0, []
             scorer.hooks.times.take()  # the passes' parts only, not the planning's probes
             while start < len(queries):

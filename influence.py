@@ -375,8 +375,9 @@ class KronfluenceBackend:
 
 FUSED_PLAN_SIZES = ("train_micro_batch", "train_growth", "query_micro_batch", "queries_per_pass", "module_groups",
                     "passes", "boundary_gib")  # its plan, and the host memory its layer-output gradients took
-# a fused run's time on query gradients and on training passes, and in those passes waiting for host memory to be pinned
-FUSED_SECONDS = ("query_seconds", "train_seconds", "boundary_wait_seconds")
+# a fused run's time planning its passes, on query gradients and on training passes, and in those passes waiting for
+# host memory to be pinned
+FUSED_SECONDS = ("planning_seconds", "query_seconds", "train_seconds", "boundary_wait_seconds")
 FUSED_BREAKDOWN = ("pass_seconds", "hooks")  # each training pass's seconds, and where the passes' time went
 
 

@@ -304,6 +304,10 @@ def test_fast_records_where_its_stages_spend_their_time(tiny_checkpoint, tmp_pat
     assert len(seconds["scores_pass_seconds"]) == saved["fitted_in_memory"]["passes"]
     assert sum(seconds["scores_pass_seconds"]) == pytest.approx(seconds["scores_train_seconds"], abs=0.01 * len(
         seconds["scores_pass_seconds"]))  # rounded to 10 ms each
+    # the planning before the first pass, the query side and the passes: within the scores stage (four figures
+    # rounded to 10 ms: 0.02 s)
+    assert 0 < seconds["scores_planning_seconds"] and (seconds["scores_planning_seconds"] + seconds["scores_query_seconds"]
+                                                       + seconds["scores_train_seconds"] <= seconds["scores"] + 0.02)
     hooks = {name: part["calls"] for name, part in seconds["scores_hooks"].items()}
     train_batches, query_batches = hooks["training micro-batches"], hooks["query micro-batches"]
     assert hooks["contraction"] == modules * train_batches

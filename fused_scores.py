@@ -135,6 +135,12 @@ def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0,
     return spans
 
 
+def rank_spans(lengths: np.ndarray, batch_size: int, micro: int, growth: int = None) -> list:
+    """micro_spans of this process's rank (torch.distributed's, else the only one)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return micro_spans(lengths, batch_size, micro, rank, world, growth)
+
+
 def query_spans(num_queries: int, micro: int) -> list:
     """(start, stop) of the query micro-batches of a chunk of `num_queries` queries: `micro` queries each."""
     return [(start, min(start + micro, num_queries)) for start in range(0, num_queries, micro)]
@@ -580,10 +586,9 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
     room = available_memory(device)
     if room is None or gradients <= room:
         return None
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # longest first, as sorted_rows orders the rows
     train_lengths, query_lengths = (-np.sort(-row_lengths(rows)) for rows in (train_dataset, query_dataset))
-    train_spans = micro_spans(train_lengths, train_batch_size, min(train_batch_size, len(train_lengths)), rank, world)
+    train_spans = rank_spans(train_lengths, train_batch_size, min(train_batch_size, len(train_lengths)))
     queries_spans = query_spans(len(query_lengths), min(query_batch_size, len(query_lengths)))
     sides = [layer_output_slots(model, collator, train_lengths, train_spans, len(train_dataset[0]["input_ids"])),
              layer_output_slots(model, collator, query_lengths, queries_spans, len(query_dataset[0]["input_ids"]))]
@@ -996,9 +1001,8 @@ class FusedScorer:
         return self._lengths[rows._fingerprint]
 
     def spans(self, train, train_batch_size: int, train_micro: int, growth: int = None) -> list:
-        """micro_spans of this rank over `train` (sorted longest first)."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        return micro_spans(self.lengths(train), train_batch_size, train_micro, rank, world, growth)
+        """rank_spans over `train` (sorted longest first)."""
+        return rank_spans(self.lengths(train), train_batch_size, train_micro, growth)
 
     def train_batches(self, train, train_batch_size: int, train_micro: int, desc: str, disable_tqdm: bool,
                       growth: int = None):
@@ -1231,7 +1235,7 @@ def _probe(scorer: "FusedScorer", queries, train, plan: PassPlan, active, cut: O
     """The working memory of a pass over the modules `active` (with `cut`: see FusedScorer.working_memory), or None
     where the probe runs out of memory."""
     try:
-        return scorer.working_memory(queries, train, plan, active=active, **({"cut": cut} if cut else {}))
+        return scorer.working_memory(queries, train, plan, active=active, cut=cut)
     except Exception as exc:
         if not should_reduce_batch_size(exc):
             raise

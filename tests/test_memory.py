@@ -864,7 +864,7 @@ def layer_span_memory(per_layer: int):
     return working_memory
 
 
-def test_probe_runs_run_a_pass_from_kept_gradients_as_it_runs(deeper):
+def test_probe_runs_run_a_pass_from_kept_gradients_as_it_runs(deeper, monkeypatch):
     """The memory probe of a module group whose pass starts from a kept gradient runs that pass: the forward stops at
     the group's top layer on both sides, the query side's per-example gradients are those of the group's modules (from
     zeros at the top), and the gradient at the next group's top is taken for every training micro-batch probed."""
@@ -878,7 +878,6 @@ def test_probe_runs_run_a_pass_from_kept_gradients_as_it_runs(deeper):
     handles = [block.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, block in enumerate(scorer.blocks)]
     precondition = scorer._precondition
     scorer._precondition = lambda name, w, b: preconditioned.append(name) or precondition(name, w, b)
-    store = fused_scores._Discarded.store
     try:
         with scorer.hooks:
             queries, train = queries.select(fused_scores.longest_first(queries)), scorer.sorted_rows(train)[0]
@@ -890,7 +889,8 @@ def test_probe_runs_run_a_pass_from_kept_gradients_as_it_runs(deeper):
             groups, cuts = plan.groups(len(queries)), fused_scores.pass_cuts(scorer, plan, len(queries))
             assert [len(g) for g in groups] == [8, 6, 6, 6] and cuts == [(None, 2), (2, 1), (1, 0), (0, None)]
             probes = fused_scores.train_probes(scorer.lengths(train), plan.train_micro, plan.growth)
-            fused_scores._Discarded.store = lambda self, index, gradient: taken.append(tuple(gradient.shape))
+            monkeypatch.setattr(fused_scores._Discarded, "store",
+                                lambda self, index, gradient: taken.append(tuple(gradient.shape)))
             for group, cut in zip(groups, cuts):
                 ran.clear(), preconditioned.clear(), taken.clear()
                 scorer.probe_runs(queries, train, plan, group, cut)
@@ -899,7 +899,6 @@ def test_probe_runs_run_a_pass_from_kept_gradients_as_it_runs(deeper):
                 assert sorted(preconditioned) == sorted(group), cut
                 assert len(taken) == (0 if cut[1] is None else 1 + len(probes)), cut
     finally:
-        fused_scores._Discarded.store = store
         for handle in handles:
             handle.remove()
         undo()

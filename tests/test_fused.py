@@ -25,6 +25,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 
 import fast_kernels
 import fused_scores
+import influence
 from demo import build_demo_model, build_demo_tokenizer, make_demo_dataset
 from fast_kernels import fast_factor_kernels, rotated_example_gradients, rotation_dtype
 from formats import load_scores
@@ -40,7 +41,7 @@ from fused_scores import (
     train_probes,
     with_bias_column,
 )
-from influence import AnalysisConfig
+from influence import AnalysisConfig, model_fit
 from metrics import per_query_correlations
 from pipeline import make_collator, tokenize
 from task import MultipleChoiceTask
@@ -429,6 +430,25 @@ def test_lambda_rotations_in_bf16():
     got = torch.linalg.vector_norm(rotated, dim=0, dtype=torch.float32).square().double()
     error = ((got - expected).norm() / expected.norm()).item()
     assert 0 < error <= 2 * 7**0.5 * 2**-8, error
+
+
+def test_the_models_fit_runs_length_sorted_batches_and_keeps_the_rows_order(setup, monkeypatch):
+    """model_fit pads each batch to its own rows' longest choice, longest first, and returns each row's loss,
+    preferred choice and label in the rows' order: those of each row run alone (float64; the losses to 1e-12
+    relative: the same products summed in another order over widths of at most 128, through two layers, each
+    rounding at 2.2e-16)."""
+    model, train, _, collator, _ = setup
+    widths, logits = [], influence.model_logits
+    monkeypatch.setattr(influence, "model_logits",
+                        lambda m, batch: widths.append(batch["input_ids"].size(-1)) or logits(m, batch))
+    fit = model_fit(model, train, collator, 4, torch.device("cpu"))
+    longest = sorted(row_lengths(train).tolist(), reverse=True)
+    assert longest != row_lengths(train).tolist()  # the rows' own order is not longest first
+    assert widths == [max(longest[i:i + 4]) for i in range(0, len(longest), 4)]
+    alone = [model_fit(model, train.select([i]), collator, 1, torch.device("cpu")) for i in range(len(train))]
+    assert torch.equal(fit["label"], torch.tensor(train["labels"]))
+    assert torch.equal(fit["prediction"], torch.cat([row["prediction"] for row in alone]))
+    torch.testing.assert_close(fit["loss"], torch.cat([row["loss"] for row in alone]), rtol=1e-12, atol=0)
 
 
 def test_row_lengths_are_the_longest_choice_of_each_row():

@@ -268,6 +268,16 @@ class _Discarded:
         pass
 
 
+_RELEASES = []  # the threads of BoundaryGradients.close(wait=False) still unregistering a closed store's blocks
+_STILL_PINNED = []  # blocks such a thread failed to unregister: kept, so that locked pages are never unmapped
+
+
+def release_pending() -> None:
+    """Wait until every closed store's blocks are unregistered (BoundaryGradients.close(wait=False))."""
+    while _RELEASES:
+        _RELEASES.pop(0).join()
+
+
 class BoundaryGradients:
     """Between the passes of a chunk, per micro-batch of one side (training or query), the gradient of the loss (or
     the measurement) with respect to one encoder layer's output, in host memory. A module group's pass stores the
@@ -296,6 +306,7 @@ class BoundaryGradients:
     ALIGNMENT = 512
 
     def __init__(self, device: torch.device, expected: int = 0, slots: Optional[list] = None):
+        release_pending()  # a closed store's blocks unregistered first: never both on the host
         self.device, self.pin = device, self._pins(device)
         # the GPU the registrations are for: a thread starts on GPU 0 whatever the caller's (torchrun's other ranks)
         self.gpu = (device.index if device.index is not None else torch.cuda.current_device()) \
@@ -463,14 +474,33 @@ class BoundaryGradients:
         self.spare += self.blocks
         self.slots, self.blocks, self.used, self.stored, self.fetched = {}, [], 0, {}, {}
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """The host memory back: the pinning thread stopped, the slots and blocks dropped, every pinned block
-        unregistered."""
+        unregistered. With `wait=False` the unregistering and unmapping (about 0.5 s per 8 GiB on an H100,
+        results/pin_probe.py) go on in a thread of their own beside what the caller does next; a store created later
+        first waits for it (release_pending), so that the host never holds both."""
         self._stop_pinning()
         self.reset()
         self.spare = []
-        # each on its own: a block that fails stays referenced (its pages stay locked)
-        self.pinned = [block for block in self.pinned if not self._unregistered(block)]
+        pinned, self.pinned = self.pinned, []
+        if wait or not pinned:
+            # each on its own: a block that fails stays referenced (its pages stay locked)
+            self.pinned = [block for block in pinned if not self._unregistered(block)]
+            return
+
+        def release():
+            try:
+                if self.gpu is not None:  # a new thread starts on GPU 0: the registrations are this store's GPU's
+                    torch.cuda.set_device(self.gpu)
+                while pinned:  # each dropped once unregistered (its mapping unmapped); one that fails is kept
+                    block = pinned.pop(0)
+                    if not self._unregistered(block):
+                        _STILL_PINNED.append(block)
+            finally:
+                _STILL_PINNED.extend(pinned)  # what an error left
+        thread = threading.Thread(target=release, name="unpin boundary blocks")
+        _RELEASES.append(thread)
+        thread.start()
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:
@@ -612,16 +642,17 @@ def new_stores(device: torch.device, sides: list) -> tuple:
     return tuple(stores)
 
 
-def close_all(stores) -> None:
-    """Close each BoundaryGradients of `stores` (None skipped, each once), whatever the others' close raises (a sticky
-    CUDA error in its synchronize); the first error is raised after the rest are closed."""
+def close_all(stores, wait: bool = True) -> None:
+    """Close each BoundaryGradients of `stores` (None skipped, each once; `wait`: see BoundaryGradients.close),
+    whatever the others' close raises (a sticky CUDA error in its synchronize); the first error is raised after the
+    rest are closed."""
     error, closed = None, set()
     for store in stores:
         if store is None or id(store) in closed:
             continue
         closed.add(id(store))
         try:
-            store.close()
+            store.close(wait)
         except BaseException as exc:
             error = error or exc
     if error is not None:
@@ -1500,7 +1531,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
         try:
             undo()
         finally:
-            close_all([store, query_store, *(boundary_memory or ())])  # those pinned ahead, used or not
+            # those pinned ahead, used or not; unregistered beside the writing of the scores and what follows
+            close_all([store, query_store, *(boundary_memory or ())], wait=False)
     boundary_gib = sum(k.held for k in kept()) / 2**30  # the most any chunk took
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in seconds.items()}, passes=passes, queries_per_pass=plan.per_pass,

@@ -270,8 +270,8 @@ def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypa
     assert ahead(per_query) is None
     monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2**40)
     closed = []
-    monkeypatch.setattr(BoundaryGradients, "close", lambda self, close=BoundaryGradients.close: closed.append(self)
-                        or close(self))
+    monkeypatch.setattr(BoundaryGradients, "close", lambda self, wait=True, close=BoundaryGradients.close:
+                        closed.append(self) or close(self, wait))
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
     made.clear()
     timings = {}
@@ -300,8 +300,8 @@ def test_analyze_hands_the_memory_pinned_ahead_to_the_fused_scores_and_closes_it
     made, handed, closed = [], [], []
     monkeypatch.setattr(analyze, "pin_ahead", lambda *args: made.append(
         (BoundaryGradients(torch.device("cpu"), 1), BoundaryGradients(torch.device("cpu"), 1))) or made[-1])
-    monkeypatch.setattr(BoundaryGradients, "close", lambda self, close=BoundaryGradients.close: closed.append(self)
-                        or close(self))
+    monkeypatch.setattr(BoundaryGradients, "close", lambda self, wait=True, close=BoundaryGradients.close:
+                        closed.append(self) or close(self, wait))
     import influence
     monkeypatch.setattr(influence, "fused_pairwise_scores", lambda *args, fused=influence.fused_pairwise_scores,
                         **kwargs: handed.append(kwargs["boundary_memory"]) or fused(*args, **kwargs))
@@ -511,6 +511,49 @@ def test_a_block_that_fails_to_unregister_leaves_the_others_unregistered(monkeyp
     assert [r.getMessage() for r in caplog.records] == [
         "fused scoring: unregistering a pinned block failed (CUDA error: invalid argument)"] * 2
     assert len(unpinned) == 3 and [id(b) for b in store.pinned] == [id(failures[0])]
+
+
+def test_a_store_closed_without_waiting_unregisters_its_blocks_in_a_thread_the_next_store_waits_for(monkeypatch,
+                                                                                                    caplog):
+    """close(wait=False) returns at once, the store holding no block, while a thread unregisters its blocks in
+    order (here each held until released); a store created meanwhile first waits for that thread, so that the host
+    never holds both stores' blocks. A block that fails to unregister there is logged and kept referenced."""
+    pinned, permits, _ = _pin_ahead_allocator(monkeypatch)
+    permits.release(100)
+    unpinned, go, calls = [], threading.Semaphore(0), []
+
+    def unpin(block):
+        assert go.acquire(timeout=10)
+        calls.append(block)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: invalid argument")
+        unpinned.append(block)
+    monkeypatch.setattr(fused_scores.BoundaryGradients, "_unpin", staticmethod(unpin))
+    monkeypatch.setattr(fused_scores, "_STILL_PINNED", [])
+    store = fused_scores.BoundaryGradients(torch.device("cpu"), expected=3 * 4096)
+    for i in range(3):  # a block each
+        store.store(i, torch.randn(1024))
+    blocks = list(store.pinned)
+    assert len(blocks) == 3 and len(store.blocks) == 3
+    store.close(wait=False)
+    assert not store.pinned and not unpinned and len(fused_scores._RELEASES) == 1  # nothing unregistered yet
+    created = []
+    later = threading.Thread(target=lambda: created.append(fused_scores.BoundaryGradients(torch.device("cpu"))))
+    with caplog.at_level(logging.WARNING, logger="fused_scores"):
+        later.start()
+        go.release()
+        for _ in range(1000):  # the first block unregistered (a 10 s bound)
+            if unpinned:
+                break
+            threading.Event().wait(0.01)
+        assert not created and [id(b) for b in unpinned] == [id(blocks[0])]  # the new store waits for the other two
+        go.release(2)
+        later.join(timeout=10)
+    assert created and not fused_scores._RELEASES
+    assert [id(b) for b in unpinned] == [id(blocks[0]), id(blocks[2])]
+    assert [id(b) for b in fused_scores._STILL_PINNED] == [id(blocks[1])]
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused scoring: unregistering a pinned block failed (CUDA error: invalid argument)"]
 
 
 def test_pinning_that_fails_in_the_thread_leaves_the_slots_in_ordinary_memory(monkeypatch, caplog):

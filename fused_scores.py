@@ -269,13 +269,17 @@ class _Discarded:
 
 
 _RELEASES = []  # the threads of BoundaryGradients.close(wait=False) still unregistering a closed store's blocks
+_RELEASES_LOCK = threading.Lock()
 _STILL_PINNED = []  # blocks such a thread failed to unregister: kept, so that locked pages are never unmapped
 
 
 def release_pending() -> None:
-    """Wait until every closed store's blocks are unregistered (BoundaryGradients.close(wait=False))."""
-    while _RELEASES:
-        _RELEASES.pop(0).join()
+    """Wait until every closed store's blocks are unregistered (BoundaryGradients.close(wait=False)): before host
+    memory is measured or pinned again."""
+    with _RELEASES_LOCK:
+        while _RELEASES:
+            _RELEASES[0].join()
+            _RELEASES.pop(0)
 
 
 class BoundaryGradients:
@@ -499,8 +503,9 @@ class BoundaryGradients:
             finally:
                 _STILL_PINNED.extend(pinned)  # what an error left
         thread = threading.Thread(target=release, name="unpin boundary blocks")
-        _RELEASES.append(thread)
-        thread.start()
+        with _RELEASES_LOCK:
+            _RELEASES.append(thread)
+            thread.start()
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         if self.pin:
@@ -622,6 +627,7 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
     queries_spans = query_spans(len(query_lengths), min(query_batch_size, len(query_lengths)))
     sides = [layer_output_slots(model, collator, train_lengths, train_spans, len(train_dataset[0]["input_ids"])),
              layer_output_slots(model, collator, query_lengths, queries_spans, len(query_dataset[0]["input_ids"]))]
+    release_pending()  # what an earlier scoring still holds is not available
     if None in sides or sum(map(sum, sides)) > HOST_MEMORY_SHARE * available_host_memory():
         return None
     logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead",
@@ -1567,6 +1573,7 @@ def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batc
     gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
     (utils.available_host_memory, with what `ahead` has pinned so far); else (None, None): every pass from the loss and
     the measurement, and `ahead` closed. `ahead` (pin_ahead's pair), if given, holds the two sides."""
+    release_pending()  # what an earlier scoring still holds is not available
     sides = scorer.boundary_slots(train, plan, train_batch_size), scorer.query_boundary_slots(chunk, plan)
     needed = None if None in sides else sum(map(sum, sides))
     available = available_host_memory() + sum(block.numel() for store in ahead or () for block in list(store.pinned))

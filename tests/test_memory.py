@@ -269,14 +269,19 @@ def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypa
     monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2 * sum(s.expected for s in pinned) - 1)
     assert ahead(per_query) is None
     monkeypatch.setattr(fused_scores, "available_host_memory", lambda: 2**40)
-    closed = []
-    monkeypatch.setattr(BoundaryGradients, "close", lambda self, wait=True, close=BoundaryGradients.close:
-                        closed.append(self) or close(self, wait))
+    closed, waits = [], []
+
+    def closing(self, wait=True, close=BoundaryGradients.close):
+        closed.append(self)
+        waits.append(wait)
+        return close(self, wait)
+    monkeypatch.setattr(BoundaryGradients, "close", closing)
     fake_memory(monkeypatch, int(1.2 * per_query / fused_scores.MEMORY_HEADROOM), 0)
     made.clear()
     timings = {}
     kept = identity_scores(setup, timings, boundary_memory=pinned)
-    assert not made and all(store in closed for store in pinned)
+    # closed after the last pass without waiting for the unregistering (BoundaryGradients.close(wait=False))
+    assert not made and closed == list(pinned) and waits == [False, False]
     assert timings["module_groups"] > 2 and [store.held for store in pinned] == [store.expected for store in pinned]
     unused = tuple(BoundaryGradients(torch.device("cpu"), store.expected) for store in pinned)
     assert torch.equal(kept, identity_scores(setup, boundaries=False, boundary_memory=unused))
@@ -291,6 +296,25 @@ def test_host_memory_pinned_ahead_holds_both_sides_of_the_passes(setup, monkeypa
     timings = {}
     assert torch.equal(kept, identity_scores(setup, timings, boundary_memory=declined))
     assert timings["boundary_gib"] == 0 and seen[-1] and not seen[0]
+
+
+def test_host_memory_is_read_after_an_earlier_scorings_pinned_memory_is_given_back(setup, monkeypatch):
+    """pin_ahead and boundary_store (through the fused scores' passes) read the available host memory only after
+    the blocks a closed store is still unregistering are given back (release_pending): an ensemble's next member,
+    or a second analysis in the process, does not count them as in use."""
+    model, train, queries, collator = setup
+    events = []
+    monkeypatch.setattr(fused_scores, "release_pending", lambda: events.append("given back"))
+    monkeypatch.setattr(fused_scores, "available_host_memory", lambda: events.append("read") or 2**40)
+    monkeypatch.setattr(fused_scores, "BoundaryGradients", lambda device, expected=0, slots=None:
+                        BoundaryGradients(torch.device("cpu"), expected, slots))  # a CPU store: no CUDA streams here
+    monkeypatch.setattr(fused_scores, "available_memory", lambda device: per_query_bytes(setup))
+    assert fused_scores.pin_ahead(model, collator, train, queries, 2, 2, torch.float64, torch.device("cuda"))
+    assert events[:2] == ["given back", "read"]  # (each store's creation waits for them too)
+    events.clear()
+    fake_memory(monkeypatch, int(1.2 * per_query_bytes(setup) / fused_scores.MEMORY_HEADROOM), 0)
+    identity_scores(setup)
+    assert events[:2] == ["given back", "read"]
 
 
 def test_analyze_hands_the_memory_pinned_ahead_to_the_fused_scores_and_closes_it(tiny_checkpoint, tmp_path,

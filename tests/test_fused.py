@@ -14,6 +14,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
 from kronfluence.module.tracked_module import TrackedModule
+from kronfluence.module.tracker.factor import CovarianceTracker
 from kronfluence.utils.constants import (
     ACTIVATION_EIGENVALUES_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
@@ -266,9 +267,14 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
                             copies.append(kwargs.get("non_blocking", False)) or send(*args, **kwargs))
     reference = stage("reference", 0)
     grams, rotations = counting(monkeypatch, "gram"), counting(monkeypatch, "rotated_example_gradients")
+    set_ups = []  # kronfluence's storage and count set-up: once a module and factor, on its first batch
+    for name in ("_update_activation_covariance_matrix", "_update_gradient_covariance_matrix"):
+        monkeypatch.setattr(CovarianceTracker, name, lambda self, *a, original=getattr(CovarianceTracker, name), **k:
+                            set_ups.append(1) or original(self, *a, **k))
     with fast_factor_kernels(num_choices=4):
         fast = stage("fast", 0)
     modules = len(reference["activation_covariance"])
+    assert len(set_ups) == 2 * modules
     # two per module and batch (14 rows, 4 a batch), but one for the input an attention layer's query, key and value
     # share: computed for the query, reused for the other two
     shared = [name for name in reference["activation_covariance"] if name.endswith(("self.key", "self.value"))]
@@ -449,6 +455,23 @@ def test_the_models_fit_runs_length_sorted_batches_and_keeps_the_rows_order(setu
     assert torch.equal(fit["label"], torch.tensor(train["labels"]))
     assert torch.equal(fit["prediction"], torch.cat([row["prediction"] for row in alone]))
     torch.testing.assert_close(fit["loss"], torch.cat([row["loss"] for row in alone]), rtol=1e-12, atol=0)
+
+
+def test_a_batchs_mask_is_cast_and_counted_once_for_all_its_modules():
+    """masked_rows: the modules of a batch share its attention mask, so the covariance hooks take its cast and count
+    from the first module's call; another batch's mask (another tensor, even with the same values) or another dtype
+    is cast and counted again; rows that are not the mask's tokens (one a sequence) have none."""
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    first, second = (type("Tracked", (), {"attention_mask": mask})() for _ in range(2))
+    shared = {}
+    cast, count = fast_kernels.masked_rows(first, 6, torch.float64, shared)
+    assert torch.equal(cast, mask.reshape(-1, 1).double()) and int(count) == 3
+    again = fast_kernels.masked_rows(second, 6, torch.float64, shared)
+    assert again[0] is cast and again[1] is count
+    second.attention_mask = mask.clone()  # the next batch's
+    assert fast_kernels.masked_rows(second, 6, torch.float64, shared)[0] is not cast
+    assert fast_kernels.masked_rows(second, 6, torch.float32, shared)[0].dtype == torch.float32
+    assert fast_kernels.masked_rows(second, 2, torch.float32, shared) == (None, 2)
 
 
 def test_row_lengths_are_the_longest_choice_of_each_row():

@@ -220,7 +220,8 @@ def _covariance_hooks(original_register, shared: dict, times=None):
 def _lambda_hooks(original_register, group: int, times=None):
     """A replacement for kronfluence's LambdaTracker.register_hooks: for EKFAC on nn.Linear, the rotated example
     gradients of `rotated_example_gradients`, squared and summed into its lambda storage; anything else (shared
-    parameters, offloaded activations, diagonal, other modules) goes to kronfluence's own hooks. `times`: a
+    parameters, offloaded activations, diagonal, other modules) goes to kronfluence's own hooks. kronfluence's
+    set-up of the storage runs on an empty batch the first time (where it would then add a zero lambda). `times`: a
     utils.HookTimes the hooks report to."""
 
     def register_hooks(self):
@@ -245,10 +246,11 @@ def _lambda_hooks(original_register, group: int, times=None):
             if activation.dim() == 2:  # no token dimension: one token per sequence
                 activation, output_gradient = activation[:, None], output_gradient[:, None]
             examples = activation.size(0) // per_example
-            empty = torch.empty(0, output_gradient.size(-1), activation.size(-1), dtype=args.lambda_dtype,
-                                device=output_gradient.device)
-            self._update_lambda_matrix(per_sample_gradient=empty)  # kronfluence's set-up: storage, eigenvectors
             storage = module.storage
+            if storage[NUM_LAMBDA_PROCESSED] is None:  # kronfluence's set-up (storage, eigenvectors): the first batch
+                empty = torch.empty(0, output_gradient.size(-1), activation.size(-1), dtype=args.lambda_dtype,
+                                    device=output_gradient.device)
+                self._update_lambda_matrix(per_sample_gradient=empty)
             lam = storage[LAMBDA_MATRIX_NAME]
             rotated = rotated_example_gradients(activation, output_gradient, storage[ACTIVATION_EIGENVECTORS_NAME],
                                                 storage[GRADIENT_EIGENVECTORS_NAME], per_example,

@@ -14,7 +14,7 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.factor.config import FactorConfig
 from kronfluence.module.tracked_module import TrackedModule
-from kronfluence.module.tracker.factor import CovarianceTracker
+from kronfluence.module.tracker.factor import CovarianceTracker, LambdaTracker
 from kronfluence.utils.constants import (
     ACTIVATION_EIGENVALUES_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
@@ -289,9 +289,12 @@ def test_fast_factor_kernels_equal_kronfluence(setup, tmp_path, monkeypatch):
     assert factor_computer.perform_eigendecomposition is kronfluence.factor.eigen.perform_eigendecomposition  # back
     assert_same_eigendecompositions(analyzer.load_eigendecomposition("reference"), eigen)
     reference.update(stage("reference", 1, covariance=False))
+    lambda_set_ups = []
+    monkeypatch.setattr(LambdaTracker, "_update_lambda_matrix", lambda self, *a, original=LambdaTracker.
+                        _update_lambda_matrix, **k: lambda_set_ups.append(1) or original(self, *a, **k))
     with fast_factor_kernels(num_choices=4):
         fast.update(stage("reference", 1, covariance=False))
-    assert len(rotations) == modules * 4
+    assert len(rotations) == modules * 4 and len(lambda_set_ups) == modules  # the set-up on the first batch only
     stage("after", 0)
     assert len(grams) == (2 * modules - len(shared)) * 4  # kronfluence's own code is back
     assert copies == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4 + [False] * 4  # and its own copies

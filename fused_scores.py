@@ -282,6 +282,13 @@ def release_pending() -> None:
             _RELEASES.pop(0)
 
 
+def boundary_host_memory() -> int:
+    """utils.available_host_memory once a closed store's blocks are given back (release_pending): what an earlier
+    scoring still holds is not in use."""
+    release_pending()
+    return available_host_memory()
+
+
 class BoundaryGradients:
     """Between the passes of a chunk, per micro-batch of one side (training or query), the gradient of the loss (or
     the measurement) with respect to one encoder layer's output, in host memory. A module group's pass stores the
@@ -627,8 +634,7 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
     queries_spans = query_spans(len(query_lengths), min(query_batch_size, len(query_lengths)))
     sides = [layer_output_slots(model, collator, train_lengths, train_spans, len(train_dataset[0]["input_ids"])),
              layer_output_slots(model, collator, query_lengths, queries_spans, len(query_dataset[0]["input_ids"]))]
-    release_pending()  # what an earlier scoring still holds is not available
-    if None in sides or sum(map(sum, sides)) > HOST_MEMORY_SHARE * available_host_memory():
+    if None in sides or sum(map(sum, sides)) > HOST_MEMORY_SHARE * boundary_host_memory():
         return None
     logger.info("fused scoring: pinning %.1f GiB of host memory for the layer-output gradients ahead",
                 sum(map(sum, sides)) / 2**30)
@@ -1571,12 +1577,11 @@ def boundary_store(scorer: FusedScorer, train, chunk, plan: PassPlan, train_batc
     """BoundaryGradients for the training and the query sides of passes in `num_groups` module groups over the
     training rows `train` and chunks of queries like `chunk` (the first chunk in several groups), where one layer output's
     gradients for every training and query micro-batch take at most HOST_MEMORY_SHARE of the host memory available
-    (utils.available_host_memory, with what `ahead` has pinned so far); else (None, None): every pass from the loss and
+    (boundary_host_memory, with what `ahead` has pinned so far); else (None, None): every pass from the loss and
     the measurement, and `ahead` closed. `ahead` (pin_ahead's pair), if given, holds the two sides."""
-    release_pending()  # what an earlier scoring still holds is not available
     sides = scorer.boundary_slots(train, plan, train_batch_size), scorer.query_boundary_slots(chunk, plan)
     needed = None if None in sides else sum(map(sum, sides))
-    available = available_host_memory() + sum(block.numel() for store in ahead or () for block in list(store.pinned))
+    available = boundary_host_memory() + sum(block.numel() for store in ahead or () for block in list(store.pinned))
     if needed is None or needed > HOST_MEMORY_SHARE * available:
         logger.info("fused scoring: every pass from the loss (%s)", "the model's config gives no hidden_size"
                     if needed is None else f"the layer-output gradients between passes need {needed / 2**30:.1f} GiB "

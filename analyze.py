@@ -77,13 +77,9 @@ from formats import (
 from fused_scores import close_all, model_weights, pin_ahead
 from influence import (
     BACKENDS,
-    FACTOR_BATCH,
     FACTOR_STAGES,
-    FAST_FACTOR_BATCH,
-    FAST_TRAIN_BATCH,
     FUSED_BREAKDOWN,
     FUSED_SECONDS,
-    TRAIN_BATCH,
     AnalysisConfig,
     ScoringJob,
     add_method_args,
@@ -130,6 +126,10 @@ from utils import (
 
 logger = logging.getLogger(__name__)
 
+FACTOR_BATCH = 64  # rows per factor batch (kronfluence's example)
+# --fast's batches: larger ones spread each batch's fixed cost (hooks and kernel launches over every module), and
+# benchmark.py times --fast at this size; a card that cannot hold it loses one failed batch (longest rows first)
+FAST_FACTOR_BATCH = 256
 LOCK_WAIT = datetime.timedelta(hours=12)  # the longest wait for another analysis writing the same directories
 PROCESS_GROUP_TIMEOUT = LOCK_WAIT + datetime.timedelta(hours=1)  # collectives outlast that wait and the work after
 
@@ -149,9 +149,8 @@ def parse_args(argv=None):
                              f"with --fast; halved while it does not fit in memory).")
     parser.add_argument("--query_batch_size", type=at_least(1), default=100,
                         help="Per-device batch size for query gradients (halved while it does not fit in memory).")
-    parser.add_argument("--train_batch_size", type=at_least(1), default=None,
-                        help=f"Per-device batch size for training gradients (default {TRAIN_BATCH}, {FAST_TRAIN_BATCH} "
-                             f"with --fast; halved while it does not fit in memory).")
+    parser.add_argument("--train_batch_size", type=at_least(1), default=128,
+                        help="Per-device batch size for training gradients (halved while it does not fit in memory).")
     parser.add_argument("--max_memory_gb", type=positive_float, default=None,
                         help="Cap on the GPU memory this analysis may use, per device, in GiB (default: what is "
                              "free; on a GPU shared with other jobs, give each its share).")
@@ -185,8 +184,6 @@ def parse_args(argv=None):
     resolve_method_args(parser, args)
     if args.factor_batch_size is None:
         args.factor_batch_size = FAST_FACTOR_BATCH if args.fast else FACTOR_BATCH
-    if args.train_batch_size is None:
-        args.train_batch_size = FAST_TRAIN_BATCH if args.fast else TRAIN_BATCH
     if args.use_ddp and "LOCAL_RANK" not in os.environ:
         raise UserError("--use_ddp needs the processes torchrun starts: "
                         "torchrun --standalone --nproc-per-node=N analyze.py ... --use_ddp")

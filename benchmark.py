@@ -83,8 +83,6 @@ from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first, release_pending
 from influence import (
-    FAST_FACTOR_BATCH,
-    FAST_TRAIN_BATCH,
     FUSED_BREAKDOWN,
     FUSED_SECONDS,
     QUERY_GRADIENT_ACCUMULATION,
@@ -126,8 +124,8 @@ CONFIGS = {  # scoring, bf16 (acc32: fp32 factor sums; fast: analyze.py --fast),
                            train_bs=128, sort=False),
     "reference_bf16": dict(scoring="kronfluence", half=True, pad=True, rank=-1, factor_bs=128, query_bs=100,
                            train_bs=128, sort=False),
-    "fast": dict(scoring="fused", half=True, acc32=True, fast=True, pad=False, rank=-1, factor_bs=FAST_FACTOR_BATCH,
-                 query_bs=100, train_bs=FAST_TRAIN_BATCH, sort=True),
+    "fast": dict(scoring="fused", half=True, acc32=True, fast=True, pad=False, rank=-1, factor_bs=256, query_bs=100,
+                 train_bs=128, sort=True),
     "fused_acc32": dict(scoring="fused", half=True, acc32=True, pad=False, rank=-1, factor_bs=256, query_bs=100,
                         train_bs=128, sort=True),
     "fused_acc32_lambda_quarter": dict(scoring="fused", half=True, acc32=True, lambda_fraction=0.25, pad=False, rank=-1,

@@ -59,14 +59,6 @@ QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_
 # 4,000 keeps a Pearson of 0.9993 with kronfluence's fp32 EKFAC and its LDS within 0.0005
 # (results/agreement_anetcap_minilm.sh); the error of a mean shrinks with the rows, and this is 5x more
 FAST_LAMBDA_ROWS = 10_000
-FACTOR_BATCH = 64  # rows per factor batch (kronfluence's example)
-# --fast's batches: larger ones spread each batch's fixed cost (hooks and kernel launches over every module), and
-# benchmark.py times --fast at these sizes; a card that cannot hold it loses one failed batch (longest rows first)
-FAST_FACTOR_BATCH = 256
-TRAIN_BATCH = 128  # training rows per batch of the scores (kronfluence's example)
-# --fast's training micro-batches: half as many launches and contractions a pass (one H100 at SWAG scale: the passes
-# 94.3 s against 103.5 s at 128); the plan halves them where they do not fit, or where fewer passes cost less
-FAST_TRAIN_BATCH = 256
 
 
 def add_method_args(parser) -> None:

@@ -174,9 +174,6 @@ def test_fast_is_the_fast_combination_and_refuses_what_contradicts_it(capsys):
     # factor batches: kronfluence's example's 64, --fast's 256, and a given size always wins
     assert (args.factor_batch_size, analyze.parse_args([]).factor_batch_size) == (256, 64)
     assert analyze.parse_args(["--fast", "--factor_batch_size", "32"]).factor_batch_size == 32
-    # training batches of the scores likewise: 128, --fast's 256, a given size
-    assert (args.train_batch_size, analyze.parse_args([]).train_batch_size) == (256, 128)
-    assert analyze.parse_args(["--fast", "--train_batch_size", "32"]).train_batch_size == 32
     for extra, message in ((["--scoring", "kronfluence"], "--fast scores with --scoring fused; drop --scoring kronfluence"),
                            (["--query_gradient_rank", "8"], "--scoring fused uses full-rank query gradients")):
         with pytest.raises(SystemExit):

@@ -28,7 +28,10 @@ Path("/tmp/hog.ready").write_text(f"{held.numel() / 2**30:.2f}")
 time.sleep(3600)
 PY
   hog=$!
-  while [ ! -f /tmp/hog.ready ]; do sleep 0.5; done
+  while [ ! -f /tmp/hog.ready ]; do  # a holder that died (no torch, no GPU) stops the driver instead of a wait forever
+    kill -0 "$hog" 2>/dev/null || { echo "the process holding GPU memory exited before holding it" >&2; exit 1; }
+    sleep 0.5
+  done
 }
 
 if [ "$what" = budgets ]; then

@@ -283,3 +283,24 @@ def test_the_subsets_probe_memory_with_every_training_row_of_the_full_run(swag_f
     assert (lengths[:-1] >= lengths[1:]).all()  # longest first
     every_query = row_lengths(tokenize(raw["validation"], tokenizer))
     assert sorted(row_lengths(queries)) == sorted(every_query)[-5:]
+
+
+def test_the_memory_budget_driver_stops_when_its_memory_holder_dies(tmp_path):
+    """results/memory_h200.sh budgets: another process holds all but B GiB of the GPU; where it cannot (no GPU here,
+    or a python without torch), the driver says so and exits instead of waiting for it forever."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "results").mkdir()
+    for name in ("memory_h200.sh", "anetcap_minilm_common.sh"):
+        shutil.copy(root / "results" / name, tmp_path / "results" / name)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "results/memory_h200.sh", "budgets", "22", "model", "data", "tokenizer", "out"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "the process holding GPU memory exited before holding it" in done.stderr
+    assert not (tmp_path / "logs" / "memory_22.log").exists()  # no benchmark ran

@@ -1503,15 +1503,17 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                     rows = slice(start, min(start + plan.per_pass, len(queries)))
                     held = rows.stop - rows.start
                     chunk, spent, each = queries.select(range(rows.start, rows.stop)), (0.0, 0.0), []
-                    if not decided and starts_from_kept(pass_cuts(scorer, plan, held)):
+                    cuts = pass_cuts(scorer, plan, held)
+                    if not decided and starts_from_kept(cuts):
                         # the first chunk in several groups after an out-of-memory retry (planned in one)
-                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size,
-                                                            len(plan.groups(held)), boundary_memory)
+                        store, query_store = boundary_store(scorer, train, chunk, plan, train_batch_size, len(cuts),
+                                                            boundary_memory)
                         decided = True
                         if store is None:  # declined: each group within the budget that a whole backward leaves
                             plan.boundaries, plan.extra = False, {}
                     groups = plan.groups(held)
-                    cuts = pass_cuts(scorer, plan, held) if store is not None else [None] * len(groups)
+                    if store is None:  # every pass from the loss
+                        cuts = [None] * len(groups)
                     if store is not None:
                         store.reset()
                         query_store.reset()

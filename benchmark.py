@@ -2,7 +2,7 @@
 
     python benchmark.py --tokenizer_dir ../shared/tokenizers/roberta-base \\
         --train_file ../shared/data/anetcap/train.csv.gz --validation_file ../shared/data/anetcap/validation.csv.gz \\
-        --fit_rows 512 --output results/benchmark_h200.json
+        --fit_rows 512 --output results/benchmark_h200_extrapolated.json
     python benchmark.py ... --num_train 512 --num_queries 50 --configs fused_acc32 fast --train_steps 0 --profile \\
         --output results/benchmark_profile_h200.json
 
@@ -46,7 +46,8 @@ beside `fast` each stage over its extrapolation. Killed, it resumes: a rerun reu
 sums the times.
 
     python benchmark.py --tokenizer_dir ../shared/tokenizers/roberta-base --train_file ... --validation_file ... \\
-        --configs --train_variants eager --train_steps 20 --direct --output results/benchmark_direct_h200.json
+        --fit_rows 512 --configs reference_bf16 --train_variants eager --train_steps 20 --direct \\
+        --output results/benchmark_h200.json
 """
 
 import copy

@@ -71,7 +71,7 @@ MEMORY_HEADROOM = 0.9  # of the available memory a pass plans to use; the alloca
 MIN_TRAIN_MICRO = 32
 # A pass costs a forward and backward over every training row; its contraction reads every query gradient of the
 # pass once per training micro-batch. One training row's forward and backward costs about as much as reading this
-# many query gradients (benchmark_h200.json, --fast on roberta-base, one H200: 0.821 s a pass of 2,048 rows and
+# many query gradients (benchmark_h200_extrapolated.json, --fast on roberta-base, one H200: 0.821 s a pass of 2,048 rows and
 # 0.000881 s a query per pass at 128 rows a micro-batch, so (0.821 / 2048) / (0.000881 / 16) = 7.3).
 PASS_ROW_COST = 7.3
 # A training micro-batch of shorter rows holds up to this many times the planned rows, within the planned micro-batch's

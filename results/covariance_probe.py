@@ -9,8 +9,8 @@ the roberta-base BPE, as results/sync_probe.py; each batch size after a warm-up 
     python results/covariance_probe.py OUT.json --tokenizer_dir ../shared/tokenizers/roberta-base \
         --data_dir ../shared/data/anetcap --num_train 8192 --factor_batch_sizes 256 512
 
-Writes OUT.json: per factor batch size the seconds, rows a second, peak GiB, kernel seconds and busy share, and the
-hooks' parts.
+Writes OUT.json: per factor batch size the seconds, rows a second, peak GiB, kernel seconds and busy share, the
+hooks' parts, and the kernels with the most device seconds (--top_kernels).
 """
 import json
 import sys
@@ -38,12 +38,21 @@ def parse_args(argv=None):
     parser = driver_parser(__doc__, "output", num_train=8192, num_queries=1)
     parser.add_argument("--factor_batch_sizes", type=int, nargs="+", default=[256, 512],
                         help="the covariance stage's factor batch sizes to time, in turn")
+    parser.add_argument("--top_kernels", type=int, default=30,
+                        help="the profile's kernels (and copies) with the most device seconds to list, per batch size")
     return parser.parse_args(argv)
 
 
 def kernel_seconds(prof) -> float:
     """The seconds of the CUDA kernels and copies the profile recorded (each event's own device time)."""
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
+def top_kernels(prof, count: int) -> list:
+    """The `count` profile entries with the most device seconds: name (cut to 120 characters), calls, seconds."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:count]
+    return [{"name": e.key[:120], "calls": e.count, "device_seconds": round(e.self_device_time_total / 1e6, 3)}
+            for e in events if e.self_device_time_total > 0]
 
 
 def main(argv=None):
@@ -87,7 +96,8 @@ def main(argv=None):
             "seconds": round(seconds, 3), "rows_per_second": round(len(train) / seconds, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "kernel_seconds": None if busy is None else round(busy, 3),
-            "busy_share": None if busy is None else round(busy / seconds, 3), "hooks": times.take()}
+            "busy_share": None if busy is None else round(busy / seconds, 3), "hooks": times.take(),
+            "top_kernels": top_kernels(prof, args.top_kernels) if cuda else []}
         print(batch, json.dumps({k: v for k, v in out["batches"][str(batch)].items() if k != "hooks"}), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=1) + "\n")

@@ -304,3 +304,25 @@ def test_the_memory_budget_driver_stops_when_its_memory_holder_dies(tmp_path):
     assert done.returncode == 1
     assert "the process holding GPU memory exited before holding it" in done.stderr
     assert not (tmp_path / "logs" / "memory_22.log").exists()  # no benchmark ran
+
+
+def test_the_covariance_probe_lists_the_kernels_with_the_most_device_time(monkeypatch):
+    """results/covariance_probe.py's top_kernels: the profile's entries by their own device seconds, most first, the
+    count asked for, entries without device time left out, names cut to 120 characters."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parent.parent / "results" / "covariance_probe.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its helpers beside it
+    spec = importlib.util.spec_from_file_location("covariance_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    events = [SimpleNamespace(key="gemm" + "x" * 200, count=4, self_device_time_total=2_500_000),  # microseconds
+              SimpleNamespace(key="cast", count=9, self_device_time_total=0),
+              SimpleNamespace(key="add", count=3, self_device_time_total=1_000),
+              SimpleNamespace(key="norm", count=2, self_device_time_total=700_000)]
+    profile = SimpleNamespace(key_averages=lambda: events)
+    assert probe.top_kernels(profile, 2) == [{"name": ("gemm" + "x" * 200)[:120], "calls": 4, "device_seconds": 2.5},
+                                             {"name": "norm", "calls": 2, "device_seconds": 0.7}]
+    assert [k["name"] for k in probe.top_kernels(profile, 10)][1:] == ["norm", "add"]  # no entry without device time

@@ -306,18 +306,25 @@ def test_the_memory_budget_driver_stops_when_its_memory_holder_dies(tmp_path):
     assert not (tmp_path / "logs" / "memory_22.log").exists()  # no benchmark ran
 
 
+def results_driver(monkeypatch, name: str):
+    """results/NAME.py imported as when it runs as a script (its helpers beside it on the path)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "results" / f"{name}.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_covariance_probe_lists_the_kernels_with_the_most_device_time(monkeypatch):
     """results/covariance_probe.py's top_kernels: the profile's entries by their own device seconds, most first, the
     count asked for, entries without device time left out, names cut to 120 characters."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    path = Path(__file__).resolve().parent.parent / "results" / "covariance_probe.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its helpers beside it
-    spec = importlib.util.spec_from_file_location("covariance_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = results_driver(monkeypatch, "covariance_probe")
     events = [SimpleNamespace(key="gemm" + "x" * 200, count=4, self_device_time_total=2_500_000),  # microseconds
               SimpleNamespace(key="cast", count=9, self_device_time_total=0),
               SimpleNamespace(key="add", count=3, self_device_time_total=1_000),
@@ -326,3 +333,29 @@ def test_the_covariance_probe_lists_the_kernels_with_the_most_device_time(monkey
     assert probe.top_kernels(profile, 2) == [{"name": ("gemm" + "x" * 200)[:120], "calls": 4, "device_seconds": 2.5},
                                              {"name": "norm", "calls": 2, "device_seconds": 0.7}]
     assert [k["name"] for k in probe.top_kernels(profile, 10)][1:] == ["norm", "add"]  # no entry without device time
+
+
+def test_the_contraction_precision_driver_rounds_each_row_to_e4m3_at_its_own_scale(monkeypatch):
+    """results/contraction_precision.py: each row's largest magnitude maps to e4m3's largest value (448), every entry
+    within e4m3's rounding (3 mantissa bits: half a unit in the last place, 2**-4 relative, for entries at least
+    e4m3's smallest normal, 2**-6, after scaling); the float64 contraction is the exact product; the fp8 one is that of
+    the rounded rows, within twice bf16's unit roundoff (2**-8 relative, the result's rounding; the factor 2 for the
+    float32 sums' order)."""
+    import torch
+
+    driver = results_driver(monkeypatch, "contraction_precision")
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(4, 64, generator=generator) * torch.tensor([[1e-3], [1.0], [50.0], [1e4]])  # row scales
+    train = torch.randn(3, 64, generator=generator)
+    q, scale = driver.fp8_rows(queries)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (4, 1)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((4,), 448.0))
+    scaled = queries / scale
+    normal = scaled.abs() >= 2 ** -6
+    assert ((q.float() - scaled).abs() <= scaled.abs() * 2 ** -4)[normal].all()
+    exact = queries.double() @ train.double().T
+    assert torch.equal(driver.contract(queries, train, "float64"), exact.float())
+    t, t_scale = driver.fp8_rows(train)
+    rounded = (q.double() * scale.double()) @ (t.double() * t_scale.double()).T
+    fp8 = driver.contract(queries, train, "fp8").double()
+    assert torch.allclose(fp8, rounded, rtol=2 ** -7, atol=1e-6 * rounded.abs().max().item())

@@ -458,7 +458,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
     boundary_memory = None
     if (args.scoring == "fused" and not (factors_only or reuse_scores or args.self_influence or config.source_horizon)):
         boundary_memory = pin_ahead(model, collator, data.train, data.queries, args.train_batch_size,
-                                    args.query_batch_size, config.score_arguments().score_dtype, device)
+                                    args.query_batch_size, config.score_arguments().score_dtype, device,
+                                    config.fp8_contraction)
         if boundary_memory is not None:
             stack.callback(close_all, boundary_memory)  # where the scores never take it over
     started = time.perf_counter()

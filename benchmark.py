@@ -80,6 +80,7 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
+import fp8
 from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first, release_pending
@@ -252,7 +253,8 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     collator = make_collator(tokenizer, c["pad"])
     fast = c.get("fast", False)  # as analyze.py --fast: half precision with fp32 sums
     config = AnalysisConfig(factor_strategy="ekfac", query_gradient_rank=c["rank"], use_half_precision=c["half"] or fast,
-                            fp32_accumulation=c.get("acc32", False) or fast, fast=fast)
+                            fp32_accumulation=c.get("acc32", False) or fast, fast=fast,
+                            fp8_contraction=fast and fp8.fast_default(process_device()))
     lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else config.lambda_rows
     cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
     factor_args, score_args = config.factor_arguments(len(cov_rows), len(lambda_rows)), config.score_arguments()
@@ -282,7 +284,8 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
             holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
                 c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings, num_workers=workers,
-                plan_queries=REFERENCE_NUM_QUERIES, plan_rows=plan_rows)  # the module groups of the full-scale run
+                plan_queries=REFERENCE_NUM_QUERIES, plan_rows=plan_rows,  # the module groups of the full-scale run
+                fp8_contraction=config.fp8_contraction)
             release_pending()  # the pinned host memory given back within the stage that took it, as each is timed
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
         stages["scores"] = fused
@@ -616,7 +619,8 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / TRAINING_ARGS_FILE, {"data": {}, "recipe": None, "benchmark": manifest})
-    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused")
+    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused",
+                            fp8_contraction=fp8.fast_default(process_device()))  # as analyze.py --fast here
     factors_dir = work / "scores" / checkpoint.name / f"factors_{config.factors_name(0)}"
     scores_dir = work / "scores" / checkpoint.name / f"scores_{config.scores_name(0, args.direct_queries)}"
     reused = (read_json(factors_dir / METADATA_FILE, "analyze.py's record").get("completed_stages", [])

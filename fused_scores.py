@@ -60,6 +60,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import fp8
 from fast_kernels import ALIGN
 from utils import HookTimes, UserError, available_host_memory, available_memory, out_of_memory_detail, retry_on_oom
 
@@ -194,6 +195,9 @@ class PerExampleGradients:
         self.active = set(modules)  # the modules of the current pass (a module group)
         self.num_examples, self.callback, self.handles = 0, None, []
         self.block = None  # the (queries × batch) slice of the score matrix being filled
+        # with `scaled` (an fp8 contraction's training side): each example's weight gradient divided by its scale in
+        # `scales` (fp8.gradient_scales, rounded to the gradient's dtype), so that it lands in e4m3's range
+        self.scaled, self.scales = False, None
         self.times = HookTimes()  # where a pass's time goes (fused_pairwise_scores' timings)
 
     def part(self, name: str, tensor: torch.Tensor):
@@ -236,8 +240,13 @@ class PerExampleGradients:
         n = self.num_examples
         activation = activation.to(self.dtype).reshape(n, -1, activation.size(-1))  # choices × tokens per example
         output_grad = output_grad.detach().to(self.dtype).reshape(n, -1, output_grad.size(-1))
+        bias = output_grad.sum(dim=1) if has_bias else None
+        if self.scaled:
+            scales = fp8.gradient_scales(output_grad, activation).to(self.dtype)
+            output_grad = output_grad / scales[:, None, None]
+            self.scales = scales.float()
         weight = torch.bmm(output_grad.transpose(1, 2), activation)
-        return weight, (output_grad.sum(dim=1) if has_bias else None)
+        return weight, bias
 
 
 def encoder_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
@@ -612,7 +621,8 @@ def layer_output_slots(model: nn.Module, collator, lengths: np.ndarray, spans: l
 
 
 def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_batch_size: int,
-              query_batch_size: int, score_dtype: torch.dtype, device: torch.device) -> Optional[tuple]:
+              query_batch_size: int, score_dtype: torch.dtype, device: torch.device,
+              fp8_contraction: bool = False) -> Optional[tuple]:
     """The training and the query sides' BoundaryGradients for a later fused_pairwise_scores (its `boundary_memory`),
     their threads pinning the host memory from now on, beside other work (analyze.py: the factor stages); None where
     the passes would not need them or they should not be taken now: off a GPU, for a model without encoder layers,
@@ -623,8 +633,8 @@ def pin_ahead(model: nn.Module, collator, train_dataset, query_dataset, train_ba
     that as it stores, and what it does not need stays pinned until the scores end."""
     if device.type != "cuda" or not len(train_dataset) or not len(query_dataset):
         return None
-    gradients = len(query_dataset) * sum(query_gradient_bytes(tracked_linears(model, linear_module_names(model)),
-                                                              score_dtype).values())
+    modules = tracked_linears(model, linear_module_names(model))
+    gradients = len(query_dataset) * sum(query_gradient_bytes(modules, score_dtype, fp8_contraction).values())
     room = available_memory(device)
     if room is None or gradients <= room:
         return None
@@ -745,9 +755,12 @@ def _frozen(model: nn.Module):
     return undo
 
 
-def query_gradient_bytes(modules: dict, dtype: torch.dtype) -> dict:
-    """Per module, the bytes of one preconditioned query gradient: a copy of its weight (and bias)."""
-    return {name: m.out_features * (m.in_features + (m.bias is not None)) * dtype.itemsize
+def query_gradient_bytes(modules: dict, dtype: torch.dtype, fp8_rows: bool = False) -> dict:
+    """Per module, the bytes of one preconditioned query gradient: a copy of its weight (and bias) in `dtype`; with
+    `fp8_rows`, the weight's in e4m3 and its float32 scale (FusedScorer's fp8 contraction), the bias's in `dtype`."""
+    def weight(m):
+        return fp8.aligned(m.out_features * m.in_features) if fp8_rows else m.out_features * m.in_features * dtype.itemsize
+    return {name: weight(m) + (m.bias is not None) * m.out_features * dtype.itemsize + fp8_rows * 4
             for name, m in modules.items()}
 
 
@@ -886,10 +899,12 @@ class FusedScorer:
     """The per-module state of the fused pass: tracked modules, prepared factors, hooks, query gradients."""
 
     def __init__(self, model, task, factors: dict, strategy: str, score_args, collator, device: torch.device,
-                 num_workers: int = 0, precondition=None, query_weights: dict = None, train_weights: dict = None):
+                 num_workers: int = 0, precondition=None, query_weights: dict = None, train_weights: dict = None,
+                 fp8_contraction: bool = False):
         names = sorted(next(iter(factors.values()))) if factors else linear_module_names(model)
         self.model, self.task, self.collator, self.device, self.score_args = model, task, collator, device, score_args
         self.num_workers = num_workers
+        self.fp8 = fp8_contraction  # the contraction in e4m3 with row scales (fp8.py), else in the score dtype
         self.modules = tracked_linears(model, names)
         if precondition is None:  # the strategy's preconditioning, from kronfluence's prepared factors
             storages = prepared_storages(factors, strategy, names, score_args, device)
@@ -905,7 +920,8 @@ class FusedScorer:
         self.train_weights = train_weights  # what the model holds, put back after each pass's query side
         self.hooks = PerExampleGradients(self.modules, score_args.per_sample_gradient_dtype)
         self.probing = "train"  # working_memory's side: "query" or "train"
-        self.query_grads, self.filled = {}, {}  # per module: preconditioned (weight, bias) rows of the current pass
+        # per module: preconditioned (weight, bias) rows of the current pass, and with fp8 the weight rows' scales
+        self.query_grads, self.filled = {}, {}
         self._lengths = {}  # dataset fingerprint -> row_lengths
         self.blocks = encoder_blocks(model)
         held_by = {id(m): i for i, block in enumerate(self.blocks or []) for m in block.modules()}
@@ -920,17 +936,35 @@ class FusedScorer:
     def _keep_query(self, name, weight, bias):
         with self.hooks.part("query preconditioning", weight):
             gradient = self._precondition(name, weight, bias)
-            w, b = self.query_grads[name]
+            w, b, scales = self.query_grads[name]
             rows = slice(self.filled[name], self.filled[name] + gradient.size(0))
-            w[rows] = gradient[..., :weight.size(-1)].flatten(1)
+            if self.fp8:
+                scales[rows] = fp8.scaled_rows(gradient[..., :weight.size(-1)].flatten(1), w[rows, :weight[0].numel()])
+            else:
+                w[rows] = gradient[..., :weight.size(-1)].flatten(1)
             if b is not None:
                 b[rows] = gradient[..., -1]
             self.filled[name] = rows.stop
 
+    def _train_rows(self, weight) -> torch.Tensor:
+        """An fp8 contraction's training side: the scaled per-example gradients (hooks.scaled) rounded to e4m3, rows
+        and width padded with zeros to fp8.aligned."""
+        n, width = weight.size(0), weight[0].numel()
+        rows = torch.empty(fp8.aligned(n), fp8.aligned(width), dtype=fp8.E4M3, device=weight.device)
+        rows[n:].zero_()
+        rows[:, width:].zero_()
+        rows[:n, :width].copy_(weight.flatten(1))  # in range by the scales' bound: no scaling pass
+        return rows
+
     def _add_scores(self, name, weight, bias):
         with self.hooks.part("contraction", weight):
-            w, b = self.query_grads[name]
-            block = (w @ weight.flatten(1).T).float()
+            w, b, scales = self.query_grads[name]
+            if self.fp8:
+                n, queries = weight.size(0), self.hooks.block.size(0)
+                train_scales = F.pad(self.hooks.scales, (0, fp8.aligned(n) - n), value=1.0)
+                block = fp8.product(w, scales, self._train_rows(weight), train_scales)[:queries, :n].float()
+            else:
+                block = (w @ weight.flatten(1).T).float()
             if b is not None:
                 block += (b @ bias.T).float()
             self.hooks.block.add_(block)
@@ -1098,11 +1132,13 @@ class FusedScorer:
                 mark("train")
                 self.probing = "train"
                 self.hooks.callback, self.hooks.dtype = (lambda *_: None), self.score_args.score_dtype
+                if self.fp8:  # the e4m3 copy of each module's per-example gradients: the contraction's own memory
+                    self.hooks.callback, self.hooks.scaled = (lambda name, weight, bias: self._train_rows(weight)), True
                 for start, stop in train_probes(self.lengths(train), plan.train_micro, plan.growth):
                     self._backward(train.select(range(start, stop)), measurement=False, boundary=start_at)
                 mark(None)
         finally:
-            self.hooks.active = set(self.modules)
+            self.hooks.active, self.hooks.scaled = set(self.modules), False
 
     def _kept(self, top: Optional[int], store: Optional[BoundaryGradients], index: int, like: torch.Tensor):
         """The gradient `store` kept for micro-batch `index` (a "boundary loads" part; `like`: a tensor on the device),
@@ -1122,13 +1158,16 @@ class FusedScorer:
         likewise from and into `query_store`'s (None: every query side from the measurement)."""
         clock = _Clock(self.device)
         self.query_grads.clear()
+        rows = fp8.aligned(len(chunk)) if self.fp8 else len(chunk)  # the fp8 product's padding (zeros)
         for name in group:
             m = self.modules[name]
+            width = m.out_features * m.in_features
             self.query_grads[name] = (
-                torch.empty(len(chunk), m.out_features * m.in_features, dtype=self.score_args.score_dtype,
-                            device=self.device),
+                torch.zeros(rows, fp8.aligned(width), dtype=fp8.E4M3, device=self.device) if self.fp8 else
+                torch.empty(rows, width, dtype=self.score_args.score_dtype, device=self.device),
                 torch.empty(len(chunk), m.out_features, dtype=self.score_args.score_dtype, device=self.device)
-                if m.bias is not None else None)
+                if m.bias is not None else None,
+                torch.ones(rows, device=self.device) if self.fp8 else None)
             self.filled[name] = 0
         self.hooks.active = set(group)
         try:
@@ -1153,6 +1192,7 @@ class FusedScorer:
                                    f"{len(chunk)} rows")
             query_seconds = clock.lap()
             self.hooks.callback, self.hooks.dtype, plan.side = self._add_scores, self.score_args.score_dtype, "train"
+            self.hooks.scaled = self.fp8
             with self.boundaries(top, capture, store):
                 for i, (start, stop, batch) in enumerate(self.train_batches(train, train_batch_size, plan.train_micro,
                                                                             desc, disable_tqdm, plan.growth)):
@@ -1161,7 +1201,7 @@ class FusedScorer:
                         self._run(batch, measurement=False, boundary=self._kept(top, store, i, block))
         finally:  # also after an error: the query gradients freed, and every module's hooks on for what comes next
             self.query_grads.clear()
-            self.hooks.active = set(self.modules)
+            self.hooks.active, self.hooks.scaled = set(self.modules), False
         return query_seconds, clock.lap()
 
 
@@ -1206,7 +1246,7 @@ def plan_passes(scorer: FusedScorer, queries, train, query_batch_size: int, trai
         raise UserError(f"fused scores: out of GPU memory in one query's backward "
                         f"({out_of_memory_detail(exc, scorer.device)}); {hint}") from None
     plan = PassPlan(len(queries), min(query_batch_size, len(queries)), min(train_batch_size, len(train)),
-                    order=order, sizes=query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype),
+                    order=order, sizes=query_gradient_bytes(scorer.modules, scorer.score_args.score_dtype, scorer.fp8),
                     growth=GROWTH, boundaries=boundaries)
     if max_queries_per_pass:
         plan.per_pass = min(max_queries_per_pass, len(queries))
@@ -1440,7 +1480,8 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
                           device: torch.device, max_queries_per_pass: int = 0, disable_tqdm: bool = False,
                           timings: dict = None, num_workers: int = 0, precondition=None, query_weights: dict = None,
                           train_weights: dict = None, plan_queries: int = 0, plan_rows: tuple = None,
-                          boundaries: bool = True, boundary_memory: Optional[tuple] = None):
+                          boundaries: bool = True, boundary_memory: Optional[tuple] = None,
+                          fp8_contraction: bool = False):
     """(queries × train) float32 scores, rows and columns in dataset order (see the module docstring). An
     out-of-memory error inside a chunk of queries halves its passes' memory (plan_passes, PassPlan.shrink) and redoes
     that chunk alone.
@@ -1459,13 +1500,14 @@ def fused_pairwise_scores(model: nn.Module, task, factors: dict, strategy: str, 
     shorter than the full run's). `boundaries`: where the model's encoder layers allow, each module group's pass after
     the first runs the forward up to its highest layer only and the backward from the gradients the pass before kept
     (BoundaryGradients; the same scores); False: every pass from the loss. `boundary_memory` (pin_ahead's training and
-    query sides), if given, holds the gradients where the passes keep them; it is closed at the end, used or not."""
+    query sides), if given, holds the gradients where the passes keep them; it is closed at the end, used or not.
+    `fp8_contraction`: the contraction in e4m3 with row scales (fp8.py), else in the score dtype."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # the planning: the factors prepared, the rows sorted, the memory probes, the host memory for kept gradients
     clock = _Clock(device)
     model.eval()
     scorer = FusedScorer(model, task, factors, strategy, score_args, collator, device, num_workers, precondition,
-                         query_weights, train_weights)
+                         query_weights, train_weights, fp8_contraction)
     # the training and the query sides' BoundaryGradients, and whether boundary_store was asked
     store, query_store, decided = None, None, False
 

@@ -2,6 +2,7 @@
 stages, and the scoring backends that turn fitted factors into pairwise or self-influence scores. A backend is one
 class in `BACKENDS`; analyze.py is the command line over this module."""
 
+import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+import fp8
 from formats import (
     LABELS,
     SCORES_FILE,
@@ -90,6 +92,11 @@ def add_method_args(parser) -> None:
                             "and lambda factors fitted with faster kernels for the same sums (bf16-input matmuls "
                             "with float32 results, EKFAC's rotation before the example gradient is formed), and "
                             f"lambda on at most {FAST_LAMBDA_ROWS:,} random training rows (--lambda_max_examples).")
+    group.add_argument("--fp8_contraction", action=argparse.BooleanOptionalAction, default=None,
+                       help="With --scoring fused: the query × training contraction in fp8 e4m3, each row with a scale "
+                            "of its own (fp8.py: half the bytes a pass holds, twice bf16's matmul rate); default on "
+                            "with --fast on a GPU that runs fp8 (compute capability 8.9 and above: Ada, Hopper), "
+                            "off elsewhere.")
     group.add_argument("--damping_factor", type=float, default=1e-8,
                        help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
                             "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
@@ -147,6 +154,16 @@ def resolve_method_args(parser, args) -> None:
                              ("--dropout_ensemble", bool(args.dropout_ensemble))):
             if given:
                 parser.error(f"--source_horizon is EK-FAC's, undamped, on the model itself: drop {clash}")
+    self_influence = getattr(args, "self_influence", False)
+    if args.fp8_contraction and (args.scoring != "fused" or self_influence):
+        parser.error("--fp8_contraction is the fused pairwise scores' contraction: add --scoring fused (or --fast), "
+                     "drop --self_influence, or drop it")
+    gpu = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if args.fp8_contraction and not fp8.supported(gpu):
+        parser.error(f"--fp8_contraction needs a GPU of compute capability 8.9 or above (Ada, Hopper) or no GPU; this "
+                     f"one's is {'.'.join(map(str, torch.cuda.get_device_capability(gpu)))}: drop it")
+    if args.fp8_contraction is None:
+        args.fp8_contraction = args.fast and not self_influence and fp8.fast_default(gpu)
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
 
@@ -160,6 +177,7 @@ class AnalysisConfig:
     fp32_accumulation: bool = False  # with use_half_precision: the factor sums in fp32
     fast: bool = False  # the fast factor kernels (fast_kernels.fast_factor_kernels)
     scoring: str = "kronfluence"  # a key of BACKENDS
+    fp8_contraction: bool = False  # the fused scores' contraction in e4m3 with row scales (fp8.py)
     damping_factor: float = 1e-8  # negative: kronfluence's heuristic
     query_gradient_rank: int = -1  # -1: full rank
     lambda_max_examples: Optional[int] = None
@@ -216,7 +234,8 @@ class AnalysisConfig:
                                                                             if self.dropout_seed else "")
         if self.source_horizon:
             name += f"_source{self.source_horizon!r}" + (f"x{self.source_segments}" if self.source_segments > 1 else "")
-        return name + ("" if self.scoring == "kronfluence" else f"_{self.scoring}")  # the reference has no suffix
+        name += "" if self.scoring == "kronfluence" else f"_{self.scoring}"  # the reference has no suffix
+        return name + ("_fp8" if self.fp8_contraction else "")
 
     def factor_arguments(self, num_covariance_rows: int, num_lambda_rows: int) -> FactorArguments:
         """kronfluence's factor arguments. Its row caps (covariance_max_examples and lambda_max_examples, 100,000
@@ -396,7 +415,7 @@ class FusedBackend:
                                        job.config.factor_strategy, job.config.score_arguments(), job.data.queries,
                                        job.data.train, job.collator, job.query_batch_size, job.train_batch_size,
                                        device=job.device, timings=plan, num_workers=job.num_workers,
-                                       boundary_memory=ahead)
+                                       boundary_memory=ahead, fp8_contraction=job.config.fp8_contraction)
         return scores, {key: plan[key] for key in FUSED_PLAN_SIZES + FUSED_SECONDS + FUSED_BREAKDOWN}
 
     def self_influence(self, job: ScoringJob) -> tuple:
@@ -472,7 +491,7 @@ def source_scores(job: ScoringJob) -> tuple:
     scores = source_pairwise_scores(job.model.to(job.device), job.analyzer.task, job.segments, job.config.source_horizon,
                                     job.config.score_arguments(), job.data.queries, job.data.train, job.collator,
                                     job.query_batch_size, job.train_batch_size, job.device, timings=plan,
-                                    num_workers=job.num_workers)
+                                    num_workers=job.num_workers, fp8_contraction=job.config.fp8_contraction)
     return scores, {key: plan[key] for key in FUSED_PLAN_SIZES}
 
 

@@ -65,7 +65,7 @@ def main(argv=None):
     blocks = {}  # precision -> the (queries × training rows) scores, in the scoring's order
 
     def add_scores(self, name, weight, bias):  # FusedScorer._add_scores, once per precision
-        w, b = self.query_grads[name]
+        w, b, _ = self.query_grads[name]
         view = self.hooks.block  # rows of the (queries × training rows) scores, and a micro-batch's columns of them
         row, column = divmod(view.storage_offset(), view.stride(0))
         where = (slice(row, row + view.size(0)), slice(column, column + view.size(1)))

@@ -830,9 +830,9 @@ def test_a_training_probe_out_of_memory_drops_the_growth_before_halving_the_micr
     scorer = Probes(10)
     scorer.backward_order = lambda queries: [f"m{i}" for i in range(12)]
     scorer.modules = {}
-    scorer.score_args = AnalysisConfig().score_arguments()
+    scorer.score_args, scorer.fp8 = AnalysisConfig().score_arguments(), False
     scorer.device = torch.device("cuda")
-    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype: {f"m{i}": 10 for i in range(12)})
+    monkeypatch.setattr(fused_scores, "query_gradient_bytes", lambda modules, dtype, fp8_rows: {f"m{i}": 10 for i in range(12)})
     monkeypatch.setattr(fused_scores, "available_memory", lambda device: 100_000)
     monkeypatch.setattr(fused_scores, "clear_device_cache", lambda **kwargs: None)
     monkeypatch.setattr(fused_scores, "out_of_memory_detail", lambda exc, device: "2.00 GiB more")

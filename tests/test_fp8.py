@@ -51,7 +51,6 @@ def test_the_cauchy_schwarz_scales_keep_per_example_gradients_in_e4m3s_range(tok
     assert not torch.isnan(weight.to(fp8.E4M3).float()).any()
 
 
-@pytest.mark.slow
 def test_fp8_fused_scores_are_within_the_roundings_bound_of_kronfluence(setup, monkeypatch):  # noqa: F811
     """EKFAC in float64 with the contraction in fp8: each score within the bound its e4m3 roundings (both sides),
     _scaled_mm's float32 sums and bf16 result allow, of kronfluence's float64 score (+ the float64 test's 1e-5)."""

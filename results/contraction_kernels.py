@@ -1,0 +1,80 @@
+"""The fused scoring's contraction as one kernel on this GPU: (queries × K) @ (K × rows) in bf16 (torch.matmul) and in
+fp8 e4m3 with row scales (torch._scaled_mm, as fp8.product runs it), at roberta-base's module widths K (768 × 768 and
+768 × 3072) and the training micro-batch sizes of a pass, with the e4m3 cast of the training rows (what
+FusedScorer._train_rows adds) beside them.
+
+    python results/contraction_kernels.py OUT.json [--queries 2000]
+
+Writes OUT.json: per (K, rows), the seconds of each kernel (CUDA events, the mean of --repeats after a warm-up) and the
+TFLOP/s of the matmuls.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+import fp8  # noqa: E402
+from influence import library_versions  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--queries", type=int, default=2000, help="rows of the query side (SWAG's 2,000)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[128, 272, 512, 1024],
+                        help="training rows of a micro-batch (multiples of fp8.ROWS_ALIGN)")
+    parser.add_argument("--repeats", type=int, default=10)
+    return parser.parse_args(argv)
+
+
+def seconds(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats / 1e3
+
+
+def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows: int, repeats: int) -> dict:
+    """One (K, rows) case: each kernel's seconds and the matmuls' TFLOP/s."""
+    train = torch.randn(rows, queries.size(1), device="cuda", dtype=torch.bfloat16)
+    t8 = torch.empty(rows, queries.size(1), device="cuda", dtype=fp8.E4M3)
+    t_scales = fp8.scaled_rows(train, t8)
+    flops = 2 * queries.size(0) * queries.size(1) * rows
+    row = {"K": queries.size(1), "rows": rows,
+           "bf16_s": seconds(lambda: queries @ train.T, repeats),
+           "fp8_s": seconds(lambda: fp8.product(q8, q_scales, t8, t_scales), repeats),
+           "e4m3_cast_s": seconds(lambda: t8.copy_(train), repeats)}
+    row.update({f"{k}_tflops": round(flops / row[f"{k}_s"] / 1e12, 1) for k in ("bf16", "fp8")})
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available() or not fp8.supported(torch.device("cuda")):
+        sys.exit("this driver times GPU kernels: it needs a GPU of compute capability 8.9 or above")
+    torch.manual_seed(0)
+    cases = []
+    for width in (768 * 768, 768 * 3072):
+        queries = torch.randn(args.queries, width, device="cuda", dtype=torch.bfloat16)
+        q8 = torch.empty(args.queries, width, device="cuda", dtype=fp8.E4M3)
+        q_scales = fp8.scaled_rows(queries, q8)
+        cases += [timed(queries, q8, q_scales, rows, args.repeats) for rows in args.rows]
+    out = {"command": "python results/contraction_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "gpu": torch.cuda.get_device_name(), "versions": library_versions(), "date": time.strftime("%Y-%m-%d"),
+           "queries": args.queries, "cases": cases}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

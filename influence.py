@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -158,7 +159,8 @@ def resolve_method_args(parser, args) -> None:
     if args.fp8_contraction and (args.scoring != "fused" or self_influence):
         parser.error("--fp8_contraction is the fused pairwise scores' contraction: add --scoring fused (or --fast), "
                      "drop --self_influence, or drop it")
-    gpu = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    # this process's GPU (torchrun's LOCAL_RANK), whose capability is read without making a context on another one
+    gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if args.fp8_contraction and not fp8.supported(gpu):
         parser.error(f"--fp8_contraction needs a GPU of compute capability 8.9 or above (Ada, Hopper) or no GPU; this "
                      f"one's is {'.'.join(map(str, torch.cuda.get_device_capability(gpu)))}: drop it")

@@ -80,7 +80,6 @@ from transformers import (
     RobertaTokenizerFast,
 )
 
-import fp8
 from fast_kernels import fast_factor_kernels
 from formats import METADATA_FILE, SCORES_KEY, TRAINING_ARGS_FILE, WEIGHTS_FILE
 from fused_scores import fused_pairwise_scores, longest_first, release_pending
@@ -253,8 +252,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
     collator = make_collator(tokenizer, c["pad"])
     fast = c.get("fast", False)  # as analyze.py --fast: half precision with fp32 sums
     config = AnalysisConfig(factor_strategy="ekfac", query_gradient_rank=c["rank"], use_half_precision=c["half"] or fast,
-                            fp32_accumulation=c.get("acc32", False) or fast, fast=fast,
-                            fp8_contraction=fast and fp8.fast_default(process_device()))
+                            fp32_accumulation=c.get("acc32", False) or fast, fast=fast)
     lambda_n = int(c["lambda_fraction"] * len(train)) if c.get("lambda_fraction") else config.lambda_rows
     cov_rows, lambda_rows = factor_rows(train, lambda_n) if c["sort"] else (train, train)
     factor_args, score_args = config.factor_arguments(len(cov_rows), len(lambda_rows)), config.score_arguments()
@@ -619,8 +617,7 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / TRAINING_ARGS_FILE, {"data": {}, "recipe": None, "benchmark": manifest})
-    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused",
-                            fp8_contraction=fp8.fast_default(process_device()))  # as analyze.py --fast here
+    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused")
     factors_dir = work / "scores" / checkpoint.name / f"factors_{config.factors_name(0)}"
     scores_dir = work / "scores" / checkpoint.name / f"scores_{config.scores_name(0, args.direct_queries)}"
     reused = (read_json(factors_dir / METADATA_FILE, "analyze.py's record").get("completed_stages", [])

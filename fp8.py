@@ -1,7 +1,8 @@
 """The fused scoring's contraction in fp8 e4m3: rows of one operand each scaled to e4m3's range by a float32 scale of
 their own, the product in torch._scaled_mm (float32 sums, bf16 results), so a pass's query gradients take half the bytes
-of bf16 ones and the GPU's fp8 matmuls run at up to twice bf16's rate (analyze.py --fast; --no-fp8_contraction for
-bf16).
+of bf16 ones (analyze.py --fp8_contraction). fp8's peak matmul rate is twice bf16's, but at the contraction's shapes
+(2,000 query rows × a micro-batch of a few hundred training rows, K up to 2.4M) torch's row-scaled kernels run below
+bf16's (results/contraction_kernels_h100.json).
 
 e4m3 keeps 3 bits of mantissa: a value's rounding error is at most 2⁻⁴ of it (above 2⁻⁶ × its row's scale, where the
 format stops being normal; below, at most 2⁻¹⁰ × the scale). A query gradient's row is scaled by its largest
@@ -29,11 +30,6 @@ def supported(device: torch.device) -> bool:
     """Whether torch._scaled_mm runs fp8 here: on a CPU (emulated) and on GPUs of compute capability 8.9 and above
     (Ada, Hopper and later)."""
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
-
-
-def fast_default(device: torch.device) -> bool:
-    """Whether analyze.py --fast contracts in fp8 on `device`: on GPUs that run it (a CPU only emulates it)."""
-    return device.type == "cuda" and supported(device)
 
 
 def aligned(rows: int) -> int:
@@ -64,3 +60,4 @@ def product(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
     """(a × a_scales) @ (b × b_scales)ᵀ in bf16, from e4m3 rows a (m × K) and b (n × K), m, n and K multiples of
     ROWS_ALIGN on a GPU, and their float32 row scales."""
     return torch._scaled_mm(a, b.t(), scale_a=a_scales[:, None], scale_b=b_scales[None, :], out_dtype=torch.bfloat16)
+

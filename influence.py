@@ -2,7 +2,6 @@
 stages, and the scoring backends that turn fitted factors into pairwise or self-influence scores. A backend is one
 class in `BACKENDS`; analyze.py is the command line over this module."""
 
-import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -93,11 +92,12 @@ def add_method_args(parser) -> None:
                             "and lambda factors fitted with faster kernels for the same sums (bf16-input matmuls "
                             "with float32 results, EKFAC's rotation before the example gradient is formed), and "
                             f"lambda on at most {FAST_LAMBDA_ROWS:,} random training rows (--lambda_max_examples).")
-    group.add_argument("--fp8_contraction", action=argparse.BooleanOptionalAction, default=None,
-                       help="With --scoring fused: the query × training contraction in fp8 e4m3, each row with a scale "
-                            "of its own (fp8.py: half the bytes a pass holds, twice bf16's matmul rate); default on "
-                            "with --fast on a GPU that runs fp8 (compute capability 8.9 and above: Ada, Hopper), "
-                            "off elsewhere.")
+    group.add_argument("--fp8_contraction", action="store_true",
+                       help="With --scoring fused (or --fast): the query × training contraction in fp8 e4m3, each row "
+                            "with a scale of its own (fp8.py): half the bytes per query gradient, so fewer module "
+                            "groups, but torch's row-scaled fp8 kernels run a pass's shapes slower than bf16's "
+                            "(results/README.md); needs a GPU of compute capability 8.9 or above (Ada, Hopper), or a "
+                            "CPU, which emulates it.")
     group.add_argument("--damping_factor", type=float, default=1e-8,
                        help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
                             "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")
@@ -164,8 +164,6 @@ def resolve_method_args(parser, args) -> None:
     if args.fp8_contraction and not fp8.supported(gpu):
         parser.error(f"--fp8_contraction needs a GPU of compute capability 8.9 or above (Ada, Hopper) or no GPU; this "
                      f"one's is {'.'.join(map(str, torch.cuda.get_device_capability(gpu)))}: drop it")
-    if args.fp8_contraction is None:
-        args.fp8_contraction = args.fast and not self_influence and fp8.fast_default(gpu)
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
 

@@ -1,5 +1,6 @@
 """The fused scoring's contraction as one kernel on this GPU: (queries × K) @ (K × rows) in bf16 (torch.matmul) and in
-fp8 e4m3 with row scales (torch._scaled_mm, as fp8.product runs it), at roberta-base's module widths K (768 × 768 and
+fp8 e4m3 with row scales (torch._scaled_mm's row-scaled kernels, as fp8.product runs it; and its one-scale kernels with
+the row scales applied to the result, product_tensorwise), at roberta-base's module widths K (768 × 768 and
 768 × 3072) and the training micro-batch sizes of a pass, with the e4m3 cast of the training rows (what
 FusedScorer._train_rows adds) beside them.
 
@@ -43,6 +44,14 @@ def seconds(fn, repeats: int) -> float:
     return start.elapsed_time(end) / repeats / 1e3
 
 
+def product_tensorwise(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
+    """fp8.product's sums through _scaled_mm's one-scale (tensor-wise) kernels, the row scales applied to the float32
+    result (the same scaling after the same sums, in cuBLAS's kernels rather than the row-scaled ones)."""
+    one = torch.ones((), device=a.device)
+    return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) * a_scales[:, None] \
+        * b_scales[None, :]
+
+
 def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows: int, repeats: int) -> dict:
     """One (K, rows) case: each kernel's seconds and the matmuls' TFLOP/s."""
     train = torch.randn(rows, queries.size(1), device="cuda", dtype=torch.bfloat16)
@@ -52,8 +61,9 @@ def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows:
     row = {"K": queries.size(1), "rows": rows,
            "bf16_s": seconds(lambda: queries @ train.T, repeats),
            "fp8_s": seconds(lambda: fp8.product(q8, q_scales, t8, t_scales), repeats),
+           "fp8_tensorwise_s": seconds(lambda: product_tensorwise(q8, q_scales, t8, t_scales), repeats),
            "e4m3_cast_s": seconds(lambda: t8.copy_(train), repeats)}
-    row.update({f"{k}_tflops": round(flops / row[f"{k}_s"] / 1e12, 1) for k in ("bf16", "fp8")})
+    row.update({f"{k}_tflops": round(flops / row[f"{k}_s"] / 1e12, 1) for k in ("bf16", "fp8", "fp8_tensorwise")})
     print(json.dumps(row), flush=True)
     return row
 

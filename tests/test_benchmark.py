@@ -359,3 +359,29 @@ def test_the_contraction_precision_driver_rounds_each_row_to_e4m3_at_its_own_sca
     rounded = (q.double() * scale.double()) @ (t.double() * t_scale.double()).T
     fp8 = driver.contract(queries, train, "fp8").double()
     assert torch.allclose(fp8, rounded, rtol=2 ** -7, atol=1e-6 * rounded.abs().max().item())
+
+
+def test_the_contraction_kernels_drivers_variants_compute_the_same_product(monkeypatch):
+    """results/contraction_kernels.py's candidates: the K-sliced product equals one matmul (float64 operands here, so
+    only the summation order differs: 1e-12 of the terms' magnitudes), the one-scale fp8 product and fp8.product
+    equal the exact product of the e4m3 operands within their float32 sums (and bf16 result); the driver refuses a
+    machine without an fp8 GPU in one line."""
+    import torch
+
+    import fp8
+
+    driver = results_driver(monkeypatch, "contraction_kernels")
+    generator = torch.Generator().manual_seed(0)
+    queries, train = (torch.randn(n, 4 * 48, dtype=torch.float64, generator=generator) for n in (20, 12))
+    torch.testing.assert_close(driver.split_product(queries, train, 4), queries @ train.T, rtol=0, atol=1e-12 * 4 * 48)
+    q8, t8 = (torch.empty(x.shape, dtype=fp8.E4M3) for x in (queries, train))
+    q_scales, t_scales = fp8.scaled_rows(queries, q8), fp8.scaled_rows(train, t8)
+    q, t = q8.double() * q_scales[:, None].double(), t8.double() * t_scales[:, None].double()
+    exact, sums = q @ t.T, 4 * 48 * 2**-24 * (q.abs() @ t.abs().T)  # float32 sums of K products: γ_K Σ|terms|
+    one_scale = driver.product_tensorwise(q8, q_scales, t8, t_scales).double()
+    assert ((one_scale - exact).abs() <= sums + 2**-23 * exact.abs()).all()  # the scales' float32 products too
+    # fp8.product also rounds its result to bf16 (2^-8)
+    assert ((fp8.product(q8, q_scales, t8, t_scales).double() - exact).abs() <= sums + 2**-8 * (exact.abs() + sums)).all()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a GPU of compute capability 8.9"):
+            driver.main(["/tmp/unused.json"])

@@ -282,8 +282,7 @@ def run_config(name, model, tokenizer, raw_train, raw_queries, raw_queries_fast,
             holder[key] = fused_pairwise_scores(
                 prepared.to(device), task, analyzer.load_all_factors("f"), "ekfac", score_args, rows, train, collator,
                 c["query_bs"], c["train_bs"], device, disable_tqdm=True, timings=timings, num_workers=workers,
-                plan_queries=REFERENCE_NUM_QUERIES, plan_rows=plan_rows,  # the module groups of the full-scale run
-                fp8_contraction=config.fp8_contraction)
+                plan_queries=REFERENCE_NUM_QUERIES, plan_rows=plan_rows)  # the module groups of the full-scale run
             release_pending()  # the pinned host memory given back within the stage that took it, as each is timed
         small_timings = {}  # a pass with a quarter of the queries: separates the pass's fixed cost from the matmuls
         stages["scores"] = fused

@@ -936,6 +936,13 @@ class FusedScorer:
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
         return self.precondition(name, gradient).to(self.score_args.score_dtype)
 
+    def _probe_query(self, name, weight, bias):
+        """The query side's work in the memory probes: the preconditioning, and the e4m3 rounding's temporaries."""
+        gradient = self._precondition(name, weight, bias)
+        if self.fp8:
+            fp8.scaled_rows(gradient[..., :weight.size(-1)].flatten(1),
+                            torch.empty(gradient.size(0), weight[0].numel(), dtype=fp8.E4M3, device=weight.device))
+
     def _keep_query(self, name, weight, bias):
         with self.hooks.part("query preconditioning", weight):
             gradient = self._precondition(name, weight, bias)
@@ -1129,7 +1136,7 @@ class FusedScorer:
             with self.boundaries(top, capture, _Discarded()):
                 mark("query")
                 self.probing = "query"  # the side a probe that runs out of memory was on (plan_passes halves its micro-batch)
-                self.hooks.callback, self.hooks.dtype = self._precondition, self.score_args.per_sample_gradient_dtype
+                self.hooks.callback, self.hooks.dtype = self._probe_query, self.score_args.per_sample_gradient_dtype
                 self._backward(queries.select(range(min(plan.query_micro, len(queries)))), measurement=True,
                                boundary=start_at)
                 mark("train")
@@ -1161,7 +1168,8 @@ class FusedScorer:
         likewise from and into `query_store`'s (None: every query side from the measurement)."""
         clock = _Clock(self.device)
         self.query_grads.clear()
-        rows = fp8.aligned(len(chunk)) if self.fp8 else len(chunk)  # the fp8 product's padding (zeros)
+        # the fp8 product's padding (zeros): at most ROWS_ALIGN - 1 rows beyond the plan's, inside MEMORY_HEADROOM
+        rows = fp8.aligned(len(chunk)) if self.fp8 else len(chunk)
         for name in group:
             m = self.modules[name]
             width = m.out_features * m.in_features

@@ -159,11 +159,13 @@ def resolve_method_args(parser, args) -> None:
     if args.fp8_contraction and (args.scoring != "fused" or self_influence):
         parser.error("--fp8_contraction is the fused pairwise scores' contraction: add --scoring fused (or --fast), "
                      "drop --self_influence, or drop it")
-    # this process's GPU (torchrun's LOCAL_RANK), whose capability is read without making a context on another one
-    gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if args.fp8_contraction and not fp8.supported(gpu):
-        parser.error(f"--fp8_contraction needs a GPU of compute capability 8.9 or above (Ada, Hopper) or no GPU; this "
-                     f"one's is {'.'.join(map(str, torch.cuda.get_device_capability(gpu)))}: drop it")
+    if args.fp8_contraction and torch.cuda.is_available():
+        # this process's GPU (torchrun's local rank over the visible ones, as utils.process_device), read without
+        # making it current
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if not fp8.supported(gpu):
+            parser.error(f"--fp8_contraction needs a GPU of compute capability 8.9 or above (Ada, Hopper) or no GPU; "
+                         f"this one's is {'.'.join(map(str, torch.cuda.get_device_capability(gpu)))}: drop it")
     if args.fp32_accumulation and not args.use_half_precision:
         parser.error("--fp32_accumulation modifies --use_half_precision; add it (fp32 runs accumulate in fp32 anyway)")
 

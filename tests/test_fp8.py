@@ -12,6 +12,7 @@ import analyze
 import fp8
 import fused_scores
 from fused_scores import FusedScorer, fused_pairwise_scores, in_dataset_order, longest_first, order_of, row_lengths
+from influence import AnalysisConfig
 from task import MultipleChoiceTask
 
 U = 2**-4 + 2**-24  # e4m3's unit roundoff (3 mantissa bits), plus float64 -> float32 -> e4m3's double rounding
@@ -25,7 +26,8 @@ def rounding_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def test_rows_scale_to_e4m3s_largest_value_and_round_within_the_bound():
-    x = torch.randn(6, 64, dtype=torch.float64) * torch.logspace(-8, 3, 6, dtype=torch.float64)[:, None]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, dtype=torch.float64, generator=generator) * torch.logspace(-8, 3, 6, dtype=torch.float64)[:, None]
     x[2, 5] = 1e4  # one large entry: the rest of its row falls below e4m3's normal range
     x[4] = 0  # a row of zeros keeps a scale of 1
     out = torch.empty(6, 64, dtype=fp8.E4M3)
@@ -89,16 +91,29 @@ def test_fp8_fused_scores_are_within_the_roundings_bound_of_kronfluence(setup, m
     assert not torch.allclose(got, reference, rtol=1e-4, atol=0)  # the contraction did round to e4m3
 
 
-def test_the_flag_names_the_scores_and_is_refused_where_it_does_not_apply(capsys):
+def test_the_flag_names_the_scores_and_is_refused_where_it_does_not_apply(capsys, monkeypatch):
+    monkeypatch.setattr(fp8, "supported", lambda device: True)  # whatever GPU runs the tests
     args = analyze.parse_args(["--scoring", "fused", "--fp8_contraction"])
     assert args.fp8_contraction
     assert analyze.parse_args(["--fast", "--fp8_contraction"]).fp8_contraction
     assert not analyze.parse_args(["--fast"]).fp8_contraction  # opt-in: its kernels are slower than bf16's
+    names = [AnalysisConfig.from_args(analyze.parse_args(["--fast", *flag])).scores_name(None, 5)
+             for flag in ([], ["--fp8_contraction"])]
+    assert names == ["ekfac_nall_fast_q5_fused", "ekfac_nall_fast_q5_fused_fp8"]
     for extra, message in ((["--fp8_contraction"], "--fp8_contraction is the fused pairwise scores' contraction"),
                            (["--fast", "--self_influence", "--fp8_contraction"], "drop --self_influence")):
         with pytest.raises(SystemExit):
             analyze.parse_args(extra)
         assert message in capsys.readouterr().err
+
+
+def test_a_gpu_without_fp8_is_refused_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(SystemExit):
+        analyze.parse_args(["--fast", "--fp8_contraction"])
+    assert "compute capability 8.9 or above (Ada, Hopper) or no GPU; this one's is 8.0: drop it" in capsys.readouterr().err
 
 
 def test_query_gradient_bytes_count_e4m3_weights_padded_to_the_kernels_width_and_their_scales():

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 import analyze  # noqa: E402
+import fp8  # noqa: E402
 import fused_scores  # noqa: E402
 from influence import library_versions  # noqa: E402
 from metrics import correlation, per_query_correlations  # noqa: E402
 
-FP8_MAX = 448.0  # e4m3's largest finite value: each row is scaled so that its largest magnitude lands there
 PRECISIONS = ["float64", "bf16", "fp8"]
 
 
@@ -44,9 +44,9 @@ def parse_args(argv=None):
 
 
 def fp8_rows(x: torch.Tensor) -> tuple:
-    """x (rows × K) in e4m3 with one float32 scale per row (x ≈ q * scale)."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+    """x (rows × K) in e4m3 with one float32 scale per row (x ≈ q * scale; fp8.scaled_rows), the scales as a column."""
+    q = torch.empty(x.shape, dtype=fp8.E4M3, device=x.device)
+    return q, fp8.scaled_rows(x, q)[:, None]
 
 
 def contract(queries: torch.Tensor, train: torch.Tensor, precision: str) -> torch.Tensor:
@@ -57,7 +57,7 @@ def contract(queries: torch.Tensor, train: torch.Tensor, precision: str) -> torc
         return (queries.bfloat16() @ train.bfloat16().T).float()
     q, q_scale = fp8_rows(queries)
     t, t_scale = fp8_rows(train)
-    return torch._scaled_mm(q, t.t(), scale_a=q_scale, scale_b=t_scale.t(), out_dtype=torch.bfloat16).float()
+    return fp8.product(q, q_scale[:, 0], t, t_scale[:, 0]).float()
 
 
 def main(argv=None):

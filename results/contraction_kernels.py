@@ -1,7 +1,7 @@
 """The fused scoring's contraction as one kernel on this GPU: (queries × K) @ (K × rows) in bf16 (torch.matmul) and in
 fp8 e4m3 with row scales (torch._scaled_mm's row-scaled kernels, as fp8.product runs it; and its one-scale kernels with
-the row scales applied to the result, product_tensorwise), and in bf16 as matmuls over 768 × 768-wide slices of K
-(split_product), at roberta-base's module widths K (768 × 768 and
+the row scales applied to the result, product_tensorwise), in bf16 as matmuls over 768 × 768-wide slices of K
+(split_product), as one batched matmul over 2-16 slices of K (batched_split, split-K) and through cuBLASLt, at roberta-base's module widths K (768 × 768 and
 768 × 3072) and the training micro-batch sizes of a pass, with the e4m3 cast of the training rows (what
 FusedScorer._train_rows adds) beside them.
 
@@ -64,6 +64,26 @@ def split_product(queries: torch.Tensor, train: torch.Tensor, parts: int) -> tor
     return out
 
 
+def batched_split(queries: torch.Tensor, train: torch.Tensor, parts: int, out_dtype=None) -> torch.Tensor:
+    """queries @ train.T as one batched matmul over `parts` slices of K (split-K: parts times the output tiles for
+    the GPU's multiprocessors, the slices read in place through strides), the partial products summed after; with
+    `out_dtype` (float32, on a GPU) the partial products are not rounded to bf16."""
+    k = queries.size(1) // parts
+    q = queries.view(queries.size(0), parts, k).transpose(0, 1)  # (parts, queries, k), no copy
+    t = train.view(train.size(0), parts, k).permute(1, 2, 0)  # (parts, k, rows)
+    return (torch.bmm(q, t) if out_dtype is None else torch.bmm(q, t, out_dtype=out_dtype)).sum(0)
+
+
+def lt_matmul(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """queries @ train.T through cuBLASLt (torch's preferred BLAS library switched for the call)."""
+    default = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        return queries @ train.T
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
+
+
 def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows: int, repeats: int) -> dict:
     """One (K, rows) case: each kernel's seconds and the matmuls' TFLOP/s."""
     train = torch.randn(rows, queries.size(1), device="cuda", dtype=torch.bfloat16)
@@ -75,8 +95,13 @@ def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows:
            "fp8_s": seconds(lambda: fp8.product(q8, q_scales, t8, t_scales), repeats),
            "bf16_split_s": seconds(lambda: split_product(queries, train, queries.size(1) // 768 ** 2), repeats),
            "fp8_tensorwise_s": seconds(lambda: product_tensorwise(q8, q_scales, t8, t_scales), repeats),
-           "e4m3_cast_s": seconds(lambda: t8.copy_(train), repeats)}
-    row.update({f"{k}_tflops": round(flops / row[f"{k}_s"] / 1e12, 1) for k in ("bf16", "bf16_split", "fp8", "fp8_tensorwise")})
+           "e4m3_cast_s": seconds(lambda: t8.copy_(train), repeats),
+           "bf16_lt_s": seconds(lambda: lt_matmul(queries, train), repeats)}
+    for parts in (2, 4, 8, 16):
+        row[f"bmm{parts}_s"] = seconds(lambda: batched_split(queries, train, parts), repeats)
+        row[f"bmm{parts}_f32_s"] = seconds(lambda: batched_split(queries, train, parts, torch.float32), repeats)
+    row.update({f"{k[:-2]}_tflops": round(flops / v / 1e12, 1) for k, v in list(row.items())
+                if k.endswith("_s") and k != "e4m3_cast_s"})
     print(json.dumps(row), flush=True)
     return row
 

@@ -374,6 +374,9 @@ def test_the_contraction_kernels_drivers_variants_compute_the_same_product(monke
     generator = torch.Generator().manual_seed(0)
     queries, train = (torch.randn(n, 4 * 48, dtype=torch.float64, generator=generator) for n in (20, 12))
     torch.testing.assert_close(driver.split_product(queries, train, 4), queries @ train.T, rtol=0, atol=1e-12 * 4 * 48)
+    for parts in (2, 4, 8):
+        torch.testing.assert_close(driver.batched_split(queries, train, parts), queries @ train.T, rtol=0,
+                                   atol=1e-12 * 4 * 48)
     q8, t8 = (torch.empty(x.shape, dtype=fp8.E4M3) for x in (queries, train))
     q_scales, t_scales = fp8.scaled_rows(queries, q8), fp8.scaled_rows(train, t8)
     q, t = q8.double() * q_scales[:, None].double(), t8.double() * t_scales[:, None].double()

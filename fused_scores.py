@@ -87,11 +87,6 @@ GROWTH = 4
 # the boundary gradients (BoundaryGradients) may take; where they need more, every pass runs the whole forward and the
 # backward from the loss.
 HOST_MEMORY_SHARE = 0.5
-# On a GPU the contraction of a module wider than this (in weight entries) is split along K into slices of about this
-# width, run as one batched matmul (split-K): one long-K product of 2,000 query rows with a micro-batch of training
-# rows has few output tiles for the GPU's multiprocessors, and cuBLAS runs it well below its rate at 768 × 768
-# (results/contraction_kernels.py).
-SPLIT_K_SLICE = 768 * 768
 
 
 def row_lengths(dataset) -> np.ndarray:
@@ -772,30 +767,6 @@ def query_gradient_bytes(modules: dict, dtype: torch.dtype, fp8_rows: bool = Fal
             for name, m in modules.items()}
 
 
-def split_k_parts(width: int, device: torch.device) -> int:
-    """The slices of K the contraction of a `width`-wide module runs in (1: one matmul): on a GPU, width /
-    SPLIT_K_SLICE rounded down, as long as it divides the width."""
-    parts = max(1, width // SPLIT_K_SLICE) if device.type == "cuda" else 1
-    while width % parts:
-        parts -= 1
-    return parts
-
-
-def contract(queries: torch.Tensor, rows: torch.Tensor, parts: int = 1) -> torch.Tensor:
-    """queries @ rows.T in float32, for (queries × K) and (rows × K) matrices whose last dimension is contiguous;
-    with `parts` > 1 as one batched matmul over that many slices of K (the slices read in place), each slice's
-    product in float32 at least (on a GPU: bf16 and float16 operands, float32 sums and results), the slices then
-    summed."""
-    if parts == 1:
-        return (queries @ rows.T).float()
-    k = queries.size(1) // parts
-    q = queries.unflatten(1, (parts, k)).transpose(0, 1)  # (parts, queries, k)
-    t = rows.unflatten(1, (parts, k)).permute(1, 2, 0)  # (parts, k, rows)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(q, t, out_dtype=torch.float32).sum(0)
-    return torch.bmm(q, t).to(torch.promote_types(q.dtype, torch.float32)).sum(0).float()
-
-
 def module_groups(order: list, sizes: dict, budget: Optional[int], extra: Optional[dict] = None) -> list:
     """`order` (module names in the order the backward reaches them) cut into contiguous groups whose `sizes` add
     up to at most `budget`, plus `extra[m]` bytes for a group whose lowest module is m (a module larger than that
@@ -1003,7 +974,7 @@ class FusedScorer:
                 train_scales = F.pad(self.hooks.scales, (0, fp8.aligned(n) - n), value=1.0)
                 block = fp8.product(w, scales, self._train_rows(weight), train_scales)[:queries, :n].float()
             else:
-                block = contract(w, weight.flatten(1), split_k_parts(w.size(1), w.device))
+                block = (w @ weight.flatten(1).T).float()
             if b is not None:
                 block += (b @ bias.T).float()
             self.hooks.block.add_(block)

@@ -548,25 +548,3 @@ def test_grown_micro_batches_give_the_same_scores(setup, monkeypatch):
     plain = run()
     assert all(stop - start <= 2 for start, stop in calls[-1])
     torch.testing.assert_close(grown, plain, rtol=1e-12, atol=1e-12 * plain.abs().max().item())
-
-
-def test_the_split_k_contraction_is_the_product_summed_in_another_order():
-    """fused_scores.contract over 2-8 slices of K: the product of one matmul, only the summation order differing
-    (float64 operands: 1e-12 of the terms' magnitudes); the slices cover K exactly and a CPU or a module no wider
-    than SPLIT_K_SLICE runs one matmul."""
-    import fused_scores
-    from fused_scores import SPLIT_K_SLICE, contract, split_k_parts
-
-    generator = torch.Generator().manual_seed(0)
-    queries, rows = (torch.randn(n, 8 * 24, dtype=torch.float64, generator=generator) for n in (20, 12))
-    exact = queries @ rows.T
-    for parts in (1, 2, 4, 8):
-        torch.testing.assert_close(contract(queries, rows, parts), exact.float(), rtol=0, atol=1e-12 * 8 * 24)
-    # the query side's rows may be a slice of a wider allocation: only the last dimension needs to be contiguous
-    wide = torch.randn(20, 8 * 24 + 8, dtype=torch.float64, generator=generator)[:, :8 * 24]
-    torch.testing.assert_close(contract(wide, rows, 4), (wide @ rows.T).float(), rtol=0, atol=1e-12 * 8 * 24)
-    gpu = torch.device("cuda")
-    assert split_k_parts(4 * SPLIT_K_SLICE, gpu) == 4 and split_k_parts(SPLIT_K_SLICE, gpu) == 1
-    assert split_k_parts(4 * SPLIT_K_SLICE, torch.device("cpu")) == 1
-    assert split_k_parts(3 * SPLIT_K_SLICE + 1, gpu) == 1  # 3 does not divide it, nor does 2
-    assert fused_scores.SPLIT_K_SLICE % fused_scores.ALIGN == 0

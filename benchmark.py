@@ -185,6 +185,8 @@ def parse_args(argv=None):
                         help="Training rows of the direct run (default: kronfluence's SWAG example).")
     parser.add_argument("--direct_queries", type=int, default=REFERENCE_NUM_QUERIES,
                         help="Queries of the direct run (default: kronfluence's SWAG example).")
+    parser.add_argument("--direct_fp8_contraction", action="store_true",
+                        help="The direct run with analyze.py's --fp8_contraction (the contraction in fp8 e4m3).")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark.json"), help="Results JSON.")
     parser.add_argument("--work_dir", type=Path, default=Path("scores/benchmark"), help="Factors and scores go here.")
     args = parser.parse_args(argv)
@@ -195,6 +197,8 @@ def parse_args(argv=None):
                      "positive")
     if args.fit_rows is not None and not 0 < args.fit_rows < args.num_train:
         parser.error(f"--fit_rows must be between 0 and --num_train ({args.num_train}), exclusive; got {args.fit_rows}")
+    if args.direct_fp8_contraction and not args.direct:
+        parser.error("--direct_fp8_contraction sets the direct run's contraction; pass --direct as well")
     if process_rank()[1] > 1 and args.configs:
         parser.error("under torchrun the benchmark times concurrent training only; pass --configs with no names")
     return args
@@ -616,7 +620,8 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / TRAINING_ARGS_FILE, {"data": {}, "recipe": None, "benchmark": manifest})
-    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused")
+    config = AnalysisConfig(use_half_precision=True, fp32_accumulation=True, fast=True, scoring="fused",
+                            fp8_contraction=args.direct_fp8_contraction)
     factors_dir = work / "scores" / checkpoint.name / f"factors_{config.factors_name(0)}"
     scores_dir = work / "scores" / checkpoint.name / f"scores_{config.scores_name(0, args.direct_queries)}"
     reused = (read_json(factors_dir / METADATA_FILE, "analyze.py's record").get("completed_stages", [])
@@ -624,7 +629,8 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     reused += ["scores"] if (scores_dir / METADATA_FILE).exists() else []  # complete scores: analyze.py reuses them
     command = [sys.executable, str(Path(__file__).with_name("analyze.py")), "--checkpoint_dir", str(checkpoint),
                "--fast", "--train_file", str(train_file), "--validation_file", str(Path(args.validation_file).resolve()),
-               "--num_queries", str(args.direct_queries), "--allow_other_train_rows", "--output_dir", str(work / "scores")]
+               "--num_queries", str(args.direct_queries), "--allow_other_train_rows", "--output_dir", str(work / "scores"),
+               *(["--fp8_contraction"] if args.direct_fp8_contraction else [])]
     logger.info("direct run: %s", " ".join(command))
     model.to("cpu")  # the GPU is the analysis's alone, as in a user's run
     free_memory()

@@ -1,8 +1,8 @@
 """The fused scoring's contraction in fp8 e4m3: rows of one operand each scaled to e4m3's range by a float32 scale of
-their own, the product in torch._scaled_mm (float32 sums, bf16 results), so a pass's query gradients take half the bytes
-of bf16 ones (analyze.py --fp8_contraction). fp8's peak matmul rate is twice bf16's, but at the contraction's shapes
-(2,000 query rows × a micro-batch of a few hundred training rows, K up to 2.4M) torch's row-scaled kernels run below
-bf16's (results/contraction_kernels_h100.json).
+their own, the product in torch._scaled_mm (float32 sums and results), so a pass's query gradients take half the bytes
+of bf16 ones (analyze.py --fp8_contraction). fp8's peak matmul rate is twice bf16's; at the contraction's shapes
+(2,000 query rows × a micro-batch of a few hundred training rows, K up to 2.4M) torch's one-scale kernels run at
+0.8-1.8× bf16's rate on an H100 (results/contraction_kernels_h100.json).
 
 e4m3 keeps 3 bits of mantissa: a value's rounding error is at most 2⁻⁴ of it (above 2⁻⁶ × its row's scale, where the
 format stops being normal; below, at most 2⁻¹⁰ × the scale). A query gradient's row is scaled by its largest
@@ -57,7 +57,12 @@ def gradient_scales(output_grad: torch.Tensor, activation: torch.Tensor) -> torc
 
 
 def product(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
-    """(a × a_scales) @ (b × b_scales)ᵀ in bf16, from e4m3 rows a (m × K) and b (n × K), m, n and K multiples of
-    ROWS_ALIGN on a GPU, and their float32 row scales."""
-    return torch._scaled_mm(a, b.t(), scale_a=a_scales[:, None], scale_b=b_scales[None, :], out_dtype=torch.bfloat16)
+    """(a × a_scales) @ (b × b_scales)ᵀ in float32, from e4m3 rows a (m × K) and b (n × K), m, n and K multiples of
+    ROWS_ALIGN on a GPU, and their float32 row scales: the e4m3 product in torch._scaled_mm's one-scale kernels
+    (float32 sums and result; on an H100 1.1-4× the rate of its row-scaled kernels at the contraction's shapes,
+    results/contraction_kernels_h100.json), the row scales applied to the result. Unscaled, the sums stay far inside
+    float32's range: each product is at most 448², K of them."""
+    one = torch.ones((), device=a.device)
+    return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) \
+        .mul_(a_scales[:, None]).mul_(b_scales[None, :])
 

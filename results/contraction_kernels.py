@@ -1,6 +1,6 @@
 """The fused scoring's contraction as one kernel on this GPU: (queries × K) @ (K × rows) in bf16 (torch.matmul) and in
-fp8 e4m3 with row scales (torch._scaled_mm's row-scaled kernels, as fp8.product runs it; and its one-scale kernels with
-the row scales applied to the result, product_tensorwise), in bf16 as matmuls over 768 × 768-wide slices of K
+fp8 e4m3 with row scales (torch._scaled_mm's row-scaled kernels, product_rowwise, `fp8`; and its one-scale kernels
+with the row scales applied to the result, as fp8.product runs it, `fp8_tensorwise`), in bf16 as matmuls over 768 × 768-wide slices of K
 (split_product), as one batched matmul over 2-16 slices of K (batched_split, split-K) and through cuBLASLt, at roberta-base's module widths K (768 × 768 and
 768 × 3072) and the training micro-batch sizes of a pass, with the e4m3 cast of the training rows (what
 FusedScorer._train_rows adds) beside them.
@@ -45,12 +45,10 @@ def seconds(fn, repeats: int) -> float:
     return start.elapsed_time(end) / repeats / 1e3
 
 
-def product_tensorwise(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
-    """fp8.product's sums through _scaled_mm's one-scale (tensor-wise) kernels, the row scales applied to the float32
-    result (the same scaling after the same sums, in cuBLAS's kernels rather than the row-scaled ones)."""
-    one = torch.ones((), device=a.device)
-    return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) * a_scales[:, None] \
-        * b_scales[None, :]
+def product_rowwise(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
+    """fp8.product's sums through _scaled_mm's row-scaled kernels (the scales applied inside the kernel), bf16
+    results."""
+    return torch._scaled_mm(a, b.t(), scale_a=a_scales[:, None], scale_b=b_scales[None, :], out_dtype=torch.bfloat16)
 
 
 def split_product(queries: torch.Tensor, train: torch.Tensor, parts: int) -> torch.Tensor:
@@ -92,9 +90,9 @@ def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows:
     flops = 2 * queries.size(0) * queries.size(1) * rows
     row = {"K": queries.size(1), "rows": rows,
            "bf16_s": seconds(lambda: queries @ train.T, repeats),
-           "fp8_s": seconds(lambda: fp8.product(q8, q_scales, t8, t_scales), repeats),
+           "fp8_s": seconds(lambda: product_rowwise(q8, q_scales, t8, t_scales), repeats),
            "bf16_split_s": seconds(lambda: split_product(queries, train, queries.size(1) // 768 ** 2), repeats),
-           "fp8_tensorwise_s": seconds(lambda: product_tensorwise(q8, q_scales, t8, t_scales), repeats),
+           "fp8_tensorwise_s": seconds(lambda: fp8.product(q8, q_scales, t8, t_scales), repeats),
            "e4m3_cast_s": seconds(lambda: t8.copy_(train), repeats),
            "bf16_lt_s": seconds(lambda: lt_matmul(queries, train), repeats)}
     for parts in (2, 4, 8, 16):

@@ -17,7 +17,8 @@ from task import MultipleChoiceTask
 
 U = 2**-4 + 2**-24  # e4m3's unit roundoff (3 mantissa bits), plus float64 -> float32 -> e4m3's double rounding
 ETA = 2**-10  # half e4m3's subnormal spacing (2^-9): the absolute error below its normal range, in scaled units
-BF16_U = 2**-8  # bf16's unit roundoff: _scaled_mm's results
+BF16_U = 2**-8  # bf16's unit roundoff
+RESULT_U = 3 * 2**-24  # fp8.product's float32 result, then its two row scales' float32 products
 
 
 def rounding_bound(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def test_the_cauchy_schwarz_scales_keep_per_example_gradients_in_e4m3s_range(tok
 
 def test_fp8_fused_scores_are_within_the_roundings_bound_of_kronfluence(setup, monkeypatch):  # noqa: F811
     """EKFAC in float64 with the contraction in fp8: each score within the bound its e4m3 roundings (both sides),
-    _scaled_mm's float32 sums and bf16 result allow, of kronfluence's float64 score (+ the float64 test's 1e-5)."""
+    _scaled_mm's float32 sums and result and the scales' products allow, of kronfluence's float64 score (+ the float64 test's 1e-5)."""
     model, train, queries, collator, out = setup
     analyzer = fit(model, train, collator, "ekfac", out)
     dtype = torch.float64
@@ -79,7 +80,7 @@ def test_fp8_fused_scores_are_within_the_roundings_bound_of_kronfluence(setup, m
         sums = t.size(1) * 2**-24 * (q_hat.abs() @ t_hat.abs().T)  # float32 sums of K products
         result = (q_hat @ t_hat.T).abs() + contraction + sums
         row, column = divmod(view.storage_offset(), view.stride(0))
-        bound[row:row + view.size(0), column:column + n] += contraction + sums + BF16_U * result / (1 - BF16_U)
+        bound[row:row + view.size(0), column:column + n] += contraction + sums + RESULT_U * result / (1 - RESULT_U)
         add_scores(self, name, weight, bias)
     monkeypatch.setattr(FusedScorer, "_add_scores", recording)
     got = fused_pairwise_scores(copy.deepcopy(model), MultipleChoiceTask(), analyzer.load_all_factors("f"), "ekfac",

@@ -24,8 +24,8 @@ strategies use its `FactorConfig` code. The training side differs from its loop:
 - per-example gradients are formed directly, summed over the four choices inside the matmul
   (kronfluence materialises one gradient per choice, then sums);
 - the contraction runs in the score dtype, or with `fp8_contraction` in fp8 e4m3 with a scale per row (fp8.py: the
-  query gradients in half the bytes, so in fewer module groups, but in torch's fp8 kernels, slower than bf16's at a
-  pass's shapes; the same sums within e4m3's rounding, tests/test_fp8.py);
+  query gradients in half the bytes, so in fewer module groups, in torch's one-scale fp8 kernels; the same sums
+  within e4m3's rounding, tests/test_fp8.py);
 - no parameter gradients: only activation gradients flow backwards;
 - batches are sorted by length, longest first, so dynamic padding wastes little and a batch size that
   does not fit fails at once; a training micro-batch of shorter rows holds up to GROWTH times the rows, within the

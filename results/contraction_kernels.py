@@ -1,9 +1,10 @@
-"""The fused scoring's contraction as one kernel on this GPU: (queries × K) @ (K × rows) in bf16 (torch.matmul) and in
-fp8 e4m3 with row scales (torch._scaled_mm's row-scaled kernels, product_rowwise, `fp8`; and its one-scale kernels
-with the row scales applied to the result, as fp8.product runs it, `fp8_tensorwise`), in bf16 as matmuls over 768 × 768-wide slices of K
-(split_product), as one batched matmul over 2-16 slices of K (batched_split, split-K) and through cuBLASLt, at roberta-base's module widths K (768 × 768 and
-768 × 3072) and the training micro-batch sizes of a pass, with the e4m3 cast of the training rows (what
-FusedScorer._train_rows adds) beside them.
+"""The fused scoring's contraction as one kernel on this GPU: (queries × K) @ (K × rows) in bf16
+(torch.matmul); in fp8 e4m3 with row scales, through torch._scaled_mm's row-scaled kernels (product_rowwise, `fp8`)
+and its one-scale kernels with the row scales applied to the result (as fp8.product runs it, `fp8_tensorwise`); in
+bf16 as matmuls over 768 × 768-wide slices of K (split_product), as one batched matmul over 2-16 slices of K
+(batched_split, split-K) and through cuBLASLt; at roberta-base's module widths K (768 × 768 and 768 × 3072) and the
+training micro-batch sizes of a pass, with the e4m3 cast of the training rows (what FusedScorer._train_rows adds)
+beside them.
 
     python results/contraction_kernels.py OUT.json [--queries 2000]
 
@@ -96,8 +97,8 @@ def timed(queries: torch.Tensor, q8: torch.Tensor, q_scales: torch.Tensor, rows:
            "e4m3_cast_s": seconds(lambda: t8.copy_(train), repeats),
            "bf16_lt_s": seconds(lambda: lt_matmul(queries, train), repeats)}
     for parts in (2, 4, 8, 16):
-        row[f"bmm{parts}_s"] = seconds(lambda: batched_split(queries, train, parts), repeats)
-        row[f"bmm{parts}_f32_s"] = seconds(lambda: batched_split(queries, train, parts, torch.float32), repeats)
+        row[f"bmm{parts}_s"] = seconds(lambda p=parts: batched_split(queries, train, p), repeats)
+        row[f"bmm{parts}_f32_s"] = seconds(lambda p=parts: batched_split(queries, train, p, torch.float32), repeats)
     row.update({f"{k[:-2]}_tflops": round(flops / v / 1e12, 1) for k, v in list(row.items())
                 if k.endswith("_s") and k != "e4m3_cast_s"})
     print(json.dumps(row), flush=True)

@@ -56,7 +56,8 @@ def test_the_cauchy_schwarz_scales_keep_per_example_gradients_in_e4m3s_range(tok
 
 def test_fp8_fused_scores_are_within_the_roundings_bound_of_kronfluence(setup, monkeypatch):  # noqa: F811
     """EKFAC in float64 with the contraction in fp8: each score within the bound its e4m3 roundings (both sides),
-    _scaled_mm's float32 sums and result and the scales' products allow, of kronfluence's float64 score (+ the float64 test's 1e-5)."""
+    _scaled_mm's float32 sums and result and the scales' products allow, of kronfluence's float64 score (+ the
+    float64 test's 1e-5)."""
     model, train, queries, collator, out = setup
     analyzer = fit(model, train, collator, "ekfac", out)
     dtype = torch.float64
@@ -97,7 +98,7 @@ def test_the_flag_names_the_scores_and_is_refused_where_it_does_not_apply(capsys
     args = analyze.parse_args(["--scoring", "fused", "--fp8_contraction"])
     assert args.fp8_contraction
     assert analyze.parse_args(["--fast", "--fp8_contraction"]).fp8_contraction
-    assert not analyze.parse_args(["--fast"]).fp8_contraction  # opt-in: its kernels are slower than bf16's
+    assert not analyze.parse_args(["--fast"]).fp8_contraction  # opt-in: no GPU agreement measured
     names = [AnalysisConfig.from_args(analyze.parse_args(["--fast", *flag])).scores_name(None, 5)
              for flag in ([], ["--fp8_contraction"])]
     assert names == ["ekfac_nall_fast_q5_fused", "ekfac_nall_fast_q5_fused_fp8"]

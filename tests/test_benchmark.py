@@ -261,6 +261,14 @@ def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, 
     assert again["stages"] == first["stages"]  # everything reused: the recorded times are the first run's
     assert json.loads((tmp_path / "b.json").read_text())["direct"] == again
     assert again["reused_stages"] == ["covariance", "eigendecomposition", "lambda", "scores"]
+    # the fp8 contraction: the same factors, scores of its own name from analyze.py --fp8_contraction
+    fp8 = benchmark.main([*common, "--direct_fp8_contraction", "--output", str(tmp_path / "d.json")])["direct"]
+    assert fp8["command"].endswith("--fp8_contraction") and "scores" not in fp8["reused_stages"]
+    assert fp8["reused_stages"] == ["covariance", "eigendecomposition", "lambda"]
+    assert formats.load_scores(next((tmp_path / "w" / "direct" / "scores" / "checkpoint").glob("scores_*_fp8")))[0] \
+        .shape == (6, 40)
+    with pytest.raises(SystemExit):  # the flag sets the direct run's contraction: without --direct, a parser error
+        benchmark.parse_args([*common[:-7], "--direct_fp8_contraction"])
     with pytest.raises(UserError, match="holds a direct run of other settings"):  # other rows: not silently reused
         benchmark.main([*common[:-6], "--direct_train", "48", "--direct_queries", "6", "--work_dir", str(tmp_path / "w"),
                         "--output", str(tmp_path / "c.json")])

@@ -59,7 +59,7 @@ def gradient_scales(output_grad: torch.Tensor, activation: torch.Tensor) -> torc
 def product(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor) -> torch.Tensor:
     """(a × a_scales) @ (b × b_scales)ᵀ in float32, from e4m3 rows a (m × K) and b (n × K), m, n and K multiples of
     ROWS_ALIGN on a GPU, and their float32 row scales: the e4m3 product in torch._scaled_mm's one-scale kernels
-    (float32 sums and result; on an H100 1.1-4× the rate of its row-scaled kernels at the contraction's shapes,
+    (float32 sums and result; on an H100 0.9-4.2× the rate of its row-scaled kernels at the contraction's shapes,
     results/contraction_kernels_h100.json), the row scales applied to the result. Unscaled, the sums stay far inside
     float32's range: each product is at most 448², K of them."""
     one = torch.ones((), device=a.device)

@@ -373,8 +373,7 @@ def test_the_contraction_kernels_drivers_variants_compute_the_same_product(monke
     """results/contraction_kernels.py's candidates: the K-sliced products equal one matmul (float64 operands here, so
     only the summation order differs: 1e-12 of the terms' magnitudes), fp8.product (one-scale kernels) and the
     row-scaled product equal the exact product of the e4m3 operands within their float32 sums (and the row-scaled
-    kernel's bf16 result); the driver refuses a
-    machine without an fp8 GPU in one line."""
+    kernel's bf16 result); the driver refuses a machine without an fp8 GPU in one line."""
     import torch
 
     import fp8

@@ -435,6 +435,7 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
     directory with `factors_only`). `source`: SOURCE's earlier segments and shares (earlier_segments).
     `startup_seconds`: the process's start-up before this analysis, recorded with the scores, and `startup_parts`
     its parts (the interpreter and imports, the checkpoint, the data)."""
+    entered = time.perf_counter()
     task = MultipleChoiceTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name=args.checkpoint_dir.resolve().name, model=model, task=task,
@@ -498,6 +499,9 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
             peak = max(factors_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
             timings = {"seconds": {**({"startup": round(startup_seconds, 2)} if startup_seconds is not None else {}),
                                    **({"startup_parts": startup_parts} if startup_parts else {}),
+                                   # the model's preparation, the output directories' claim, hashing the
+                                   # weights, pinning ahead: from here to the factors
+                                   "setup": round(started - entered, 2),
                                    "factors": round(factors_seconds, 2),  # ~0 when reused; wall time on this rank
                                    "scores": round(time.perf_counter() - scores_started, 2), **split,
                                    # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)

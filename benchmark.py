@@ -40,10 +40,11 @@ measure anew, pass another --output or --work_dir.
 
 `--direct` measures instead of extrapolating: it runs `analyze.py --fast` in a process of its own, as a user
 does, on the benchmark's weights and the training file's rows repeated to --direct_train (default 73,536) ×
---direct_queries (default 2,000) queries, and records the wall clock, the start-up and each stage's seconds and peak
-memory (analyze.py's own records); at that default scale, beside `reference_bf16` the wall clock's speed-up over it,
-beside `fast` each stage over its extrapolation. Killed, it resumes: a rerun reuses the finished factor stages and
-sums the times.
+--direct_queries (default 2,000) queries, and records the wall clock, the start-up, each stage's seconds and peak
+memory (analyze.py's own records) and the rest of the wall clock in parts (`outside_stages`); with
+--direct_fp8_contraction analyze.py contracts in fp8 (--fp8_contraction). At that default scale, beside
+`reference_bf16` the wall clock's speed-up over it, beside `fast` each stage over its extrapolation. Killed, it
+resumes: a rerun reuses the finished factor stages and sums the times.
 
     python benchmark.py --tokenizer_dir ../shared/tokenizers/roberta-base --train_file ... --validation_file ... \\
         --fit_rows 512 --configs reference_bf16 --train_variants eager --train_steps 20 --direct \\
@@ -650,7 +651,17 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             "startup_seconds": scores["seconds"].get("startup"), "startup_parts": scores["seconds"].get("startup_parts"),
             "stages": stages,
             "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
+            "outside_stages": None if reused else outside_stages(wall, scores["seconds"], stages),
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
+
+
+def outside_stages(wall: float, seconds: dict, stages: dict) -> dict:
+    """Where a direct run's wall clock goes besides its start-up and its stages, from analyze.py's `seconds`: `setup`
+    (before the factors), `between_factor_stages` (the factors' wall time less their stages': loading and checking
+    the files between them) and `end` (after the scores' record: the queries' fit, the printed examples, the exit)."""
+    factor_stages = sum(how["seconds"] for name, how in stages.items() if name != "scores")
+    return {"setup": seconds["setup"], "between_factor_stages": round(seconds["factors"] - factor_stages, 2),
+            "end": round(wall - seconds["startup"] - seconds["setup"] - seconds["factors"] - seconds["scores"], 2)}
 
 
 RESUME_DIR = "resume"  # under --work_dir, per command: the timed weights and each finished configuration's scores

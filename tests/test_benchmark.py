@@ -254,6 +254,10 @@ def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, 
     # 10 ms clock steps
     assert first["wall_seconds"] + 0.2 > first["startup_seconds"] + first["stages_seconds"]
     assert first["startup_seconds"] > 0 and first["reused_stages"] == []
+    outside = first["outside_stages"]  # the rest of the wall clock, in parts that add up to it
+    assert min(outside.values()) >= -0.02 and outside["end"] > 0
+    assert first["wall_seconds"] == pytest.approx(first["startup_seconds"] + first["stages_seconds"]
+                                                  + sum(outside.values()), abs=0.2)
     import formats
     scores, meta = formats.load_scores(next((tmp_path / "w" / "direct" / "scores" / "checkpoint").glob("scores_*")))
     assert scores.shape == (6, 40) and meta["fast"] and meta["data_fingerprint"]["num_train"] == 40
@@ -261,6 +265,7 @@ def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, 
     assert again["stages"] == first["stages"]  # everything reused: the recorded times are the first run's
     assert json.loads((tmp_path / "b.json").read_text())["direct"] == again
     assert again["reused_stages"] == ["covariance", "eigendecomposition", "lambda", "scores"]
+    assert again["outside_stages"] is None  # the recorded parts are the first run's, not this one's
     # the fp8 contraction: the same factors, scores of its own name from analyze.py --fp8_contraction
     fp8 = benchmark.main([*common, "--direct_fp8_contraction", "--output", str(tmp_path / "d.json")])["direct"]
     assert fp8["command"].endswith("--fp8_contraction") and "scores" not in fp8["reused_stages"]

@@ -41,8 +41,8 @@ measure anew, pass another --output or --work_dir.
 `--direct` measures instead of extrapolating: it runs `analyze.py --fast` in a process of its own, as a user
 does, on the benchmark's weights and the training file's rows repeated to --direct_train (default 73,536) ×
 --direct_queries (default 2,000) queries, and records the wall clock, the start-up, each stage's seconds and peak
-memory (analyze.py's own records) and the rest of the wall clock in parts (`outside_stages`); with
---direct_fp8_contraction analyze.py contracts in fp8 (--fp8_contraction). At that default scale, beside
+memory (analyze.py's own records) and the rest of the wall clock in parts (`outside_stages`, where no stage was
+reused); with --direct_fp8_contraction analyze.py contracts in fp8 (--fp8_contraction). At that default scale, beside
 `reference_bf16` the wall clock's speed-up over it, beside `fast` each stage over its extrapolation. Killed, it
 resumes: a rerun reuses the finished factor stages and sums the times.
 
@@ -408,13 +408,13 @@ def measured_over_extrapolated(direct: dict, extrapolated: dict) -> dict:
 def compared_with_extrapolations(direct: dict, results: dict) -> dict:
     """What a direct run at the reference scale adds beside this invocation's extrapolated configurations: its wall
     clock's speed-up over the bf16 reference's (with `reference_bf16`, where the run reused no stage: a resumed
-    run's wall clock lacks the reused stages) and its stages against `fast`'s (with `fast`,
-    measured_over_extrapolated)."""
+    run's wall clock lacks the reused stages) and its stages against `fast`'s (with `fast`, where the run
+    contracted in bf16 as `fast` does: measured_over_extrapolated)."""
     out = {}
     if "reference_bf16" in results and not direct["reused_stages"]:
         out["wall_speedup_vs_reference_bf16"] = round(results["reference_bf16"]["full_scale_seconds"]
                                                       / direct["wall_seconds"], 1)
-    if "fast" in results:
+    if "fast" in results and not direct.get("fp8_contraction"):  # `fast` extrapolates the bf16 contraction
         out["measured_over_extrapolated"] = measured_over_extrapolated(direct, results["fast"]["full_scale"])
     return out
 
@@ -627,7 +627,10 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     scores_dir = work / "scores" / checkpoint.name / f"scores_{config.scores_name(0, args.direct_queries)}"
     reused = (read_json(factors_dir / METADATA_FILE, "analyze.py's record").get("completed_stages", [])
               if (factors_dir / METADATA_FILE).exists() else [])
-    reused += ["scores"] if (scores_dir / METADATA_FILE).exists() else []  # complete scores: analyze.py reuses them
+    # the scores' record as it stood: complete scores that analyze.py reuses leave it as it is (a killed run's claim,
+    # "complete": false, is rewritten)
+    scores_before = read_json(scores_dir / METADATA_FILE, "analyze.py's record") if (scores_dir / METADATA_FILE).exists() \
+        else None
     command = [sys.executable, str(Path(__file__).with_name("analyze.py")), "--checkpoint_dir", str(checkpoint),
                "--fast", "--train_file", str(train_file), "--validation_file", str(Path(args.validation_file).resolve()),
                "--num_queries", str(args.direct_queries), "--allow_other_train_rows", "--output_dir", str(work / "scores"),
@@ -639,6 +642,8 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     subprocess.run(command, check=True, env=USER_ENVIRONMENT)
     wall = time.perf_counter() - started
     factors, scores = (read_json(d / METADATA_FILE, "analyze.py's record") for d in (factors_dir, scores_dir))
+    reused += ["scores"] if scores_before is not None and scores_before.get("complete") is True \
+        and scores == scores_before else []
     stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size", "hooks")}
               for name, how in factors["stages"].items()}
     stages["scores"] = {"seconds": scores["seconds"]["scores"], "peak_gpu_memory_gib": scores["peak_gpu_memory_gib"],
@@ -651,14 +656,17 @@ def direct_run(model, tokenizer, raw, args) -> dict:
             "startup_seconds": scores["seconds"].get("startup"), "startup_parts": scores["seconds"].get("startup_parts"),
             "stages": stages,
             "stages_seconds": round(sum(stage["seconds"] for stage in stages.values()), 1),
+            # the parts are this invocation's only where it ran every stage
             "outside_stages": None if reused else outside_stages(wall, scores["seconds"], stages),
+            "fp8_contraction": args.direct_fp8_contraction,
             "peak_gpu_memory_gib": max((stage["peak_gpu_memory_gib"] or 0) for stage in stages.values()) or None}
 
 
 def outside_stages(wall: float, seconds: dict, stages: dict) -> dict:
     """Where a direct run's wall clock goes besides its start-up and its stages, from analyze.py's `seconds`: `setup`
-    (before the factors), `between_factor_stages` (the factors' wall time less their stages': loading and checking
-    the files between them) and `end` (after the scores' record: the queries' fit, the printed examples, the exit)."""
+    (before the factors), `between_factor_stages` (the factors' wall time less their stages': each finished stage's
+    file check and record) and `end` (after the scores' record: the queries' fit, the printed examples, closing the
+    outputs and the pinned host memory, the exit)."""
     factor_stages = sum(how["seconds"] for name, how in stages.items() if name != "scores")
     return {"setup": seconds["setup"], "between_factor_stages": round(seconds["factors"] - factor_stages, 2),
             "end": round(wall - seconds["startup"] - seconds["setup"] - seconds["factors"] - seconds["scores"], 2)}

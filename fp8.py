@@ -2,7 +2,7 @@
 their own, the product in torch._scaled_mm (float32 sums and results), so a pass's query gradients take half the bytes
 of bf16 ones (analyze.py --fp8_contraction). fp8's peak matmul rate is twice bf16's; at the contraction's shapes
 (2,000 query rows × a micro-batch of a few hundred training rows, K up to 2.4M) torch's one-scale kernels run at
-0.8-1.8× bf16's rate on an H100 (results/contraction_kernels_h100.json).
+0.8-1.8× bf16's rate on an H100, before the training side's e4m3 cast (results/contraction_kernels_h100.json).
 
 e4m3 keeps 3 bits of mantissa: a value's rounding error is at most 2⁻⁴ of it (above 2⁻⁶ × its row's scale, where the
 format stops being normal; below, at most 2⁻¹⁰ × the scale). A query gradient's row is scaled by its largest

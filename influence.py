@@ -95,9 +95,10 @@ def add_method_args(parser) -> None:
     group.add_argument("--fp8_contraction", action="store_true",
                        help="With --scoring fused (or --fast): the query × training contraction in fp8 e4m3, each row "
                             "with a scale of its own (fp8.py): half the bytes per query gradient, so fewer module "
-                            "groups, in torch's one-scale fp8 kernels (faster than bf16's at most of a pass's shapes; "
-                            "its end-to-end agreement on a GPU is not measured: results/README.md); needs a GPU of "
-                            "compute capability 8.9 or above (Ada, Hopper), or a CPU, which emulates it.")
+                            "groups, in torch's one-scale fp8 kernels (those kernels faster than bf16's at most of a "
+                            "pass's shapes; its end-to-end time and agreement on a GPU are not measured: "
+                            "results/README.md); needs a GPU of compute capability 8.9 or above (Ada, Hopper), or a "
+                            "CPU, which emulates it.")
     group.add_argument("--damping_factor", type=float, default=1e-8,
                        help="Damping added to the Hessian approximation (kronfluence's default 1e-8); "
                             "a negative value selects kronfluence's heuristic (0.1 × mean eigenvalue).")

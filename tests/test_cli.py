@@ -46,7 +46,7 @@ def test_train_then_analyze_each_strategy(tiny_checkpoint, tmp_path, strategy, c
     meta = json.loads((scores_dir / formats.METADATA_FILE).read_text())
     assert meta["factor_strategy"] == strategy and meta["shape"] == [12, 48]
     assert meta["data_fingerprint"]["num_train"] == 48
-    assert set(meta["seconds"]) == {"startup", "startup_parts", "factors", "scores"} and meta["complete"] is True
+    assert set(meta["seconds"]) == {"startup", "startup_parts", "setup", "factors", "scores"} and meta["complete"] is True
     assert meta["seconds"]["startup"] > 0  # called in-process: the test process's age when the analysis started
     out = capsys.readouterr().out
     assert "QUERY #2" in out and "Top proponents" in out and "Top opponents" in out

@@ -1,8 +1,8 @@
 """How much the fused scoring's contraction (each pass's query gradients, EKFAC-preconditioned, with every training
 row's per-example gradient) loses in lower precision, on a fine-tuned model: one analyze.py run (`--scoring fused`,
 float32 gradients) whose contraction is computed three times over the same gradients, in float64, in bf16 (float32
-sums: what `--fast` runs) and in fp8 e4m3 with one scale per row (torch._scaled_mm, bf16 results; the bias parts in
-bf16). Runs on a CPU (torch's _scaled_mm emulates fp8 there; a GPU's kernels may round the sums differently).
+sums: what `--fast` runs) and in fp8 e4m3 with one scale per row (fp8.product: torch._scaled_mm, float32 results; the
+bias parts in bf16). Runs on a CPU (torch's _scaled_mm emulates fp8 there; a GPU's kernels may round the sums differently).
 
     python results/contraction_precision.py OUT.json --checkpoint_dir CHECKPOINT --train_file TRAIN \
         --validation_file VALIDATION --max_train_samples 256 --num_queries 50 --work_dir /tmp/contraction

@@ -65,4 +65,3 @@ def product(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: 
     one = torch.ones((), device=a.device)
     return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32) \
         .mul_(a_scales[:, None]).mul_(b_scales[None, :])
-

@@ -936,11 +936,16 @@ class FusedScorer:
         gradient = with_bias_column(weight, bias).to(self.score_args.precondition_dtype)
         return self.precondition(name, gradient).to(self.score_args.score_dtype)
 
+    @staticmethod
+    def _weight_rows(gradient, weight):
+        """A preconditioned query gradient's weight part (the bias column dropped), one row per query."""
+        return gradient[..., :weight.size(-1)].flatten(1)
+
     def _probe_query(self, name, weight, bias):
         """The query side's work in the memory probes: the preconditioning, and the e4m3 rounding's temporaries."""
         gradient = self._precondition(name, weight, bias)
         if self.fp8:
-            fp8.scaled_rows(gradient[..., :weight.size(-1)].flatten(1),
+            fp8.scaled_rows(self._weight_rows(gradient, weight),
                             torch.empty(gradient.size(0), weight[0].numel(), dtype=fp8.E4M3, device=weight.device))
 
     def _keep_query(self, name, weight, bias):
@@ -949,9 +954,9 @@ class FusedScorer:
             w, b, scales = self.query_grads[name]
             rows = slice(self.filled[name], self.filled[name] + gradient.size(0))
             if self.fp8:
-                scales[rows] = fp8.scaled_rows(gradient[..., :weight.size(-1)].flatten(1), w[rows, :weight[0].numel()])
+                scales[rows] = fp8.scaled_rows(self._weight_rows(gradient, weight), w[rows, :weight[0].numel()])
             else:
-                w[rows] = gradient[..., :weight.size(-1)].flatten(1)
+                w[rows] = self._weight_rows(gradient, weight)
             if b is not None:
                 b[rows] = gradient[..., -1]
             self.filled[name] = rows.stop

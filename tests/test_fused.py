@@ -488,10 +488,13 @@ def test_row_lengths_are_the_longest_choice_of_each_row():
 
 def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
     """Rows of 40 tokens then shorter: micro-batches of 2 rows at 40-21 tokens, 4 at 20-14, 6 at 13-11, 8 (GROWTH × 2)
-    below; a unit of GROWTH batches of 3 rows (12) bounds a micro-batch, and ranks take units in turn."""
+    below; ranks take units of batches in turn, and a unit's end cuts a micro-batch short."""
     lengths = np.array([40, 40, 30, 21, 20, 20, 15, 14, 13, 12, 11, 11, 10, 9, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5])
     spans = micro_spans(lengths, batch_size=3, micro=2)
-    assert spans == [(0, 2), (2, 4), (4, 8), (8, 12), (12, 20), (20, 24)]
+    assert spans == [(0, 2), (2, 4), (4, 8), (8, 14), (14, 22), (22, 24)]  # one rank: all 8 batches one unit
+    # two ranks: units of 4 batches of 3 rows (each rank one unit), the micro-batch of 6 rows at row 8 cut at 12
+    assert micro_spans(lengths, 3, 2, 0, 2) == [(0, 2), (2, 4), (4, 8), (8, 12)]
+    assert micro_spans(lengths, 3, 2, 1, 2) == [(12, 20), (20, 24)]
     for start, stop in spans:  # never more tokens than the first micro-batch (2 × 40), never more than 4 × 2 rows
         assert (stop - start) * lengths[start] <= 2 * 40 and stop - start <= fused_scores.GROWTH * 2
     ranks = [micro_spans(lengths, 3, micro, rank, 2) for rank, micro in ((0, 2), (1, 1))]  # ranks may differ in micro
@@ -503,10 +506,24 @@ def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
     ranks = [micro_spans(lengths, 3, micro, rank, 2, growth) for rank, micro, growth in ((0, 2, 4), (1, 2, 1))]
     assert sorted(row for spans in ranks for a, b in spans for row in range(a, b)) == list(range(24))
     assert train_probes(lengths, 2) == [(0, 2), (4, 8), (8, 14), (12, 20)]  # the first micro-batch of each size
-    # without growth: micro-batches of 2 rows inside each unit of GROWTH batches of 3 rows
+    # without growth: micro-batches of 2 rows
     assert micro_spans(lengths, 3, 2, growth=1) == [(m, m + 2) for m in range(0, 24, 2)]
     with pytest.raises(ValueError, match="each needs >= 1"):
         micro_spans(lengths, 3, 0)
+
+
+def test_units_hold_whole_micro_batches_of_every_growth():
+    """A unit of rows g times as long as the rest, then the rest: every micro-batch of the rest has g × micro rows (none
+    cut short by a unit's end), on one rank and on each of three, for every growth g: a unit holds a whole number of
+    micro-batches of each."""
+    batch, micro = 4, 2
+    unit = batch * fused_scores.UNIT_BATCHES
+    for g in range(1, fused_scores.GROWTH + 1):
+        lengths = np.array([12 * g] * unit + [12] * (unit * 6))
+        for world in (1, 3):
+            for rank in range(world):
+                grown = [(a, b) for a, b in micro_spans(lengths, batch, micro, rank, world) if a >= unit]
+                assert grown and all(b - a == g * micro for a, b in grown), (g, world, rank)
 
 
 def test_probes_bound_every_span():

@@ -149,7 +149,7 @@ def _covariance_hooks(original_register, shared: dict, times=None):
     counts themselves. Modules that read the same input one after another (an attention layer's query, key and
     value) share its products: `shared` holds the last input's (the same sums kronfluence computes for each), and the
     batch's mask and count (masked_rows). On an H100 the GPU idles through 15% of the covariance of 8,192 anetcap rows
-    (results/covariance_probe_h100.json): the host's operations a batch count.
+    (results/covariance_probe_h100.json), so each operation the hooks launch a batch matters.
     `times`: a utils.HookTimes the hooks report to."""
 
     def register_hooks(self):

@@ -105,6 +105,7 @@ from task import MultipleChoiceTask
 from utils import (
     LOADER_WORKERS,
     ArgumentParser,
+    GpuBusy,
     HookTimes,
     UserError,
     at_least,
@@ -492,7 +493,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
                         Segment(None, analyzer.load_all_factors(f_name), source["shares"][-1])]
         job = ScoringJob(analyzer, model, config, f_name, s_name, data, collator, args.train_batch_size,
                          args.query_batch_size, rank, workers, segments, boundary_memory)
-        scores, sizes = compute_scores(job, scores_dir)
+        with GpuBusy(device) as busy:
+            scores, sizes = compute_scores(job, scores_dir)
         split = {f"scores_{key}": round(float(sizes.pop(key)), 2) for key in FUSED_SECONDS if key in sizes}
         split.update({f"scores_{key}": sizes.pop(key) for key in FUSED_BREAKDOWN if key in sizes})
         if rank == 0:
@@ -507,7 +509,8 @@ def run_analysis(args, model, tokenizer, data, stack: ExitStack, source: dict = 
                                    # SOURCE: the earlier segments' factors, fitted before this model's (~0 if reused)
                                    **({"source_factors": round(source["factor_seconds"], 2)} if source else {})},
                        "fitted_in_memory": {"factor_batch_size": factor_batch_size, **sizes},  # after OOM halving
-                       "peak_gpu_memory_gib": round(peak / 2**30, 2) if peak is not None else None}
+                       "peak_gpu_memory_gib": round(peak / 2**30, 2) if peak is not None else None,
+                       "gpu_busy_share": busy.share}  # the scores stage's (utils.GpuBusy)
             trained = read_json(args.checkpoint_dir / TRAINING_ARGS_FILE, "training arguments")
             if source:
                 timings["source_checkpoints"] = [*map(str, source["checkpoints"]), outputs.checkpoint]  # segments' ends

@@ -644,9 +644,11 @@ def direct_run(model, tokenizer, raw, args) -> dict:
     factors, scores = (read_json(d / METADATA_FILE, "analyze.py's record") for d in (factors_dir, scores_dir))
     reused += ["scores"] if scores_before is not None and scores_before.get("complete") is True \
         and scores == scores_before else []
-    stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "factor_batch_size", "hooks")}
+    stages = {name: {key: how.get(key) for key in ("seconds", "peak_gpu_memory_gib", "gpu_busy_share", "factor_batch_size",
+                                                   "hooks")}
               for name, how in factors["stages"].items()}
     stages["scores"] = {"seconds": scores["seconds"]["scores"], "peak_gpu_memory_gib": scores["peak_gpu_memory_gib"],
+                        "gpu_busy_share": scores.get("gpu_busy_share"),
                         **{key: scores["seconds"].get(f"scores_{key}") for key in FUSED_SECONDS + FUSED_BREAKDOWN},
                         **{k: v for k, v in scores["fitted_in_memory"].items() if k != "factor_batch_size"}}
     return {"command": " ".join(command[1:]), "num_train": args.direct_train, "num_queries": args.direct_queries,

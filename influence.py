@@ -45,7 +45,7 @@ from formats import (
 from fused_scores import fused_pairwise_scores, fused_self_scores, longest_first
 from pipeline import decode_choices, model_logits
 from source import source_pairwise_scores
-from utils import HookTimes, UserError, at_least, halving_on_oom, positive_float, seed_value
+from utils import GpuBusy, HookTimes, UserError, at_least, halving_on_oom, positive_float, seed_value
 
 logger = logging.getLogger(__name__)
 
@@ -573,8 +573,9 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
             hook_times.take()  # nothing from an earlier stage
         started = time.perf_counter()
         try:
-            sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
-                                   analyzer.state.device)
+            with GpuBusy(analyzer.state.device) as busy:
+                sizes = halving_on_oom(name, run, {"factor_batch_size": batch_size} if batched else {},
+                                       analyzer.state.device)
             batch_size = sizes.get("factor_batch_size", batch_size)
         except torch.linalg.LinAlgError as exc:
             module = failing_eigendecomposition(factors_dir, analyzer.state.device)
@@ -593,6 +594,7 @@ def fit_factors(analyzer, config: AnalysisConfig, train, f_name: str, factors_di
                           "device": str(analyzer.state.device), "versions": library_versions(),
                           "seconds": round(seconds, 2),
                           "peak_gpu_memory_gib": None if peak is None else round(peak, 2),
+                          "gpu_busy_share": busy.share,
                           **({"hooks": hook_times.take()} if hook_times is not None else {})})
     if single_fitter and rank == 0:
         dist.barrier()

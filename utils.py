@@ -3,6 +3,7 @@ memory, processes and threads, logging. Nothing here knows about SWAG, models or
 
 import argparse
 import fcntl
+import functools
 import gc
 import glob
 import hashlib
@@ -14,6 +15,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -265,6 +267,48 @@ class HookTimes:
                           "device_seconds": round(self.device.get(name, 0.0), 3)} for name, calls in self.calls.items()}
         self.calls, self.host, self.device, self._resolve_at = {}, {}, {}, self.RESOLVE_EVERY
         return summary
+
+
+class GpuBusy:
+    """The share of a block's wall time in which the GPU ran a kernel, without a profiler: a thread reads NVML's
+    utilization (torch.cuda.utilization: the percent of the driver's last sample period, 1/6 s to 1 s, with a kernel
+    running) every INTERVAL seconds while the block runs, and `share` is their mean over 100. A stage whose share is
+    well below 1 waits on its host (Python launching kernels, loading batches); near 1 its kernels bound it. A coarse
+    figure for blocks of a few seconds (the first and last samples' periods reach outside the block). `share` is None
+    on a CPU, without NVML (pynvml) or when no sample was taken. `sample`: the reading (tests)."""
+
+    INTERVAL = 0.1  # seconds between samples
+
+    def __init__(self, device: torch.device, sample=None):
+        self.sample = sample or (functools.partial(torch.cuda.utilization, device) if device.type == "cuda" else None)
+        self.samples, self._stop, self._thread = [], threading.Event(), None
+
+    def __enter__(self):
+        try:
+            if self.sample is not None:
+                self.sample()  # NVML is there
+        except Exception:  # a diagnostic: without NVML nothing is measured, and the share says so (None)
+            self.sample = None
+        if self.sample is not None:
+            self._thread = threading.Thread(target=self._run, name="GPU busy share", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            try:
+                self.samples.append(self.sample())
+            except Exception:  # NVML gone (the driver reset): the samples so far stand
+                return
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def share(self) -> Optional[float]:
+        return round(sum(self.samples) / len(self.samples) / 100, 2) if self.samples else None
 
 
 def out_of_memory_detail(exc: BaseException, device: torch.device) -> str:

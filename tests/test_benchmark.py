@@ -258,6 +258,7 @@ def test_the_direct_run_is_analyze_fast_as_a_user_runs_it_and_resumes(tmp_path, 
     # 10 ms clock steps
     assert first["wall_seconds"] + 0.2 > first["startup_seconds"] + first["stages_seconds"]
     assert first["startup_seconds"] > 0 and first["reused_stages"] == []
+    assert all(stage["gpu_busy_share"] is None for stage in first["stages"].values())  # analyze.py's (no GPU here)
     outside = first["outside_stages"]  # the rest of the wall clock, in parts that add up to it
     assert min(outside.values()) >= -0.02 and outside["end"] > 0
     assert first["wall_seconds"] == pytest.approx(first["startup_seconds"] + first["stages_seconds"]

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,8 @@ def test_fast_records_where_its_stages_spend_their_time(tiny_checkpoint, tmp_pat
     modules = len(Analyzer.load_file(next((scores_dir.parent / f"factors_{saved['factors_name']}").glob(
         "activation_covariance.safetensors"))))
     stages = factors["stages"]
+    # the GPU's busy share of each stage (utils.GpuBusy): none on a CPU
+    assert [how["gpu_busy_share"] for how in stages.values()] == [None] * 3 and saved["gpu_busy_share"] is None
     assert set(stages["covariance"]["hooks"]) == {"covariance: activations", "covariance: gradients"}
     assert set(stages["lambda"]["hooks"]) == {"lambda: activations", "lambda: rotated squares"}
     assert stages["eigendecomposition"]["hooks"] == {}
@@ -323,6 +326,36 @@ def test_fast_records_where_its_stages_spend_their_time(tiny_checkpoint, tmp_pat
     # "imports" and "startup" read the kernel's uptime, in steps of 10 ms (utils.process_seconds): the difference
     # of two readings is off by < 10 ms; each of the four figures is rounded to 10 ms (< 5 ms each)
     assert sum(startup.values()) <= seconds["startup"] + 0.01 + 4 * 0.005 + 1e-9  # 1e-9: the float sum
+
+
+def test_the_gpu_busy_share_is_the_mean_of_the_samples_taken_while_the_block_runs(monkeypatch):
+    """utils.GpuBusy: a thread reads the utilization every INTERVAL seconds from the block's start to its end, and the
+    share is the readings' mean over 100; with no reading to take (a CPU, no NVML: the first reading fails) there is
+    no thread and no share; a reading that fails later keeps the samples before it."""
+    monkeypatch.setattr(utils.GpuBusy, "INTERVAL", 0.001)
+
+    def run(readings, samples):
+        deadline = time.monotonic() + 30  # a loaded machine's thread still gets its turns well inside this
+
+        def sample():
+            value = next(readings)
+            if isinstance(value, Exception):
+                raise value
+            return value
+        with utils.GpuBusy(torch.device("cpu"), sample=sample) as busy:
+            while len(busy.samples) < samples and time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert len(busy.samples) >= samples and (busy._thread is None or not busy._thread.is_alive())
+        return busy
+
+    assert run(iter([0, 60, 80, 60, 80] + [70] * 10**6), 4).share == pytest.approx(0.7, abs=0.005)  # 60, 80, 60, 80,
+    # and 70s after them: the mean stays 0.70
+    assert run(iter([0, 40, 40, RuntimeError("NVML: driver gone")]), 2).share == 0.4
+    unavailable = run(iter([ModuleNotFoundError("pynvml")]), 0)
+    assert unavailable.share is None and unavailable._thread is None
+    with utils.GpuBusy(torch.device("cpu")) as busy:  # a CPU: nothing to read
+        pass
+    assert busy.share is None and busy._thread is None
 
 
 def test_hook_times_read_each_parts_device_events_once_they_have_passed(monkeypatch):

@@ -83,8 +83,10 @@ PASS_ROW_COST = 7.3
 # gradients take memory from the query gradients, so where the passes are several the plan also weighs no growth
 # (fewer_passes).
 GROWTH = 4
-# Ranks take turns over units of this many training batches (micro_spans): a whole number of micro-batches of every
-# growth from 1 to GROWTH (a micro-batch never crosses a unit), so that few are cut short at a unit's end.
+# One rank's training rows go in units of this many training batches (micro_spans): where the micro-batch divides the
+# batch, a whole number of micro-batches of every growth from 1 to GROWTH (a micro-batch never crosses a unit), so that
+# few are cut short at a unit's end. Several ranks take turns over units of up to GROWTH batches: longer units would
+# give the first ranks, which take the longer rows each round, more of the work.
 UNIT_BATCHES = math.lcm(*range(1, GROWTH + 1))
 # Of the host memory available (before the factor stages for pin_ahead, when scoring starts otherwise), the share that
 # the boundary gradients (BoundaryGradients) may take; where they need more, every pass runs the whole forward and the
@@ -119,17 +121,17 @@ def order_of(lengths: np.ndarray) -> np.ndarray:
 
 def micro_spans(lengths: np.ndarray, batch_size: int, micro: int, rank: int = 0, world: int = 1,
                 growth: int = None) -> list:
-    """(start, stop) of rank `rank`'s training micro-batches over rows of `lengths` tokens, longest first. Ranks take
-    turns over units of up to UNIT_BATCHES training batches, fewer where the ranks would otherwise lack a unit each:
-    the same units on every rank whatever its micro-batch and growth (each rank plans its own), so that every row is
-    scored once. Inside a unit a micro-batch holds `micro` rows, or up to `growth` (default GROWTH) times as many
-    shorter rows within the tokens of the longest micro-batch (`micro` rows of the first row's length): the
-    per-example gradients it forms grow with its rows, which working_memory probes (train_probes), while each of its
-    matmuls with the query gradients reads them once."""
+    """(start, stop) of rank `rank`'s training micro-batches over rows of `lengths` tokens, longest first, in units of
+    UNIT_BATCHES training batches on one rank. Several ranks take turns over units of up to GROWTH batches, fewer where
+    the ranks would otherwise lack a unit each: the same units on every rank whatever its micro-batch and growth (each
+    rank plans its own), so that every row is scored once. Inside a unit a micro-batch holds `micro` rows, or up to
+    `growth` (default GROWTH) times as many shorter rows within the tokens of the longest micro-batch (`micro` rows of
+    the first row's length): the per-example gradients it forms grow with its rows, which working_memory probes
+    (train_probes), while each of its matmuls with the query gradients reads them once."""
     growth = GROWTH if growth is None else growth
     if micro < 1 or batch_size < 1 or growth < 1:
         raise ValueError(f"micro-batches of {micro} rows in batches of {batch_size}, growth {growth}: each needs >= 1")
-    batches_per_unit = max(1, min(UNIT_BATCHES, math.ceil(len(lengths) / batch_size) // world))
+    batches_per_unit = max(1, min(UNIT_BATCHES if world == 1 else GROWTH, math.ceil(len(lengths) / batch_size) // world))
     longest, unit, spans = (int(lengths[0]) if len(lengths) else 0), batch_size * batches_per_unit, []
     for step, start in enumerate(range(0, len(lengths), unit)):
         if step % world != rank:
@@ -816,8 +818,8 @@ class _Clock:
 class PassPlan:
     """How one rank splits the work: the queries of a chunk, the module groups a chunk is scored in (one pass over
     the training rows per group, the queries' gradients of the group's modules held at once), and the rows of each
-    forward/backward (micro-batches of the query and training batches; a training batch stays the unit that ranks
-    share)."""
+    forward/backward (micro-batches of the query and training batches; ranks share units of training batches,
+    micro_spans)."""
     per_pass: int  # queries per chunk
     query_micro: int
     train_micro: int

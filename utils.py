@@ -274,7 +274,8 @@ class GpuBusy:
     utilization (torch.cuda.utilization: the percent of the driver's last sample period, 1/6 s to 1 s, with a kernel
     running) every INTERVAL seconds while the block runs, and `share` is their mean over 100. A stage whose share is
     well below 1 waits on its host (Python launching kernels, loading batches); near 1 its kernels bound it. A coarse
-    figure for blocks of a few seconds (the first and last samples' periods reach outside the block). `share` is None
+    figure for blocks of a few seconds (the first samples' periods reach back before the block, up to a second; the
+    block's last INTERVAL goes unsampled). `share` is None
     on a CPU, without NVML (pynvml) or when no sample was taken. `sample`: the reading (tests)."""
 
     INTERVAL = 0.1  # seconds between samples

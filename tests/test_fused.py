@@ -513,17 +513,19 @@ def test_micro_spans_grow_within_the_longest_micro_batch_tokens():
 
 
 def test_units_hold_whole_micro_batches_of_every_growth():
-    """A unit of rows g times as long as the rest, then the rest: every micro-batch of the rest has g × micro rows (none
-    cut short by a unit's end), on one rank and on each of three, for every growth g: a unit holds a whole number of
-    micro-batches of each."""
+    """One rank: a unit of rows g times as long as the rest, then the rest; every micro-batch of the rest has g × micro
+    rows (none cut short by a unit's end), for every growth g: a unit holds a whole number of micro-batches of each.
+    Several ranks take turns over units of GROWTH batches (the first ranks, which take the longer rows each round, get
+    at most a unit's more rows than the others)."""
     batch, micro = 4, 2
     unit = batch * fused_scores.UNIT_BATCHES
     for g in range(1, fused_scores.GROWTH + 1):
         lengths = np.array([12 * g] * unit + [12] * (unit * 6))
-        for world in (1, 3):
-            for rank in range(world):
-                grown = [(a, b) for a, b in micro_spans(lengths, batch, micro, rank, world) if a >= unit]
-                assert grown and all(b - a == g * micro for a, b in grown), (g, world, rank)
+        grown = [(a, b) for a, b in micro_spans(lengths, batch, micro) if a >= unit]
+        assert grown and all(b - a == g * micro for a, b in grown), g
+    lengths = np.full(batch * 40, 12)
+    ranks = [micro_spans(lengths, batch, micro, rank, 3) for rank in range(3)]
+    assert [spans[0][0] for spans in ranks] == [r * batch * fused_scores.GROWTH for r in range(3)]
 
 
 def test_probes_bound_every_span():

@@ -275,8 +275,8 @@ class GpuBusy:
     running) every INTERVAL seconds while the block runs, and `share` is their mean over 100. A stage whose share is
     well below 1 waits on its host (Python launching kernels, loading batches); near 1 its kernels bound it. A coarse
     figure for blocks of a few seconds (the first samples' periods reach back before the block, up to a second; the
-    block's last INTERVAL goes unsampled). `share` is None
-    on a CPU, without NVML (pynvml) or when no sample was taken. `sample`: the reading (tests)."""
+    block's last INTERVAL goes unsampled). `share` is None on a CPU, without NVML (pynvml) or when no sample was
+    taken. `sample`: the reading (tests)."""
 
     INTERVAL = 0.1  # seconds between samples
 

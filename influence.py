@@ -60,7 +60,8 @@ QUERY_GRADIENT_ACCUMULATION = 10  # the original example's setting when --query_
 # kronfluence's SWAG scale a fifteenth of the rows, and about half the lambda stage's time of 10,000 (8.8 s on an
 # H200, results/benchmark_h200.json; its time grows with the rows, besides a fixed part). On the trained MiniLM,
 # lambda from 1,000 or 2,000 random rows of 4,000 keeps a Pearson of 0.9993 with kronfluence's fp32 EKFAC and its LDS
-# within 0.0005 (results/agreement_anetcap_minilm.sh); the error of a mean shrinks with the rows: 2.5x the larger
+# within 0.0005 (results/agreement_anetcap_minilm.sh); the error of a mean shrinks with the rows (2.5x the larger
+# sample)
 FAST_LAMBDA_ROWS = 5_000
 
 
